@@ -1,0 +1,37 @@
+# shardkit developer targets. Each creates or reuses the virtualenv in .venv.
+# torch is pinned here (the CPU wheel this machine and CI carry); the package itself only
+# asks for torch>=2.1 in its [torch] extra, so users elsewhere keep theirs.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: help demo test lint bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-7s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[dev,torch,dask]"
+	touch $(STAMP)
+
+demo: $(STAMP) ## make photo-like images, convert them, print info, write a preview, read back
+	$(PY) scripts/demo.py demo
+
+test: $(STAMP) ## run the test suite
+	$(PY) -m pytest -q
+
+lint: $(STAMP) ## ruff and mypy
+	$(VENV)/bin/ruff check shardkit tests scripts
+	$(VENV)/bin/mypy
+
+bench: $(STAMP) ## conversion benchmark; writes docs/performance.md
+	$(PY) scripts/bench_convert.py --out bench-out --write-doc docs/performance.md
+
+clean: ## remove the virtualenv, demo and benchmark output, caches
+	rm -rf $(VENV) demo bench-out build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,169 @@
+"""The ``shardkit`` command: maps flags onto config objects and calls the library, nothing else.
+
+Errors print as one line (``shardkit: error: ...``) with the exit code their class carries
+(see `shardkit.errors`); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+from shardkit._version import __version__
+from shardkit.config import (
+    CODECS,
+    COLOR_MODES,
+    COMPRESSIONS,
+    DEFAULT_MAX_PIXELS,
+    FILTERS,
+    FORMATS,
+    RESIZE_MODES,
+    configs_from_options,
+)
+from shardkit.errors import EXIT_INTERRUPTED, ConfigError, ShardkitError, TooManyFailuresError
+
+__all__ = ["main"]
+
+
+def _rgb(text: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"a colour is three integers R,G,B (e.g. 255,255,255); got {text!r}") from None
+    if len(values) != 3:
+        raise ConfigError(f"a colour is three integers R,G,B (e.g. 255,255,255); got {text!r}")
+    return values[0], values[1], values[2]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shardkit",
+        description="Convert image folders into pre-decoded tar/Parquet shards, once.",
+    )
+    parser.add_argument("--version", action="version", version=f"shardkit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    conv = commands.add_parser(
+        "convert", help="convert an image folder into shards",
+        description="Convert SRC (class-per-folder tree, or a flat folder of images) into a "
+                    "sharded dataset in OUT.",
+    )
+    conv.add_argument("src", metavar="SRC")
+    conv.add_argument("out", metavar="OUT")
+    img = conv.add_argument_group("images")
+    img.add_argument("--size", default="224", help="output WxH (150x100) or a square side (224)")
+    img.add_argument("--resize", choices=RESIZE_MODES, default="center-crop")
+    img.add_argument("--mode", choices=COLOR_MODES, default="RGB")
+    img.add_argument("--filter", choices=FILTERS, default="bicubic", help="resampling filter")
+    img.add_argument("--background", default="255,255,255",
+                     help="R,G,B that transparent pixels are composited on (default white)")
+    img.add_argument("--pad-color", default="0,0,0", help="R,G,B of the letterbox in --resize pad")
+    img.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                     help="reject images whose header claims more pixels (decompression bombs)")
+    img.add_argument("--no-draft", action="store_true",
+                     help="decode JPEGs at full size (slower; draft mode is on by default)")
+    out = conv.add_argument_group("output")
+    out.add_argument("--format", choices=FORMATS, default="tar")
+    out.add_argument("--codec", choices=CODECS, default="raw")
+    out.add_argument("--quality", type=int, default=90, help="JPEG quality for --codec jpeg")
+    out.add_argument("--compression", choices=COMPRESSIONS, default="none",
+                     help="Parquet compression of the image column")
+    size = out.add_mutually_exclusive_group()
+    size.add_argument("--shard-size", default=None, help="target shard size (default 256MB)")
+    size.add_argument("--samples-per-shard", type=int, default=None)
+    out.add_argument("--shuffle", action="store_true", help="seeded global shuffle of the inputs")
+    out.add_argument("--seed", type=int, default=0)
+    run = conv.add_argument_group("run")
+    run.add_argument("--workers", type=int, default=None,
+                     help="worker processes (default: all cores; 0 = in this process)")
+    run.add_argument("--max-errors", default="0",
+                     help="failed inputs tolerated: a count (5) or a share (1%%); default 0")
+    run.add_argument("--overwrite", action="store_true", help="replace a previous conversion in OUT")
+    progress = run.add_mutually_exclusive_group()
+    progress.add_argument("--progress", dest="progress", action="store_true", default=None)
+    progress.add_argument("--no-progress", dest="progress", action="store_false")
+
+    info = commands.add_parser("info", help="describe a converted dataset")
+    info.add_argument("path", metavar="OUT")
+    info.add_argument("--json", action="store_true", help="print the facts as JSON")
+
+    preview = commands.add_parser("preview", help="write a contact sheet of samples")
+    preview.add_argument("path", metavar="OUT")
+    preview.add_argument("-o", "--output", required=True, help="PNG file to write")
+    preview.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    return parser
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from shardkit.convert import run_conversion
+
+    config, run = configs_from_options({
+        "size": args.size, "resize": args.resize, "mode": args.mode, "filter": args.filter,
+        "background": _rgb(args.background), "pad_color": _rgb(args.pad_color),
+        "max_pixels": args.max_pixels, "draft": not args.no_draft, "format": args.format,
+        "codec": args.codec, "quality": args.quality, "compression": args.compression,
+        "samples_per_shard": args.samples_per_shard, "shuffle": args.shuffle, "seed": args.seed,
+        "workers": args.workers, "overwrite": args.overwrite, "max_errors": args.max_errors,
+        "progress": args.progress,
+        **({"shard_size": args.shard_size} if args.shard_size else {}),
+    })
+    try:
+        summary = run_conversion(args.src, args.out, config, run)
+    except TooManyFailuresError as exc:
+        if exc.summary is not None:
+            print(exc.summary.line())  # type: ignore[attr-defined]
+        raise
+    print(summary.line())
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from shardkit.inspect import describe, info_text
+
+    facts = describe(args.path)
+    if args.json:
+        import json
+
+        print(json.dumps(facts, indent=1, sort_keys=True))
+    else:
+        print(info_text(facts))
+    return 0
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from shardkit.inspect import contact_sheet
+
+    shown = contact_sheet(args.path, args.output, n=args.n)
+    print(f"wrote {args.output} ({shown} samples)")
+    return 0
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``shardkit`` console script; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    handlers = {"convert": _convert, "info": _info, "preview": _preview}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("shardkit: interrupted; nothing incomplete was published", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ShardkitError as exc:
+        if args.debug:
+            raise
+        print(f"shardkit: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

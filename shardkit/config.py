@@ -1,0 +1,291 @@
+"""Conversion configuration: frozen, keyword-only dataclasses validated on construction.
+
+`ConvertConfig` holds every option that decides the bytes of the output; it is written,
+resolved, into ``index.json`` and hashed into the dataset fingerprint. `RunOptions` holds
+what only decides *how* the run goes (workers, overwrite, error budget, progress display):
+two runs that differ only there produce byte-identical datasets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from shardkit.errors import ConfigError
+
+__all__ = [
+    "ConvertConfig",
+    "ErrorBudget",
+    "ImageOptions",
+    "RunOptions",
+    "parse_byte_size",
+    "parse_max_errors",
+    "parse_size",
+]
+
+ResizeMode = Literal["center-crop", "pad", "stretch", "shorter-side"]
+ColorMode = Literal["RGB", "L"]
+Filter = Literal["bilinear", "bicubic", "lanczos"]
+Format = Literal["tar", "parquet"]
+Codec = Literal["raw", "jpeg", "png"]
+
+RESIZE_MODES: tuple[str, ...] = ("center-crop", "pad", "stretch", "shorter-side")
+COLOR_MODES: tuple[str, ...] = ("RGB", "L")
+FILTERS: tuple[str, ...] = ("bilinear", "bicubic", "lanczos")
+FORMATS: tuple[str, ...] = ("tar", "parquet")
+CODECS: tuple[str, ...] = ("raw", "jpeg", "png")
+COMPRESSIONS: tuple[str, ...] = ("none", "zstd")
+
+#: Pillow's own default limit (``Image.MAX_IMAGE_PIXELS``), about 89 megapixels.
+DEFAULT_MAX_PIXELS = 89_478_485
+DEFAULT_SHARD_BYTES = 256 * 1000 * 1000
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_rgb(name: str, value: tuple[int, ...]) -> None:
+    if len(value) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in value):
+        raise ConfigError(f"{name} must be three integers 0-255; got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageOptions:
+    """How each image is decoded, oriented, normalised and resized.
+
+    size: output (width, height). For ``shorter-side`` both must be equal: the shorter
+        side becomes that length and the other keeps the aspect ratio (variable shapes).
+    resize: ``center-crop`` (scale the shorter side to fit, crop the centre), ``pad``
+        (letterbox: scale to fit inside, pad with `pad_color`), ``stretch`` (ignore the
+        aspect ratio), ``shorter-side``.
+    mode: ``RGB`` (3 channels) or ``L`` (1 channel).
+    background: colour that transparent pixels are composited on (default white).
+    max_pixels: images whose header claims more pixels are rejected before decoding.
+    draft: let JPEG decode at 1/2, 1/4 or 1/8 scale when the output is smaller.
+    """
+
+    size: tuple[int, int] = (224, 224)
+    resize: ResizeMode = "center-crop"
+    mode: ColorMode = "RGB"
+    filter: Filter = "bicubic"
+    background: tuple[int, int, int] = (255, 255, 255)
+    pad_color: tuple[int, int, int] = (0, 0, 0)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    draft: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.size) != 2 or not all(isinstance(v, int) and v > 0 for v in self.size):
+            raise ConfigError(f"size must be two positive integers (width, height); got {self.size!r}")
+        if max(self.size) > 65535:
+            raise ConfigError(f"size {self.size} is larger than 65535 pixels on a side")
+        _check_choice("resize", self.resize, RESIZE_MODES)
+        _check_choice("mode", self.mode, COLOR_MODES)
+        _check_choice("filter", self.filter, FILTERS)
+        _check_rgb("background", self.background)
+        _check_rgb("pad_color", self.pad_color)
+        if self.resize == "shorter-side" and self.size[0] != self.size[1]:
+            raise ConfigError(
+                "--resize shorter-side takes one length (e.g. --size 256), not WxH; "
+                f"got {self.size[0]}x{self.size[1]}"
+            )
+        if not isinstance(self.max_pixels, int) or self.max_pixels <= 0:
+            raise ConfigError(f"max_pixels must be a positive integer; got {self.max_pixels!r}")
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.mode == "RGB" else 1
+
+    @property
+    def fixed_shape(self) -> tuple[int, int, int] | None:
+        """(H, W, C) when every output has the same shape, else None."""
+        if self.resize == "shorter-side":
+            return None
+        return (self.size[1], self.size[0], self.channels)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvertConfig:
+    """Every option that decides the bytes of a converted dataset.
+
+    format: ``tar`` (WebDataset-compatible) or ``parquet``.
+    codec: ``raw`` (uint8 pixels, nothing to decode when training), ``jpeg`` or ``png``.
+    quality: JPEG quality (1-95), used by the jpeg codec only.
+    compression: Parquet compression of the image column (``none`` or ``zstd``).
+    shard_bytes / samples_per_shard: give exactly one; shard_bytes is converted to a sample
+        count at plan time (exact for raw, an estimate for jpeg/png).
+    shuffle / seed: a seeded global shuffle of the input order at plan time.
+    """
+
+    image: ImageOptions = field(default_factory=ImageOptions)
+    format: Format = "tar"
+    codec: Codec = "raw"
+    quality: int = 90
+    compression: str = "none"
+    shard_bytes: int | None = DEFAULT_SHARD_BYTES
+    samples_per_shard: int | None = None
+    shuffle: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("format", self.format, FORMATS)
+        _check_choice("codec", self.codec, CODECS)
+        _check_choice("compression", self.compression, COMPRESSIONS)
+        if not 1 <= self.quality <= 100:
+            raise ConfigError(f"quality must be 1-100; got {self.quality}")
+        if self.compression != "none" and self.format != "parquet":
+            raise ConfigError("--compression applies to --format parquet only")
+        if (self.shard_bytes is None) == (self.samples_per_shard is None):
+            raise ConfigError("give exactly one of shard_bytes (--shard-size) and samples_per_shard")
+        if self.shard_bytes is not None and self.shard_bytes <= 0:
+            raise ConfigError(f"shard size must be positive; got {self.shard_bytes}")
+        if self.samples_per_shard is not None and self.samples_per_shard <= 0:
+            raise ConfigError(f"samples per shard must be positive; got {self.samples_per_shard}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0; got {self.seed}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The resolved configuration as JSON-ready values (tuples become lists)."""
+        return _jsonable(dataclasses.asdict(self))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class ErrorBudget:
+    """How many failed inputs a run tolerates: a count, or a fraction of the inputs."""
+
+    count: int | None = 0
+    fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.count is None) == (self.fraction is None):
+            raise ConfigError("an error budget is either a count or a fraction")
+        if self.count is not None and self.count < 0:
+            raise ConfigError(f"max errors must be >= 0; got {self.count}")
+        if self.fraction is not None and not 0.0 <= self.fraction <= 1.0:
+            raise ConfigError(f"max errors must be between 0% and 100%; got {self.fraction:.2%}")
+
+    def allowed(self, inputs: int) -> int:
+        if self.count is not None:
+            return self.count
+        assert self.fraction is not None  # guaranteed by __post_init__
+        return math.floor(self.fraction * inputs + 1e-9)
+
+    def __str__(self) -> str:
+        if self.count is not None:
+            return str(self.count)
+        return f"{(self.fraction or 0.0) * 100:g}%"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """How a conversion runs; none of it changes the output bytes.
+
+    workers: worker processes (0 = convert in the calling process; None = all cores).
+    """
+
+    workers: int | None = None
+    overwrite: bool = False
+    max_errors: ErrorBudget = field(default_factory=ErrorBudget)
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"workers must be >= 0; got {self.workers}")
+
+    @property
+    def resolved_workers(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:[xX×]\s*(\d+))?\s*$")
+_BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*$")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"150x150"`` → (150, 150) as (width, height); ``"224"`` → (224, 224)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ConfigError(f"--size must look like 224 or 150x100 (width x height); got {text!r}")
+    width = int(match.group(1))
+    height = int(match.group(2)) if match.group(2) else width
+    return width, height
+
+
+def parse_byte_size(text: str) -> int:
+    """``"256MB"`` → 256_000_000, ``"1GiB"`` → 1_073_741_824, ``"4096"`` → 4096."""
+    match = _BYTES_RE.match(text)
+    if not match:
+        raise ConfigError(f"a size in bytes must look like 256MB, 1GiB or 4096; got {text!r}")
+    number, unit, binary = float(match.group(1)), match.group(2).upper(), match.group(3)
+    base = 1024 if binary else 1000
+    power = " KMGT".index(unit) if unit else 0
+    return int(number * base**power)
+
+
+def parse_max_errors(text: str) -> ErrorBudget:
+    """``"5"`` → at most 5 failures; ``"1%"`` → at most 1% of the inputs."""
+    text = text.strip()
+    try:
+        if text.endswith("%"):
+            return ErrorBudget(count=None, fraction=float(text[:-1]) / 100.0)
+        return ErrorBudget(count=int(text))
+    except ValueError:
+        raise ConfigError(f"--max-errors must be a count (5) or a percentage (1%); got {text!r}") from None
+
+
+_IMAGE_FIELDS = frozenset(f.name for f in dataclasses.fields(ImageOptions))
+_CONVERT_FIELDS = frozenset(f.name for f in dataclasses.fields(ConvertConfig)) - {"image"}
+_RUN_FIELDS = frozenset(f.name for f in dataclasses.fields(RunOptions))
+#: Convenience spellings accepted by `configs_from_options` (and so by ``shardkit.convert``).
+_ALIASES = frozenset({"shard_size"})
+
+
+def configs_from_options(options: dict[str, Any]) -> tuple[ConvertConfig, RunOptions]:
+    """Map ``shardkit.convert(**options)`` keywords onto the config objects.
+
+    Accepts every field of ImageOptions, ConvertConfig and RunOptions, plus friendly forms:
+    ``size=224`` / ``"150x150"``, ``shard_size="256MB"``, ``max_errors="1%"`` or ``5``.
+    """
+    unknown = set(options) - _IMAGE_FIELDS - _CONVERT_FIELDS - _RUN_FIELDS - _ALIASES
+    if unknown:
+        valid = sorted(_IMAGE_FIELDS | _CONVERT_FIELDS | _RUN_FIELDS | _ALIASES)
+        raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}; valid: {', '.join(valid)}")
+    image_kw = {k: v for k, v in options.items() if k in _IMAGE_FIELDS}
+    size = image_kw.get("size")
+    if isinstance(size, str):
+        image_kw["size"] = parse_size(size)
+    elif isinstance(size, int):
+        image_kw["size"] = (size, size)
+    elif size is not None:
+        image_kw["size"] = tuple(size)
+    for name in ("background", "pad_color"):
+        if name in image_kw:
+            image_kw[name] = tuple(image_kw[name])
+    convert_kw = {k: v for k, v in options.items() if k in _CONVERT_FIELDS}
+    if "shard_size" in options:
+        value = options["shard_size"]
+        convert_kw["shard_bytes"] = parse_byte_size(value) if isinstance(value, str) else int(value)
+    if convert_kw.get("samples_per_shard") is not None and "shard_size" not in options:
+        convert_kw.setdefault("shard_bytes", None)
+    run_kw = {k: v for k, v in options.items() if k in _RUN_FIELDS}
+    budget = run_kw.get("max_errors")
+    if isinstance(budget, str):
+        run_kw["max_errors"] = parse_max_errors(budget)
+    elif isinstance(budget, int):
+        run_kw["max_errors"] = ErrorBudget(count=budget)
+    return ConvertConfig(image=ImageOptions(**image_kw), **convert_kw), RunOptions(**run_kw)

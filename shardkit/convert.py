@@ -1,0 +1,259 @@
+"""Run a conversion: plan → part and shard tasks on an executor → atomic commit → index.json.
+
+The calling process plans, schedules and commits; executors only run `shardkit.tasks`. A
+shard becomes visible by an atomic rename after fsync, ``errors.jsonl`` and ``index.json``
+are written last, and an interrupted or failed run leaves no file under a final name that is
+incomplete (and no ``index.json``, so no dataset).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from shardkit._fs import publish
+from shardkit.config import ConvertConfig, RunOptions, configs_from_options
+from shardkit.errors import OutputExistsError, TooManyFailuresError, WorkerError
+from shardkit.executors import InlineExecutor, local_pool
+from shardkit.manifest import ERRORS_NAME, INDEX_NAME, Manifest, ShardRecord
+from shardkit.plan import Plan, make_plan, rows_per_group
+from shardkit.report import ConvertSummary, FailureRecord, write_error_report
+from shardkit.tasks import PartResult, PartTask, ShardTask, run_part, run_shard
+from shardkit.writers import tar as tar_writer
+
+__all__ = ["convert", "run_conversion"]
+
+TMP_NAME = ".shardkit-tmp"
+
+
+def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
+            executor: cf.Executor | None = None, **options: Any) -> ConvertSummary:
+    """Convert the image folder `src` into a shardkit dataset in `out`.
+
+    options: any field of `ImageOptions`, `ConvertConfig` or `RunOptions` (size, resize,
+    mode, format, codec, quality, shard_size or samples_per_shard, shuffle, seed, workers,
+    overwrite, max_errors, ...). executor: run tasks there instead of a local process pool.
+
+    Returns a `ConvertSummary`. Raises ConfigError, InputError, OutputExistsError,
+    WorkerError; raises TooManyFailuresError (carrying ``.summary``) after writing the whole
+    dataset when more inputs failed than ``max_errors`` allows.
+    """
+    config, run = configs_from_options(options)
+    return run_conversion(src, out, config, run, executor=executor)
+
+
+def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
+                   config: ConvertConfig, run: RunOptions, *,
+                   executor: cf.Executor | None = None) -> ConvertSummary:
+    started = time.perf_counter()
+    plan = make_plan(src, config)
+    out_dir = Path(out)
+    _prepare_output(out_dir, run.overwrite)
+    tmp = out_dir / TMP_NAME
+    tmp.mkdir()
+    workers = run.resolved_workers
+    own = executor is None
+    if executor is None:
+        executor = InlineExecutor() if workers == 0 else local_pool(workers)
+    show = sys.stderr.isatty() if run.progress is None else run.progress
+    try:
+        with tqdm(total=plan.inputs, unit="img", disable=not show, dynamic_ncols=True,
+                  file=sys.stderr) as bar:
+            bar.update(len(plan.failures))
+            scheduler = _Scheduler(plan, out_dir, tmp, executor, bar,
+                                   limit=max(4, 3 * max(workers, 1)))
+            shards, failures, counts = scheduler.run()
+    finally:
+        if own:
+            executor.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    all_failures = plan.failures + failures
+    write_error_report(out_dir / ERRORS_NAME, all_failures)
+    manifest = Manifest(
+        kind="images", schema=_schema(plan), classes=plan.classes,
+        class_counts=counts if plan.labeled else None, shards=shards, inputs=plan.inputs,
+        failed=len(all_failures), config=config.to_json(), fingerprint=plan.fingerprint,
+    )
+    manifest.write(out_dir)
+    summary = ConvertSummary(
+        out=out_dir, inputs=plan.inputs, samples=manifest.samples, failed=len(all_failures),
+        shards=len(shards), bytes=manifest.bytes, seconds=time.perf_counter() - started,
+        workers=workers, errors_path=out_dir / ERRORS_NAME,
+        task_cpu_seconds=scheduler.cpu_seconds,
+        reasons=dict(Counter(f.reason for f in all_failures)),
+    )
+    allowed = run.max_errors.allowed(plan.inputs)
+    if summary.failed > allowed:
+        raise TooManyFailuresError(
+            f"{summary.failed} of {summary.inputs} inputs failed, more than --max-errors "
+            f"{run.max_errors} allows; the {summary.samples} good samples were written and the "
+            f"failures listed in {summary.errors_path}",
+            summary=summary,
+        )
+    return summary
+
+
+class _Scheduler:
+    """Feeds part tasks to the executor (a bounded number in flight), submits a shard's
+    assembly once its parts are done, and publishes each assembled shard."""
+
+    def __init__(self, plan: Plan, out: Path, tmp: Path, executor: cf.Executor,
+                 bar: tqdm, *, limit: int) -> None:
+        self.plan, self.out, self.tmp, self.executor, self.bar = plan, out, tmp, executor, bar
+        self.limit = limit
+        self.in_flight: dict[cf.Future[Any], tuple[str, int]] = {}
+        self.parts: dict[int, list[PartResult]] = {}
+        self.expected = {k: len(list(plan.parts(k))) for k in range(plan.shard_count)}
+        self.records: dict[int, ShardRecord] = {}
+        self.failures: list[FailureRecord] = []
+        self.counts = [0] * len(plan.classes or ())
+        self.cpu_seconds = 0.0
+
+    def run(self) -> tuple[list[ShardRecord], list[FailureRecord], list[int]]:
+        pending = self._part_tasks()
+        try:
+            while True:
+                while len(self.in_flight) < self.limit and (task := next(pending, None)):
+                    self._submit("part", task.shard, run_part, task)
+                if not self.in_flight:
+                    break
+                done, _ = cf.wait(self.in_flight, return_when=cf.FIRST_COMPLETED)
+                for future in done:
+                    self._finish(future)
+        except BaseException:
+            for future in self.in_flight:
+                future.cancel()
+            raise
+        return [self.records[k] for k in sorted(self.records)], self.failures, self.counts
+
+    def _part_tasks(self) -> Any:
+        plan = self.plan
+        classes = tuple(plan.classes) if plan.classes is not None else None
+        for shard in range(plan.shard_count):
+            blocks = plan.json_blocks(shard) if plan.config.format == "tar" else 0
+            for number, indices in enumerate(plan.parts(shard)):
+                yield PartTask(
+                    shard=shard, part=number, first=indices.start,
+                    records=tuple(plan.records[i] for i in indices), classes=classes,
+                    path=str(self.tmp / f"{shard}.{number}.part"), key_width=plan.key_width,
+                    json_blocks=blocks, config=plan.config,
+                )
+
+    def _submit(self, kind: str, shard: int, fn: Any, task: Any) -> None:
+        self.in_flight[self.executor.submit(fn, task)] = (kind, shard)
+
+    def _finish(self, future: cf.Future[Any]) -> None:
+        kind, shard = self.in_flight.pop(future)
+        try:
+            result = future.result()
+        except BrokenProcessPool:
+            raise WorkerError(
+                f"a worker process died (killed, or out of memory?) while converting "
+                f"{self.plan.shard_file(shard)}; nothing was published for it"
+            ) from None
+        except Exception as exc:
+            raise WorkerError(
+                f"converting {self.plan.shard_file(shard)} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        if kind == "part":
+            self._part_done(result)
+        else:
+            self._shard_done(shard, result)
+
+    def _part_done(self, result: PartResult) -> None:
+        self.failures.extend(result.failures)
+        self.cpu_seconds += result.cpu_seconds
+        self.counts = [a + b for a, b in zip(self.counts, result.label_counts)]
+        self.bar.update(result.samples + len(result.failures))
+        if self.failures:
+            self.bar.set_postfix(failed=len(self.failures), refresh=False)
+        done = self.parts.setdefault(result.shard, [])
+        done.append(result)
+        if len(done) == self.expected[result.shard]:
+            done.sort(key=lambda r: r.part)
+            plan = self.plan
+            self._submit("shard", result.shard, run_shard, ShardTask(
+                shard=result.shard, parts=tuple(r.path for r in done),
+                tmp_path=str(self.tmp / plan.shard_file(result.shard)), labeled=plan.labeled,
+                rows_per_group=rows_per_group(plan.config, plan.labeled), config=plan.config,
+            ))
+
+    def _shard_done(self, shard: int, result: tuple[int, str]) -> None:
+        plan = self.plan
+        name = plan.shard_file(shard)
+        publish(self.tmp / name, self.out / name)
+        samples = sum(r.samples for r in self.parts.pop(shard))
+        layout = None
+        shape = plan.config.image.fixed_shape
+        if plan.config.format == "tar" and plan.config.codec == "raw" and shape is not None:
+            layout = tar_writer.raw_layout(shape, plan.labeled, plan.json_blocks(shard))
+        self.records[shard] = ShardRecord(file=name, samples=samples, bytes=result[0],
+                                          sha256=result[1], layout=layout)
+
+
+def _schema(plan: Plan) -> dict[str, Any]:
+    config = plan.config
+    shape = config.image.fixed_shape
+    image: dict[str, Any] = {
+        "dtype": "uint8", "layout": "HWC", "codec": config.codec,
+        "shape": list(shape) if shape else [None, None, config.image.channels],
+    }
+    schema: dict[str, Any] = {"image": image}
+    if plan.labeled:
+        schema["label"] = {"dtype": "int64", "shape": []}
+    schema["key"] = {"dtype": "string", "shape": []}
+    schema["source"] = {"dtype": "string", "shape": []}
+    schema["orig_width"] = {"dtype": "int32", "shape": []}
+    schema["orig_height"] = {"dtype": "int32", "shape": []}
+    if config.format == "tar":
+        image["member"] = {"raw": "npy", "jpeg": "jpg", "png": "png"}[config.codec]
+        if plan.labeled:
+            schema["label"]["member"] = "cls"
+        for name in ("key", "source", "orig_width", "orig_height"):
+            schema[name]["member"] = "json" if name != "key" else "__key__"
+    else:
+        schema["parquet"] = {"rows_per_group": rows_per_group(config, plan.labeled)}
+    return schema
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a folder")
+    entries = sorted(out.iterdir()) if out.exists() else []
+    if entries and not overwrite:
+        raise OutputExistsError(
+            f"{out}: not empty; pass --overwrite to replace a previous conversion, or choose "
+            "an empty or new folder"
+        )
+    ours = [e for e in entries if _written_by_us(e.name)]
+    others = [e.name for e in entries if not _written_by_us(e.name)]
+    if others:
+        raise OutputExistsError(
+            f"{out}: --overwrite replaces only shardkit's own files, and this folder also "
+            f"holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}"
+        )
+    # index.json goes first: from then on the folder is no longer a dataset.
+    for entry in sorted(ours, key=lambda e: e.name != INDEX_NAME):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _written_by_us(name: str) -> bool:
+    return (
+        name in (INDEX_NAME, ERRORS_NAME, TMP_NAME)
+        or (name.startswith("shard-") and name.endswith((".tar", ".parquet")))
+        or name.startswith((f".{INDEX_NAME}.tmp-", f".{ERRORS_NAME}.tmp-"))
+    )

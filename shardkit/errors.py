@@ -1,0 +1,117 @@
+"""The shardkit error tree and the command line's exit codes.
+
+::
+
+    ShardkitError                         exit 1  anything shardkit raises on purpose
+    ├── ConfigError (ValueError)          exit 2  bad option or option combination
+    ├── InputError (ValueError)           exit 3  SRC missing, unreadable or holding no inputs
+    ├── OutputExistsError (FileExistsError) exit 4  OUT is not empty and --overwrite was not given
+    ├── TooManyFailuresError              exit 5  more inputs failed than --max-errors allows
+    │                                             (everything else was still written)
+    ├── DatasetError (ValueError)         exit 6  not a shardkit dataset, or index.json invalid
+    │   └── CorruptShardError             exit 6  a shard disagrees with index.json
+    ├── UnsafeContentError (ValueError)   exit 6  a shard holds links, unsafe names or unknown fields
+    ├── WorkerError                       exit 7  a conversion task crashed (not a bad input: a bug,
+    │                                             a killed worker, a full disk)
+    └── MissingExtraError (ImportError)   exit 8  an optional dependency is not installed
+
+    KeyboardInterrupt / SIGTERM           exit 130 nothing half-written is published
+
+Per-input failures (a truncated JPEG, a missing file) are *not* exceptions: they are
+:class:`shardkit.images.SampleFailure` records, written to ``errors.jsonl`` and counted.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "ConfigError",
+    "CorruptShardError",
+    "DatasetError",
+    "InputError",
+    "MissingExtraError",
+    "OutputExistsError",
+    "ShardkitError",
+    "TooManyFailuresError",
+    "UnsafeContentError",
+    "WorkerError",
+]
+
+EXIT_INTERRUPTED = 130
+
+
+class ShardkitError(Exception):
+    """Base class of every error shardkit raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(ShardkitError, ValueError):
+    """An option is invalid, or two options contradict each other."""
+
+    exit_code = 2
+
+
+class InputError(ShardkitError, ValueError):
+    """The source is missing, unreadable or holds nothing to convert."""
+
+    exit_code = 3
+
+
+class OutputExistsError(ShardkitError, FileExistsError):
+    """The output directory is not empty and overwriting was not asked for."""
+
+    exit_code = 4
+
+
+class TooManyFailuresError(ShardkitError):
+    """More inputs failed than the error budget allows; the rest was written.
+
+    ``summary`` carries the run's summary (a ConvertSummary) for the caller to print.
+    """
+
+    exit_code = 5
+
+    def __init__(self, message: str, *, summary: object = None) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+class DatasetError(ShardkitError, ValueError):
+    """A directory is not a valid shardkit dataset."""
+
+    exit_code = 6
+
+
+class CorruptShardError(DatasetError):
+    """A shard's size, hash, sample count or content disagrees with index.json."""
+
+
+class UnsafeContentError(ShardkitError, ValueError):
+    """A shard holds something a reader must refuse (links, unsafe names, unknown fields)."""
+
+    exit_code = 6
+
+
+class WorkerError(ShardkitError):
+    """A conversion task failed as a whole (not one bad input)."""
+
+    exit_code = 7
+
+
+class MissingExtraError(ShardkitError, ImportError):
+    """An optional dependency is needed; the message names the extra to install."""
+
+    exit_code = 8
+
+
+def require(module: str, extra: str) -> object:
+    """Import an optional module, or raise MissingExtraError naming the pip extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"{module} is not installed; install it with: pip install 'shardkit[{extra}]'"
+        ) from exc

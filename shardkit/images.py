@@ -1,0 +1,288 @@
+"""Decode, orient, normalise and resize one image; encode it for a shard.
+
+Policy (docs/format.md repeats it for users):
+
+* Formats are recognised by content, from an allow-list (`ALLOWED_FORMATS`); the file
+  extension only selects candidates when walking a folder.
+* The pixel limit is checked from the header, before any pixel is decoded.
+* JPEG ``draft()`` decodes at 1/2, 1/4 or 1/8 scale when the output is at least that much
+  smaller, then one antialiased resize finishes the job.
+* EXIF orientation is applied before resizing. Animated images use their first frame.
+* Modes: 1, L, P, RGB, CMYK, YCbCr, LAB, HSV → RGB; anything with alpha (RGBA, LA, PA, P with
+  transparency) is composited on ``ImageOptions.background`` (white by default); 16-bit
+  (I;16*, I) is scaled to 8 bits (v * 255 / 65535, rounded), never clipped at 255; float
+  (F) is clipped to 0-255. ``mode="L"`` then takes the ITU-R 601-2 luma.
+
+Failures are raised as `ImageFailure` (a reason code and a human detail); the conversion task
+turns them into error-report records, so one bad file never stops a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Final
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from shardkit.config import ImageOptions
+
+__all__ = [
+    "ALLOWED_FORMATS",
+    "IMAGE_EXTENSIONS",
+    "ImageFailure",
+        "encode",
+    "load_image",
+    "pillow_limits",
+    "to_array",
+]
+
+#: Pillow format names we decode. Anything else is "not_an_image", whatever its extension.
+ALLOWED_FORMATS: Final = ("JPEG", "MPO", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+
+#: Extensions (lower case) that make a file a candidate input when walking a folder.
+IMAGE_EXTENSIONS: Final = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff",
+     ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
+
+_FILTERS: Final = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+_TRANSPOSE: Final = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_ORIENTATION_TAG: Final = 0x0112
+_SIXTEEN_BIT: Final = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_ALPHA_MODES: Final = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+class ImageFailure(Exception):
+    """One input could not be converted. `stage` and `reason` are stable codes."""
+
+    def __init__(self, stage: str, reason: str, detail: str) -> None:
+        super().__init__(f"{stage}/{reason}: {detail}")
+        self.stage = stage
+        self.reason = reason
+        self.detail = detail
+
+
+@contextlib.contextmanager
+def pillow_limits(options: ImageOptions) -> Iterator[None]:
+    """Set Pillow's process-wide limits for the duration of a task, then restore them.
+
+    Pillow refuses images over 2 × MAX_IMAGE_PIXELS by itself at open; we set the limit to
+    ours so that check agrees with `load_image`'s own header check. Warnings about odd EXIF
+    or palette transparency are noise in a worker: the outcome of each input is decided by
+    exceptions and recorded.
+    """
+    saved = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
+    Image.MAX_IMAGE_PIXELS = options.max_pixels
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def load_image(path: str | os.PathLike[str], options: ImageOptions) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode `path` into a resized RGB or L image.
+
+    Returns (image, (width, height) of the source after orientation). Raises `ImageFailure`.
+    """
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed in the finally below
+    except FileNotFoundError:
+        raise ImageFailure("read", "missing_file", "file not found") from None
+    except (PermissionError, IsADirectoryError) as exc:
+        raise ImageFailure("read", "unreadable", exc.strerror or str(exc)) from None
+    except OSError as exc:
+        raise ImageFailure("read", "unreadable", str(exc)) from None
+    try:
+        if os.fstat(handle.fileno()).st_size == 0:
+            raise ImageFailure("read", "empty_file", "file is empty (0 bytes)")
+        return _decode(handle, options)
+    finally:
+        handle.close()
+
+
+def _decode(handle: io.BufferedReader, options: ImageOptions) -> tuple[Image.Image, tuple[int, int]]:
+    try:
+        im = Image.open(handle, formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        raise ImageFailure("decode", "not_an_image", "not a recognised image (allowed: "
+                           + ", ".join(ALLOWED_FORMATS) + ")") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageFailure("decode", "too_many_pixels", str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageFailure("decode", "decode_error", _describe(exc)) from None
+
+    width, height = im.size
+    if width * height > options.max_pixels:
+        raise ImageFailure(
+            "decode", "too_many_pixels",
+            f"{width}x{height} = {width * height} pixels exceeds the limit of {options.max_pixels}",
+        )
+    try:
+        orientation = int(im.getexif().get(_ORIENTATION_TAG, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image
+        orientation = 1
+    swap = orientation in (5, 6, 7, 8)
+    oriented = (height, width) if swap else (width, height)
+    if options.draft and im.format in ("JPEG", "MPO"):
+        need = _needed_size(oriented, options)
+        if need is not None:
+            im.draft(None, (need[1], need[0]) if swap else need)
+    try:
+        im.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageFailure("decode", "too_many_pixels", str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
+        reason = "truncated" if "truncated" in str(exc) else "decode_error"
+        raise ImageFailure("decode", reason, _describe(exc)) from None
+    except MemoryError:
+        raise ImageFailure("decode", "out_of_memory", "ran out of memory decoding") from None
+    try:
+        if orientation in _TRANSPOSE:
+            im = im.transpose(_TRANSPOSE[orientation])
+        im = normalise_mode(im, options)
+        return resize(im, options), oriented
+    except (OSError, ValueError) as exc:
+        raise ImageFailure("transform", "transform_error", _describe(exc)) from None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 300 else text[:297] + "..."
+
+
+def _needed_size(oriented: tuple[int, int], options: ImageOptions) -> tuple[int, int] | None:
+    """The smallest decode size (oriented frame) the final resize can start from, or None
+    when the output is not smaller than the source."""
+    w, h = oriented
+    out_w, out_h = options.size
+    if options.resize == "center-crop":
+        scale = max(out_w / w, out_h / h)
+    elif options.resize == "pad":
+        scale = min(out_w / w, out_h / h)
+    elif options.resize == "stretch":
+        return (out_w, out_h) if out_w < w and out_h < h else None
+    else:  # shorter-side
+        scale = out_w / min(w, h)
+    if scale >= 1.0:
+        return None
+    return max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))
+
+
+def normalise_mode(im: Image.Image, options: ImageOptions) -> Image.Image:
+    """Bring any supported mode to RGB or L as the module docstring describes."""
+    mode = im.mode
+    if mode in _SIXTEEN_BIT:
+        wide = np.asarray(im, dtype=np.int64)
+        scaled = (np.clip(wide, 0, 65535) * 255 + 32767) // 65535
+        im = Image.fromarray(scaled.astype(np.uint8), mode="L")
+    elif mode == "F":
+        im = Image.fromarray(np.clip(np.asarray(im), 0, 255).round().astype(np.uint8), mode="L")
+    elif mode == "1":
+        im = im.convert("L")
+    elif mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif mode == "L" and "transparency" in im.info:
+        im = im.convert("LA")
+    elif mode == "RGB" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in _ALPHA_MODES:
+        im = _composite(im, options.background)
+    if im.mode not in ("RGB", "L"):
+        im = im.convert("RGB")
+    if im.mode != options.mode:
+        im = im.convert(options.mode)
+    return im
+
+
+def _composite(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    rgba = im.convert("RGBA")
+    canvas = Image.new("RGBA", rgba.size, (*background, 255))
+    canvas.alpha_composite(rgba)
+    return canvas.convert("RGB")
+
+
+def resize(im: Image.Image, options: ImageOptions) -> Image.Image:
+    """Resize an oriented RGB/L image by ``options.resize``; see `ImageOptions`."""
+    method = _FILTERS[options.filter]
+    out_w, out_h = options.size
+    w, h = im.size
+    if options.resize == "stretch":
+        return im if (w, h) == (out_w, out_h) else im.resize((out_w, out_h), method)
+    if options.resize == "shorter-side":
+        scale = out_w / min(w, h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        return im if size == (w, h) else im.resize(size, method)
+    if options.resize == "center-crop":
+        return im.resize((out_w, out_h), method, box=_center_box(w, h, out_w, out_h))
+    return _letterbox(im, method, out_w, out_h, options.pad_color)
+
+
+def _center_box(w: int, h: int, out_w: int, out_h: int) -> tuple[float, float, float, float]:
+    """The centred region of a w×h image with the output's aspect ratio (as ImageOps.fit)."""
+    if w / h >= out_w / out_h:
+        crop_w, crop_h = out_w / out_h * h, float(h)
+    else:
+        crop_w, crop_h = float(w), w / (out_w / out_h)
+    left, top = (w - crop_w) / 2, (h - crop_h) / 2
+    return (left, top, left + crop_w, top + crop_h)
+
+
+def _letterbox(
+    im: Image.Image, method: Image.Resampling, out_w: int, out_h: int, color: tuple[int, int, int]
+) -> Image.Image:
+    """Fit inside out_w×out_h keeping the aspect ratio, centred on `color` (as ImageOps.pad)."""
+    w, h = im.size
+    if w / h > out_w / out_h:
+        size = (out_w, max(1, round(h / w * out_w)))
+    elif w / h < out_w / out_h:
+        size = (max(1, round(w / h * out_h)), out_h)
+    else:
+        size = (out_w, out_h)
+    fitted = im if size == (w, h) else im.resize(size, method)
+    if size == (out_w, out_h):
+        return fitted
+    fill = color if im.mode == "RGB" else round(0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2])
+    canvas = Image.new(im.mode, (out_w, out_h), fill)
+    canvas.paste(fitted, (round((out_w - size[0]) / 2), round((out_h - size[1]) / 2)))
+    return canvas
+
+
+def to_array(im: Image.Image) -> np.ndarray:
+    """H×W×C uint8 pixels of an RGB or L image (C = 1 for L)."""
+    array = np.asarray(im, dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def encode(im: Image.Image, codec: str, quality: int) -> bytes:
+    """Encode a final image as JPEG or PNG bytes, deterministically."""
+    buffer = io.BytesIO()
+    if codec == "jpeg":
+        im.save(buffer, format="JPEG", quality=quality, optimize=False, progressive=False)
+    elif codec == "png":
+        im.save(buffer, format="PNG", compress_level=6)
+    else:
+        raise ValueError(f"encode() takes jpeg or png, not {codec!r}")
+    return buffer.getvalue()

@@ -1,0 +1,184 @@
+"""index.json: the dataset manifest (format v1). docs/format.md is the user-facing spec.
+
+A directory is a shardkit dataset exactly when it holds a valid ``index.json``; it is written
+last, atomically, after every shard it names is durable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shardkit._fs import atomic_write_bytes
+from shardkit._version import __version__
+from shardkit.errors import DatasetError
+
+__all__ = [
+    "ERRORS_NAME",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "INDEX_NAME",
+    "Manifest",
+    "ShardRecord",
+    "canonical_json",
+    "fingerprint",
+    "shard_name",
+]
+
+FORMAT_NAME = "shardkit"
+FORMAT_VERSION = 1
+INDEX_NAME = "index.json"
+ERRORS_NAME = "errors.jsonl"
+
+
+def canonical_json(value: Any) -> bytes:
+    """Sorted keys, no insignificant whitespace, UTF-8: the same value gives the same bytes."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def shard_name(index: int, extension: str, total: int) -> str:
+    """``shard-00042.tar``; the width grows past 5 digits only for more than 100,000 shards."""
+    width = max(5, len(str(max(total - 1, 0))))
+    return f"shard-{index:0{width}d}.{extension}"
+
+
+def fingerprint(config: dict[str, Any], classes: list[str] | None,
+                inputs: Iterable[tuple[str, int, int]]) -> str:
+    """sha256 of the resolved config, the class names and every input's (path, size, mtime)."""
+    digest = hashlib.sha256()
+    digest.update(canonical_json({"config": config, "classes": classes}))
+    for source, size, mtime_ns in inputs:
+        digest.update(canonical_json([source, size, mtime_ns]) + b"\n")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardRecord:
+    """One shard file: its name, sample count, size, hash, and (raw tar) its fixed layout.
+
+    layout, when present: sample ``i``'s pixels start at byte ``i * stride + offset`` of the
+    file and are ``prod(shape)`` bytes long.
+    """
+
+    file: str
+    samples: int
+    bytes: int
+    sha256: str
+    layout: dict[str, int] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"file": self.file, "samples": self.samples, "bytes": self.bytes,
+                               "sha256": self.sha256}
+        if self.layout is not None:
+            out["layout"] = dict(self.layout)
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """Everything a reader needs, and everything that says how the data was made."""
+
+    kind: str
+    schema: dict[str, Any]
+    classes: list[str] | None
+    class_counts: list[int] | None
+    shards: list[ShardRecord]
+    inputs: int
+    failed: int
+    config: dict[str, Any]
+    fingerprint: str
+    shardkit_version: str = __version__
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "shardkit_version": self.shardkit_version,
+            "kind": self.kind,
+            "schema": self.schema,
+            "classes": self.classes,
+            "class_counts": self.class_counts,
+            "shards": [s.to_json() for s in self.shards],
+            "samples": self.samples,
+            "inputs": self.inputs,
+            "failed": self.failed,
+            "config": self.config,
+            "fingerprint": self.fingerprint,
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+    def write(self, folder: str | os.PathLike[str]) -> None:
+        """Atomically write ``folder/index.json`` (sorted keys, indented for people)."""
+        text = json.dumps(self.to_json(), sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+        atomic_write_bytes(Path(folder) / INDEX_NAME, text.encode())
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike[str]) -> Manifest:
+        """Read and validate ``folder/index.json``; DatasetError says what is wrong."""
+        path = Path(folder) / INDEX_NAME
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise DatasetError(f"{folder}: not a shardkit dataset (no {INDEX_NAME})") from None
+        except (OSError, ValueError) as exc:
+            raise DatasetError(f"{path}: unreadable: {exc}") from None
+        return cls.from_json(data, where=str(path))
+
+    @classmethod
+    def from_json(cls, data: Any, *, where: str = INDEX_NAME) -> Manifest:
+        def need(obj: Any, key: str, kind: type | tuple[type, ...]) -> Any:
+            if not isinstance(obj, dict) or key not in obj or not isinstance(obj[key], kind):
+                raise DatasetError(f"{where}: field {key!r} missing or not {_kind_name(kind)}")
+            return obj[key]
+
+        if need(data, "format", str) != FORMAT_NAME:
+            raise DatasetError(f"{where}: not a shardkit index (format {data['format']!r})")
+        version = need(data, "format_version", int)
+        if version > FORMAT_VERSION:
+            raise DatasetError(
+                f"{where}: format version {version} is newer than this shardkit reads "
+                f"({FORMAT_VERSION}); upgrade shardkit"
+            )
+        shards = []
+        for i, raw in enumerate(need(data, "shards", list)):
+            layout = raw.get("layout") if isinstance(raw, dict) else None
+            record = ShardRecord(
+                file=need(raw, "file", str), samples=need(raw, "samples", int),
+                bytes=need(raw, "bytes", int), sha256=need(raw, "sha256", str), layout=layout,
+            )
+            if "/" in record.file or record.file.startswith(".") or record.samples < 0:
+                raise DatasetError(f"{where}: shard {i} has an invalid record {raw!r}")
+            shards.append(record)
+        classes = data.get("classes")
+        manifest = cls(
+            kind=need(data, "kind", str), schema=need(data, "schema", dict), classes=classes,
+            class_counts=data.get("class_counts"), shards=shards, inputs=need(data, "inputs", int),
+            failed=need(data, "failed", int), config=need(data, "config", dict),
+            fingerprint=need(data, "fingerprint", str),
+            shardkit_version=need(data, "shardkit_version", str), format_version=version,
+            extra=data.get("extra") or {},
+        )
+        if need(data, "samples", int) != manifest.samples:
+            raise DatasetError(f"{where}: 'samples' is {data['samples']} but the shards hold "
+                               f"{manifest.samples}")
+        return manifest
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)

@@ -1,0 +1,127 @@
+"""Plan a conversion: list the inputs, order them, fix the shards and their parts up front.
+
+Shard *k* always means the same inputs for the same source and config, so any worker count,
+a retry or a resumed run produce the same bytes. Work is cut finer than shards: a *part* is up
+to `PART_SAMPLES` consecutive samples of one shard, so that a dataset of one shard still keeps
+every worker busy and the progress bar moves.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from shardkit.config import ConvertConfig
+from shardkit.manifest import fingerprint, shard_name
+from shardkit.report import FailureRecord
+from shardkit.sources.imagefolder import InputRecord, list_image_folder
+from shardkit.writers import tar as tar_writer
+
+__all__ = ["PART_SAMPLES", "Plan", "make_plan", "rows_per_group"]
+
+PART_SAMPLES = 64
+#: Target bytes of image data per Parquet row group: large enough for whole-batch reads.
+ROW_GROUP_BYTES = 64 * 1024 * 1024
+#: Typical compressed size relative to raw pixels, used to turn --shard-size into a count.
+_CODEC_RATIO = {"raw": 1.0, "jpeg": 1 / 8, "png": 1 / 2}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    config: ConvertConfig
+    records: list[InputRecord]
+    classes: list[str] | None
+    failures: list[FailureRecord]
+    ignored: int
+    samples_per_shard: int
+    fingerprint: str
+
+    @property
+    def labeled(self) -> bool:
+        return self.classes is not None
+
+    @property
+    def inputs(self) -> int:
+        return len(self.records) + len(self.failures)
+
+    @property
+    def shard_count(self) -> int:
+        return math.ceil(len(self.records) / self.samples_per_shard)
+
+    @property
+    def key_width(self) -> int:
+        return max(6, len(str(max(len(self.records) - 1, 0))))
+
+    def shard_file(self, shard: int) -> str:
+        return shard_name(shard, self.config.format, self.shard_count)
+
+    def shard_slice(self, shard: int) -> range:
+        start = shard * self.samples_per_shard
+        return range(start, min(start + self.samples_per_shard, len(self.records)))
+
+    def parts(self, shard: int) -> Iterator[range]:
+        """Consecutive runs of at most PART_SAMPLES plan indices covering the shard."""
+        whole = self.shard_slice(shard)
+        for start in range(whole.start, whole.stop, PART_SAMPLES):
+            yield range(start, min(start + PART_SAMPLES, whole.stop))
+
+    def class_name(self, record: InputRecord) -> str | None:
+        if self.classes is None or record.label is None:
+            return None
+        return self.classes[record.label]
+
+    def json_blocks(self, shard: int) -> int:
+        """Blocks each tar JSON member of `shard` is padded to (see writers.tar)."""
+        items = ((self.records[i].source, self.class_name(self.records[i]))
+                 for i in self.shard_slice(shard))
+        return tar_writer.json_blocks(items)
+
+
+def make_plan(src: str | os.PathLike[str], config: ConvertConfig) -> Plan:
+    """List `src`, apply the optional seeded shuffle and size the shards."""
+    listing = list_image_folder(src)
+    records = listing.records
+    if config.shuffle:
+        order = np.random.default_rng(config.seed).permutation(len(records))
+        records = [records[i] for i in order]
+    failures = [FailureRecord(source=f.source, stage="plan", reason=f.reason, detail=f.detail)
+                for f in listing.failures]
+    return Plan(
+        config=config,
+        records=records,
+        classes=listing.classes,
+        failures=failures,
+        ignored=listing.ignored,
+        samples_per_shard=_samples_per_shard(config, listing.classes is not None),
+        fingerprint=fingerprint(
+            config.to_json(), listing.classes,
+            ((r.source, r.size, r.mtime_ns) for r in listing.records),
+        ),
+    )
+
+
+def sample_bytes_estimate(config: ConvertConfig, labeled: bool) -> int:
+    """Bytes one sample takes in a shard: exact for fixed-shape raw tar, else an estimate."""
+    opts = config.image
+    shape = opts.fixed_shape or (opts.size[0] * 4 // 3, opts.size[0], opts.channels)
+    if config.format == "tar" and config.codec == "raw" and opts.fixed_shape:
+        return tar_writer.raw_layout(shape, labeled, 1)["stride"]
+    pixels = int(np.prod(shape))
+    return max(1, int(pixels * _CODEC_RATIO[config.codec]))
+
+
+def _samples_per_shard(config: ConvertConfig, labeled: bool) -> int:
+    if config.samples_per_shard is not None:
+        return config.samples_per_shard
+    assert config.shard_bytes is not None  # ConvertConfig guarantees one of the two
+    return max(1, config.shard_bytes // sample_bytes_estimate(config, labeled))
+
+
+def rows_per_group(config: ConvertConfig, labeled: bool) -> int:
+    """Parquet rows per row group, fixed by the config alone."""
+    rows = ROW_GROUP_BYTES // sample_bytes_estimate(config, labeled)
+    return int(min(max(rows, 64), 1 << 16))

@@ -1,0 +1,86 @@
+"""Per-input failure records, the errors.jsonl report, and the run summary."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shardkit._fs import atomic_write_bytes
+
+__all__ = ["ConvertSummary", "FailureRecord", "human_bytes", "write_error_report"]
+
+
+@dataclass(frozen=True, slots=True)
+class FailureRecord:
+    """One input that is not in the output, and why.
+
+    index/key: the input's position in the plan (None when it failed while listing).
+    stage: read, decode, transform, encode or plan. reason: a stable code (docs/format.md).
+    """
+
+    source: str
+    stage: str
+    reason: str
+    detail: str
+    index: int | None = None
+    key: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "key": self.key, "path": self.source, "stage": self.stage,
+                "reason": self.reason, "detail": self.detail}
+
+
+def write_error_report(path: str | os.PathLike[str], failures: Iterable[FailureRecord]) -> None:
+    """Atomically write one JSON object per line: listing failures first, then plan order."""
+    ordered = sorted(failures, key=lambda f: (f.index is not None, f.index or 0, f.source))
+    lines = [json.dumps(f.to_json(), sort_keys=True, ensure_ascii=False) + "\n" for f in ordered]
+    atomic_write_bytes(path, "".join(lines).encode())
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvertSummary:
+    """What a conversion did. ``inputs == samples + failed`` always holds."""
+
+    out: Path
+    inputs: int
+    samples: int
+    failed: int
+    shards: int
+    bytes: int
+    seconds: float
+    workers: int
+    errors_path: Path
+    reasons: dict[str, int]
+    #: CPU time the conversion tasks spent decoding, resizing and encoding, all workers summed.
+    task_cpu_seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.inputs / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        text = (
+            f"{self.samples:,} samples in {self.shards:,} shards ({human_bytes(self.bytes)}) "
+            f"→ {self.out}; {self.failed:,} failed; {self.seconds:.1f} s, "
+            f"{self.images_per_second:,.0f} images/s on {self.workers} worker"
+            f"{'' if self.workers == 1 else 's'}"
+        )
+        if self.failed:
+            reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.reasons.items()))
+            text += f" ({reasons}; see {self.errors_path})"
+        return text
+
+
+def human_bytes(count: float) -> str:
+    """1234567 → '1.2 MB' (decimal units, as disks are sold)."""
+    if count < 1000:
+        return f"{count:.0f} B"
+    for unit in ("kB", "MB", "GB"):
+        count /= 1000
+        if count < 1000:
+            return f"{count:.1f} {unit}"
+    return f"{count / 1000:.1f} TB"

@@ -1,0 +1,138 @@
+"""Image folders: class-per-folder trees (ImageFolder / flow_from_directory) or flat folders.
+
+* If SRC holds at least one visible sub-folder, every visible sub-folder is a class: class
+  names are the sorted folder names, labels their indices 0..K-1, and images are found
+  recursively inside each class folder. An image lying directly in SRC next to class
+  folders has no label: it is reported as a failure (``outside_class_folder``), not dropped.
+* Otherwise SRC is a flat folder of images and the dataset has no label field.
+* Candidates are files whose extension (any case) is in `IMAGE_EXTENSIONS`; hidden files and
+  folders (name starting with ".") are skipped; other files are counted as ignored.
+* Order: folders and files sorted by name at every level, so the list never depends on the
+  filesystem. Symbolic links are followed; a folder reached twice (a loop) is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shardkit.errors import InputError
+from shardkit.images import IMAGE_EXTENSIONS
+
+__all__ = ["InputRecord", "Listing", "PlanFailure", "list_image_folder"]
+
+
+@dataclass(frozen=True, slots=True)
+class InputRecord:
+    """One input: where to read it, how to name it, its label, and what fingerprints it."""
+
+    path: str
+    source: str
+    label: int | None
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class PlanFailure:
+    """An input rejected while listing, before any task ran."""
+
+    source: str
+    reason: str
+    detail: str
+
+
+@dataclass(slots=True)
+class Listing:
+    records: list[InputRecord]
+    classes: list[str] | None
+    failures: list[PlanFailure] = field(default_factory=list)
+    ignored: int = 0
+
+
+def list_image_folder(src: str | os.PathLike[str]) -> Listing:
+    """List the images under `src` (see the module docstring). Raises InputError."""
+    root = Path(src)
+    try:
+        entries = _sorted_entries(root)
+    except FileNotFoundError:
+        raise InputError(f"{root}: source folder does not exist") from None
+    except NotADirectoryError:
+        raise InputError(f"{root}: source is not a folder") from None
+    except PermissionError:
+        raise InputError(f"{root}: permission denied") from None
+    class_dirs = [e for e in entries if _is_dir(e)]
+    listing = Listing(records=[], classes=[e.name for e in class_dirs] if class_dirs else None)
+    visited = {_dir_id(root)}
+    if class_dirs:
+        for entry in entries:
+            if not _is_dir(entry) and _is_candidate(entry.name):
+                listing.failures.append(PlanFailure(
+                    entry.name, "outside_class_folder",
+                    "image lies directly in SRC next to class folders, so it has no label",
+                ))
+            elif not _is_dir(entry):
+                listing.ignored += 1
+        for label, entry in enumerate(class_dirs):
+            _walk(root, Path(entry.path), label, listing, visited)
+    else:
+        _walk(root, root, None, listing, visited)
+    if not listing.records and not listing.failures:
+        raise InputError(f"{root}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return listing
+
+
+def _walk(root: Path, folder: Path, label: int | None, listing: Listing, visited: set[tuple[int, int]]) -> None:
+    ident = _dir_id(folder)
+    if folder != root and ident in visited:
+        return  # a symlink loop, or the same folder linked twice
+    visited.add(ident)
+    for entry in _sorted_entries(folder):
+        if _is_dir(entry):
+            _walk(root, Path(entry.path), label, listing, visited)
+        elif _is_candidate(entry.name):
+            listing.records.append(_record(root, entry, label))
+        else:
+            listing.ignored += 1
+
+
+def _record(root: Path, entry: os.DirEntry[str], label: int | None) -> InputRecord:
+    path = Path(entry.path)
+    try:
+        st = entry.stat()
+        size, mtime = st.st_size, st.st_mtime_ns
+    except OSError:  # a dangling link or a vanished file: the worker reports it
+        size, mtime = -1, 0
+    return InputRecord(
+        path=str(path.absolute()),
+        source=path.relative_to(root).as_posix(),
+        label=label,
+        size=size,
+        mtime_ns=mtime,
+    )
+
+
+def _sorted_entries(folder: Path) -> list[os.DirEntry[str]]:
+    with os.scandir(folder) as it:
+        return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:
+        return False
+
+
+def _is_candidate(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _dir_id(folder: Path) -> tuple[int, int]:
+    st = os.stat(folder)
+    if not stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{folder}: not a folder")
+    return (st.st_dev, st.st_ino)
+

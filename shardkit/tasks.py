@@ -1,0 +1,143 @@
+"""Conversion tasks: pure functions of (task, config) that run in any executor.
+
+`run_part` decodes a run of inputs and writes them to a part file; `run_shard` joins a
+shard's parts into its temporary file. Both return small picklable records, so the same
+code runs in-process, in a local process pool or on a Dask cluster. Per-input failures are
+returned as records, never raised; an exception out of a task means the task itself failed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from shardkit.config import ConvertConfig
+from shardkit.images import ImageFailure, encode, load_image, pillow_limits
+from shardkit.report import FailureRecord
+from shardkit.sources.imagefolder import InputRecord
+from shardkit.writers import EncodedSample
+from shardkit.writers.parquet import ParquetPartWriter, arrow_schema, assemble_parquet
+from shardkit.writers.tar import TarPartWriter, assemble_tar
+
+__all__ = ["PartResult", "PartTask", "ShardTask", "run_part", "run_shard"]
+
+
+@dataclass(frozen=True, slots=True)
+class PartTask:
+    shard: int
+    part: int
+    first: int
+    records: tuple[InputRecord, ...]
+    classes: tuple[str, ...] | None
+    path: str
+    key_width: int
+    json_blocks: int
+    config: ConvertConfig
+
+
+@dataclass(frozen=True, slots=True)
+class PartResult:
+    shard: int
+    part: int
+    path: str
+    samples: int
+    failures: tuple[FailureRecord, ...]
+    label_counts: tuple[int, ...]
+    cpu_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class ShardTask:
+    shard: int
+    parts: tuple[str, ...]
+    tmp_path: str
+    labeled: bool
+    rows_per_group: int
+    config: ConvertConfig
+
+
+def run_part(task: PartTask) -> PartResult:
+    """Decode, resize and encode `task.records` into the part file `task.path`."""
+    cpu_start = time.process_time()
+    writer = _part_writer(task)
+    failures: list[FailureRecord] = []
+    counts = [0] * len(task.classes or ())
+    written = 0
+    with pillow_limits(task.config.image):
+        try:
+            for offset, record in enumerate(task.records):
+                key = f"{task.first + offset:0{task.key_width}d}"
+                try:
+                    sample = _convert_one(record, key, task)
+                except ImageFailure as failure:
+                    failures.append(FailureRecord(
+                        source=record.source, stage=failure.stage, reason=failure.reason,
+                        detail=failure.detail, index=task.first + offset, key=key,
+                    ))
+                    continue
+                writer.add(sample)
+                written += 1
+                if record.label is not None:
+                    counts[record.label] += 1
+        finally:
+            writer.close()
+    return PartResult(shard=task.shard, part=task.part, path=task.path, samples=written,
+                      failures=tuple(failures), label_counts=tuple(counts),
+                      cpu_seconds=time.process_time() - cpu_start)
+
+
+def _part_writer(task: PartTask) -> TarPartWriter | ParquetPartWriter:
+    config = task.config
+    if config.format == "tar":
+        return TarPartWriter(task.path, codec=config.codec, json_blocks=task.json_blocks)
+    return ParquetPartWriter(task.path, schema=shard_schema(config, task.classes is not None))
+
+
+def shard_schema(config: ConvertConfig, labeled: bool) -> pa.Schema:
+    """The Arrow schema of a Parquet shard under `config`."""
+    shape = config.image.fixed_shape
+    pixel_bytes = shape[0] * shape[1] * shape[2] if shape and config.codec == "raw" else None
+    return arrow_schema(pixel_bytes=pixel_bytes, labeled=labeled)
+
+
+def _convert_one(record: InputRecord, key: str, task: PartTask) -> EncodedSample:
+    config = task.config
+    try:
+        image, orig_size = load_image(record.path, config.image)
+    except ImageFailure:
+        raise
+    except Exception as exc:  # noqa: BLE001 - hostile files raise anything; never crash a run
+        raise ImageFailure("decode", "decode_error", f"{type(exc).__name__}: {exc}") from None
+    channels = 3 if image.mode == "RGB" else 1
+    shape = (image.height, image.width, channels)
+    if config.codec == "raw":
+        payload = image.tobytes()
+    else:
+        try:
+            payload = encode(image, config.codec, config.quality)
+        except (OSError, ValueError) as exc:
+            raise ImageFailure("encode", "encode_error", str(exc)) from None
+    class_name = task.classes[record.label] if task.classes and record.label is not None else None
+    return EncodedSample(key=key, label=record.label, class_name=class_name, payload=payload,
+                         shape=shape, source=record.source, orig_size=orig_size)
+
+
+def run_shard(task: ShardTask) -> tuple[int, str]:
+    """Join the parts of one shard into `task.tmp_path` (fsynced); (bytes, sha256).
+
+    The part files are removed once the shard is durable.
+    """
+    config = task.config
+    if config.format == "tar":
+        result = assemble_tar(task.parts, task.tmp_path)
+    else:
+        result = assemble_parquet(
+            task.parts, task.tmp_path, schema=shard_schema(config, task.labeled),
+            rows_per_group=task.rows_per_group, compression=config.compression,
+        )
+    for part in task.parts:
+        os.unlink(part)
+    return result

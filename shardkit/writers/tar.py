@@ -1,0 +1,149 @@
+"""Tar shards that WebDataset reads as they are, laid out so a reader can find pixels by
+arithmetic.
+
+Each sample is a run of members sharing a key: ``<key>.npy`` (raw codec; numpy's .npy
+format, never pickled) or ``<key>.jpg`` / ``<key>.png``, then ``<key>.cls`` (label as ASCII
+digits) when the dataset has labels, then ``<key>.json`` (metadata). Headers are fixed (mtime
+0, uid/gid 0, no user names, mode 0644, USTAR) so the same samples give the same bytes.
+
+For fixed-shape raw shards every sample occupies the same number of bytes: the JSON member is
+padded with trailing spaces (valid JSON whitespace) to a whole number of blocks fixed per shard
+from an upper bound computed at plan time. Sample ``i``'s pixels then start at
+``i * stride + offset``; both numbers are written into the shard's manifest record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tarfile
+from collections.abc import Iterable, Sequence
+from typing import BinaryIO
+
+import numpy as np
+
+from shardkit.writers import EncodedSample
+from shardkit.writers._common import copy_hashed
+
+__all__ = [
+    "BLOCK",
+    "END_OF_ARCHIVE",
+    "TarPartWriter",
+    "assemble_tar",
+    "json_blocks",
+    "npy_header",
+    "raw_layout",
+    "sample_json",
+]
+
+BLOCK = 512
+END_OF_ARCHIVE = bytes(2 * BLOCK)
+#: Placeholder wide enough for any image dimension, used to bound JSON sizes at plan time.
+_WIDEST_INT = 9_999_999_999
+_PAYLOAD_EXT = {"raw": "npy", "jpeg": "jpg", "png": "png"}
+
+
+def tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+
+
+def _padding(size: int) -> bytes:
+    return bytes(-size % BLOCK)
+
+
+def npy_header(shape: Sequence[int]) -> bytes:
+    """The .npy (version 1.0) header for a C-order uint8 array of `shape`."""
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": "|u1", "fortran_order": False, "shape": tuple(int(s) for s in shape)}
+    )
+    return buffer.getvalue()
+
+
+def sample_json(source: str, class_name: str | None, width: int, height: int) -> bytes:
+    """The metadata member: source path (relative to SRC), class name, original size."""
+    import json
+
+    meta: dict[str, object] = {"source": source, "width": width, "height": height}
+    if class_name is not None:
+        meta["class"] = class_name
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def json_blocks(items: Iterable[tuple[str, str | None]]) -> int:
+    """Blocks every sample's JSON is padded to, from (source, class name) known at plan time."""
+    longest = max((len(sample_json(s, c, _WIDEST_INT, _WIDEST_INT)) for s, c in items), default=1)
+    return max(1, math.ceil(longest / BLOCK))
+
+
+def raw_layout(shape: Sequence[int], labeled: bool, blocks: int) -> dict[str, int]:
+    """Stride and pixel offset of fixed-shape raw samples (see the module docstring)."""
+    header = len(npy_header(shape))
+    payload = header + int(np.prod(shape))
+    stride = BLOCK + payload + -payload % BLOCK
+    stride += 2 * BLOCK if labeled else 0
+    stride += BLOCK + blocks * BLOCK
+    return {"stride": stride, "offset": BLOCK + header}
+
+
+class TarPartWriter:
+    """Writes the members of consecutive samples (no end-of-archive marker) to a part file."""
+
+    def __init__(self, path: str, *, codec: str, json_blocks: int) -> None:
+        self._handle: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._ext = _PAYLOAD_EXT[codec]
+        self._json_size = json_blocks * BLOCK
+        self._npy_headers: dict[tuple[int, int, int], bytes] = {}
+
+    def add(self, sample: EncodedSample) -> None:
+        write = self._handle.write
+        if self._ext == "npy":
+            header = self._npy_headers.get(sample.shape)
+            if header is None:
+                header = self._npy_headers[sample.shape] = npy_header(sample.shape)
+            size = len(header) + len(sample.payload)
+            write(tar_header(f"{sample.key}.npy", size))
+            write(header)
+        else:
+            size = len(sample.payload)
+            write(tar_header(f"{sample.key}.{self._ext}", size))
+        write(sample.payload)
+        write(_padding(size))
+        if sample.label is not None:
+            text = str(sample.label).encode()
+            write(tar_header(f"{sample.key}.cls", len(text)))
+            write(text + _padding(len(text)))
+        meta = sample_json(sample.source, sample.class_name, *sample.orig_size)
+        if len(meta) > self._json_size:
+            raise RuntimeError(f"metadata of {sample.key} outgrew its planned size")
+        write(tar_header(f"{sample.key}.json", self._json_size))
+        write(meta + b" " * (self._json_size - len(meta)))
+
+    def close(self) -> None:
+        self._handle.flush()
+        self._handle.close()
+
+
+def assemble_tar(parts: Sequence[str], tmp_path: str) -> tuple[int, str]:
+    """Join part files and the end-of-archive marker into `tmp_path` (fsynced).
+
+    Returns (bytes, sha256 hex) of the shard.
+    """
+    digest = hashlib.sha256()
+    with open(tmp_path, "wb") as out:
+        size = copy_hashed(parts, out, digest)
+        out.write(END_OF_ARCHIVE)
+        digest.update(END_OF_ARCHIVE)
+        out.flush()
+        os.fsync(out.fileno())
+    return size + len(END_OF_ARCHIVE), digest.hexdigest()
