@@ -22,6 +22,8 @@ from shardkit.errors import (
     UnsafeContentError,
     WorkerError,
 )
+from shardkit.reader import Dataset
+from shardkit.reader import open_dataset as open  # noqa: A004 - shardkit.open(path) reads like io.open
 from shardkit.report import ConvertSummary
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "ConvertConfig",
     "ConvertSummary",
     "CorruptShardError",
+    "Dataset",
     "DatasetError",
     "ErrorBudget",
     "ImageOptions",
@@ -42,4 +45,5 @@ __all__ = [
     "WorkerError",
     "__version__",
     "convert",
+    "open",
 ]

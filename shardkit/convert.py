@@ -196,7 +196,8 @@ class _Scheduler:
         layout = None
         shape = plan.config.image.fixed_shape
         if plan.config.format == "tar" and plan.config.codec == "raw" and shape is not None:
-            layout = tar_writer.raw_layout(shape, plan.labeled, plan.json_blocks(shard))
+            classes = len(plan.classes) if plan.classes is not None else None
+            layout = tar_writer.raw_layout(shape, classes, plan.json_blocks(shard))
         self.records[shard] = ShardRecord(file=name, samples=samples, bytes=result[0],
                                           sha256=result[1], layout=layout)
 

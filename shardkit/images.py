@@ -43,7 +43,9 @@ __all__ = [
 ]
 
 #: Pillow format names we decode. Anything else is "not_an_image", whatever its extension.
-ALLOWED_FORMATS: Final = ("JPEG", "MPO", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+#: MPO (multi-picture JPEG) is opened by Pillow's JPEG opener and has no opener of its own:
+#: naming it in ``Image.open(formats=...)`` raises KeyError for every non-JPEG input.
+ALLOWED_FORMATS: Final = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 
 #: Extensions (lower case) that make a file a candidate input when walking a folder.
 IMAGE_EXTENSIONS: Final = frozenset(
@@ -163,7 +165,7 @@ def _decode(handle: io.BufferedReader, options: ImageOptions) -> tuple[Image.Ima
         if orientation in _TRANSPOSE:
             im = im.transpose(_TRANSPOSE[orientation])
         im = normalise_mode(im, options)
-        return resize(im, options), oriented
+        return resize(im, options, source_size=oriented), oriented
     except (OSError, ValueError) as exc:
         raise ImageFailure("transform", "transform_error", _describe(exc)) from None
 
@@ -224,20 +226,26 @@ def _composite(im: Image.Image, background: tuple[int, int, int]) -> Image.Image
     return canvas.convert("RGB")
 
 
-def resize(im: Image.Image, options: ImageOptions) -> Image.Image:
-    """Resize an oriented RGB/L image by ``options.resize``; see `ImageOptions`."""
+def resize(im: Image.Image, options: ImageOptions,
+           source_size: tuple[int, int] | None = None) -> Image.Image:
+    """Resize an oriented RGB/L image by ``options.resize``; see `ImageOptions`.
+
+    source_size: the oriented size before JPEG draft scaling. Output shapes (shorter-side,
+    pad) are computed from it, so they never depend on whether draft was used.
+    """
     method = _FILTERS[options.filter]
     out_w, out_h = options.size
     w, h = im.size
+    src_w, src_h = source_size or (w, h)
     if options.resize == "stretch":
         return im if (w, h) == (out_w, out_h) else im.resize((out_w, out_h), method)
     if options.resize == "shorter-side":
-        scale = out_w / min(w, h)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        scale = out_w / min(src_w, src_h)
+        size = (max(1, round(src_w * scale)), max(1, round(src_h * scale)))
         return im if size == (w, h) else im.resize(size, method)
     if options.resize == "center-crop":
         return im.resize((out_w, out_h), method, box=_center_box(w, h, out_w, out_h))
-    return _letterbox(im, method, out_w, out_h, options.pad_color)
+    return _letterbox(im, method, (src_w, src_h), options.size, options.pad_color)
 
 
 def _center_box(w: int, h: int, out_w: int, out_h: int) -> tuple[float, float, float, float]:
@@ -250,18 +258,18 @@ def _center_box(w: int, h: int, out_w: int, out_h: int) -> tuple[float, float, f
     return (left, top, left + crop_w, top + crop_h)
 
 
-def _letterbox(
-    im: Image.Image, method: Image.Resampling, out_w: int, out_h: int, color: tuple[int, int, int]
-) -> Image.Image:
-    """Fit inside out_w×out_h keeping the aspect ratio, centred on `color` (as ImageOps.pad)."""
-    w, h = im.size
+def _letterbox(im: Image.Image, method: Image.Resampling, source: tuple[int, int],
+               out: tuple[int, int], color: tuple[int, int, int]) -> Image.Image:
+    """Fit inside `out` keeping the aspect ratio of `source`, centred on `color` (as
+    ImageOps.pad)."""
+    (w, h), (out_w, out_h) = source, out
     if w / h > out_w / out_h:
         size = (out_w, max(1, round(h / w * out_w)))
     elif w / h < out_w / out_h:
         size = (max(1, round(w / h * out_h)), out_h)
     else:
         size = (out_w, out_h)
-    fitted = im if size == (w, h) else im.resize(size, method)
+    fitted = im if size == im.size else im.resize(size, method)
     if size == (out_w, out_h):
         return fitted
     fill = color if im.mode == "RGB" else round(0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2])

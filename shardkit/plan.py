@@ -109,7 +109,7 @@ def sample_bytes_estimate(config: ConvertConfig, labeled: bool) -> int:
     opts = config.image
     shape = opts.fixed_shape or (opts.size[0] * 4 // 3, opts.size[0], opts.channels)
     if config.format == "tar" and config.codec == "raw" and opts.fixed_shape:
-        return tar_writer.raw_layout(shape, labeled, 1)["stride"]
+        return tar_writer.raw_layout(shape, 1 if labeled else None, 1)["stride"]
     pixels = int(np.prod(shape))
     return max(1, int(pixels * _CODEC_RATIO[config.codec]))
 

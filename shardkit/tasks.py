@@ -92,7 +92,9 @@ def run_part(task: PartTask) -> PartResult:
 def _part_writer(task: PartTask) -> TarPartWriter | ParquetPartWriter:
     config = task.config
     if config.format == "tar":
-        return TarPartWriter(task.path, codec=config.codec, json_blocks=task.json_blocks)
+        classes = len(task.classes) if task.classes is not None else None
+        return TarPartWriter(task.path, codec=config.codec, json_blocks=task.json_blocks,
+                             classes=classes)
     return ParquetPartWriter(task.path, schema=shard_schema(config, task.classes is not None))
 
 

@@ -3,7 +3,7 @@ arithmetic.
 
 Each sample is a run of members sharing a key: ``<key>.npy`` (raw codec; numpy's .npy
 format, never pickled) or ``<key>.jpg`` / ``<key>.png``, then ``<key>.cls`` (label as ASCII
-digits) when the dataset has labels, then ``<key>.json`` (metadata). Headers are fixed (mtime
+digits, zero-padded to one width per dataset) when the dataset has labels, then ``<key>.json`` (metadata). Headers are fixed (mtime
 0, uid/gid 0, no user names, mode 0644, USTAR) so the same samples give the same bytes.
 
 For fixed-shape raw shards every sample occupies the same number of bytes: the JSON member is
@@ -32,6 +32,7 @@ __all__ = [
     "TarPartWriter",
     "assemble_tar",
     "json_blocks",
+    "label_digits",
     "npy_header",
     "raw_layout",
     "sample_json",
@@ -86,21 +87,37 @@ def json_blocks(items: Iterable[tuple[str, str | None]]) -> int:
     return max(1, math.ceil(longest / BLOCK))
 
 
-def raw_layout(shape: Sequence[int], labeled: bool, blocks: int) -> dict[str, int]:
-    """Stride and pixel offset of fixed-shape raw samples (see the module docstring)."""
+def label_digits(classes: int) -> int:
+    """Width of the zero-padded ``.cls`` text: every label of a dataset has the same width, so
+    a reader can parse a shard's labels with array arithmetic (``int("007") == 7``)."""
+    return len(str(max(classes - 1, 0)))
+
+
+def raw_layout(shape: Sequence[int], classes: int | None, blocks: int) -> dict[str, int]:
+    """Where fixed-shape raw samples keep their bytes (see the module docstring).
+
+    Sample ``i`` starts at ``i * stride``; its pixels at ``+ offset``; its label's ASCII
+    digits (``label_digits`` of them) at ``+ label_offset`` when `classes` is not None.
+    """
     header = len(npy_header(shape))
     payload = header + int(np.prod(shape))
-    stride = BLOCK + payload + -payload % BLOCK
-    stride += 2 * BLOCK if labeled else 0
-    stride += BLOCK + blocks * BLOCK
-    return {"stride": stride, "offset": BLOCK + header}
+    npy_span = BLOCK + payload + -payload % BLOCK
+    layout = {"offset": BLOCK + header}
+    stride = npy_span
+    if classes is not None:
+        layout["label_offset"] = npy_span + BLOCK
+        layout["label_digits"] = label_digits(classes)
+        stride += 2 * BLOCK
+    layout["stride"] = stride + BLOCK + blocks * BLOCK
+    return layout
 
 
 class TarPartWriter:
     """Writes the members of consecutive samples (no end-of-archive marker) to a part file."""
 
-    def __init__(self, path: str, *, codec: str, json_blocks: int) -> None:
+    def __init__(self, path: str, *, codec: str, json_blocks: int, classes: int | None) -> None:
         self._handle: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._digits = label_digits(classes) if classes is not None else 0
         self._ext = _PAYLOAD_EXT[codec]
         self._json_size = json_blocks * BLOCK
         self._npy_headers: dict[tuple[int, int, int], bytes] = {}
@@ -120,7 +137,7 @@ class TarPartWriter:
         write(sample.payload)
         write(_padding(size))
         if sample.label is not None:
-            text = str(sample.label).encode()
+            text = f"{sample.label:0{self._digits}d}".encode()
             write(tar_header(f"{sample.key}.cls", len(text)))
             write(text + _padding(len(text)))
         meta = sample_json(sample.source, sample.class_name, *sample.orig_size)

@@ -1,0 +1,116 @@
+"""``shardkit info`` and ``shardkit preview``: what a dataset holds, in words and in pictures."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from shardkit.reader import open_dataset
+from shardkit.report import human_bytes
+
+__all__ = ["contact_sheet", "describe", "info_text"]
+
+
+def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The facts ``shardkit info`` prints, as JSON-ready values."""
+    dataset = open_dataset(path)
+    manifest = dataset.manifest
+    samples = manifest.samples
+    classes = None
+    if manifest.classes is not None:
+        counts = manifest.class_counts or [0] * len(manifest.classes)
+        classes = [{"label": i, "name": name, "count": int(counts[i])}
+                   for i, name in enumerate(manifest.classes)]
+    return {
+        "path": str(path),
+        "kind": manifest.kind,
+        "samples": samples,
+        "inputs": manifest.inputs,
+        "failed": manifest.failed,
+        "classes": classes,
+        "shards": len(manifest.shards),
+        "bytes": manifest.bytes,
+        "bytes_per_sample": manifest.bytes / samples if samples else 0.0,
+        "format": manifest.config["format"],
+        "codec": manifest.config["codec"],
+        "schema": manifest.schema,
+        "config": manifest.config,
+        "fingerprint": manifest.fingerprint,
+        "shardkit_version": manifest.shardkit_version,
+    }
+
+
+def info_text(facts: dict[str, Any]) -> str:
+    """A human rendering of `describe`'s facts."""
+    image = facts["schema"]["image"]
+    shape = "x".join("?" if s is None else str(s) for s in image["shape"])
+    lines = [
+        f"dataset     {facts['path']}",
+        f"samples     {facts['samples']:,} of {facts['inputs']:,} inputs ({facts['failed']:,} failed)",
+        f"shards      {facts['shards']:,} {facts['format']} files, {human_bytes(facts['bytes'])} "
+        f"({human_bytes(facts['bytes_per_sample'])} per sample)",
+        f"image       uint8 {shape} (HxWxC), codec {image['codec']}",
+    ]
+    if facts["classes"] is None:
+        lines.append("labels      none (flat folder)")
+    else:
+        lines.append(f"classes     {len(facts['classes'])}")
+        width = max(len(c["name"]) for c in facts["classes"]) if facts["classes"] else 0
+        for c in facts["classes"]:
+            lines.append(f"  {c['label']:>4}  {c['name']:<{width}}  {c['count']:,}")
+    lines.append("schema      " + ", ".join(
+        f"{name}:{spec['dtype']}" for name, spec in facts["schema"].items() if "dtype" in spec))
+    config = facts["config"]
+    opts = config["image"]
+    lines.append(
+        f"config      size {opts['size'][0]}x{opts['size'][1]}, resize {opts['resize']}, mode "
+        f"{opts['mode']}, filter {opts['filter']}, draft {'on' if opts['draft'] else 'off'}, "
+        f"shuffle {'seed ' + str(config['seed']) if config['shuffle'] else 'off'}"
+    )
+    lines.append(f"fingerprint {facts['fingerprint'][:16]}…  (shardkit {facts['shardkit_version']})")
+    return "\n".join(lines)
+
+
+def contact_sheet(path: str | os.PathLike[str], output: str | os.PathLike[str], *,
+                  n: int = 64, cell: int = 128) -> int:
+    """Write a PNG grid of `n` samples spread evenly over the dataset, each captioned with
+    its index and class name. Returns the number of samples shown."""
+    dataset = open_dataset(path)
+    total = len(dataset)
+    wanted = sorted({int(i) for i in np.linspace(0, total - 1, num=min(n, total))}) if total else []
+    tiles = _pick(dataset, wanted)
+    cols = max(1, math.ceil(math.sqrt(len(tiles))))
+    rows = max(1, math.ceil(len(tiles) / cols))
+    caption = 14
+    sheet = Image.new("RGB", (cols * cell, rows * (cell + caption)), (32, 32, 32))
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for slot, (index, pixels, label) in enumerate(tiles):
+        im = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).convert("RGB")
+        im.thumbnail((cell, cell))
+        x, y = (slot % cols) * cell, (slot // cols) * (cell + caption)
+        sheet.paste(im, (x + (cell - im.width) // 2, y + (cell - im.height) // 2))
+        name = dataset.classes[label] if dataset.classes is not None and label is not None else ""
+        draw.text((x + 3, y + cell), f"{index} {name}"[:22], fill=(230, 230, 230), font=font)
+    sheet.save(output, format="PNG")
+    return len(tiles)
+
+
+def _pick(dataset: Any, wanted: list[int]) -> list[tuple[int, np.ndarray, int | None]]:
+    tiles = []
+    start = 0
+    wanted_set = set(wanted)
+    for number, record in enumerate(dataset.manifest.shards):
+        stop = start + record.samples
+        if any(start <= i < stop for i in wanted_set):
+            shard = dataset.read_shard(number)
+            for i in range(start, stop):
+                if i in wanted_set:
+                    label = int(shard.labels[i - start]) if shard.labels is not None else None
+                    tiles.append((i, np.asarray(shard.images[i - start]), label))
+        start = stop
+    return tiles

@@ -1,0 +1,96 @@
+"""The shardkit command: exit codes, summary line, info and preview, run as real processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from corpus import add_bad_files, image_tree
+from PIL import Image
+
+import shardkit
+from shardkit.errors import (
+    ConfigError,
+    DatasetError,
+    InputError,
+    OutputExistsError,
+    TooManyFailuresError,
+)
+
+SHARDKIT = [sys.executable, "-m", "shardkit"]
+
+
+def cli(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SHARDKIT, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("src")
+    image_tree(root, classes=("ant", "bee"), per_class=4)
+    return root
+
+
+def test_convert_prints_a_summary_and_exits_zero(tree: Path, tmp_path: Path) -> None:
+    result = cli("convert", tree, tmp_path / "out", "--size", "16x12", "--workers", "2",
+                 "--samples-per-shard", "3")
+    assert result.returncode == 0, result.stderr
+    assert "8 samples in 3 shards" in result.stdout and "0 failed" in result.stdout
+    assert shardkit.open(tmp_path / "out").shape == (12, 16, 3)
+
+
+def test_exit_codes(tree: Path, tmp_path: Path) -> None:
+    assert cli("convert", tree, tmp_path / "x", "--size", "0").returncode == ConfigError.exit_code
+    assert cli("convert", tree, tmp_path / "x", "--codec", "gif").returncode == 2  # argparse
+    assert cli("convert", tree, tmp_path / "x", "--resize", "shorter-side", "--size", "3x4",
+               ).returncode == ConfigError.exit_code
+    missing = cli("convert", tmp_path / "nowhere", tmp_path / "x")
+    assert missing.returncode == InputError.exit_code
+    assert missing.stderr.startswith("shardkit: error:") and "nowhere" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "a.txt").write_text("x")
+    assert cli("convert", tree, full).returncode == OutputExistsError.exit_code
+    assert cli("info", tree).returncode == DatasetError.exit_code
+
+
+def test_too_many_failures_exit_code_after_writing_everything(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    image_tree(src, classes=("a",), per_class=2)
+    add_bad_files(src / "b")
+    result = cli("convert", src, tmp_path / "out", "--size", "8", "--workers", "1")
+    assert result.returncode == TooManyFailuresError.exit_code
+    assert "2 samples" in result.stdout and "3 failed" in result.stdout
+    assert "errors.jsonl" in result.stderr
+    assert len((tmp_path / "out" / "errors.jsonl").read_text().splitlines()) == 3
+    ok = cli("convert", src, tmp_path / "out", "--size", "8", "--overwrite", "--max-errors", "3")
+    assert ok.returncode == 0, ok.stderr
+    assert cli("convert", src, tmp_path / "o2", "--size", "8", "--max-errors", "60%").returncode == 0
+
+
+def test_info_and_preview(tree: Path, tmp_path: Path) -> None:
+    shardkit.convert(tree, tmp_path / "out", size=20, workers=0)
+    text = cli("info", tmp_path / "out")
+    assert text.returncode == 0
+    assert "samples     8 of 8 inputs (0 failed)" in text.stdout
+    assert "ant" in text.stdout and "bee" in text.stdout
+    facts = json.loads(cli("info", tmp_path / "out", "--json").stdout)
+    assert facts["samples"] == 8 and facts["shards"] == 1
+    assert [(c["name"], c["count"]) for c in facts["classes"]] == [("ant", 4), ("bee", 4)]
+    assert facts["bytes_per_sample"] == facts["bytes"] / 8
+    assert facts["schema"]["image"]["shape"] == [20, 20, 3]
+    grid = tmp_path / "grid.png"
+    shown = cli("preview", tmp_path / "out", "-o", grid, "--n", "6")
+    assert shown.returncode == 0 and "6 samples" in shown.stdout
+    with Image.open(grid) as im:
+        assert im.format == "PNG" and im.size == (3 * 128, 2 * (128 + 14))
+
+
+def test_console_script_and_version() -> None:
+    result = subprocess.run([str(Path(sys.executable).parent / "shardkit"), "--version"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == f"shardkit {shardkit.__version__}"
