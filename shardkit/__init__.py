@@ -23,7 +23,7 @@ from shardkit.errors import (
     WorkerError,
 )
 from shardkit.reader import Dataset
-from shardkit.reader import open_dataset as open  # noqa: A004 - shardkit.open(path) reads like io.open
+from shardkit.reader import open_dataset as open
 from shardkit.report import ConvertSummary
 
 __all__ = [

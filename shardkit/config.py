@@ -151,7 +151,8 @@ class ConvertConfig:
 
     def to_json(self) -> dict[str, Any]:
         """The resolved configuration as JSON-ready values (tuples become lists)."""
-        return _jsonable(dataclasses.asdict(self))
+        resolved: dict[str, Any] = _jsonable(dataclasses.asdict(self))
+        return resolved
 
 
 def _jsonable(value: Any) -> Any:

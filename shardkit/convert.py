@@ -173,7 +173,7 @@ class _Scheduler:
     def _part_done(self, result: PartResult) -> None:
         self.failures.extend(result.failures)
         self.cpu_seconds += result.cpu_seconds
-        self.counts = [a + b for a, b in zip(self.counts, result.label_counts)]
+        self.counts = [a + b for a, b in zip(self.counts, result.label_counts, strict=True)]
         self.bar.update(result.samples + len(result.failures))
         if self.failures:
             self.bar.set_postfix(failed=len(self.failures), refresh=False)

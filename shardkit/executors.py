@@ -24,7 +24,7 @@ class InlineExecutor(cf.Executor):
         future: cf.Future[T] = cf.Future()
         try:
             future.set_result(fn(*args, **kwargs))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+        except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
                 raise
             future.set_exception(exc)

@@ -144,7 +144,7 @@ def _decode(handle: io.BufferedReader, options: ImageOptions) -> tuple[Image.Ima
         )
     try:
         orientation = int(im.getexif().get(_ORIENTATION_TAG, 1))
-    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image
+    except Exception:
         orientation = 1
     swap = orientation in (5, 6, 7, 8)
     oriented = (height, width) if swap else (width, height)
@@ -162,10 +162,8 @@ def _decode(handle: io.BufferedReader, options: ImageOptions) -> tuple[Image.Ima
     except MemoryError:
         raise ImageFailure("decode", "out_of_memory", "ran out of memory decoding") from None
     try:
-        if orientation in _TRANSPOSE:
-            im = im.transpose(_TRANSPOSE[orientation])
-        im = normalise_mode(im, options)
-        return resize(im, options, source_size=oriented), oriented
+        upright: Image.Image = im.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else im
+        return resize(normalise_mode(upright, options), options, source_size=oriented), oriented
     except (OSError, ValueError) as exc:
         raise ImageFailure("transform", "transform_error", _describe(exc)) from None
 

@@ -111,7 +111,7 @@ def _convert_one(record: InputRecord, key: str, task: PartTask) -> EncodedSample
         image, orig_size = load_image(record.path, config.image)
     except ImageFailure:
         raise
-    except Exception as exc:  # noqa: BLE001 - hostile files raise anything; never crash a run
+    except Exception as exc:
         raise ImageFailure("decode", "decode_error", f"{type(exc).__name__}: {exc}") from None
     channels = 3 if image.mode == "RGB" else 1
     shape = (image.height, image.width, channels)

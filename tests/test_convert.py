@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from PIL import Image
 from corpus import add_bad_files, image_tree
+from PIL import Image
 
 import shardkit
 from shardkit.config import ImageOptions
@@ -62,7 +62,8 @@ def test_flat_folder_has_no_labels(tmp_path: Path) -> None:
     shardkit.convert(tmp_path / "flat", tmp_path / "p", size=16, workers=0, format="parquet")
     tar_ds, pq_ds = shardkit.open(tmp_path / "t"), shardkit.open(tmp_path / "p")
     assert tar_ds.classes is None and "label" not in tar_ds.manifest.schema
-    names = tarfile.open(tmp_path / "t" / "shard-00000.tar").getnames()
+    with tarfile.open(tmp_path / "t" / "shard-00000.tar") as archive:
+        names = archive.getnames()
     assert names[:2] == ["000000.npy", "000000.json"] and not any(n.endswith(".cls") for n in names)
     assert pq.read_schema(tmp_path / "p" / "shard-00000.parquet").names == [
         "key", "image", "source", "orig_width", "orig_height"]
@@ -79,7 +80,7 @@ def test_tar_reads_in_webdataset_and_parquet_in_pyarrow_and_duckdb(tree: Path, t
     urls = [str(p) for p in sorted((tmp_path / "t").glob("shard-*.tar"))]
     theirs = list(wds.WebDataset(urls, shardshuffle=False).decode())
     assert [s["__key__"] for s in theirs] == [f"{i:06d}" for i in range(15)]
-    for mine, sample in zip(ours, theirs):
+    for mine, sample in zip(ours, theirs, strict=True):
         np.testing.assert_array_equal(sample["npy"], mine["image"])
         assert sample["cls"] == mine["label"]
         assert sample["json"]["class"] == ["cat", "dog", "emu"][mine["label"]]
@@ -88,13 +89,13 @@ def test_tar_reads_in_webdataset_and_parquet_in_pyarrow_and_duckdb(tree: Path, t
     table = pq.ParquetDataset(files).read()
     assert table.schema.field("image").type.byte_width == 16 * 24 * 3
     assert table.column("label").to_pylist() == [s["label"] for s in ours]
-    for row, mine in zip(table.column("image").to_pylist(), ours):
+    for row, mine in zip(table.column("image").to_pylist(), ours, strict=True):
         assert row == mine["image"].tobytes()
 
     glob = str(tmp_path / "p" / "shard-*.parquet")
     rows = duckdb.sql(f"SELECT key, label, image, source FROM read_parquet('{glob}') ORDER BY key").fetchall()
     assert [r[1] for r in rows] == [s["label"] for s in ours]
-    assert all(r[2] == mine["image"].tobytes() for r, mine in zip(rows, ours))
+    assert all(r[2] == mine["image"].tobytes() for r, mine in zip(rows, ours, strict=True))
     frame = pq.read_table(files[0]).to_pandas()
     assert list(frame["key"]) == ["000000", "000001", "000002", "000003"]
 
@@ -155,7 +156,7 @@ def test_refuses_non_empty_output_unless_overwrite(tree: Path, tmp_path: Path) -
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(shardkit.OutputExistsError, match="not empty"):
         shardkit.convert(tree, out, size=8, workers=0)
-    with pytest.raises(shardkit.OutputExistsError, match="precious.txt"):
+    with pytest.raises(shardkit.OutputExistsError, match=r"precious\.txt"):
         shardkit.convert(tree, out, size=8, workers=0, overwrite=True)
     assert (out / "precious.txt").read_text() == "keep me"
     (out / "precious.txt").unlink()
@@ -178,7 +179,7 @@ def test_encoded_codecs_round_trip(tree: Path, tmp_path: Path, codec: str, fmt: 
     assert enc.labels is not None and raw.labels is not None
     np.testing.assert_array_equal(enc.labels, raw.labels)
     # Exactly what Pillow's own encode/decode of the raw pixels gives (lossless for png).
-    for stored, pixels in zip(decoded, raw.images):
+    for stored, pixels in zip(decoded, raw.images, strict=True):
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format=codec.upper(), quality=95)
         np.testing.assert_array_equal(stored, np.asarray(Image.open(buffer).convert("RGB")))
@@ -208,8 +209,9 @@ def test_grayscale_and_shorter_side_shapes(tree: Path, tmp_path: Path) -> None:
         ds = shardkit.open(_convert(tree, tmp_path / fmt, size=12, resize="shorter-side", format=fmt))
         assert ds.shape is None and ds.manifest.schema["image"]["shape"] == [None, None, 3]
         images = ds.read_shard(0).images
-        for image, meta in zip(images, ds.metadata(0)):
-            w, h = meta["width" if fmt == "tar" else "orig_width"], meta["height" if fmt == "tar" else "orig_height"]
+        for image, meta in zip(images, ds.metadata(0), strict=True):
+            prefix = "" if fmt == "tar" else "orig_"
+            w, h = meta[prefix + "width"], meta[prefix + "height"]
             assert min(image.shape[:2]) == 12
             assert image.shape[:2] == ((12, round(w * 12 / h)) if h <= w else (round(h * 12 / w), 12))
 

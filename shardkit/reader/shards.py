@@ -118,17 +118,18 @@ class Dataset:
         """Per-sample metadata of one shard (source path, original size, class)."""
         path = self.path / self.manifest.shards[number].file
         if self.format == "tar":
-            return [json.loads(data) for _key, field, data in iter_members(path) if field == "json"]
+            return [dict(json.loads(data)) for _key, field, data in iter_members(path) if field == "json"]
         table = read_parquet_table(path, ["key", "source", "orig_width", "orig_height"],
                                    self.manifest.shards[number].samples)
-        return table.to_pylist()
+        rows: list[dict[str, Any]] = table.to_pylist()
+        return rows
 
 
 def _decode_payload(data: bytes, field: str, shape: tuple[int, int, int] | None,
                     row: dict[str, Any] | None = None) -> np.ndarray:
     if field in ("npy", "raw"):
         if field == "npy":
-            array = np.load(io.BytesIO(data), allow_pickle=False)
+            array: np.ndarray = np.load(io.BytesIO(data), allow_pickle=False)
         else:
             assert row is not None
             array = np.frombuffer(data, dtype=np.uint8).reshape(row["height"], row["width"], -1)

@@ -40,7 +40,7 @@ def read_raw_shard(path: str | os.PathLike[str], record: ShardRecord,
         size = os.fstat(handle.fileno()).st_size
         if size != expected:
             raise CorruptShardError(f"{path}: {size} bytes on disk, index.json says {expected}")
-        got = handle.readinto(memoryview(buffer))
+        got = handle.readinto(buffer.data)
     if got != expected:
         raise CorruptShardError(f"{path}: short read ({got} of {expected} bytes)")
     rows = np.lib.stride_tricks.as_strided(buffer, shape=(n, stride), strides=(stride, 1))

@@ -84,7 +84,8 @@ def list_image_folder(src: str | os.PathLike[str]) -> Listing:
     return listing
 
 
-def _walk(root: Path, folder: Path, label: int | None, listing: Listing, visited: set[tuple[int, int]]) -> None:
+def _walk(root: Path, folder: Path, label: int | None, listing: Listing,
+          visited: set[tuple[int, int]]) -> None:
     ident = _dir_id(folder)
     if folder != root and ident in visited:
         return  # a symlink loop, or the same folder linked twice

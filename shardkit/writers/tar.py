@@ -3,8 +3,9 @@ arithmetic.
 
 Each sample is a run of members sharing a key: ``<key>.npy`` (raw codec; numpy's .npy
 format, never pickled) or ``<key>.jpg`` / ``<key>.png``, then ``<key>.cls`` (label as ASCII
-digits, zero-padded to one width per dataset) when the dataset has labels, then ``<key>.json`` (metadata). Headers are fixed (mtime
-0, uid/gid 0, no user names, mode 0644, USTAR) so the same samples give the same bytes.
+digits, zero-padded to one width per dataset) when the dataset has labels, then
+``<key>.json`` (metadata). Headers are fixed (mtime 0, uid/gid 0, no user names, mode 0644,
+USTAR) so the same samples give the same bytes.
 
 For fixed-shape raw shards every sample occupies the same number of bytes: the JSON member is
 padded with trailing spaces (valid JSON whitespace) to a whole number of blocks fixed per shard
