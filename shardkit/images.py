@@ -270,7 +270,10 @@ def _letterbox(im: Image.Image, method: Image.Resampling, source: tuple[int, int
     fitted = im if size == im.size else im.resize(size, method)
     if size == (out_w, out_h):
         return fitted
-    fill = color if im.mode == "RGB" else round(0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2])
+    fill: float | tuple[int, ...] | None = color
+    if im.mode == "L":
+        # Pillow's own RGB→L luma, so the padding agrees with convert("L") of the same colour.
+        fill = Image.new("RGB", (1, 1), color).convert("L").getpixel((0, 0))
     canvas = Image.new(im.mode, (out_w, out_h), fill)
     canvas.paste(fitted, (round((out_w - size[0]) / 2), round((out_h - size[1]) / 2)))
     return canvas
