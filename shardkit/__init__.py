@@ -5,7 +5,12 @@ Public API::
 
     shardkit.convert(src, out, **options) -> ConvertSummary
     shardkit.open(path) -> Dataset           (numpy reading, no torch needed)
+    shardkit.ShardLoader(path, batch_size, ...)   (torch; needs the [torch] extra)
+    shardkit.ShardDataset(path, batch_size, ...)
+    shardkit.to_device(batch, device, mean=..., std=...)
 """
+
+from typing import Any
 
 from shardkit._version import __version__
 from shardkit.config import ConvertConfig, ErrorBudget, ImageOptions, RunOptions
@@ -39,6 +44,8 @@ __all__ = [
     "MissingExtraError",
     "OutputExistsError",
     "RunOptions",
+    "ShardDataset",
+    "ShardLoader",
     "ShardkitError",
     "TooManyFailuresError",
     "UnsafeContentError",
@@ -46,4 +53,17 @@ __all__ = [
     "__version__",
     "convert",
     "open",
+    "to_device",
 ]
+
+_TORCH_NAMES = {"ShardDataset": "dataset", "ShardLoader": "dataset", "to_device": "device"}
+
+
+def __getattr__(name: str) -> Any:
+    # torch is an optional extra: import the torch-based reader only when it is asked for.
+    if name in _TORCH_NAMES:
+        import importlib
+
+        module = importlib.import_module(f"shardkit.reader.{_TORCH_NAMES[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module 'shardkit' has no attribute {name!r}")

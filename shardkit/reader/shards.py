@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,9 +13,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from shardkit.errors import CorruptShardError, DatasetError
+from shardkit.errors import ConfigError, CorruptShardError, DatasetError
 from shardkit.manifest import Manifest
+from shardkit.reader.assign import Split, assign
+from shardkit.reader.fetch import ShardCache
 from shardkit.reader.parquet import read_parquet_shard, read_parquet_table
+from shardkit.reader.stream import METADATA_FIELDS, in_background, stream_batches
 from shardkit.reader.tar import iter_members, read_raw_shard
 
 __all__ = ["Dataset", "ShardData", "open_dataset"]
@@ -113,6 +116,28 @@ class Dataset:
                 if shard.labels is not None:
                     sample["label"] = int(shard.labels[i])
                 yield sample
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+                drop_last: bool = False, rank: int = 0, world_size: int = 1,
+                window: int | None = 4, fields: Sequence[str] = (), start: int = 0,
+                verify: bool = False, prefetch: bool = True) -> Iterator[dict[str, Any]]:
+        """Whole batches as numpy arrays: {"image" [B,H,W,C] uint8, "label" [B] int64 (if
+        labelled), "index" [B] int64, and any metadata `fields`}.
+
+        Order, rank split and resume (`start` samples into this rank's epoch) follow
+        `shardkit.reader.assign`; `prefetch` assembles the next batches in a thread.
+        """
+        sizes = [s.samples for s in self.manifest.shards]
+        split = Split(rank=rank, world=world_size)
+        batches = list(assign(sizes, split, epoch=epoch, seed=seed, batch_size=batch_size,
+                              drop_last=drop_last, shuffle=shuffle, window=window, start=start))
+        unknown = set(fields) - set(METADATA_FIELDS)
+        if unknown:
+            raise ConfigError(f"unknown fields {sorted(unknown)}; choose from {METADATA_FIELDS}")
+        cache = ShardCache(str(self.path), self.manifest, capacity=(window or len(sizes)) + 2,
+                           verify=verify)
+        stream = stream_batches(cache, np.asarray(self._starts, dtype=np.int64), batches, fields)
+        return in_background(stream) if prefetch else stream
 
     def metadata(self, number: int) -> list[dict[str, Any]]:
         """Per-sample metadata of one shard (source path, original size, class)."""

@@ -98,7 +98,8 @@ def raw_layout(shape: Sequence[int], classes: int | None, blocks: int) -> dict[s
     """Where fixed-shape raw samples keep their bytes (see the module docstring).
 
     Sample ``i`` starts at ``i * stride``; its pixels at ``+ offset``; its label's ASCII
-    digits (``label_digits`` of them) at ``+ label_offset`` when `classes` is not None.
+    digits (``label_digits`` of them) at ``+ label_offset`` when `classes` is not None; its
+    JSON member's header at ``+ meta_offset``.
     """
     header = len(npy_header(shape))
     payload = header + int(np.prod(shape))
@@ -109,6 +110,7 @@ def raw_layout(shape: Sequence[int], classes: int | None, blocks: int) -> dict[s
         layout["label_offset"] = npy_span + BLOCK
         layout["label_digits"] = label_digits(classes)
         stride += 2 * BLOCK
+    layout["meta_offset"] = stride
     layout["stride"] = stride + BLOCK + blocks * BLOCK
     return layout
 

@@ -1,0 +1,122 @@
+"""Who reads which sample, in which batch: pure functions of the shard sizes and the split.
+
+An epoch's order is fixed by (seed, epoch) alone:
+
+1. with shuffling, the shard order is permuted, then the samples inside each *window* of
+   consecutive (permuted) shards are permuted together; ``window=None`` shuffles globally;
+2. the global order is cut into `world` equal contiguous runs, one per rank. Without
+   ``drop_last`` the order is first padded by repeating its own first samples so it divides
+   evenly (``padding`` tells how many); with ``drop_last`` each rank gets ``N // world``
+   samples, cut down to whole batches;
+3. a rank's run is cut into batches of `batch_size` (the last may be short, never with
+   ``drop_last``); batch ``j`` goes to worker ``j % workers``. A DataLoader collects worker
+   batches round-robin, so the rank sees the same batches in the same order for any number
+   of workers;
+4. inside a batch, indices are sorted ascending: the batch is the same random *set*, and
+   reading it touches each shard once, in file order.
+
+Resuming after ``start`` samples of a rank's run cuts the rest of the run into batches from
+there, so a resumed epoch yields exactly the samples an uninterrupted one had left.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "Split",
+    "batches_per_rank",
+    "epoch_order",
+    "padding",
+    "rank_run",
+    "samples_per_rank",
+    "worker_batches",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """The reader's place: rank of world (processes), worker of workers (inside a rank)."""
+
+    rank: int = 0
+    world: int = 1
+    worker: int = 0
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.rank < self.world and 0 <= self.worker < self.workers):
+            raise ValueError(f"invalid split {self}")
+
+
+def epoch_order(sizes: Sequence[int], *, shuffle: bool, seed: int, epoch: int,
+                window: int | None) -> np.ndarray:
+    """Every sample index (0..N-1, stored order) once, in this epoch's order."""
+    total = int(sum(sizes))
+    if not shuffle:
+        return np.arange(total, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    rng = np.random.default_rng([seed, epoch])
+    shards = rng.permutation(len(sizes))
+    step = len(sizes) if window is None else max(1, window)
+    pieces = []
+    for first in range(0, len(sizes), step):
+        group = shards[first:first + step]
+        members = np.concatenate(
+            [np.arange(starts[s], starts[s + 1], dtype=np.int64) for s in group]
+        ) if len(group) else np.empty(0, dtype=np.int64)
+        pieces.append(members[rng.permutation(len(members))])
+    return np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int64)
+
+
+def samples_per_rank(total: int, world: int, *, drop_last: bool, batch_size: int) -> int:
+    """Samples each rank yields per epoch (equal on every rank)."""
+    if drop_last:
+        return (total // world) // batch_size * batch_size
+    return math.ceil(total / world)
+
+
+def batches_per_rank(total: int, world: int, *, drop_last: bool, batch_size: int) -> int:
+    """Batches each rank yields per epoch (equal on every rank): what ``len(loader)`` says."""
+    return math.ceil(samples_per_rank(total, world, drop_last=drop_last, batch_size=batch_size)
+                     / batch_size)
+
+
+def padding(total: int, world: int, *, drop_last: bool) -> int:
+    """Repeated samples added to the epoch so that every rank gets the same count."""
+    return 0 if drop_last else math.ceil(total / world) * world - total
+
+
+def rank_run(order: np.ndarray, *, rank: int, world: int, drop_last: bool,
+             batch_size: int) -> np.ndarray:
+    """The part of the epoch's order that `rank` yields (padded or cut as documented)."""
+    total = len(order)
+    per_rank = samples_per_rank(total, world, drop_last=drop_last, batch_size=batch_size)
+    if drop_last:
+        return order[rank * (total // world):][:per_rank]
+    if per_rank * world > total:
+        order = np.resize(order, per_rank * world)  # repeats the order's own start
+    return order[rank * per_rank:(rank + 1) * per_rank]
+
+
+def worker_batches(run: np.ndarray, *, batch_size: int, worker: int, workers: int,
+                   start: int = 0) -> Iterator[np.ndarray]:
+    """The batches (sorted index arrays) `worker` yields from a rank's run, resuming after
+    `start` samples."""
+    rest = run[start:]
+    for number, first in enumerate(range(0, len(rest), batch_size)):
+        if number % workers == worker:
+            yield np.sort(rest[first:first + batch_size])
+
+
+def assign(sizes: Sequence[int], split: Split, *, epoch: int, seed: int, batch_size: int,
+           drop_last: bool, shuffle: bool, window: int | None, start: int = 0) -> Iterator[np.ndarray]:
+    """The batches one (rank, worker) yields in one epoch: the whole pipeline above."""
+    order = epoch_order(sizes, shuffle=shuffle, seed=seed, epoch=epoch, window=window)
+    run = rank_run(order, rank=split.rank, world=split.world, drop_last=drop_last,
+                   batch_size=batch_size)
+    return worker_batches(run, batch_size=batch_size, worker=split.worker,
+                          workers=split.workers, start=start)

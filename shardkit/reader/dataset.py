@@ -1,0 +1,215 @@
+"""PyTorch reading: `ShardDataset` (an IterableDataset of whole batches) and `ShardLoader`
+(what training loops iterate: exact ``len``, ``set_epoch``, tiny ``state_dict``).
+
+For raw shards the fast path is ``num_workers=0``: batches are assembled in a background
+thread of the training process (the gather releases the GIL), with no extra copy through
+shared memory. Worker processes pay off when samples must be decoded (jpeg/png).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from shardkit.errors import ConfigError, DatasetError, require
+from shardkit.manifest import Manifest
+from shardkit.reader.assign import Split, assign, batches_per_rank, padding, samples_per_rank
+from shardkit.reader.fetch import ShardCache
+from shardkit.reader.stream import METADATA_FIELDS, in_background, stream_batches
+
+torch: Any = require("torch", "torch")
+_IterableDataset: Any = torch.utils.data.IterableDataset
+
+__all__ = ["ShardDataset", "ShardLoader"]
+
+STATE_FORMAT = "shardkit.loader/1"
+
+
+def _distributed() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank()), int(dist.get_world_size())
+    return 0, 1
+
+
+class ShardDataset(_IterableDataset):  # type: ignore[misc]
+    """An IterableDataset yielding whole batches (dicts of tensors) of one rank.
+
+    Use with ``DataLoader(ds, batch_size=None, num_workers=k)``: each worker yields every
+    k-th batch, so the DataLoader's round-robin gives the same sequence for any k. The object
+    holds only plain values (no open files), so it is cheap to send to worker processes.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], batch_size: int, *, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False, rank: int | None = None,
+                 world_size: int | None = None, fields: Sequence[str] | None = None,
+                 window: int | None = 4, verify: bool = False) -> None:
+        super().__init__()
+        self.path = str(path)
+        self.manifest = Manifest.read(self.path)
+        if self.manifest.kind != "images":
+            raise DatasetError(f"{path}: holds {self.manifest.kind!r}, not images")
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive; got {batch_size}")
+        if rank is None or world_size is None:
+            auto_rank, auto_world = _distributed()
+            rank = auto_rank if rank is None else rank
+            world_size = auto_world if world_size is None else world_size
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is not in a world of {world_size}")
+        unknown = set(fields or ()) - set(METADATA_FIELDS)
+        if unknown:
+            raise ConfigError(f"unknown fields {sorted(unknown)}; choose from {METADATA_FIELDS}")
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.fields = tuple(fields or ())
+        self.window, self.verify = window, verify
+        self.epoch = 0
+        self.start = 0
+        self.sizes = [s.samples for s in self.manifest.shards]
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
+
+    @property
+    def total(self) -> int:
+        return int(self.starts[-1])
+
+    def __len__(self) -> int:
+        return batches_per_rank(self.total, self.world_size, drop_last=self.drop_last,
+                                batch_size=self.batch_size)
+
+    def batches(self, worker: int = 0, workers: int = 1) -> list[np.ndarray]:
+        """The index arrays this worker yields this epoch (from `start`)."""
+        split = Split(rank=self.rank, world=self.world_size, worker=worker, workers=workers)
+        return list(assign(self.sizes, split, epoch=self.epoch, seed=self.seed,
+                           batch_size=self.batch_size, drop_last=self.drop_last,
+                           shuffle=self.shuffle, window=self.window, start=self.start))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        cache = ShardCache(self.path, self.manifest, verify=self.verify,
+                           capacity=(self.window or len(self.sizes)) + 2)
+        for batch in stream_batches(cache, self.starts, self.batches(worker, workers), self.fields):
+            yield _to_tensors(batch)
+
+
+def _to_tensors(batch: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in batch.items():
+        if isinstance(value, np.ndarray):
+            out[name] = torch.from_numpy(value)
+        elif name == "image":
+            out[name] = [torch.from_numpy(np.ascontiguousarray(v)) for v in value]
+        elif name in ("orig_width", "orig_height"):
+            out[name] = torch.tensor(value, dtype=torch.int64)
+        else:
+            out[name] = value
+    return out
+
+
+class ShardLoader:
+    """Iterate a converted dataset in whole batches: dicts with ``image`` uint8 [B,H,W,C],
+    ``label`` int64 [B] (labelled datasets), ``index`` int64 [B] (position in stored order),
+    and metadata when `fields` asks (key, source, orig_width, orig_height).
+
+    ``len(loader)`` is the exact number of batches this rank yields per epoch; every rank
+    yields the same number (``drop_last`` drops the tail evenly, otherwise ``padding``
+    samples are repeated). After a full pass the epoch advances by itself; ``set_epoch``
+    sets it. ``state_dict()`` is a few numbers; ``load_state_dict`` makes the next pass yield
+    exactly the rest of the saved epoch. Rank and world size come from torch.distributed when
+    it is initialised, unless given.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], batch_size: int, *, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False, num_workers: int = 0,
+                 rank: int | None = None, world_size: int | None = None, pin_memory: bool = False,
+                 fields: Sequence[str] | None = None, window: int | None = 4,
+                 verify: bool = False, prefetch: int = 2) -> None:
+        if num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0; got {num_workers}")
+        self.dataset = ShardDataset(path, batch_size, shuffle=shuffle, seed=seed,
+                                    drop_last=drop_last, rank=rank, world_size=world_size,
+                                    fields=fields, window=window, verify=verify)
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.prefetch = max(1, prefetch)
+        self._consumed = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.dataset.batch_size
+
+    @property
+    def epoch(self) -> int:
+        return self.dataset.epoch
+
+    @property
+    def padding(self) -> int:
+        """Samples repeated per epoch (over all ranks) so that every rank gets as many."""
+        return padding(self.dataset.total, self.dataset.world_size, drop_last=self.dataset.drop_last)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples this rank yields per epoch."""
+        ds = self.dataset
+        return samples_per_rank(ds.total, ds.world_size, drop_last=ds.drop_last,
+                                batch_size=ds.batch_size)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next pass at the beginning of `epoch` (its own seeded order)."""
+        self.dataset.epoch = int(epoch)
+        self.dataset.start = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this rank stands: enough to resume at the exact next sample."""
+        ds = self.dataset
+        return {"format": STATE_FORMAT, "fingerprint": ds.manifest.fingerprint, "seed": ds.seed,
+                "epoch": ds.epoch, "samples": ds.start + self._consumed,
+                "world_size": ds.world_size, "shuffle": ds.shuffle, "drop_last": ds.drop_last,
+                "window": ds.window}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`: the next pass yields the rest of its epoch. Raises
+        ConfigError when the state belongs to another dataset or another split."""
+        ds = self.dataset
+        if state.get("format") != STATE_FORMAT:
+            raise ConfigError(f"not a shardkit loader state: {state!r}")
+        if state["fingerprint"] != ds.manifest.fingerprint:
+            raise ConfigError("this state was saved for a different dataset (fingerprint "
+                              f"{state['fingerprint'][:12]}…, this one {ds.manifest.fingerprint[:12]}…)")
+        mine = {"seed": ds.seed, "world_size": ds.world_size, "shuffle": ds.shuffle,
+                "drop_last": ds.drop_last, "window": ds.window}
+        differs = {k: (state[k], v) for k, v in mine.items() if state[k] != v}
+        if differs:
+            raise ConfigError(f"this state was saved with other settings (saved, now): {differs}")
+        samples = int(state["samples"])
+        if not 0 <= samples <= self.samples_per_epoch:
+            raise ConfigError(f"state says {samples} samples consumed of {self.samples_per_epoch}")
+        ds.epoch, ds.start = int(state["epoch"]), samples
+        self._consumed = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        ds = self.dataset
+        self._consumed = 0
+        if self.num_workers == 0:
+            batches: Any = in_background(iter(ds), depth=self.prefetch)
+        else:
+            batches = torch.utils.data.DataLoader(
+                ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                prefetch_factor=self.prefetch,
+            )
+        for batch in batches:
+            if self.pin_memory and self.num_workers == 0:
+                batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v
+                         for k, v in batch.items()}
+            self._consumed += len(batch["index"])
+            yield batch
+        ds.epoch += 1
+        ds.start = 0
+        self._consumed = 0

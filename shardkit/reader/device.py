@@ -1,0 +1,48 @@
+"""Hand a uint8 batch to the accelerator and finish preprocessing there.
+
+The CPU only copies bytes: the uint8 NHWC batch crosses the bus (4× fewer bytes than
+float32), and the float conversion, scaling, mean/std normalisation and the NCHW view happen
+on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from shardkit.errors import require
+
+torch: Any = require("torch", "torch")
+
+__all__ = ["to_device"]
+
+
+def to_device(batch: dict[str, Any], device: Any, *, mean: Sequence[float] | None = None,
+              std: Sequence[float] | None = None, channels_last: bool = True,
+              scale: float = 1 / 255, dtype: Any = None) -> dict[str, Any]:
+    """Copy `batch` to `device` (non-blocking) and turn ``image`` into normalised floats.
+
+    image: uint8 [B,H,W,C] → `dtype` (default float32) [B,C,H,W], computed on the device as
+    ``(x * scale - mean) / std`` (mean/std per channel, on the 0-1 scale when scale=1/255;
+    omit them to only rescale). With ``channels_last`` (default) the result keeps the NHWC
+    memory layout (``torch.channels_last``), which convolutions on GPUs prefer; otherwise it
+    is made contiguous NCHW. Other tensors are moved as they are; lists pass through.
+    """
+    dtype = dtype or torch.float32
+    device = torch.device(device)
+    out: dict[str, Any] = {}
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[name] = value.to(device, non_blocking=True)
+        else:
+            out[name] = value
+    image = out.get("image")
+    if isinstance(image, torch.Tensor):
+        x = image.permute(0, 3, 1, 2).to(dtype)  # an NCHW view of NHWC memory: channels_last
+        x = x.mul_(scale)
+        if mean is not None:
+            x = x.sub_(torch.as_tensor(mean, dtype=dtype, device=device).view(1, -1, 1, 1))
+        if std is not None:
+            x = x.div_(torch.as_tensor(std, dtype=dtype, device=device).view(1, -1, 1, 1))
+        out["image"] = x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+    return out

@@ -1,0 +1,254 @@
+"""Open shards for random-access batch assembly, and gather batches out of them.
+
+* Raw tar shards are memory-mapped; their images are one strided [N,H,W,C] view located by
+  the manifest's layout, checked structurally on open (size, every sample's .npy magic and
+  tar type flags, label digits). A batch costs one gather per shard it touches.
+* Raw Parquet shards: the image column is read once (one copy) into an [N,H,W,C] array.
+* jpeg/png shards keep their encoded payloads; a batch decodes the samples it needs.
+
+Handles are cached (least recently used first out) and the next ones are opened in a
+background thread, so a batch rarely waits for a shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import mmap
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from shardkit.errors import CorruptShardError
+from shardkit.manifest import Manifest, ShardRecord
+from shardkit.reader.parquet import fixed_images, read_parquet_table
+from shardkit.reader.tar import iter_members
+
+__all__ = ["ShardCache", "ShardHandle", "gather"]
+
+_NPY_MAGIC = np.frombuffer(b"\x93NUMPY", dtype=np.uint8)
+_TYPEFLAG = 156  # offset of the type flag in a tar header
+_METADATA = ("key", "source", "orig_width", "orig_height")
+
+
+class ShardHandle:
+    """One opened shard: images (array or encoded payloads), labels, and lazy metadata."""
+
+    def __init__(self, *, path: str, images: np.ndarray | None, payloads: list[bytes] | None,
+                 labels: np.ndarray | None, metadata: Any) -> None:
+        self.path = path
+        self.images = images
+        self.payloads = payloads
+        self.labels = labels
+        self._metadata = metadata
+
+    def metadata(self, local: np.ndarray, field: str) -> list[Any]:
+        values = self._metadata() if callable(self._metadata) else self._metadata
+        self._metadata = values
+        return [values[field][i] for i in local.tolist()]
+
+
+def _check_size(path: str, record: ShardRecord, verify: bool) -> None:
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        raise CorruptShardError(f"{path}: missing (index.json lists it)") from None
+    if size != record.bytes:
+        raise CorruptShardError(f"{path}: {size} bytes on disk, index.json says {record.bytes} "
+                                "(truncated or replaced?)")
+    if verify:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != record.sha256:
+            raise CorruptShardError(f"{path}: sha256 differs from index.json (corrupted)")
+
+
+def open_raw_tar(path: str, record: ShardRecord, shape: Sequence[int]) -> ShardHandle:
+    layout = record.layout
+    if layout is None:
+        raise CorruptShardError(f"{path}: index.json gives no layout for this raw shard")
+    n, stride, offset = record.samples, layout["stride"], layout["offset"]
+    if record.bytes != n * stride + 1024:
+        raise CorruptShardError(f"{path}: {n} samples of {stride} bytes do not make "
+                                f"{record.bytes} bytes")
+    with open(path, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if record.bytes else None
+    if mapped is None or n == 0:
+        return ShardHandle(path=path, images=np.empty((0, *shape), np.uint8), payloads=None,
+                           labels=np.empty(0, np.int64), metadata={f: [] for f in _METADATA})
+    if hasattr(mmap, "MADV_WILLNEED"):
+        mapped.madvise(mmap.MADV_WILLNEED)  # start the kernel's read-ahead now
+    buffer = np.frombuffer(mapped, dtype=np.uint8)
+    rows = np.lib.stride_tricks.as_strided(buffer, shape=(n, stride), strides=(stride, 1),
+                                           writeable=False)
+    json_header = layout["meta_offset"]
+    headers = [0, json_header] + ([layout["label_offset"] - 512] if "label_offset" in layout else [])
+    if not (rows[:, 512:518] == _NPY_MAGIC).all() or not all(
+            (rows[:, h + _TYPEFLAG] == ord("0")).all() for h in headers):
+        raise CorruptShardError(f"{path}: samples are not where index.json puts them "
+                                "(corrupted or not a shardkit shard)")
+    h, w, c = (int(v) for v in shape)
+    images = np.lib.stride_tricks.as_strided(buffer[offset:], shape=(n, h, w, c),
+                                             strides=(stride, w * c, c, 1), writeable=False)
+    labels = None
+    if "label_offset" in layout:
+        start, digits = layout["label_offset"], layout["label_digits"]
+        text = rows[:, start:start + digits].astype(np.int64) - ord("0")
+        if ((text < 0) | (text > 9)).any():
+            raise CorruptShardError(f"{path}: a .cls member does not hold {digits} digits")
+        labels = text @ (10 ** np.arange(digits - 1, -1, -1, dtype=np.int64))
+
+    def metadata() -> dict[str, list[Any]]:
+        begin = json_header + 512
+        metas = [json.loads(bytes(row[begin:])) for row in rows]
+        keys = [bytes(row[:100]).split(b".", 1)[0].decode() for row in rows]
+        return {"key": keys, "source": [m["source"] for m in metas],
+                "orig_width": [m["width"] for m in metas], "orig_height": [m["height"] for m in metas]}
+
+    return ShardHandle(path=path, images=images, payloads=None, labels=labels, metadata=metadata)
+
+
+def open_parquet_raw(path: str, record: ShardRecord, shape: Sequence[int],
+                     labeled: bool) -> ShardHandle:
+    table = read_parquet_table(path, ["image", "label"] if labeled else ["image"], record.samples)
+    images = fixed_images(table.column("image"), shape)
+    labels = table.column("label").to_numpy() if labeled else None
+
+    def metadata() -> dict[str, list[Any]]:
+        meta = read_parquet_table(path, list(_METADATA), record.samples)
+        return {name: meta.column(name).to_pylist() for name in _METADATA}
+
+    return ShardHandle(path=path, images=images, payloads=None, labels=labels, metadata=metadata)
+
+
+def open_encoded(path: str, record: ShardRecord, fmt: str, labeled: bool) -> ShardHandle:
+    payloads: list[bytes] = []
+    labels: list[int] = []
+    meta: dict[str, list[Any]] = {name: [] for name in _METADATA}
+    if fmt == "tar":
+        for key, field, data in iter_members(path):
+            if field == "cls":
+                labels.append(int(data))
+            elif field == "json":
+                item = json.loads(data)
+                meta["key"].append(key)
+                meta["source"].append(item["source"])
+                meta["orig_width"].append(item["width"])
+                meta["orig_height"].append(item["height"])
+            else:
+                payloads.append(data)
+    else:
+        columns = ["image", *_METADATA] + (["label"] if labeled else [])
+        table = read_parquet_table(path, columns, record.samples)
+        payloads = table.column("image").to_pylist()
+        labels = table.column("label").to_pylist() if labeled else []
+        meta = {name: table.column(name).to_pylist() for name in _METADATA}
+    if len(payloads) != record.samples or (labeled and len(labels) != record.samples):
+        raise CorruptShardError(f"{path}: {len(payloads)} samples, index.json says {record.samples}")
+    return ShardHandle(path=path, images=None, payloads=payloads,
+                       labels=np.asarray(labels, dtype=np.int64) if labeled else None, metadata=meta)
+
+
+def decode_payload(data: bytes, codec: str, channels: int) -> np.ndarray:
+    """H×W×C uint8 from a stored jpeg/png payload."""
+    with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as im:
+        array = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def gather(images: np.ndarray, local: np.ndarray, out: np.ndarray) -> None:
+    """out[:] = images[local] with one copy (torch's index_select when torch is present)."""
+    torch = _torch()
+    if torch is None:
+        out[...] = images[local]
+        return
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only memory map: we never write it
+        source = torch.from_numpy(images)
+    torch.index_select(source, 0, torch.from_numpy(local), out=torch.from_numpy(out))
+
+
+_TORCH: list[Any] = []
+
+
+def _torch() -> Any:
+    """torch when it is installed (its gather copies once), else None."""
+    if not _TORCH:
+        try:
+            import torch as module
+        except ImportError:
+            module = None  # type: ignore[assignment]
+        _TORCH.append(module)
+    return _TORCH[0]
+
+
+class ShardCache:
+    """Opened shards of one dataset, least recently used evicted first, with background
+    opening of the shards the caller announces next."""
+
+    def __init__(self, folder: str, manifest: Manifest, *, capacity: int, verify: bool) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.capacity = max(1, capacity)
+        self.verify = verify
+        self._open: OrderedDict[int, Future[ShardHandle]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        shape = manifest.schema["image"]["shape"]
+        self.shape = None if None in shape else tuple(int(s) for s in shape)
+        self.codec = str(manifest.config["codec"])
+        self.format = str(manifest.config["format"])
+        self.labeled = manifest.classes is not None
+
+    def _load(self, number: int) -> ShardHandle:
+        record = self.manifest.shards[number]
+        path = os.path.join(self.folder, record.file)
+        _check_size(path, record, self.verify)
+        if self.codec == "raw" and self.shape is not None:
+            if self.format == "tar":
+                return open_raw_tar(path, record, self.shape)
+            return open_parquet_raw(path, record, self.shape, self.labeled)
+        return open_encoded(path, record, self.format, self.labeled)
+
+    def prefetch(self, numbers: Sequence[int]) -> None:
+        """Start opening `numbers` in the background (if not open yet)."""
+        with self._lock:
+            for number in numbers:
+                if number in self._open:
+                    continue
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardkit-prefetch")
+                self._open[number] = self._pool.submit(self._load, number)
+                self._evict()
+
+    def get(self, number: int) -> ShardHandle:
+        with self._lock:
+            future = self._open.get(number)
+            if future is None:
+                future = Future()
+                future.set_result(self._load(number))
+                self._open[number] = future
+            self._open.move_to_end(number)
+            self._evict()
+        return future.result()
+
+    def _evict(self) -> None:
+        while len(self._open) > self.capacity:
+            self._open.popitem(last=False)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._open.clear()

@@ -1,0 +1,126 @@
+"""Assemble whole batches from shards (numpy, no torch needed), with background prefetch.
+
+A batch is a sorted array of sample indices (see `assign`); its samples from one shard are
+therefore contiguous in the batch, and each such run costs one gather into the batch array.
+No Python runs per sample for raw data; jpeg/png payloads are decoded one by one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from shardkit.reader.fetch import ShardCache, decode_payload, gather
+
+__all__ = ["METADATA_FIELDS", "assemble", "in_background", "stream_batches"]
+
+#: Per-sample metadata a batch may carry on request (``fields=``).
+METADATA_FIELDS = ("key", "source", "orig_width", "orig_height")
+
+Allocator = Callable[[tuple[int, ...]], np.ndarray]
+
+
+def _empty(shape: tuple[int, ...]) -> np.ndarray:
+    return np.empty(shape, dtype=np.uint8)
+
+
+def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: Sequence[str],
+             alloc: Allocator = _empty) -> dict[str, Any]:
+    """The batch holding samples `index` (sorted): image, label (if any), index, and any
+    metadata `fields`. Images are one [B,H,W,C] uint8 array when shapes are fixed, else a list."""
+    size = len(index)
+    shard_of = np.searchsorted(starts, index, side="right") - 1
+    cuts = [0, *(np.flatnonzero(np.diff(shard_of)) + 1).tolist(), size]
+    fixed = cache.shape
+    images: Any = alloc((size, *fixed)) if fixed is not None else [None] * size
+    labels = np.empty(size, dtype=np.int64) if cache.labeled else None
+    meta: dict[str, list[Any]] = {f: [] for f in fields}
+    channels = int(cache.manifest.schema["image"]["shape"][2])
+    for a, b in itertools.pairwise(cuts):
+        if a == b:
+            continue
+        number = int(shard_of[a])
+        handle = cache.get(number)
+        local = index[a:b] - starts[number]
+        if handle.images is not None:
+            gather(handle.images, local, images[a:b])
+        else:
+            assert handle.payloads is not None
+            for slot, i in enumerate(local.tolist(), start=a):
+                images[slot] = decode_payload(handle.payloads[i], cache.codec, channels)
+        if labels is not None:
+            assert handle.labels is not None
+            labels[a:b] = handle.labels[local]
+        for field in fields:
+            meta[field].extend(handle.metadata(local, field))
+    batch: dict[str, Any] = {"image": images, "index": index}
+    if labels is not None:
+        batch["label"] = labels
+    batch.update(meta)
+    return batch
+
+
+def stream_batches(cache: ShardCache, starts: np.ndarray, batches: Sequence[np.ndarray],
+                   fields: Sequence[str], *, alloc: Allocator = _empty,
+                   lookahead: int = 2) -> Iterator[dict[str, Any]]:
+    """Assemble `batches` in order, asking the cache to open the shards of the next
+    `lookahead` batches in the background."""
+    shard_lists = [np.unique(np.searchsorted(starts, b, side="right") - 1).tolist() for b in batches]
+    try:
+        for number, index in enumerate(batches):
+            upcoming = [s for later in shard_lists[number:number + 1 + lookahead] for s in later]
+            cache.prefetch(list(dict.fromkeys(upcoming)))
+            yield assemble(cache, starts, index, fields, alloc)
+    finally:
+        cache.close()
+
+
+_DONE = object()
+
+
+def in_background(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """Run `items` in a thread, `depth` items ahead of the consumer. Exceptions are re-raised
+    in the consumer; stopping early stops the thread."""
+    slots: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(_DONE)
+        except BaseException as exc:
+            slots.put(exc)
+
+    thread = threading.Thread(target=produce, name="shardkit-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                slots.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
