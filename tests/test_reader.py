@@ -72,6 +72,17 @@ def test_batches_hold_exactly_what_was_written(src: Path, tmp_path: Path, fmt: s
     assert sorted(seen) == sorted(list(range(27)) * 2)
 
 
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_batches_kept_by_the_caller_are_never_overwritten(src: Path, tmp_path: Path, fmt: str) -> None:
+    out = convert(src, tmp_path / "d", format=fmt)
+    images, _ = stored(out)
+    loader = ShardLoader(out, 4, seed=1)
+    for _ in range(2):  # the second epoch reuses buffers the first one released
+        kept = [(b["index"].numpy().copy(), b["image"][1:]) for b in loader]  # views keep them too
+        for index, view in kept:
+            np.testing.assert_array_equal(view.numpy(), images[index[1:]])
+
+
 def test_order_is_the_same_for_any_number_of_workers(tar_ds: Path) -> None:
     orders = [indices(ShardLoader(tar_ds, BATCH, num_workers=w, seed=9)) for w in (0, 1, 2)]
     assert orders[0] == orders[1] == orders[2]

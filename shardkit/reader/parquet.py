@@ -19,7 +19,7 @@ def read_parquet_table(path: str | os.PathLike[str], columns: Sequence[str],
                        samples: int) -> pa.Table:
     """Read `columns` of a shard, checking its row count against index.json."""
     try:
-        table = pq.read_table(path, columns=list(columns), use_threads=False)
+        table = pq.read_table(path, columns=list(columns), use_threads=False, memory_map=True)
     except (OSError, pa.ArrowException) as exc:
         raise CorruptShardError(f"{path}: not a readable Parquet file: {exc}") from None
     if table.num_rows != samples:
