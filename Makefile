@@ -30,8 +30,9 @@ lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check shardkit tests scripts
 	$(VENV)/bin/mypy
 
-bench: $(STAMP) ## conversion benchmark; writes docs/performance.md
+bench: $(STAMP) ## conversion and reading benchmarks (~15 min); write docs/performance.md
 	$(PY) scripts/bench_convert.py --out bench-out --write-doc docs/performance.md
+	$(PY) scripts/bench_read.py --out bench-out/read --write-doc docs/performance.md
 
 clean: ## remove the virtualenv, demo and benchmark output, caches
 	rm -rf $(VENV) demo bench-out build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -23,7 +23,13 @@ from shardkit.config import (
     RESIZE_MODES,
     configs_from_options,
 )
-from shardkit.errors import EXIT_INTERRUPTED, ConfigError, ShardkitError, TooManyFailuresError
+from shardkit.errors import (
+    EXIT_INTERRUPTED,
+    ConfigError,
+    DatasetError,
+    ShardkitError,
+    TooManyFailuresError,
+)
 
 __all__ = ["main"]
 
@@ -92,6 +98,16 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("path", metavar="OUT")
     info.add_argument("--json", action="store_true", help="print the facts as JSON")
 
+    verify = commands.add_parser(
+        "verify", help="check a dataset against its index.json",
+        description="Check every shard's size, sha256 and sample count against index.json, that "
+                    "every sample parses with the schema's dtype and shape, and that samples + "
+                    "errors.jsonl account for every input. Prints one line per problem; exits "
+                    "non-zero if there is any.",
+    )
+    verify.add_argument("path", metavar="OUT")
+    verify.add_argument("--quick", action="store_true", help="skip hashing the shards")
+
     preview = commands.add_parser("preview", help="write a contact sheet of samples")
     preview.add_argument("path", metavar="OUT")
     preview.add_argument("-o", "--output", required=True, help="PNG file to write")
@@ -135,6 +151,19 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from shardkit.verify import verify_dataset
+
+    problems = verify_dataset(args.path, quick=args.quick)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"shardkit: {len(problems)} problem(s) in {args.path}", file=sys.stderr)
+        return DatasetError.exit_code
+    print(f"{args.path}: OK")
+    return 0
+
+
 def _preview(args: argparse.Namespace) -> int:
     from shardkit.inspect import contact_sheet
 
@@ -152,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    handlers = {"convert": _convert, "info": _info, "preview": _preview}
+    handlers = {"convert": _convert, "info": _info, "preview": _preview, "verify": _verify}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
