@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-errors", default="0",
                      help="failed inputs tolerated: a count (5) or a share (1%%); default 0")
     run.add_argument("--overwrite", action="store_true", help="replace a previous conversion in OUT")
+    run.add_argument("--resume", action="store_true",
+                     help="finish an interrupted conversion in OUT, keeping its finished shards")
     progress = run.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_true", default=None)
     progress.add_argument("--no-progress", dest="progress", action="store_false")
@@ -124,7 +126,8 @@ def _convert(args: argparse.Namespace) -> int:
         "max_pixels": args.max_pixels, "draft": not args.no_draft, "format": args.format,
         "codec": args.codec, "quality": args.quality, "compression": args.compression,
         "samples_per_shard": args.samples_per_shard, "shuffle": args.shuffle, "seed": args.seed,
-        "workers": args.workers, "overwrite": args.overwrite, "max_errors": args.max_errors,
+        "workers": args.workers, "overwrite": args.overwrite, "resume": args.resume,
+        "max_errors": args.max_errors,
         "progress": args.progress,
         **({"shard_size": args.shard_size} if args.shard_size else {}),
     })

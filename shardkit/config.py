@@ -195,10 +195,13 @@ class RunOptions:
     """How a conversion runs; none of it changes the output bytes.
 
     workers: worker processes (0 = convert in the calling process; None = all cores).
+    overwrite: replace whatever conversion OUT holds. resume: finish an interrupted
+    conversion of the same inputs and options, keeping its finished shards.
     """
 
     workers: int | None = None
     overwrite: bool = False
+    resume: bool = False
     max_errors: ErrorBudget = field(default_factory=ErrorBudget)
     progress: bool | None = None
 

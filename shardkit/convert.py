@@ -9,6 +9,7 @@ incomplete (and no ``index.json``, so no dataset).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
 import shutil
 import sys
@@ -20,19 +21,18 @@ from typing import Any
 
 from tqdm import tqdm
 
+from shardkit import journal, outdir
 from shardkit._fs import publish
 from shardkit.config import ConvertConfig, RunOptions, configs_from_options
-from shardkit.errors import OutputExistsError, TooManyFailuresError, WorkerError
+from shardkit.errors import TooManyFailuresError, WorkerError
 from shardkit.executors import InlineExecutor, local_pool
-from shardkit.manifest import ERRORS_NAME, INDEX_NAME, Manifest, ShardRecord
+from shardkit.manifest import ERRORS_NAME, Manifest, ShardRecord
 from shardkit.plan import Plan, make_plan, rows_per_group
 from shardkit.report import ConvertSummary, FailureRecord, write_error_report
 from shardkit.tasks import PartResult, PartTask, ShardTask, run_part, run_shard
 from shardkit.writers import tar as tar_writer
 
 __all__ = ["convert", "run_conversion"]
-
-TMP_NAME = ".shardkit-tmp"
 
 
 def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
@@ -57,10 +57,14 @@ def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
     started = time.perf_counter()
     plan = make_plan(src, config)
     out_dir = Path(out)
-    _prepare_output(out_dir, run.overwrite)
-    tmp = out_dir / TMP_NAME
-    tmp.mkdir()
+    state = outdir.prepare(out_dir, plan.fingerprint, overwrite=run.overwrite, resume=run.resume)
     workers = run.resolved_workers
+    if state is outdir.State.DONE:
+        return _check_budget(_summary_of_finished(out_dir, workers, started), run)
+    finished = journal.load(out_dir, plan.fingerprint,
+                            [plan.shard_file(k) for k in range(plan.shard_count)])
+    tmp = out_dir / outdir.TMP_NAME
+    tmp.mkdir()
     own = executor is None
     if executor is None:
         executor = InlineExecutor() if workers == 0 else local_pool(workers)
@@ -69,7 +73,7 @@ def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
         with tqdm(total=plan.inputs, unit="img", disable=not show, dynamic_ncols=True,
                   file=sys.stderr) as bar:
             bar.update(len(plan.failures))
-            scheduler = _Scheduler(plan, out_dir, tmp, executor, bar,
+            scheduler = _Scheduler(plan, out_dir, tmp, executor, bar, finished,
                                    limit=max(4, 3 * max(workers, 1)))
             shards, failures, counts = scheduler.run()
     finally:
@@ -85,15 +89,19 @@ def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
         failed=len(all_failures), config=config.to_json(), fingerprint=plan.fingerprint,
     )
     manifest.write(out_dir)
+    journal.remove(out_dir)
     summary = ConvertSummary(
         out=out_dir, inputs=plan.inputs, samples=manifest.samples, failed=len(all_failures),
         shards=len(shards), bytes=manifest.bytes, seconds=time.perf_counter() - started,
         workers=workers, errors_path=out_dir / ERRORS_NAME,
         task_cpu_seconds=scheduler.cpu_seconds,
-        reasons=dict(Counter(f.reason for f in all_failures)),
+        reasons=dict(Counter(f.reason for f in all_failures)), reused_shards=len(finished),
     )
-    allowed = run.max_errors.allowed(plan.inputs)
-    if summary.failed > allowed:
+    return _check_budget(summary, run)
+
+
+def _check_budget(summary: ConvertSummary, run: RunOptions) -> ConvertSummary:
+    if summary.failed > run.max_errors.allowed(summary.inputs):
         raise TooManyFailuresError(
             f"{summary.failed} of {summary.inputs} inputs failed, more than --max-errors "
             f"{run.max_errors} allows; the {summary.samples} good samples were written and the "
@@ -103,21 +111,38 @@ def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
     return summary
 
 
+def _summary_of_finished(out: Path, workers: int, started: float) -> ConvertSummary:
+    """The summary of a dataset already complete in `out` (a rerun with nothing to do)."""
+    manifest = Manifest.read(out)
+    reasons: Counter[str] = Counter()
+    with open(out / ERRORS_NAME, encoding="utf-8") as report:
+        for line in report:
+            reasons[json.loads(line)["reason"]] += 1
+    return ConvertSummary(
+        out=out, inputs=manifest.inputs, samples=manifest.samples, failed=manifest.failed,
+        shards=len(manifest.shards), bytes=manifest.bytes, seconds=time.perf_counter() - started,
+        workers=workers, errors_path=out / ERRORS_NAME, reasons=dict(reasons),
+        reused_shards=len(manifest.shards), up_to_date=True,
+    )
+
+
 class _Scheduler:
     """Feeds part tasks to the executor (a bounded number in flight), submits a shard's
     assembly once its parts are done, and publishes each assembled shard."""
 
     def __init__(self, plan: Plan, out: Path, tmp: Path, executor: cf.Executor,
-                 bar: tqdm, *, limit: int) -> None:
+                 bar: tqdm, finished: dict[int, journal.Entry], *, limit: int) -> None:
         self.plan, self.out, self.tmp, self.executor, self.bar = plan, out, tmp, executor, bar
         self.limit = limit
         self.in_flight: dict[cf.Future[Any], tuple[str, int]] = {}
         self.parts: dict[int, list[PartResult]] = {}
         self.expected = {k: len(list(plan.parts(k))) for k in range(plan.shard_count)}
-        self.records: dict[int, ShardRecord] = {}
-        self.failures: list[FailureRecord] = []
-        self.counts = [0] * len(plan.classes or ())
+        self.records = {k: e.record for k, e in finished.items()}
+        self.failures = [f for e in finished.values() for f in e.failures]
+        self.counts = [sum(c) for c in zip(*(e.label_counts for e in finished.values()),
+                                           strict=True)] or [0] * len(plan.classes or ())
         self.cpu_seconds = 0.0
+        bar.update(sum(len(plan.shard_slice(k)) for k in finished))
 
     def run(self) -> tuple[list[ShardRecord], list[FailureRecord], list[int]]:
         pending = self._part_tasks()
@@ -140,6 +165,8 @@ class _Scheduler:
         plan = self.plan
         classes = tuple(plan.classes) if plan.classes is not None else None
         for shard in range(plan.shard_count):
+            if shard in self.records:
+                continue  # finished by an earlier run (journal)
             blocks = plan.json_blocks(shard) if plan.config.format == "tar" else 0
             for number, indices in enumerate(plan.parts(shard)):
                 yield PartTask(
@@ -192,14 +219,20 @@ class _Scheduler:
         plan = self.plan
         name = plan.shard_file(shard)
         publish(self.tmp / name, self.out / name)
-        samples = sum(r.samples for r in self.parts.pop(shard))
+        parts = self.parts.pop(shard)
         layout = None
         shape = plan.config.image.fixed_shape
         if plan.config.format == "tar" and plan.config.codec == "raw" and shape is not None:
             classes = len(plan.classes) if plan.classes is not None else None
             layout = tar_writer.raw_layout(shape, classes, plan.json_blocks(shard))
-        self.records[shard] = ShardRecord(file=name, samples=samples, bytes=result[0],
-                                          sha256=result[1], layout=layout)
+        record = ShardRecord(file=name, samples=sum(r.samples for r in parts), bytes=result[0],
+                             sha256=result[1], layout=layout)
+        self.records[shard] = record
+        counts = tuple(sum(c) for c in zip(*(r.label_counts for r in parts), strict=True))
+        journal.write(self.out, plan.fingerprint, journal.Entry(
+            shard=shard, record=record, failures=tuple(f for r in parts for f in r.failures),
+            label_counts=counts,
+        ))
 
 
 def _schema(plan: Plan) -> dict[str, Any]:
@@ -225,36 +258,3 @@ def _schema(plan: Plan) -> dict[str, Any]:
     else:
         schema["parquet"] = {"rows_per_group": rows_per_group(config, plan.labeled)}
     return schema
-
-
-def _prepare_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out}: exists and is not a folder")
-    entries = sorted(out.iterdir()) if out.exists() else []
-    if entries and not overwrite:
-        raise OutputExistsError(
-            f"{out}: not empty; pass --overwrite to replace a previous conversion, or choose "
-            "an empty or new folder"
-        )
-    ours = [e for e in entries if _written_by_us(e.name)]
-    others = [e.name for e in entries if not _written_by_us(e.name)]
-    if others:
-        raise OutputExistsError(
-            f"{out}: --overwrite replaces only shardkit's own files, and this folder also "
-            f"holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}"
-        )
-    # index.json goes first: from then on the folder is no longer a dataset.
-    for entry in sorted(ours, key=lambda e: e.name != INDEX_NAME):
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _written_by_us(name: str) -> bool:
-    return (
-        name in (INDEX_NAME, ERRORS_NAME, TMP_NAME)
-        or (name.startswith("shard-") and name.endswith((".tar", ".parquet")))
-        or name.startswith((f".{INDEX_NAME}.tmp-", f".{ERRORS_NAME}.tmp-"))
-    )

@@ -57,18 +57,27 @@ class ConvertSummary:
     reasons: dict[str, int]
     #: CPU time the conversion tasks spent decoding, resizing and encoding, all workers summed.
     task_cpu_seconds: float = 0.0
+    #: Shards kept from an earlier, interrupted run of the same conversion (--resume).
+    reused_shards: int = 0
+    #: True when OUT already held this exact conversion and nothing was done.
+    up_to_date: bool = False
 
     @property
     def images_per_second(self) -> float:
         return self.inputs / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
+        if self.up_to_date:
+            return (f"{self.out} is up to date: {self.samples:,} samples in {self.shards:,} shards "
+                    f"({human_bytes(self.bytes)}), {self.failed:,} failed; nothing to do")
         text = (
             f"{self.samples:,} samples in {self.shards:,} shards ({human_bytes(self.bytes)}) "
             f"→ {self.out}; {self.failed:,} failed; {self.seconds:.1f} s, "
             f"{self.images_per_second:,.0f} images/s on {self.workers} worker"
             f"{'' if self.workers == 1 else 's'}"
         )
+        if self.reused_shards:
+            text += f"; {self.reused_shards} shards kept from the interrupted run"
         if self.failed:
             reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.reasons.items()))
             text += f" ({reasons}; see {self.errors_path})"
