@@ -191,7 +191,7 @@ def test_a_dying_worker_fails_the_run_clearly(src: Path, tmp_path: Path, clean: 
     while not a_worker_killed():
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.005)
-    stdout, stderr = process.communicate(timeout=120)  # no hang
+    _, stderr = process.communicate(timeout=120)  # no hang
     assert process.returncode == WorkerError.exit_code, stderr
     assert "worker process died" in stderr
     assert_no_partial_files(out, clean)
