@@ -9,6 +9,7 @@
   folders (name starting with ".") are skipped; other files are counted as ignored.
 * Order: folders and files sorted by name at every level, so the list never depends on the
   filesystem. Symbolic links are followed; a folder reached twice (a loop) is skipped.
+* FIFOs, sockets and devices named like images are reported (``not_a_file``), never opened.
 """
 
 from __future__ import annotations
@@ -93,10 +94,15 @@ def _walk(root: Path, folder: Path, label: int | None, listing: Listing,
     for entry in _sorted_entries(folder):
         if _is_dir(entry):
             _walk(root, Path(entry.path), label, listing, visited)
-        elif _is_candidate(entry.name):
-            listing.records.append(_record(root, entry, label))
-        else:
+        elif not _is_candidate(entry.name):
             listing.ignored += 1
+        elif _is_special(entry):
+            listing.failures.append(PlanFailure(
+                Path(entry.path).relative_to(root).as_posix(), "not_a_file",
+                "a FIFO, socket or device named like an image; it is not read",
+            ))
+        else:
+            listing.records.append(_record(root, entry, label))
 
 
 def _record(root: Path, entry: os.DirEntry[str], label: int | None) -> InputRecord:
@@ -123,6 +129,15 @@ def _sorted_entries(folder: Path) -> list[os.DirEntry[str]]:
 def _is_dir(entry: os.DirEntry[str]) -> bool:
     try:
         return entry.is_dir(follow_symlinks=True)
+    except OSError:
+        return False
+
+
+def _is_special(entry: os.DirEntry[str]) -> bool:
+    """True for FIFOs, sockets and devices, which opening could block on or misread.
+    Dangling links are not special: the worker reports them as missing files."""
+    try:
+        return not stat.S_ISREG(entry.stat(follow_symlinks=True).st_mode)
     except OSError:
         return False
 
