@@ -134,7 +134,7 @@ def _decode(handle: io.BufferedReader, options: ImageOptions) -> tuple[Image.Ima
     except Image.DecompressionBombError as exc:
         raise ImageFailure("decode", "too_many_pixels", str(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageFailure("decode", "decode_error", _describe(exc)) from None
+        raise ImageFailure("decode", _decode_reason(exc), _describe(exc)) from None
 
     width, height = im.size
     if width * height > options.max_pixels:
@@ -157,8 +157,7 @@ def _decode(handle: io.BufferedReader, options: ImageOptions) -> tuple[Image.Ima
     except Image.DecompressionBombError as exc:
         raise ImageFailure("decode", "too_many_pixels", str(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
-        reason = "truncated" if "truncated" in str(exc) else "decode_error"
-        raise ImageFailure("decode", reason, _describe(exc)) from None
+        raise ImageFailure("decode", _decode_reason(exc), _describe(exc)) from None
     except MemoryError:
         raise ImageFailure("decode", "out_of_memory", "ran out of memory decoding") from None
     try:
@@ -166,6 +165,12 @@ def _decode(handle: io.BufferedReader, options: ImageOptions) -> tuple[Image.Ima
         return resize(normalise_mode(upright, options), options, source_size=oriented), oriented
     except (OSError, ValueError) as exc:
         raise ImageFailure("transform", "transform_error", _describe(exc)) from None
+
+
+def _decode_reason(exc: BaseException) -> str:
+    # Pillow says "image file is truncated" or "Truncated File Read" depending on where
+    # the data ran out (pixel data or header tables).
+    return "truncated" if "truncated" in str(exc).lower() else "decode_error"
 
 
 def _describe(exc: BaseException) -> str:
