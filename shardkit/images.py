@@ -87,13 +87,14 @@ class ImageFailure(Exception):
 def pillow_limits(options: ImageOptions) -> Iterator[None]:
     """Set Pillow's process-wide limits for the duration of a task, then restore them.
 
-    Pillow refuses images over 2 × MAX_IMAGE_PIXELS by itself at open; we set the limit to
-    ours so that check agrees with `load_image`'s own header check. Warnings about odd EXIF
+    Pillow's own bomb check (at open, with its own numbers: it refuses 2 × MAX_IMAGE_PIXELS)
+    is switched off: `load_image` checks ``options.max_pixels`` from the header itself, before
+    decoding, and its message quotes the configured limit. Warnings about odd EXIF
     or palette transparency are noise in a worker: the outcome of each input is decided by
     exceptions and recorded.
     """
     saved = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
-    Image.MAX_IMAGE_PIXELS = options.max_pixels
+    Image.MAX_IMAGE_PIXELS = None
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
