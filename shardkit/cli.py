@@ -108,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
                     "non-zero if there is any.",
     )
     verify.add_argument("path", metavar="OUT")
-    verify.add_argument("--quick", action="store_true", help="skip hashing the shards")
+    verify.add_argument("--quick", action="store_true",
+                        help="skip the sha256 of each shard and the decoding of jpeg/png pixels")
 
     preview = commands.add_parser("preview", help="write a contact sheet of samples")
     preview.add_argument("path", metavar="OUT")

@@ -177,17 +177,24 @@ class _Scheduler:
                 )
 
     def _submit(self, kind: str, shard: int, fn: Any, task: Any) -> None:
-        self.in_flight[self.executor.submit(fn, task)] = (kind, shard)
+        try:
+            future = self.executor.submit(fn, task)
+        except BrokenProcessPool:  # a worker died since the last result came back
+            raise self._died(shard) from None
+        self.in_flight[future] = (kind, shard)
+
+    def _died(self, shard: int) -> WorkerError:
+        return WorkerError(
+            f"a worker process died (killed, or out of memory?) while converting "
+            f"{self.plan.shard_file(shard)}; nothing was published for it"
+        )
 
     def _finish(self, future: cf.Future[Any]) -> None:
         kind, shard = self.in_flight.pop(future)
         try:
             result = future.result()
         except BrokenProcessPool:
-            raise WorkerError(
-                f"a worker process died (killed, or out of memory?) while converting "
-                f"{self.plan.shard_file(shard)}; nothing was published for it"
-            ) from None
+            raise self._died(shard) from None
         except Exception as exc:
             raise WorkerError(
                 f"converting {self.plan.shard_file(shard)} failed: {type(exc).__name__}: {exc}"

@@ -4,8 +4,9 @@ One row per sample. Columns, in order: ``key`` (string), ``image`` (raw fixed-sh
 ``fixed_size_binary(H*W*C)``, C-order uint8; jpeg/png or variable shapes: ``binary``),
 ``label`` (int64, labelled datasets only), ``source`` (string, path relative to SRC),
 ``orig_width`` / ``orig_height`` (int32, source size after orientation), and ``width`` /
-``height`` (int32) when shapes vary. Row groups hold a fixed number of rows, chosen from the
-config, so they never depend on how the work was split.
+``height`` (int32) when ``image`` is variable-size binary (jpeg/png, or varying shapes).
+Row groups hold a fixed number of rows, chosen from the config, so they never depend on how
+the work was split.
 
 Parts are Arrow IPC files (uncompressed, memory-mapped when assembled, so joining them costs
 no decode).
