@@ -27,12 +27,14 @@ test: $(STAMP) ## run the test suite
 	$(PY) -m pytest -q
 
 lint: $(STAMP) ## ruff and mypy
-	$(VENV)/bin/ruff check shardkit tests scripts
+	$(VENV)/bin/ruff check shardkit tests scripts examples
 	$(VENV)/bin/mypy
 
 bench: $(STAMP) ## conversion and reading benchmarks (~15 min); write docs/performance.md
 	$(PY) scripts/bench_convert.py --out bench-out --write-doc docs/performance.md
 	$(PY) scripts/bench_read.py --out bench-out/read --write-doc docs/performance.md
+	$(PY) scripts/bench_csv.py --out bench-out/csv --write-doc docs/performance.md
+	$(PY) scripts/bench_dask.py --out bench-out --write-doc docs/performance.md
 
 clean: ## remove the virtualenv, demo and benchmark output, caches
 	rm -rf $(VENV) demo bench-out build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -8,12 +8,13 @@ Public API::
     shardkit.ShardLoader(path, batch_size, ...)   (torch; needs the [torch] extra)
     shardkit.ShardDataset(path, batch_size, ...)
     shardkit.to_device(batch, device, mean=..., std=...)
+    shardkit.monitor(loader) -> Monitor       (how long the loop waits for data; needs no torch)
 """
 
 from typing import Any
 
 from shardkit._version import __version__
-from shardkit.config import ConvertConfig, ErrorBudget, ImageOptions, RunOptions
+from shardkit.config import ConvertConfig, CsvOptions, ErrorBudget, ImageOptions, RunOptions
 from shardkit.convert import convert
 from shardkit.errors import (
     ConfigError,
@@ -27,6 +28,10 @@ from shardkit.errors import (
     UnsafeContentError,
     WorkerError,
 )
+
+# Imported eagerly (it imports nothing heavy): a lazy `monitor` would be replaced by the
+# submodule of the same name the moment anything imported shardkit.monitor.
+from shardkit.monitor import monitor
 from shardkit.reader import Dataset
 from shardkit.reader import open_dataset as open
 from shardkit.report import ConvertSummary
@@ -36,6 +41,7 @@ __all__ = [
     "ConvertConfig",
     "ConvertSummary",
     "CorruptShardError",
+    "CsvOptions",
     "Dataset",
     "DatasetError",
     "ErrorBudget",
@@ -52,6 +58,7 @@ __all__ = [
     "WorkerError",
     "__version__",
     "convert",
+    "monitor",
     "open",
     "to_device",
 ]

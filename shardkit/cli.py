@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from shardkit._version import __version__
 from shardkit.config import (
@@ -30,6 +31,10 @@ from shardkit.errors import (
     ShardkitError,
     TooManyFailuresError,
 )
+
+if TYPE_CHECKING:
+    from shardkit.config import ConvertConfig, RunOptions
+    from shardkit.report import ConvertSummary
 
 __all__ = ["main"]
 
@@ -84,12 +89,30 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument("--samples-per-shard", type=int, default=None)
     out.add_argument("--shuffle", action="store_true", help="seeded global shuffle of the inputs")
     out.add_argument("--seed", type=int, default=0)
+    table = conv.add_argument_group("CSV inputs (SRC ending in .csv)")
+    table.add_argument("--image-col", default=None,
+                       help="column of image paths (an image CSV); omit for a tabular CSV")
+    table.add_argument("--label-col", default=None,
+                       help="label column, or several comma-separated (float32 targets)")
+    table.add_argument("--root", default=None,
+                       help="folder relative image paths start from (default: the CSV's folder)")
+    table.add_argument("--columns", default=None, help="comma-separated feature columns to keep")
+    table.add_argument("--exclude", default=None, help="comma-separated columns to leave out")
+    table.add_argument("--delimiter", default=",", help="field delimiter (default ,)")
+    table.add_argument("--encoding", default="utf8", help="text encoding (default utf8)")
+    table.add_argument("--header", choices=("auto", "yes", "no"), default="auto",
+                       help="auto: the first row is a header unless it is all numbers")
+    table.add_argument("--keep-ints", action="store_true",
+                       help="store integer columns as int64 instead of float32")
     run = conv.add_argument_group("run")
     run.add_argument("--workers", type=int, default=None,
                      help="worker processes (default: all cores; 0 = in this process)")
     run.add_argument("--max-errors", default="0",
                      help="failed inputs tolerated: a count (5) or a share (1%%); default 0")
     run.add_argument("--overwrite", action="store_true", help="replace a previous conversion in OUT")
+    run.add_argument("--dask-scheduler", metavar="tcp://HOST:PORT", default=None,
+                     help="run the tasks on this Dask cluster (SRC and OUT on a shared "
+                          "filesystem; needs shardkit[dask]); see docs/scale-out.md")
     run.add_argument("--resume", action="store_true",
                      help="finish an interrupted conversion in OUT, keeping its finished shards")
     progress = run.add_mutually_exclusive_group()
@@ -115,7 +138,30 @@ def _parser() -> argparse.ArgumentParser:
     preview.add_argument("path", metavar="OUT")
     preview.add_argument("-o", "--output", required=True, help="PNG file to write")
     preview.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    _add_bench(commands)
     return parser
+
+
+def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bench = commands.add_parser(
+        "bench", help="measure the loader on this machine (and the raw folder it replaces)",
+        description="Measure ShardLoader over OUT for each worker count, each in a fresh process "
+                    "with the page cache warm: samples/s, CPU-ms per sample (process + workers), "
+                    "MB/s, time to first batch, peak RSS. --baseline SRC measures the naive "
+                    "PIL + DataLoader loader on the raw folder side by side.",
+    )
+    bench.add_argument("path", metavar="OUT")
+    bench.add_argument("--batch-size", type=int, default=256)
+    bench.add_argument("--workers", default="0,2,4", help="worker counts, comma-separated")
+    bench.add_argument("--epochs", type=int, default=2)
+    bench.add_argument("--baseline", metavar="SRC", default=None,
+                       help="the raw image folder OUT was converted from")
+    bench.add_argument("--baseline-limit", type=int, default=2048,
+                       help="samples per epoch the raw baseline reads (default 2048)")
+    bench.add_argument("--target-rate", type=float, default=3000.0,
+                       help="samples/s your model consumes, for the verdict (default 3000)")
+    bench.add_argument("--json", action="store_true", help="print the figures as JSON")
+    bench.add_argument("--plot", metavar="PNG", default=None, help="write a bar chart")
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -129,17 +175,32 @@ def _convert(args: argparse.Namespace) -> int:
         "samples_per_shard": args.samples_per_shard, "shuffle": args.shuffle, "seed": args.seed,
         "workers": args.workers, "overwrite": args.overwrite, "resume": args.resume,
         "max_errors": args.max_errors,
+        "image_col": args.image_col, "label_col": args.label_col, "root": args.root,
+        "columns": args.columns, "exclude": args.exclude, "delimiter": args.delimiter,
+        "encoding": args.encoding, "header": args.header, "keep_ints": args.keep_ints,
         "progress": args.progress,
         **({"shard_size": args.shard_size} if args.shard_size else {}),
     })
     try:
-        summary = run_conversion(args.src, args.out, config, run)
+        summary = _run_on_cluster(args, config, run) if args.dask_scheduler else \
+            run_conversion(args.src, args.out, config, run)
     except TooManyFailuresError as exc:
         if exc.summary is not None:
             print(exc.summary.line())  # type: ignore[attr-defined]
         raise
     print(summary.line())
     return 0
+
+
+def _run_on_cluster(args: argparse.Namespace, config: ConvertConfig, run: RunOptions) -> ConvertSummary:
+    from shardkit.convert import run_conversion
+    from shardkit.executors import dask_executor
+
+    if args.workers is not None:
+        raise ConfigError("--workers does not apply with --dask-scheduler: the cluster's workers "
+                          "run the tasks")
+    with dask_executor(args.dask_scheduler) as executor:
+        return run_conversion(args.src, args.out, config, run, executor=executor)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -168,6 +229,29 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from shardkit.bench import BenchOptions, plot, run_bench
+
+    try:
+        workers = tuple(int(w) for w in args.workers.split(","))
+    except ValueError:
+        raise ConfigError(f"--workers takes counts like 0,2,4; got {args.workers!r}") from None
+    options = BenchOptions(batch_size=args.batch_size, workers=workers, epochs=args.epochs,
+                           baseline=args.baseline, baseline_limit=args.baseline_limit,
+                           target_rate=args.target_rate)
+    report = run_bench(args.path, options)
+    if args.json:
+        import json
+
+        print(json.dumps(report.to_json(), indent=1, sort_keys=True))
+    else:
+        print(report.table())
+    if args.plot:
+        plot(report, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 def _preview(args: argparse.Namespace) -> int:
     from shardkit.inspect import contact_sheet
 
@@ -185,7 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    handlers = {"convert": _convert, "info": _info, "preview": _preview, "verify": _verify}
+    handlers = {"convert": _convert, "info": _info, "preview": _preview, "verify": _verify,
+                "bench": _bench}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from shardkit.errors import ConfigError
 
 __all__ = [
     "ConvertConfig",
+    "CsvOptions",
     "ErrorBudget",
     "ImageOptions",
     "RunOptions",
@@ -109,6 +110,45 @@ class ImageOptions:
         return (self.size[1], self.size[0], self.channels)
 
 
+HEADER_MODES: tuple[str, ...] = ("auto", "yes", "no")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CsvOptions:
+    """How a CSV source is read (SRC ending in ``.csv``); see docs/format.md, "CSV inputs".
+
+    image_col: the column of image paths (an image CSV); None: a tabular CSV.
+    label_cols: label column(s); one column gives int64 labels (strings become sorted
+        classes), several give float32 targets (``label`` float32 [B, K] when reading).
+    root: folder that relative image paths start from (None: the CSV's folder).
+    columns / exclude: feature columns to keep / drop (tabular); default every column.
+    delimiter, encoding: passed to the CSV parser. header: ``auto`` (the first record is a
+        header unless every field of it is a number), ``yes`` or ``no``.
+    keep_ints: store integer columns as int64 instead of float32 (tabular).
+    """
+
+    image_col: str | None = None
+    label_cols: tuple[str, ...] = ()
+    root: str | None = None
+    columns: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    delimiter: str = ","
+    encoding: str = "utf8"
+    header: str = "auto"
+    keep_ints: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("header", self.header, HEADER_MODES)
+        if len(self.delimiter) != 1:
+            raise ConfigError(f"delimiter must be one character; got {self.delimiter!r}")
+        if self.columns and self.exclude:
+            raise ConfigError("give --columns or --exclude, not both")
+        named = {self.image_col, *self.label_cols} - {None}
+        if named & set(self.exclude) or named & set(self.columns):
+            raise ConfigError("--columns/--exclude name only feature columns, not the image "
+                              "or label columns")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ConvertConfig:
     """Every option that decides the bytes of a converted dataset.
@@ -131,6 +171,8 @@ class ConvertConfig:
     samples_per_shard: int | None = None
     shuffle: bool = False
     seed: int = 0
+    #: Set when SRC is a CSV file (image or tabular CSV); None for image folders.
+    csv: CsvOptions | None = None
 
     def __post_init__(self) -> None:
         _check_choice("format", self.format, FORMATS)
@@ -152,6 +194,8 @@ class ConvertConfig:
     def to_json(self) -> dict[str, Any]:
         """The resolved configuration as JSON-ready values (tuples become lists)."""
         resolved: dict[str, Any] = _jsonable(dataclasses.asdict(self))
+        if self.csv is None:
+            del resolved["csv"]  # folder conversions keep the manifest they always had
         return resolved
 
 
@@ -255,8 +299,26 @@ def parse_max_errors(text: str) -> ErrorBudget:
 _IMAGE_FIELDS = frozenset(f.name for f in dataclasses.fields(ImageOptions))
 _CONVERT_FIELDS = frozenset(f.name for f in dataclasses.fields(ConvertConfig)) - {"image"}
 _RUN_FIELDS = frozenset(f.name for f in dataclasses.fields(RunOptions))
+_CSV_FIELDS = frozenset(f.name for f in dataclasses.fields(CsvOptions))
 #: Convenience spellings accepted by `configs_from_options` (and so by ``shardkit.convert``).
-_ALIASES = frozenset({"shard_size"})
+_ALIASES = frozenset({"shard_size", "label_col"}) | _CSV_FIELDS
+
+
+def csv_options(options: dict[str, Any]) -> CsvOptions:
+    """CsvOptions from keywords; ``label_col`` may be ``"a"``, ``"a,b"`` or a list."""
+    kw = {k: v for k, v in options.items() if k in _CSV_FIELDS}
+    label = options.get("label_col", kw.get("label_cols"))
+    if isinstance(label, str):
+        label = [p.strip() for p in label.split(",") if p.strip()]
+    kw["label_cols"] = tuple(label or ())
+    for name in ("columns", "exclude"):
+        value = kw.get(name)
+        if isinstance(value, str):
+            value = [p.strip() for p in value.split(",") if p.strip()]
+        kw[name] = tuple(value or ())
+    if kw.get("root") is not None:
+        kw["root"] = str(kw["root"])
+    return CsvOptions(**kw)
 
 
 def configs_from_options(options: dict[str, Any]) -> tuple[ConvertConfig, RunOptions]:
@@ -281,6 +343,8 @@ def configs_from_options(options: dict[str, Any]) -> tuple[ConvertConfig, RunOpt
         if name in image_kw:
             image_kw[name] = tuple(image_kw[name])
     convert_kw = {k: v for k, v in options.items() if k in _CONVERT_FIELDS}
+    if "csv" not in convert_kw and (_CSV_FIELDS | {"label_col"}) & set(options):
+        convert_kw["csv"] = csv_options(options)
     if "shard_size" in options:
         value = options["shard_size"]
         convert_kw["shard_bytes"] = parse_byte_size(value) if isinstance(value, str) else int(value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -21,7 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from shardkit import journal, outdir
+from shardkit import executors, journal, outdir
 from shardkit._fs import publish
 from shardkit.config import ConvertConfig, RunOptions, configs_from_options
 from shardkit.errors import TooManyFailuresError, WorkerError
@@ -29,6 +30,7 @@ from shardkit.executors import InlineExecutor, local_pool
 from shardkit.manifest import ERRORS_NAME, Manifest, ShardRecord
 from shardkit.plan import Plan, make_plan, rows_per_group
 from shardkit.report import ConvertSummary, FailureRecord, write_error_report
+from shardkit.sources.csv import source_config
 from shardkit.tasks import PartResult, PartTask, ShardTask, run_part, run_shard
 from shardkit.writers import tar as tar_writer
 
@@ -37,11 +39,14 @@ __all__ = ["convert", "run_conversion"]
 
 def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
             executor: cf.Executor | None = None, **options: Any) -> ConvertSummary:
-    """Convert the image folder `src` into a shardkit dataset in `out`.
+    """Convert the image folder or CSV file `src` into a shardkit dataset in `out`.
 
     options: any field of `ImageOptions`, `ConvertConfig` or `RunOptions` (size, resize,
     mode, format, codec, quality, shard_size or samples_per_shard, shuffle, seed, workers,
-    overwrite, max_errors, ...). executor: run tasks there instead of a local process pool.
+    overwrite, max_errors, ...), and for a ``.csv`` SRC any field of `CsvOptions`
+    (image_col, label_col="a" or "a,b", root, columns, exclude, delimiter, encoding, header,
+    keep_ints): with image_col an image CSV, else a tabular CSV (Parquet of typed columns).
+    executor: run tasks there instead of a local process pool (image inputs).
 
     Returns a `ConvertSummary`. Raises ConfigError, InputError, OutputExistsError,
     WorkerError; raises TooManyFailuresError (carrying ``.summary``) after writing the whole
@@ -55,7 +60,13 @@ def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
                    config: ConvertConfig, run: RunOptions, *,
                    executor: cf.Executor | None = None) -> ConvertSummary:
     started = time.perf_counter()
-    plan = make_plan(src, config)
+    config = source_config(src, config)
+    if config.csv is not None and config.csv.image_col is None:  # a tabular CSV
+        from shardkit.tabular import convert_table
+
+        return _check_budget(convert_table(src, out, config, run), run)
+    # Absolute paths: tasks may run in processes with another working directory (Dask workers).
+    plan = make_plan(os.path.abspath(src), config)
     out_dir = Path(out)
     state = outdir.prepare(out_dir, plan.fingerprint, overwrite=run.overwrite, resume=run.resume)
     workers = run.resolved_workers
@@ -63,13 +74,20 @@ def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
         return _check_budget(_summary_of_finished(out_dir, workers, started), run)
     finished = journal.load(out_dir, plan.fingerprint,
                             [plan.shard_file(k) for k in range(plan.shard_count)])
-    tmp = out_dir / outdir.TMP_NAME
-    tmp.mkdir()
+    # A folder of this run's own: a task of an earlier run still running on a cluster (Ctrl-C
+    # cannot stop a running Dask task) never writes where this run reads.
+    tmp = out_dir.absolute() / outdir.TMP_NAME / secrets.token_hex(4)
+    tmp.mkdir(parents=True)
     own = executor is None
     if executor is None:
         executor = InlineExecutor() if workers == 0 else local_pool(workers)
+    else:
+        workers = executors.capacity(executor) or workers
     show = sys.stderr.isatty() if run.progress is None else run.progress
     try:
+        if not own:  # a cluster: do its workers see SRC and share OUT with us?
+            first = plan.records[0] if plan.records else None
+            executors.check_workers(executor, (first.path, first.size) if first else None, tmp)
         with tqdm(total=plan.inputs, unit="img", disable=not show, dynamic_ncols=True,
                   file=sys.stderr) as bar:
             bar.update(len(plan.failures))
@@ -79,7 +97,7 @@ def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
     finally:
         if own:
             executor.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
 
     all_failures = plan.failures + failures
     write_error_report(out_dir / ERRORS_NAME, all_failures)
@@ -98,6 +116,19 @@ def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
         reasons=dict(Counter(f.reason for f in all_failures)), reused_shards=len(finished),
     )
     return _check_budget(summary, run)
+
+
+def _discard(tmp: Path) -> None:
+    """Remove the run's temporary folder and OUT/.shardkit-tmp around it. Renamed first: a
+    cancelled task still running on a cluster may create files in it by name while rmtree
+    works, and after the rename none can."""
+    gone = tmp.with_name(f"{tmp.name}.gone")
+    try:
+        tmp.rename(gone)
+    except OSError:
+        gone = tmp
+    shutil.rmtree(gone, ignore_errors=True)
+    shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
 def _check_budget(summary: ConvertSummary, run: RunOptions) -> ConvertSummary:
@@ -173,7 +204,7 @@ class _Scheduler:
                     shard=shard, part=number, first=indices.start,
                     records=tuple(plan.records[i] for i in indices), classes=classes,
                     path=str(self.tmp / f"{shard}.{number}.part"), key_width=plan.key_width,
-                    json_blocks=blocks, config=plan.config,
+                    json_blocks=blocks, config=plan.config, meta_types=plan.meta_types,
                 )
 
     def _submit(self, kind: str, shard: int, fn: Any, task: Any) -> None:
@@ -196,9 +227,8 @@ class _Scheduler:
         except BrokenProcessPool:
             raise self._died(shard) from None
         except Exception as exc:
-            raise WorkerError(
-                f"converting {self.plan.shard_file(shard)} failed: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise WorkerError(f"converting {self.plan.shard_file(shard)} failed: "
+                              f"{executors.describe_task_error(exc)}") from exc
         if kind == "part":
             self._part_done(result)
         else:
@@ -220,6 +250,7 @@ class _Scheduler:
                 shard=result.shard, parts=tuple(r.path for r in done),
                 tmp_path=str(self.tmp / plan.shard_file(result.shard)), labeled=plan.labeled,
                 rows_per_group=rows_per_group(plan.config, plan.labeled), config=plan.config,
+                meta_types=plan.meta_types,
             ))
 
     def _shard_done(self, shard: int, result: tuple[int, str]) -> None:
@@ -227,6 +258,8 @@ class _Scheduler:
         name = plan.shard_file(shard)
         publish(self.tmp / name, self.out / name)
         parts = self.parts.pop(shard)
+        for part in parts:  # here, not in run_shard: a retried run_shard must find them
+            os.unlink(part.path)
         layout = None
         shape = plan.config.image.fixed_shape
         if plan.config.format == "tar" and plan.config.codec == "raw" and shape is not None:
@@ -264,4 +297,7 @@ def _schema(plan: Plan) -> dict[str, Any]:
             schema[name]["member"] = "json" if name != "key" else "__key__"
     else:
         schema["parquet"] = {"rows_per_group": rows_per_group(config, plan.labeled)}
+    for position, (name, kind) in enumerate(plan.meta_types):  # image CSVs: other columns
+        schema[name] = {"dtype": kind, "shape": [], "csv_column": position,
+                        **({"member": "json"} if config.format == "tar" else {})}
     return schema

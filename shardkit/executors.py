@@ -1,19 +1,48 @@
 """Where tasks run: in the calling process, in a local process pool, or on any
 `concurrent.futures.Executor` the caller brings (a Dask ``Client.get_executor()`` works as is).
+
+On a cluster the client plans and commits and the workers run `shardkit.tasks`, reading SRC and
+writing under OUT themselves: both must be on a filesystem every worker mounts at the same
+path. `check_workers` proves that with a tiny task before any real one is submitted.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import multiprocessing
+import os
+import re
+import secrets
 import signal
+import socket
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["InlineExecutor", "local_pool"]
+from shardkit.config import ImageOptions
+from shardkit.errors import ConfigError, InputError, WorkerError, require
+from shardkit.images import pillow_limits
+
+__all__ = [
+    "InlineExecutor",
+    "capacity",
+    "check_workers",
+    "dask_executor",
+    "describe_task_error",
+    "local_pool",
+    "require_source_root",
+    "shared_pillow_limits",
+]
 
 T = TypeVar("T")
+
+_ADDRESS = re.compile(r"^[a-z][a-z0-9+]*://\S+:\d+$")
+_CONNECT_TIMEOUT_S = 10
+_WORKER_WAIT_S = 60
+_SCALE_OUT_DOC = "see docs/scale-out.md"
 
 
 class InlineExecutor(cf.Executor):
@@ -47,3 +76,174 @@ def local_pool(workers: int) -> cf.ProcessPoolExecutor:
         # (torch) are not repeated in every worker.
         context.set_forkserver_preload(["shardkit.tasks"])
     return cf.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init)
+
+
+# --------------------------------------------------------------------------- Dask
+
+
+@contextlib.contextmanager
+def dask_executor(address: str) -> Iterator[cf.Executor]:
+    """Connect to the Dask scheduler at `address` (``tcp://HOST:PORT``) and yield an executor
+    on its workers; the connection is closed (outstanding tasks released) on the way out.
+
+    Raises ConfigError (malformed address), MissingExtraError (no ``shardkit[dask]``),
+    WorkerError (scheduler unreachable).
+    """
+    if not _ADDRESS.match(address):
+        raise ConfigError(f"--dask-scheduler: expected an address like tcp://HOST:PORT, got {address!r}")
+    distributed: Any = require("distributed", "dask")
+    try:
+        client = distributed.Client(address, timeout=_CONNECT_TIMEOUT_S, set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        raise WorkerError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+    try:
+        # pure=False: a task's key must never match a finished task of an earlier run, whose
+        # result Dask would hand back without running it (the part file would be missing).
+        yield client.get_executor(pure=False)
+    finally:
+        client.close()
+
+
+def _dask_client(executor: cf.Executor) -> Any:
+    """The Dask client behind `executor` (a ``Client.get_executor()``), or None."""
+    if type(executor).__module__.startswith("distributed."):
+        return getattr(executor, "_client", None)
+    return None
+
+
+def capacity(executor: cf.Executor) -> int | None:
+    """How many tasks `executor` runs at once, when it can tell (Dask: worker threads now
+    connected; process and thread pools: their size); None otherwise."""
+    client = _dask_client(executor)
+    if client is not None:
+        return max(1, int(sum(client.nthreads().values())))
+    workers = getattr(executor, "_max_workers", None)  # cf.ProcessPoolExecutor, ThreadPoolExecutor
+    return workers if isinstance(workers, int) else None
+
+
+def describe_task_error(exc: BaseException) -> str:
+    """One line for an exception that came out of a task's future."""
+    if isinstance(exc, cf.CancelledError):
+        return ("the task was cancelled by the executor (the Dask scheduler was restarted or "
+                "lost, or the client closed)")
+    if type(exc).__name__ == "KilledWorker":  # distributed.scheduler.KilledWorker
+        return (f"every worker that ran it died ({exc.args[2] if len(exc.args) > 2 else 'several'} "
+                "times: killed, or out of memory?), so Dask gave up on it")
+    return f"{type(exc).__name__}: {exc}"
+
+
+# --------------------------------------------------------------------------- worker check
+
+
+def probe_worker(src_file: str | None, src_bytes: int, tmp: str) -> tuple[str, str, str, str]:
+    """Runs on a worker: can it read the planned input `src_file` (with the planned size) and
+    write a file under `tmp`? Returns (worker, what failed: "src"/"out"/"", detail, file name)."""
+    where = f"{socket.gethostname()} (pid {os.getpid()})"
+    name = f"probe-{secrets.token_hex(8)}"
+    if src_file is not None:
+        try:
+            size = os.stat(src_file).st_size
+        except OSError as exc:
+            return where, "src", f"{src_file}: {exc.strerror or exc}", name
+        if size != src_bytes:
+            return where, "src", f"{src_file}: {size} bytes there, {src_bytes} on the client", name
+    try:
+        with open(os.path.join(tmp, name), "w", encoding="ascii") as handle:
+            handle.write(name)
+    except OSError as exc:
+        return where, "out", f"{tmp}: {exc.strerror or exc}", name
+    return where, "", "", name
+
+
+def check_workers(executor: cf.Executor, first_input: tuple[str, int] | None, tmp: Path) -> None:
+    """Before any real task: check that the workers see SRC (the first planned input, same
+    size) and share OUT with the client (a file a worker writes under `tmp` is visible here).
+
+    On Dask every connected worker is checked; another executor runs the check once.
+    Raises InputError (SRC not visible), WorkerError (OUT not shared or writable; no workers).
+    """
+    src_file, src_bytes = first_input if first_input is not None else (None, 0)
+    client = _dask_client(executor)
+    if client is not None:
+        _wait_for_a_worker(client)
+        results = client.run(probe_worker, src_file, src_bytes, str(tmp))
+        outcomes = [(f"{address} on {where}", *rest) for address, (where, *rest) in results.items()]
+    else:
+        outcomes = [executor.submit(probe_worker, src_file, src_bytes, str(tmp)).result()]
+    for where, failed, detail, name in sorted(outcomes):
+        _raise_for(where, failed, detail, tmp / name)
+
+
+def require_source_root(path: str, source: str) -> None:
+    """Called by a task when the input `path` is missing: if the SRC it was listed from is
+    missing too, this machine cannot see SRC (a cluster worker without the shared filesystem,
+    or SRC removed mid-run). Raise then, failing the task, instead of reporting every input
+    of the run as missing."""
+    root = path[: -len(source)] if source and path.endswith(source) else ""
+    if root and not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"SRC {root.rstrip(os.sep)} is not visible on {socket.gethostname()} (pid {os.getpid()}): "
+            f"SRC and OUT must be on a filesystem every worker mounts at the same path "
+            f"({_SCALE_OUT_DOC})"
+        )
+
+
+def _wait_for_a_worker(client: Any) -> None:
+    try:
+        client.wait_for_workers(1, timeout=_WORKER_WAIT_S)
+    except TimeoutError:
+        raise WorkerError(f"no Dask worker joined the scheduler within {_WORKER_WAIT_S} s") from None
+
+
+def _raise_for(where: str, failed: str, detail: str, probe: Path) -> None:
+    if failed == "src":
+        raise InputError(f"SRC is not visible on the worker {where}: {detail}; SRC and OUT must be "
+                         f"on a filesystem every worker mounts at the same path ({_SCALE_OUT_DOC})")
+    if failed == "out":
+        raise WorkerError(f"the worker {where} cannot write under OUT: {detail}; SRC and OUT must be "
+                          f"on a filesystem every worker mounts at the same path ({_SCALE_OUT_DOC})")
+    try:
+        seen = probe.read_text(encoding="ascii") == probe.name
+        probe.unlink()
+    except OSError:
+        seen = False
+    if not seen:
+        raise WorkerError(f"the worker {where} wrote {probe} but this machine does not see it: "
+                          f"OUT must be on a filesystem shared by the client and every worker "
+                          f"({_SCALE_OUT_DOC})")
+
+
+# --------------------------------------------------------------------------- Pillow's globals
+
+
+class _SharedPillowLimits:
+    """`pillow_limits` for tasks that share a process as threads (a Dask worker runs
+    ``--nthreads`` tasks at once). Pillow's limits are process-wide: if each task set and
+    restored them, one task finishing would restore Pillow's defaults (its own bomb check, its
+    warnings) under another still running. Here the first task in sets them and the last one
+    out restores them. The values do not depend on the task's config (`load_image` checks the
+    configured pixel limit itself), so tasks of different configs can share them.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._stack = contextlib.ExitStack()
+
+    @contextlib.contextmanager
+    def hold(self, options: ImageOptions) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._stack.enter_context(pillow_limits(options))
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._stack.close()
+
+
+# One per process, like the Pillow globals it guards; it holds no state between tasks.
+shared_pillow_limits = _SharedPillowLimits().hold

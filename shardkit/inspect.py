@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from shardkit.manifest import Manifest
 from shardkit.reader import open_dataset
 from shardkit.report import human_bytes
 
@@ -17,6 +18,8 @@ __all__ = ["contact_sheet", "describe", "info_text"]
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The facts ``shardkit info`` prints, as JSON-ready values."""
+    if Manifest.read(path).kind == "table":
+        return _describe_table(path)
     dataset = open_dataset(path)
     manifest = dataset.manifest
     samples = manifest.samples
@@ -46,6 +49,8 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def info_text(facts: dict[str, Any]) -> str:
     """A human rendering of `describe`'s facts."""
+    if facts["kind"] == "table":
+        return _table_text(facts)
     image = facts["schema"]["image"]
     shape = "x".join("?" if s is None else str(s) for s in image["shape"])
     lines = [
@@ -71,6 +76,50 @@ def info_text(facts: dict[str, Any]) -> str:
         f"{opts['mode']}, filter {opts['filter']}, draft {'on' if opts['draft'] else 'off'}, "
         f"shuffle {'seed ' + str(config['seed']) if config['shuffle'] else 'off'}"
     )
+    lines.append(f"fingerprint {facts['fingerprint'][:16]}…  (shardkit {facts['shardkit_version']})")
+    return "\n".join(lines)
+
+
+def _describe_table(path: str | os.PathLike[str]) -> dict[str, Any]:
+    manifest = Manifest.read(path)
+    classes = None
+    if manifest.classes is not None:
+        counts = manifest.class_counts or [0] * len(manifest.classes)
+        classes = [{"label": i, "name": name, "count": int(counts[i])}
+                   for i, name in enumerate(manifest.classes)]
+    samples = manifest.samples
+    return {
+        "path": str(path), "kind": "table", "samples": samples, "inputs": manifest.inputs,
+        "failed": manifest.failed, "classes": classes, "shards": len(manifest.shards),
+        "bytes": manifest.bytes, "bytes_per_sample": manifest.bytes / samples if samples else 0.0,
+        "format": "parquet", "schema": manifest.schema, "columns": manifest.schema["columns"],
+        "config": manifest.config, "fingerprint": manifest.fingerprint,
+        "shardkit_version": manifest.shardkit_version,
+    }
+
+
+def _table_text(facts: dict[str, Any]) -> str:
+    schema = facts["schema"]
+    label = schema.get("label")
+    lines = [
+        f"dataset     {facts['path']} (table)",
+        f"rows        {facts['samples']:,} of {facts['inputs']:,} CSV rows ({facts['failed']:,} failed)",
+        f"shards      {facts['shards']:,} parquet files, {human_bytes(facts['bytes'])} "
+        f"({human_bytes(facts['bytes_per_sample'])} per row)",
+        f"features    float32 [{schema['features']['shape'][0]}]: "
+        + ", ".join(schema["features"]["names"]),
+        "label       none" if label is None else
+        f"label       {label['dtype']} {label['shape']} from {', '.join(label['names'])}",
+    ]
+    if facts["classes"] is not None:
+        lines.append("classes     " + ", ".join(f"{c['name']} ({c['count']:,})"
+                                                for c in facts["classes"]))
+    lines.append(f"  {'column':<16} {'role':<8} {'dtype':<10} {'min':>11} {'mean':>11} "
+                 f"{'max':>11} {'nulls':>8}")
+    for column in facts["columns"]:
+        numbers = [("-" if column[k] is None else f"{column[k]:.4g}") for k in ("min", "mean", "max")]
+        lines.append(f"  {column['name'][:16]:<16} {column['role']:<8} {column['dtype']:<10} "
+                     f"{numbers[0]:>11} {numbers[1]:>11} {numbers[2]:>11} {column['nulls']:>8,}")
     lines.append(f"fingerprint {facts['fingerprint'][:16]}…  (shardkit {facts['shardkit_version']})")
     return "\n".join(lines)
 

@@ -84,7 +84,7 @@ def _parse(data: dict[str, Any], shard: int) -> Entry:
                          sha256=str(raw["sha256"]), layout=raw.get("layout"))
     failures = tuple(
         FailureRecord(source=f["path"], stage=f["stage"], reason=f["reason"], detail=f["detail"],
-                      index=f["index"], key=f["key"])
+                      index=f["index"], key=f["key"], row=f.get("row"))
         for f in data["failures"]
     )
     if int(data["shard"]) != shard:

@@ -18,6 +18,7 @@ import numpy as np
 from shardkit.config import ConvertConfig
 from shardkit.manifest import fingerprint, shard_name
 from shardkit.report import FailureRecord
+from shardkit.sources.image_csv import list_image_csv
 from shardkit.sources.imagefolder import InputRecord, list_image_folder
 from shardkit.writers import tar as tar_writer
 
@@ -39,6 +40,8 @@ class Plan:
     ignored: int
     samples_per_shard: int
     fingerprint: str
+    #: CSV metadata columns (name, type) carried by every sample; empty for folders.
+    meta_types: tuple[tuple[str, str], ...] = ()
 
     @property
     def labeled(self) -> bool:
@@ -76,20 +79,24 @@ class Plan:
 
     def json_blocks(self, shard: int) -> int:
         """Blocks each tar JSON member of `shard` is padded to (see writers.tar)."""
-        items = ((self.records[i].source, self.class_name(self.records[i]))
+        items = ((self.records[i].source, self.class_name(self.records[i]), self.records[i].meta)
                  for i in self.shard_slice(shard))
         return tar_writer.json_blocks(items)
 
 
 def make_plan(src: str | os.PathLike[str], config: ConvertConfig) -> Plan:
     """List `src`, apply the optional seeded shuffle and size the shards."""
-    listing = list_image_folder(src)
+    if config.csv is not None:
+        assert config.csv.image_col is not None  # tabular CSVs are converted by shardkit.tabular
+        listing = list_image_csv(src, config.csv)
+    else:
+        listing = list_image_folder(src)
     records = listing.records
     if config.shuffle:
         order = np.random.default_rng(config.seed).permutation(len(records))
         records = [records[i] for i in order]
-    failures = [FailureRecord(source=f.source, stage="plan", reason=f.reason, detail=f.detail)
-                for f in listing.failures]
+    failures = [FailureRecord(source=f.source, stage="plan", reason=f.reason, detail=f.detail,
+                              row=f.row) for f in listing.failures]
     return Plan(
         config=config,
         records=records,
@@ -99,8 +106,9 @@ def make_plan(src: str | os.PathLike[str], config: ConvertConfig) -> Plan:
         samples_per_shard=_samples_per_shard(config, listing.classes is not None),
         fingerprint=fingerprint(
             config.to_json(), listing.classes,
-            ((r.source, r.size, r.mtime_ns) for r in listing.records),
+            [*listing.extra_inputs, *((r.source, r.size, r.mtime_ns) for r in listing.records)],
         ),
+        meta_types=listing.meta_types,
     )
 
 

@@ -28,10 +28,15 @@ class FailureRecord:
     detail: str
     index: int | None = None
     key: str | None = None
+    #: CSV inputs: the row number in the CSV (header = row 1); None for folder inputs.
+    row: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "key": self.key, "path": self.source, "stage": self.stage,
-                "reason": self.reason, "detail": self.detail}
+        out = {"index": self.index, "key": self.key, "path": self.source, "stage": self.stage,
+               "reason": self.reason, "detail": self.detail}
+        if self.row is not None:
+            out["row"] = self.row
+        return out
 
 
 def write_error_report(path: str | os.PathLike[str], failures: Iterable[FailureRecord]) -> None:
@@ -61,6 +66,8 @@ class ConvertSummary:
     reused_shards: int = 0
     #: True when OUT already held this exact conversion and nothing was done.
     up_to_date: bool = False
+    #: What an input is, for the summary line ("images"; "rows" for tabular CSVs).
+    unit: str = "images"
 
     @property
     def images_per_second(self) -> float:
@@ -73,7 +80,7 @@ class ConvertSummary:
         text = (
             f"{self.samples:,} samples in {self.shards:,} shards ({human_bytes(self.bytes)}) "
             f"→ {self.out}; {self.failed:,} failed; {self.seconds:.1f} s, "
-            f"{self.images_per_second:,.0f} images/s on {self.workers} worker"
+            f"{self.images_per_second:,.0f} {self.unit}/s on {self.workers} worker"
             f"{'' if self.workers == 1 else 's'}"
         )
         if self.reused_shards:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from dataclasses import dataclass
 
 import pyarrow as pa
 
 from shardkit.config import ConvertConfig
-from shardkit.images import ImageFailure, encode, load_image, pillow_limits
+from shardkit.executors import require_source_root, shared_pillow_limits
+from shardkit.images import ImageFailure, encode, load_image
 from shardkit.report import FailureRecord
 from shardkit.sources.imagefolder import InputRecord
 from shardkit.writers import EncodedSample
@@ -36,6 +38,8 @@ class PartTask:
     key_width: int
     json_blocks: int
     config: ConvertConfig
+    #: CSV metadata columns (name, type): the Parquet columns after the fixed ones.
+    meta_types: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,25 +61,30 @@ class ShardTask:
     labeled: bool
     rows_per_group: int
     config: ConvertConfig
+    meta_types: tuple[tuple[str, str], ...] = ()
 
 
 def run_part(task: PartTask) -> PartResult:
     """Decode, resize and encode `task.records` into the part file `task.path`."""
     cpu_start = time.process_time()
-    writer = _part_writer(task)
+    scratch = _scratch(task.path)
+    writer = _part_writer(task, scratch)
     failures: list[FailureRecord] = []
     counts = [0] * len(task.classes or ())
     written = 0
-    with pillow_limits(task.config.image):
+    with shared_pillow_limits(task.config.image):
         try:
             for offset, record in enumerate(task.records):
                 key = f"{task.first + offset:0{task.key_width}d}"
                 try:
                     sample = _convert_one(record, key, task)
                 except ImageFailure as failure:
+                    if failure.reason == "missing_file":  # one file, or all of SRC?
+                        require_source_root(record.path, record.source)
                     failures.append(FailureRecord(
                         source=record.source, stage=failure.stage, reason=failure.reason,
                         detail=failure.detail, index=task.first + offset, key=key,
+                        row=record.row,
                     ))
                     continue
                 writer.add(sample)
@@ -84,25 +93,34 @@ def run_part(task: PartTask) -> PartResult:
                     counts[record.label] += 1
         finally:
             writer.close()
+    os.replace(scratch, task.path)
     return PartResult(shard=task.shard, part=task.part, path=task.path, samples=written,
                       failures=tuple(failures), label_counts=tuple(counts),
                       cpu_seconds=time.process_time() - cpu_start)
 
 
-def _part_writer(task: PartTask) -> TarPartWriter | ParquetPartWriter:
+def _scratch(path: str) -> str:
+    # A task may run twice at once on a cluster (a worker presumed dead still running it):
+    # each run writes its own file and renames it into place, so readers see one whole file.
+    return f"{path}.{uuid.uuid4().hex}.tmp"
+
+
+def _part_writer(task: PartTask, path: str) -> TarPartWriter | ParquetPartWriter:
     config = task.config
     if config.format == "tar":
         classes = len(task.classes) if task.classes is not None else None
-        return TarPartWriter(task.path, codec=config.codec, json_blocks=task.json_blocks,
+        return TarPartWriter(path, codec=config.codec, json_blocks=task.json_blocks,
                              classes=classes)
-    return ParquetPartWriter(task.path, schema=shard_schema(config, task.classes is not None))
+    return ParquetPartWriter(path, schema=shard_schema(config, task.classes is not None,
+                                                       task.meta_types))
 
 
-def shard_schema(config: ConvertConfig, labeled: bool) -> pa.Schema:
-    """The Arrow schema of a Parquet shard under `config`."""
+def shard_schema(config: ConvertConfig, labeled: bool,
+                 meta_types: tuple[tuple[str, str], ...] = ()) -> pa.Schema:
+    """The Arrow schema of a Parquet shard under `config` (plus CSV metadata columns)."""
     shape = config.image.fixed_shape
     pixel_bytes = shape[0] * shape[1] * shape[2] if shape and config.codec == "raw" else None
-    return arrow_schema(pixel_bytes=pixel_bytes, labeled=labeled)
+    return arrow_schema(pixel_bytes=pixel_bytes, labeled=labeled, meta=meta_types)
 
 
 def _convert_one(record: InputRecord, key: str, task: PartTask) -> EncodedSample:
@@ -124,22 +142,24 @@ def _convert_one(record: InputRecord, key: str, task: PartTask) -> EncodedSample
             raise ImageFailure("encode", "encode_error", str(exc)) from None
     class_name = task.classes[record.label] if task.classes and record.label is not None else None
     return EncodedSample(key=key, label=record.label, class_name=class_name, payload=payload,
-                         shape=shape, source=record.source, orig_size=orig_size)
+                         shape=shape, source=record.source, orig_size=orig_size,
+                         meta=record.meta)
 
 
 def run_shard(task: ShardTask) -> tuple[int, str]:
     """Join the parts of one shard into `task.tmp_path` (fsynced); (bytes, sha256).
 
-    The part files are removed once the shard is durable.
+    The part files are left for the caller to remove once it has published the shard, so a
+    retried task (its worker lost) finds them again.
     """
     config = task.config
+    scratch = _scratch(task.tmp_path)
     if config.format == "tar":
-        result = assemble_tar(task.parts, task.tmp_path)
+        result = assemble_tar(task.parts, scratch)
     else:
         result = assemble_parquet(
-            task.parts, task.tmp_path, schema=shard_schema(config, task.labeled),
+            task.parts, scratch, schema=shard_schema(config, task.labeled, task.meta_types),
             rows_per_group=task.rows_per_group, compression=config.compression,
         )
-    for part in task.parts:
-        os.unlink(part)
+    os.replace(scratch, task.tmp_path)
     return result

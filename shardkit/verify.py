@@ -44,6 +44,7 @@ from PIL import Image
 from shardkit.errors import CorruptShardError, DatasetError, UnsafeContentError
 from shardkit.manifest import ERRORS_NAME, INDEX_NAME, Manifest, ShardRecord
 from shardkit.reader.tar import iter_members
+from shardkit.writers.parquet import META_TYPES
 
 __all__ = ["verify_dataset"]
 
@@ -69,6 +70,10 @@ def verify_dataset(path: str | os.PathLike[str], *, quick: bool = False) -> list
     folder = Path(path)
     try:
         manifest = Manifest.read(folder)
+        if manifest.kind == "table":  # tabular CSVs: shardkit.reader.table checks them
+            from shardkit.reader.table import verify_table
+
+            return verify_table(folder, manifest, quick=quick)
         spec = _Spec.of(manifest)
     except DatasetError as exc:
         return [str(exc)]
@@ -93,6 +98,8 @@ class _Spec:
     shape: tuple[int | None, ...]  # (H, W, C), or (None, None, C) when shapes vary
     classes: list[str] | None
     rows_per_group: int | None
+    #: Image CSVs: the rows' other columns (name, type), stored after the fixed ones.
+    csv_columns: tuple[tuple[str, str], ...] = ()
 
     @property
     def fixed(self) -> bool:
@@ -136,8 +143,11 @@ class _Spec:
             if not isinstance(rows, int) or rows < 1:
                 raise DatasetError(f"{INDEX_NAME}: schema 'parquet.rows_per_group' missing or not "
                                    "a positive int")
+        csv_columns = tuple((str(k), str(v["dtype"])) for k, v in sorted(
+            ((k, v) for k, v in schema.items() if isinstance(v, dict) and "csv_column" in v),
+            key=lambda item: int(item[1]["csv_column"])))
         return cls(format=str(fmt), codec=str(codec), shape=tuple(cast(list[int | None], shape)),
-                   classes=classes, rows_per_group=rows)
+                   classes=classes, rows_per_group=rows, csv_columns=csv_columns)
 
 
 def _valid_shape(shape: Any) -> bool:
@@ -390,7 +400,7 @@ def _walk_parquet(path: Path, spec: _Spec, tally: _Tally, *, decode: bool) -> in
                     columns += ["image", *(["width", "height"] if not spec.fixed else [])]
             for batch in handle.iter_batches(batch_size=256, columns=columns, use_threads=False):
                 nulls = [name for name, column in zip(batch.schema.names, batch.columns, strict=True)
-                         if column.null_count]
+                         if column.null_count and name not in dict(spec.csv_columns)]
                 if nulls:
                     raise _Problem(f"column {nulls[0]} holds nulls")
                 _check_rows(batch.to_pydict(), spec, tally, decode=decode)
@@ -408,6 +418,7 @@ def _check_columns(schema: pa.Schema, spec: _Spec) -> None:
     # width/height are needed when shapes vary; jpeg/png shards of one shape may carry them too.
     if not spec.fixed or (spec.codec != "raw" and "width" in schema.names):
         expected += [("width", pa.int32()), ("height", pa.int32())]
+    expected += [(name, META_TYPES[kind]) for name, kind in spec.csv_columns]
     got = [(f.name, f.type) for f in schema]
     if got != expected:
         def text(fields: list[tuple[str, pa.DataType]]) -> str:

@@ -19,6 +19,7 @@ from shardkit.manifest import Manifest
 from shardkit.reader.assign import Split, assign, batches_per_rank, padding, samples_per_rank
 from shardkit.reader.fetch import ShardCache
 from shardkit.reader.stream import METADATA_FIELDS, in_background, stream_batches
+from shardkit.reader.table import TableCache, stream_table_batches
 
 torch: Any = require("torch", "torch")
 _IterableDataset: Any = torch.utils.data.IterableDataset
@@ -51,8 +52,9 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         super().__init__()
         self.path = str(path)
         self.manifest = Manifest.read(self.path)
-        if self.manifest.kind != "images":
-            raise DatasetError(f"{path}: holds {self.manifest.kind!r}, not images")
+        if self.manifest.kind not in ("images", "table"):
+            raise DatasetError(f"{path}: holds {self.manifest.kind!r}, not images or a table")
+        self.table = self.manifest.kind == "table"
         if batch_size <= 0:
             raise ConfigError(f"batch_size must be positive; got {batch_size}")
         if rank is None or world_size is None:
@@ -61,7 +63,7 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
             world_size = auto_world if world_size is None else world_size
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in a world of {world_size}")
-        unknown = set(fields or ()) - set(METADATA_FIELDS)
+        unknown = set(fields or ()) - set(() if self.table else METADATA_FIELDS)
         if unknown:
             raise ConfigError(f"unknown fields {sorted(unknown)}; choose from {METADATA_FIELDS}")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
@@ -74,7 +76,7 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         self.sizes = [s.samples for s in self.manifest.shards]
         self.starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
         # Shards stay open between epochs in the training process (workers start afresh).
-        self._cache: ShardCache | None = None
+        self._cache: Any = None  # a ShardCache, or a TableCache for tables
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -99,12 +101,23 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.table:
+            yield from self._table_batches(self.batches(worker, workers), in_process=info is None)
+            return
         cache = self._cache or ShardCache(self.path, self.manifest, verify=self.verify,
                                           capacity=self.cache_shards)
         in_process = info is None
         self._cache = cache if in_process else None
         for batch in stream_batches(cache, self.starts, self.batches(worker, workers), self.fields,
                                     keep_open=in_process):
+            yield _to_tensors(batch)
+
+
+    def _table_batches(self, batches: list[np.ndarray], *,
+                       in_process: bool) -> Iterator[dict[str, Any]]:
+        cache = self._cache or TableCache(self.path, self.manifest, capacity=self.cache_shards)
+        self._cache = cache if in_process else None
+        for batch in stream_table_batches(cache, self.starts, batches, keep_open=in_process):
             yield _to_tensors(batch)
 
 
@@ -125,7 +138,9 @@ def _to_tensors(batch: dict[str, Any]) -> dict[str, Any]:
 class ShardLoader:
     """Iterate a converted dataset in whole batches: dicts with ``image`` uint8 [B,H,W,C],
     ``label`` int64 [B] (labelled datasets), ``index`` int64 [B] (position in stored order),
-    and metadata when `fields` asks (key, source, orig_width, orig_height).
+    and metadata when `fields` asks (key, source, orig_width, orig_height). A table (a
+    converted tabular CSV) gives ``features`` float32 [B,F] (order: the manifest's
+    ``schema.features.names``), ``label`` (int64 [B], or float32 [B] / [B,K]) and ``index``.
 
     ``len(loader)`` is the exact number of batches this rank yields per epoch; every rank
     yields the same number (``drop_last`` drops the tail evenly, otherwise ``padding``

@@ -19,6 +19,7 @@ from shardkit.reader.assign import Split, assign
 from shardkit.reader.fetch import ShardCache
 from shardkit.reader.parquet import read_parquet_shard, read_parquet_table
 from shardkit.reader.stream import METADATA_FIELDS, in_background, stream_batches
+from shardkit.reader.table import TableCache, TableShard, read_table_shard, stream_table_batches
 from shardkit.reader.tar import iter_members, read_raw_shard
 
 __all__ = ["Dataset", "ShardData", "open_dataset"]
@@ -40,8 +41,8 @@ class Dataset:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.manifest = Manifest.read(self.path)
-        if self.manifest.kind != "images":
-            raise DatasetError(f"{self.path}: holds {self.manifest.kind!r}, not images")
+        if self.manifest.kind not in ("images", "table"):
+            raise DatasetError(f"{self.path}: holds {self.manifest.kind!r}, not images or a table")
         starts = np.cumsum([0] + [s.samples for s in self.manifest.shards])
         self._starts = [int(v) for v in starts]
 
@@ -65,9 +66,23 @@ class Dataset:
         shape = self.manifest.schema["image"]["shape"]
         return None if None in shape else (int(shape[0]), int(shape[1]), int(shape[2]))
 
+    @property
+    def is_table(self) -> bool:
+        """True for a tabular CSV conversion (features and labels, no images)."""
+        return self.manifest.kind == "table"
+
+    def read_table(self, number: int) -> TableShard:
+        """Shard `number` of a table: features float32 [N, F] and labels."""
+        if not self.is_table:
+            raise DatasetError(f"{self.path}: holds images; use read_shard")
+        record = self.manifest.shards[number]
+        return read_table_shard(str(self.path / record.file), record.samples, self.manifest)
+
     def read_shard(self, number: int) -> ShardData:
         """Every sample of shard `number`. Raises CorruptShardError on disagreement with
         index.json (size, structure or count)."""
+        if self.is_table:
+            raise DatasetError(f"{self.path}: holds a table; use read_table or batches")
         record = self.manifest.shards[number]
         path = self.path / record.file
         labeled = self.manifest.classes is not None
@@ -122,7 +137,8 @@ class Dataset:
                 window: int | None = 4, fields: Sequence[str] = (), start: int = 0,
                 verify: bool = False, prefetch: bool = True) -> Iterator[dict[str, Any]]:
         """Whole batches as numpy arrays: {"image" [B,H,W,C] uint8, "label" [B] int64 (if
-        labelled), "index" [B] int64, and any metadata `fields`}.
+        labelled), "index" [B] int64, and any metadata `fields`}; for a table, {"features"
+        [B,F] float32, "label" (if labelled), "index"}.
 
         Order, rank split and resume (`start` samples into this rank's epoch) follow
         `shardkit.reader.assign`; `prefetch` assembles the next batches in a thread.
@@ -131,9 +147,15 @@ class Dataset:
         split = Split(rank=rank, world=world_size)
         batches = list(assign(sizes, split, epoch=epoch, seed=seed, batch_size=batch_size,
                               drop_last=drop_last, shuffle=shuffle, window=window, start=start))
-        unknown = set(fields) - set(METADATA_FIELDS)
+        unknown = set(fields) - set(() if self.is_table else METADATA_FIELDS)
         if unknown:
             raise ConfigError(f"unknown fields {sorted(unknown)}; choose from {METADATA_FIELDS}")
+        starts = np.asarray(self._starts, dtype=np.int64)
+        if self.is_table:
+            table = stream_table_batches(TableCache(str(self.path), self.manifest,
+                                                    capacity=(window or len(sizes)) + 2),
+                                         starts, batches)
+            return in_background(table) if prefetch else table
         cache = ShardCache(str(self.path), self.manifest, capacity=(window or len(sizes)) + 2,
                            verify=verify)
         stream = stream_batches(cache, np.asarray(self._starts, dtype=np.int64), batches, fields)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from shardkit.reader.fetch import ShardCache, decode_payload, gather
+from shardkit.reader.targets import TargetCache, has_targets
 
 __all__ = ["METADATA_FIELDS", "assemble", "in_background", "stream_batches"]
 
@@ -97,12 +98,16 @@ def stream_batches(cache: ShardCache, starts: np.ndarray, batches: Sequence[np.n
     `lookahead` batches in the background. The cache is closed at the end unless
     `keep_open` (a later epoch in the same process then finds its shards mapped)."""
     alloc = alloc or BufferPool()
+    targets = TargetCache(cache.folder, cache.manifest) if has_targets(cache.manifest) else None
     shard_lists = [np.unique(np.searchsorted(starts, b, side="right") - 1).tolist() for b in batches]
     try:
         for number, index in enumerate(batches):
             upcoming = [s for later in shard_lists[number:number + 1 + lookahead] for s in later]
             cache.prefetch(list(dict.fromkeys(upcoming)))
-            yield assemble(cache, starts, index, fields, alloc)
+            batch = assemble(cache, starts, index, fields, alloc)
+            if targets is not None:  # image CSVs with several label columns
+                batch["label"] = targets.gather(starts, index)
+            yield batch
     finally:
         if not keep_open:
             cache.close()

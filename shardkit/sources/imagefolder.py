@@ -18,6 +18,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from shardkit.errors import InputError
 from shardkit.images import IMAGE_EXTENSIONS
@@ -34,6 +35,9 @@ class InputRecord:
     label: int | None
     size: int
     mtime_ns: int
+    #: CSV inputs: the row number in the CSV, and the row's other columns (name, value).
+    row: int | None = None
+    meta: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,7 @@ class PlanFailure:
     source: str
     reason: str
     detail: str
+    row: int | None = None
 
 
 @dataclass(slots=True)
@@ -51,6 +56,10 @@ class Listing:
     classes: list[str] | None
     failures: list[PlanFailure] = field(default_factory=list)
     ignored: int = 0
+    #: CSV inputs: the metadata columns and their types (int64, float64, string, bool).
+    meta_types: tuple[tuple[str, str], ...] = ()
+    #: What fingerprints the source itself beyond the images (the CSV: path, size, mtime).
+    extra_inputs: tuple[tuple[str, int, int], ...] = ()
 
 
 def list_image_folder(src: str | os.PathLike[str]) -> Listing:

@@ -9,6 +9,7 @@ on how they were split into parts, so the output is the same for any number of w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["EncodedSample"]
 
@@ -27,3 +28,5 @@ class EncodedSample:
     shape: tuple[int, int, int]
     source: str
     orig_size: tuple[int, int]
+    #: CSV inputs: the row's other columns, (name, value) in CSV order.
+    meta: tuple[tuple[str, Any], ...] = ()

@@ -27,8 +27,14 @@ from shardkit.writers._common import hash_file
 __all__ = ["ParquetPartWriter", "arrow_schema", "assemble_parquet"]
 
 
-def arrow_schema(*, pixel_bytes: int | None, labeled: bool) -> pa.Schema:
-    """The shard schema; `pixel_bytes` is H*W*C for fixed-shape raw images, else None."""
+META_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "string": pa.string(),
+              "bool": pa.bool_(), "float32_list": pa.list_(pa.float32())}
+
+
+def arrow_schema(*, pixel_bytes: int | None, labeled: bool,
+                 meta: Sequence[tuple[str, str]] = ()) -> pa.Schema:
+    """The shard schema; `pixel_bytes` is H*W*C for fixed-shape raw images, else None;
+    `meta`: CSV columns (name, type) appended, nullable, after the fixed ones."""
     fields: list[pa.Field] = [
         pa.field("key", pa.string(), nullable=False),
         pa.field("image", pa.binary(pixel_bytes) if pixel_bytes else pa.binary(), nullable=False),
@@ -43,6 +49,7 @@ def arrow_schema(*, pixel_bytes: int | None, labeled: bool) -> pa.Schema:
     if pixel_bytes is None:
         fields += [pa.field("width", pa.int32(), nullable=False),
                    pa.field("height", pa.int32(), nullable=False)]
+    fields += [pa.field(name, META_TYPES[kind]) for name, kind in meta]
     return pa.schema(fields)
 
 
@@ -66,6 +73,8 @@ class ParquetPartWriter:
         if "width" in columns:
             columns["width"].append(sample.shape[1])
             columns["height"].append(sample.shape[0])
+        for name, value in sample.meta:
+            columns[name].append(value)
 
     def close(self) -> None:
         batch = pa.record_batch(

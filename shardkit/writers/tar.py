@@ -20,7 +20,7 @@ import math
 import os
 import tarfile
 from collections.abc import Iterable, Sequence
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -72,19 +72,24 @@ def npy_header(shape: Sequence[int]) -> bytes:
     return buffer.getvalue()
 
 
-def sample_json(source: str, class_name: str | None, width: int, height: int) -> bytes:
-    """The metadata member: source path (relative to SRC), class name, original size."""
+def sample_json(source: str, class_name: str | None, width: int, height: int,
+                extra: Iterable[tuple[str, Any]] = ()) -> bytes:
+    """The metadata member: source path (relative to SRC), class name, original size, and
+    (CSV inputs) the row's other columns."""
     import json
 
     meta: dict[str, object] = {"source": source, "width": width, "height": height}
     if class_name is not None:
         meta["class"] = class_name
+    meta.update(extra)
     return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def json_blocks(items: Iterable[tuple[str, str | None]]) -> int:
-    """Blocks every sample's JSON is padded to, from (source, class name) known at plan time."""
-    longest = max((len(sample_json(s, c, _WIDEST_INT, _WIDEST_INT)) for s, c in items), default=1)
+def json_blocks(items: Iterable[tuple[str, str | None, tuple[tuple[str, Any], ...]]]) -> int:
+    """Blocks every sample's JSON is padded to, from (source, class name, CSV columns) known
+    at plan time."""
+    longest = max((len(sample_json(s, c, _WIDEST_INT, _WIDEST_INT, m)) for s, c, m in items),
+                  default=1)
     return max(1, math.ceil(longest / BLOCK))
 
 
@@ -143,7 +148,7 @@ class TarPartWriter:
             text = f"{sample.label:0{self._digits}d}".encode()
             write(tar_header(f"{sample.key}.cls", len(text)))
             write(text + _padding(len(text)))
-        meta = sample_json(sample.source, sample.class_name, *sample.orig_size)
+        meta = sample_json(sample.source, sample.class_name, *sample.orig_size, sample.meta)
         if len(meta) > self._json_size:
             raise RuntimeError(f"metadata of {sample.key} outgrew its planned size")
         write(tar_header(f"{sample.key}.json", self._json_size))

@@ -1,0 +1,379 @@
+"""`shardkit bench`: how fast can this machine feed a training loop, and at what CPU cost?
+
+Each configuration (loader × worker count) runs in a fresh Python process with the page cache
+warm, so one does not inherit another's open shards, memory or threads, and measures:
+
+- samples/s and MB/s (uint8 pixels delivered to the loop) over all epochs;
+- CPU seconds per sample: the process plus its DataLoader workers (`monitor.cpu_seconds`),
+  read at the start and after the last epoch, when the workers have been joined;
+- time to first batch: from constructing the loader to holding its first batch;
+- peak RSS of the process (exact, ``ru_maxrss``) and of its workers together (sampled).
+
+The baseline (``baseline=SRC``) is the loader people have today: a map-style Dataset that
+opens each image with PIL, converts it and center-crops it to the dataset's size
+(``ImageOps.fit``), batched by torch's DataLoader — the shape of ``ImageFolder`` and of
+Keras' ``flow_from_directory``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shardkit.errors import ConfigError, InputError, ShardkitError, require
+from shardkit.manifest import Manifest
+from shardkit.monitor import cpu_seconds
+
+__all__ = ["BENCH_SCHEMA", "BenchOptions", "BenchReport", "LoaderRun", "run_bench"]
+
+BENCH_SCHEMA = "shardkit.bench/1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchOptions:
+    """What `run_bench` measures. baseline_limit caps the samples per epoch the (slow) raw
+    baseline reads, spread evenly over the folder; target_rate is the samples/s a model
+    consumes, for the verdict's "cores needed"."""
+
+    batch_size: int = 256
+    workers: tuple[int, ...] = (0, 2, 4)
+    epochs: int = 2
+    baseline: str | None = None
+    baseline_limit: int | None = 2048
+    target_rate: float = 3000.0
+    shuffle: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch size must be positive; got {self.batch_size}")
+        distinct = len(set(self.workers)) == len(self.workers)
+        if not self.workers or not distinct or any(w < 0 for w in self.workers):
+            raise ConfigError(f"workers must be distinct counts >= 0; got {self.workers}")
+        if self.epochs <= 0:
+            raise ConfigError(f"epochs must be positive; got {self.epochs}")
+        if self.baseline_limit is not None and self.baseline_limit <= 0:
+            raise ConfigError(f"baseline limit must be positive; got {self.baseline_limit}")
+        if self.target_rate <= 0:
+            raise ConfigError(f"target rate must be positive; got {self.target_rate}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderRun:
+    """One loader at one worker count, measured over all its epochs in a fresh process."""
+
+    loader: str  # "shards" or "raw"
+    workers: int
+    epochs: int
+    samples: int
+    bytes: int
+    seconds: float
+    cpu_seconds: float
+    first_batch_seconds: float
+    peak_rss_bytes: int
+    workers_peak_rss_bytes: int
+    epoch_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds
+
+    @property
+    def cpu_ms_per_sample(self) -> float:
+        return self.cpu_seconds * 1000 / self.samples
+
+    @property
+    def cores(self) -> float:
+        """CPU cores kept busy while it ran."""
+        return self.cpu_seconds / self.seconds
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.bytes / 1e6 / self.seconds
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "samples_per_second": self.samples_per_second,
+                "cpu_ms_per_sample": self.cpu_ms_per_sample, "cores": self.cores,
+                "mb_per_second": self.mb_per_second}
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchReport:
+    """All runs, with the facts needed to read them."""
+
+    dataset: str
+    dataset_samples: int
+    image_shape: list[int] | None
+    baseline: str | None
+    baseline_samples: int | None
+    options: BenchOptions
+    runs: list[LoaderRun]
+    cpu_count: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+    def best(self, loader: str) -> LoaderRun | None:
+        """The run of `loader` with the most samples/s."""
+        runs = [r for r in self.runs if r.loader == loader]
+        return max(runs, key=lambda r: r.samples_per_second) if runs else None
+
+    def leanest(self, loader: str) -> LoaderRun | None:
+        """The run of `loader` with the least CPU per sample."""
+        runs = [r for r in self.runs if r.loader == loader]
+        return min(runs, key=lambda r: r.cpu_ms_per_sample) if runs else None
+
+    def verdict(self) -> str:
+        """A plain sentence: rates, per-core rates, and the cores a model at target_rate needs."""
+        best, lean = self.best("shards"), self.leanest("shards")
+        assert best is not None and lean is not None  # run_bench always measures shards
+        rate = self.options.target_rate
+        text = (f"shards: {best.samples_per_second:,.0f} samples/s with {best.workers} workers, "
+                f"{1000 / lean.cpu_ms_per_sample:,.0f} samples/s per core")
+        raw_best, raw_lean = self.best("raw"), self.leanest("raw")
+        if raw_best is None or raw_lean is None:
+            return (f"{text} — a model consuming {rate:,.0f} samples/s needs "
+                    f"{rate * lean.cpu_ms_per_sample / 1000:.2f} cores of loading")
+        return (f"{text}; raw folder: {raw_best.samples_per_second:,.0f} samples/s with "
+                f"{raw_best.workers} workers, {1000 / raw_lean.cpu_ms_per_sample:,.0f} samples/s per "
+                f"core ({raw_lean.cpu_ms_per_sample / lean.cpu_ms_per_sample:,.0f}× the CPU per "
+                f"sample, {best.samples_per_second / raw_best.samples_per_second:,.0f}× slower) — "
+                f"a model consuming {rate:,.0f} samples/s needs "
+                f"{rate * raw_lean.cpu_ms_per_sample / 1000:.1f} cores of JPEG decoding or "
+                f"{rate * lean.cpu_ms_per_sample / 1000:.2f} cores with shards")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": BENCH_SCHEMA, "dataset": self.dataset, "dataset_samples": self.dataset_samples,
+                "image_shape": self.image_shape, "baseline": self.baseline,
+                "baseline_samples": self.baseline_samples, "cpu_count": self.cpu_count,
+                "batch_size": self.options.batch_size, "epochs": self.options.epochs,
+                "shuffle": self.options.shuffle, "target_rate": self.options.target_rate,
+                "runs": [r.to_json() for r in self.runs], "verdict": self.verdict()}
+
+    def table(self) -> str:
+        """A table for people, then the verdict."""
+        shape = "×".join(map(str, self.image_shape)) if self.image_shape else "variable shape"
+        lines = [f"{self.dataset}: {self.dataset_samples:,} samples ({shape} uint8), batch "
+                 f"{self.options.batch_size}, {self.options.epochs} epochs, {self.cpu_count} CPUs, "
+                 "page cache warm",
+                 f"{'loader':7} {'workers':>7} {'samples':>8} {'samples/s':>10} {'CPU-ms/sample':>13} "
+                 f"{'cores':>6} {'MB/s':>8} {'1st batch':>9} {'RSS MB':>7} {'+workers':>8}"]
+        for r in self.runs:
+            lines.append(f"{r.loader:7} {r.workers:>7} {r.samples:>8,} {r.samples_per_second:>10,.0f} "
+                         f"{r.cpu_ms_per_sample:>13.3f} {r.cores:>6.2f} {r.mb_per_second:>8,.1f} "
+                         f"{r.first_batch_seconds:>8.2f}s {r.peak_rss_bytes / 1e6:>7,.0f} "
+                         f"{r.workers_peak_rss_bytes / 1e6:>8,.0f}")
+        if self.baseline is not None:
+            lines.append(f"raw = PIL open + convert + ImageOps.fit per sample through DataLoader, "
+                         f"{self.baseline_samples:,} samples per epoch of {self.baseline}")
+        return "\n".join([*lines, "", self.verdict()])
+
+
+# ---------------------------------------------------------------- the parent: plan and run
+
+def run_bench(path: str | os.PathLike[str], options: BenchOptions) -> BenchReport:
+    """Measure ShardLoader over the dataset at `path` (and the raw baseline) for each worker
+    count. Raises DatasetError (not a dataset), InputError (baseline folder unusable),
+    MissingExtraError (no torch) or ShardkitError (a measurement process failed)."""
+    require("torch", "torch")
+    manifest = Manifest.read(path)
+    if manifest.kind != "images":
+        raise ConfigError(f"{path}: holds {manifest.kind!r}; shardkit bench measures image datasets")
+    shape = manifest.schema.get("image", {}).get("shape")
+    files: list[tuple[str, int]] = []
+    if options.baseline is not None:
+        files = _baseline_files(options.baseline, options.baseline_limit)
+        if shape is None or len(shape) != 3:
+            raise ConfigError(f"{path}: images have no fixed shape; the raw baseline needs one size")
+    shards = [Path(path) / s.file for s in manifest.shards]
+    runs = []
+    for workers in options.workers:
+        common = {"workers": workers, "epochs": options.epochs, "batch_size": options.batch_size,
+                  "shuffle": options.shuffle, "seed": options.seed}
+        _warm(shards)
+        runs.append(_measure({**common, "loader": "shards", "path": os.fspath(path)}))
+        if files:
+            _warm([Path(f) for f, _ in files])
+            runs.append(_measure({**common, "loader": "raw", "files": files, "shape": shape}))
+    return BenchReport(dataset=os.fspath(path), dataset_samples=manifest.samples,
+                       image_shape=list(shape) if shape else None, baseline=options.baseline,
+                       baseline_samples=len(files) if files else None, options=options, runs=runs)
+
+
+def _baseline_files(src: str, limit: int | None) -> list[tuple[str, int]]:
+    """(path, label) of the images in `src`, listed as convert lists them, evenly thinned."""
+    from shardkit.sources.imagefolder import list_image_folder
+
+    records = list_image_folder(src).records
+    if not records:
+        raise InputError(f"{src}: no images to read for the baseline")
+    step = max(1, len(records) // limit) if limit else 1
+    chosen = records[::step][:limit] if limit else records
+    return [(r.path, r.label if r.label is not None else -1) for r in chosen]
+
+
+def _warm(paths: Sequence[Path]) -> None:
+    """Read the files once, so the runs measure the loader and not the disk."""
+    buffer = bytearray(1 << 22)
+    for path in paths:
+        with open(path, "rb", buffering=0) as handle:
+            while handle.readinto(buffer):
+                pass
+
+
+def _measure(spec: dict[str, Any]) -> LoaderRun:
+    # The spec goes through stdin: thousands of baseline paths would overflow one argument.
+    result = subprocess.run([sys.executable, "-m", "shardkit.bench"], input=json.dumps(spec),
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise ShardkitError(f"measuring {spec['loader']} with {spec['workers']} workers failed "
+                            f"(exit {result.returncode}): {result.stderr.strip()[-1500:]}")
+    return LoaderRun(**json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+# ---------------------------------------------------------------- the child: one configuration
+
+class FolderDataset:
+    """The naive baseline: PIL decode + center crop of one image per ``__getitem__``."""
+
+    def __init__(self, files: list[tuple[str, int]], shape: Sequence[int]) -> None:
+        self.files, self.shape = files, tuple(shape)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        import numpy as np
+        import torch
+        from PIL import Image, ImageOps
+
+        height, width, channels = self.shape
+        path, label = self.files[i]
+        with Image.open(path) as im:
+            fitted = ImageOps.fit(im.convert("RGB" if channels == 3 else "L"), (width, height),
+                                  Image.Resampling.BICUBIC)
+        pixels = np.array(fitted).reshape(height, width, channels)
+        return torch.from_numpy(pixels), label
+
+
+class _RssSampler:
+    """Peak summed RSS of this process's descendants (the workers): sampled every 0.1 s, and
+    whenever `sample` is called (at each epoch's first batch, when the workers are alive)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.me, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self._lock = threading.Lock()  # two threads sample: keep the larger peak
+        self._thread = threading.Thread(target=self._run, name="shardkit-rss", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self.sample()
+
+    def sample(self) -> None:
+        import psutil
+
+        total = 0
+        for child in self.me.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:
+                continue
+        with self._lock:
+            self.peak = max(self.peak, total)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def _loader(spec: dict[str, Any]) -> Any:
+    import torch
+
+    if spec["loader"] == "shards":
+        from shardkit.reader.dataset import ShardLoader
+
+        return ShardLoader(spec["path"], spec["batch_size"], shuffle=spec["shuffle"], seed=spec["seed"],
+                           num_workers=spec["workers"])
+    files = [(str(f), int(label)) for f, label in spec["files"]]
+    generator = torch.Generator().manual_seed(spec["seed"])
+    dataset: Any = FolderDataset(files, spec["shape"])  # map-style: torch asks for nothing more
+    return torch.utils.data.DataLoader(dataset, batch_size=spec["batch_size"],
+                                       shuffle=spec["shuffle"], num_workers=spec["workers"],
+                                       generator=generator)
+
+
+def measure_here(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration in this process; the figures of a `LoaderRun` as a dict."""
+    import resource
+
+    import torch  # noqa: F401  (imported before the clock starts: its import is not the loader's)
+
+    created = time.perf_counter()
+    loader = _loader(spec)
+    sampler = _RssSampler()
+    first: float | None = None
+    samples = nbytes = 0
+    epoch_seconds = []
+    cpu_before, started = cpu_seconds(), time.perf_counter()
+    for _ in range(spec["epochs"]):
+        began = time.perf_counter()
+        for number, batch in enumerate(loader):
+            images = batch["image"] if isinstance(batch, dict) else batch[0]
+            if first is None:
+                first = time.perf_counter() - created
+            if number == 0:
+                sampler.sample()
+            pieces = images if isinstance(images, list) else [images]
+            samples += len(images)
+            nbytes += sum(p.nelement() * p.element_size() for p in pieces)
+        epoch_seconds.append(time.perf_counter() - began)
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_before
+    workers_peak = sampler.stop()
+    return {"loader": spec["loader"], "workers": spec["workers"], "epochs": spec["epochs"],
+            "samples": samples, "bytes": nbytes, "seconds": seconds, "cpu_seconds": cpu,
+            "first_batch_seconds": first if first is not None else seconds,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "workers_peak_rss_bytes": workers_peak, "epoch_seconds": epoch_seconds}
+
+
+def plot(report: BenchReport, path: str | os.PathLike[str]) -> None:
+    """A PNG with two bar charts: samples/s and CPU-ms per sample, per loader and workers."""
+    matplotlib: Any = require("matplotlib", "plot")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{r.loader}, {r.workers} workers" for r in report.runs]
+    colours = ["#2a7" if r.loader == "shards" else "#999" for r in report.runs]
+    fig, (speed, cost) = plt.subplots(1, 2, figsize=(11, 0.5 * len(names) + 1.6))
+    for ax, values, label, fmt in (
+        (speed, [r.samples_per_second for r in report.runs], "samples/s (log)", "{:,.0f}"),
+        (cost, [r.cpu_ms_per_sample for r in report.runs], "CPU-ms per sample (log)", "{:.3f}"),
+    ):
+        ax.barh(names, values, color=colours)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel(label)
+        ax.set_xlim(right=max(values) * 3)  # room for the value labels
+        ax.invert_yaxis()
+        for y, value in enumerate(values):
+            ax.text(value, y, " " + fmt.format(value), va="center", fontsize=8)
+    cost.set_yticklabels([])
+    shape = "×".join(map(str, report.image_shape or [])) or "variable"
+    fig.suptitle(f"shardkit bench: {report.dataset_samples:,} samples, {shape}, "
+                 f"batch {report.options.batch_size}, {report.cpu_count} CPUs", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure_here(json.loads(sys.stdin.read()))))

@@ -1,0 +1,204 @@
+"""Tabular datasets (``kind: "table"``): shards read column-wise into a float32 [N, F] feature
+matrix, and batches gathered out of it with no Python per row (numpy only).
+
+Feature order is ``schema.features.names`` (CSV column order). Numbers become float32 (nulls
+NaN); dictionary (string) columns become their category codes (the index into the column's
+``categories`` in index.json; nulls NaN). Labels are int64 [N] (one integer or string
+column) or float32 [N] / [N, K] (numeric targets).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from shardkit.errors import CorruptShardError
+from shardkit.manifest import Manifest
+from shardkit.reader.parquet import read_parquet_table
+
+__all__ = ["TableCache", "TableShard", "assemble_table", "read_table_shard",
+           "stream_table_batches", "verify_table"]
+
+
+@dataclass(frozen=True, slots=True)
+class TableShard:
+    features: np.ndarray  # float32 [N, F]
+    labels: np.ndarray | None  # int64 [N] or float32 [N] / [N, K]
+
+
+def _codes(column: pa.ChunkedArray, categories: list[str]) -> np.ndarray:
+    """Global category codes (float, NaN for nulls) of a dictionary column; the file's own
+    dictionary may be ordered or trimmed differently, so codes are remapped."""
+    out = []
+    everything = pa.array(categories, pa.string())
+    for chunk in column.chunks:
+        if pa.types.is_dictionary(chunk.type):
+            remap = pc.index_in(chunk.dictionary, value_set=everything).to_numpy(zero_copy_only=False)
+            local = chunk.indices.to_numpy(zero_copy_only=False)
+        else:
+            remap = np.arange(len(categories), dtype=np.float64)
+            local = pc.index_in(chunk, value_set=everything).to_numpy(zero_copy_only=False)
+        nulls = np.isnan(local) if local.dtype.kind == "f" else np.zeros(len(local), bool)
+        codes = np.full(len(local), np.nan, dtype=np.float32)
+        codes[~nulls] = np.asarray(remap, dtype=np.float64)[local[~nulls].astype(np.int64)]
+        out.append(codes)
+    return np.concatenate(out) if out else np.empty(0, np.float32)
+
+
+def read_table_shard(path: str, samples: int, manifest: Manifest) -> TableShard:
+    """One shard as a feature matrix and labels. Raises CorruptShardError."""
+    schema = manifest.schema
+    names = list(schema["features"]["names"])
+    label = schema.get("label")
+    label_names = list(label["names"]) if label else []
+    columns = {c["name"]: c for c in schema["columns"]}
+    table = read_parquet_table(path, names + label_names, samples)
+    features = np.empty((samples, len(names)), dtype=np.float32)
+    for j, name in enumerate(names):
+        column = table.column(name)
+        if "categories" in columns[name]:
+            features[:, j] = _codes(column, columns[name]["categories"])
+        else:
+            features[:, j] = column.to_numpy().astype(np.float32)
+    labels = None
+    if label:
+        parts = [table.column(n).to_numpy() for n in label_names]
+        labels = (np.stack(parts, axis=1) if label["shape"] else parts[0]).astype(label["dtype"])
+    return TableShard(features=features, labels=labels)
+
+
+class TableCache:
+    """Opened table shards, least recently used evicted first, opened ahead in a thread."""
+
+    def __init__(self, folder: str, manifest: Manifest, *, capacity: int) -> None:
+        self.folder, self.manifest, self.capacity = folder, manifest, max(1, capacity)
+        self.labeled = "label" in manifest.schema
+        self._open: OrderedDict[int, Future[TableShard]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _load(self, number: int) -> TableShard:
+        record = self.manifest.shards[number]
+        path = os.path.join(self.folder, record.file)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise CorruptShardError(f"{path}: missing (index.json lists it)") from None
+        if size != record.bytes:
+            raise CorruptShardError(f"{path}: {size} bytes on disk, index.json says {record.bytes}")
+        return read_table_shard(path, record.samples, self.manifest)
+
+    def prefetch(self, numbers: Sequence[int]) -> None:
+        with self._lock:
+            for number in numbers:
+                if number not in self._open:
+                    if self._pool is None:
+                        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shardkit-table")
+                    self._open[number] = self._pool.submit(self._load, number)
+            while len(self._open) > self.capacity:
+                self._open.popitem(last=False)
+
+    def get(self, number: int) -> TableShard:
+        with self._lock:
+            future = self._open.get(number)
+            if future is None:
+                future = Future()
+                future.set_result(self._load(number))
+                self._open[number] = future
+            self._open.move_to_end(number)
+            while len(self._open) > self.capacity:
+                self._open.popitem(last=False)
+        return future.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._open.clear()
+
+
+def assemble_table(cache: TableCache, starts: np.ndarray, index: np.ndarray) -> dict[str, Any]:
+    """The batch of samples `index` (sorted): features [B, F] float32, label, index."""
+    size = len(index)
+    shard_of = np.searchsorted(starts, index, side="right") - 1
+    cuts = [0, *(np.flatnonzero(np.diff(shard_of)) + 1).tolist(), size]
+    features: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    for a, b in itertools.pairwise(cuts):
+        if a == b:
+            continue
+        number = int(shard_of[a])
+        shard = cache.get(number)
+        local = index[a:b] - starts[number]
+        if features is None:
+            features = np.empty((size, shard.features.shape[1]), dtype=np.float32)
+            if shard.labels is not None:
+                labels = np.empty((size, *shard.labels.shape[1:]), dtype=shard.labels.dtype)
+        np.take(shard.features, local, axis=0, out=features[a:b])
+        if labels is not None and shard.labels is not None:
+            np.take(shard.labels, local, axis=0, out=labels[a:b])
+    if features is None:
+        width = len(cache.manifest.schema["features"]["names"])
+        features = np.empty((0, width), dtype=np.float32)
+    batch: dict[str, Any] = {"features": features, "index": index}
+    if labels is not None:
+        batch["label"] = labels
+    return batch
+
+
+def stream_table_batches(cache: TableCache, starts: np.ndarray, batches: Sequence[np.ndarray], *,
+                         lookahead: int = 2, keep_open: bool = False) -> Iterator[dict[str, Any]]:
+    """Assemble `batches` in order, opening the shards of the next ones in the background."""
+    shard_lists = [np.unique(np.searchsorted(starts, b, side="right") - 1).tolist() for b in batches]
+    try:
+        for number, index in enumerate(batches):
+            upcoming = [s for later in shard_lists[number:number + 1 + lookahead] for s in later]
+            cache.prefetch(list(dict.fromkeys(upcoming)))
+            yield assemble_table(cache, starts, index)
+    finally:
+        if not keep_open:
+            cache.close()
+
+
+def verify_table(folder: Any, manifest: Manifest, *, quick: bool = False) -> list[str]:
+    """`shardkit verify` for tables: each shard's size, sha256 (unless `quick`), row count,
+    columns and feature read; the totals and errors.jsonl. One line per problem."""
+    import hashlib
+    from pathlib import Path
+
+    problems: list[str] = []
+    root = Path(folder)
+    names = [c["name"] for c in manifest.schema.get("columns", [])]
+    for record in manifest.shards:
+        path = root / record.file
+        try:
+            if path.stat().st_size != record.bytes:
+                raise CorruptShardError(f"{path.stat().st_size} bytes, index.json says {record.bytes}")
+            if not quick and hashlib.sha256(path.read_bytes()).hexdigest() != record.sha256:
+                raise CorruptShardError("sha256 differs from index.json")
+            table = read_parquet_table(path, ["row", *names], record.samples)
+            if table.column_names != ["row", *names]:
+                raise CorruptShardError(f"columns {table.column_names}, expected {['row', *names]}")
+            read_table_shard(str(path), record.samples, manifest)
+        except (OSError, CorruptShardError, ValueError, KeyError) as exc:
+            problems.append(f"{record.file}: {exc}")
+    try:
+        lines = (root / "errors.jsonl").read_text(encoding="utf-8").splitlines()
+        if len(lines) != manifest.failed:
+            problems.append(f"errors.jsonl: {len(lines)} lines, index.json says {manifest.failed} failed")
+    except OSError as exc:
+        problems.append(f"errors.jsonl: {exc}")
+    if manifest.samples + manifest.failed != manifest.inputs:
+        problems.append(f"index.json: {manifest.samples} rows + {manifest.failed} failed != "
+                        f"{manifest.inputs} inputs")
+    return problems

@@ -1,0 +1,145 @@
+"""Image CSVs (Kaggle-style ``train.csv``): one row per image, a path column, a label column
+and any other columns, which travel with each sample as typed metadata.
+
+* Paths are relative to `root` (default: the CSV's folder) or absolute; ``source`` keeps the
+  path as written in the CSV. Order is CSV order.
+* Labels: a string column gives classes = its sorted distinct values, labels their indices;
+  an integer column gives labels as written (classes ``"0"`` .. ``"max"``); several numeric
+  columns give float32 targets, stored as the metadata field ``target`` (no classes); no
+  label column gives an unlabelled dataset.
+* Other columns become metadata typed as the CSV source infers them (int64, float64, string).
+* A bad row (see `shardkit.sources.csv`), an empty path or a negative integer label is a
+  listing failure carrying its row number; a missing or undecodable image is reported by the
+  conversion task with the row number too. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from shardkit.config import CsvOptions
+from shardkit.errors import ConfigError, InputError
+from shardkit.sources.csv import Column, CsvStream, check_columns, infer_columns, typed_block
+from shardkit.sources.imagefolder import InputRecord, Listing, PlanFailure
+
+__all__ = ["RESERVED_COLUMNS", "list_image_csv"]
+
+#: Column names the output itself uses; a CSV metadata column may not take them.
+RESERVED_COLUMNS = frozenset({"key", "image", "label", "source", "orig_width", "orig_height",
+                              "width", "height", "class", "parquet", "index", "features",
+                              "target"})
+_META_TYPES = {"int": ("int64", pa.int64()), "float": ("float64", pa.float64()),
+               "string": ("string", pa.string())}
+
+
+def list_image_csv(src: str | os.PathLike[str], options: CsvOptions) -> Listing:
+    """The rows of an image CSV as input records (see the module docstring)."""
+    path = Path(src)
+    assert options.image_col is not None  # the caller selects image CSVs by it
+    stream = CsvStream(path, options)
+    targets = list(options.label_cols) if len(options.label_cols) > 1 else []
+    label = options.label_cols[0] if len(options.label_cols) == 1 else None
+    check_columns(stream.names, [options.image_col, *options.label_cols], path, "such")
+    columns = infer_columns(stream)
+    meta = [columns[n] for n in stream.names
+            if n != options.image_col and n not in options.label_cols]
+    clash = sorted(c.name for c in meta if c.name in RESERVED_COLUMNS)
+    if clash:
+        raise InputError(f"{path}: column(s) {', '.join(clash)} would collide with the output's "
+                         "own fields; rename them")
+    image_column = Column(options.image_col, "string")
+    wanted = [image_column, *meta]
+    types = {options.image_col: pa.string(), **{c.name: _META_TYPES[c.kind][1] for c in meta}}
+    required = {options.image_col: "missing_path"}
+    classes = None
+    if label is not None:
+        label_column = columns[label]
+        classes = _string_classes(label_column, path)
+        wanted.append(Column(label, label_column.kind, label_column.categories))
+        types[label] = pa.int64()
+        required[label] = "missing_label"
+    for name in targets:
+        if columns[name].kind == "string":
+            raise ConfigError(f"{path}: label column {name!r} holds text; several label columns "
+                              "must all be numeric (float32 targets)")
+        wanted.append(Column(name, "float"))
+        types[name] = pa.float32()
+        required[name] = "missing_label"
+    root = Path(options.root) if options.root is not None else path.parent
+    meta_types = tuple((c.name, _META_TYPES[c.kind][0]) for c in meta)
+    listing = Listing(records=[], classes=classes,
+                      meta_types=meta_types + ((("target", "float32_list"),) if targets else ()))
+    failures: list[tuple[int, PlanFailure]] = []
+    for table, rows in stream.blocks():
+        block = typed_block(table, rows, wanted, types, required)
+        failures += [(b.row, PlanFailure(path.name, b.reason, b.detail, b.row)) for b in block.bad]
+        values = {name: array.to_pylist() for name, array in block.columns.items()}
+        for i, row in enumerate(block.rows.tolist()):
+            listing.records.append(_record(root, values, i, row, options.image_col, label, meta,
+                                           targets))
+    failures += [(b.row, PlanFailure(path.name, b.reason, b.detail, b.row)) for b in stream.malformed]
+    if label is not None and classes is None:
+        listing.classes = _integer_classes(listing, failures, path)
+    listing.failures = [f for _, f in sorted(failures, key=lambda item: item[0])]
+    st = path.stat()
+    listing.extra_inputs = ((path.name, st.st_size, st.st_mtime_ns),)
+    if not listing.records and not listing.failures:
+        raise InputError(f"{path}: no rows")
+    return listing
+
+
+def _string_classes(column: Column, path: Path) -> list[str] | None:
+    if column.kind == "float":
+        raise ConfigError(f"{path}: label column {column.name!r} holds fractions; image CSVs "
+                          "take string or integer labels")
+    if column.kind == "int":
+        return None  # decided after reading, from the largest label
+    if column.categories is None:
+        raise InputError(f"{path}: label column {column.name!r} has too many distinct values")
+    return list(column.categories)
+
+
+def _integer_classes(listing: Listing, failures: list[tuple[int, PlanFailure]],
+                     path: Path) -> list[str]:
+    """Integer labels: drop rows with negative labels (reported); classes "0".."max"."""
+    kept = []
+    for record in listing.records:
+        if record.label is not None and record.label < 0:
+            failures.append((record.row or 0, PlanFailure(
+                path.name, "bad_label", f"label {record.label} is negative", record.row)))
+        else:
+            kept.append(record)
+    listing.records = kept
+    top = max((r.label for r in kept if r.label is not None), default=-1)
+    if top >= 1 << 20:
+        raise InputError(f"{path}: integer label {top} is too large to be a class index")
+    return [str(i) for i in range(top + 1)]
+
+
+def _record(root: Path, values: dict[str, list[Any]], i: int, row: int, image_col: str,
+            label: str | None, meta: list[Column], targets: list[str]) -> InputRecord:
+    written = str(values[image_col][i])
+    target = Path(written) if os.path.isabs(written) else root / written
+    try:
+        st = target.stat()
+        size, mtime = st.st_size, st.st_mtime_ns
+    except OSError:  # missing or unreadable: the conversion task reports it
+        size, mtime = -1, 0
+    return InputRecord(
+        path=str(target.absolute()), source=written,
+        label=int(values[label][i]) if label is not None else None, size=size, mtime_ns=mtime,
+        row=row, meta=tuple((c.name, _plain(values[c.name][i])) for c in meta)
+        + ((("target", [values[n][i] for n in targets]),) if targets else ()),
+    )
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe metadata: NaN (an empty numeric field) becomes None."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value

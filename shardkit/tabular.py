@@ -1,0 +1,352 @@
+"""Tabular CSV → Parquet shards of typed columns, streamed: memory is bounded by the shard
+size, not the file.
+
+Pass 1 (`shardkit.sources.csv.infer_columns`) fixes every column's type from the whole file;
+pass 2 converts block by block and cuts the good rows into shards of exactly
+``rows_per_shard`` rows (the last one shorter), so shard *k* always holds the same rows. Each
+shard is written to ``.shardkit-tmp``, fsynced, renamed into place and journalled, exactly as
+image shards are; ``errors.jsonl`` and ``index.json`` come last. Bad rows are reported with
+their CSV row number. Column roles, order and statistics go into ``index.json``
+(docs/format.md, "Tabular datasets").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shardkit import journal, outdir
+from shardkit._fs import publish
+from shardkit.config import ConvertConfig, CsvOptions, RunOptions
+from shardkit.errors import ConfigError, InputError, WorkerError
+from shardkit.manifest import ERRORS_NAME, Manifest, ShardRecord, fingerprint, shard_name
+from shardkit.report import ConvertSummary, FailureRecord, write_error_report
+from shardkit.sources.csv import (
+    BadRow,
+    Column,
+    CsvStream,
+    check_columns,
+    infer_columns,
+    typed_block,
+)
+from shardkit.writers._common import hash_file
+
+__all__ = ["TableLayout", "convert_table"]
+
+ROWS_PER_GROUP = 1 << 16
+
+
+@dataclass(frozen=True, kw_only=True)
+class TableLayout:
+    """Which CSV columns become what: features (in CSV order), label(s), plain text."""
+
+    features: list[Column]
+    labels: list[Column]
+    text: list[Column]
+    keep_ints: bool
+
+    @classmethod
+    def of(cls, names: list[str], columns: dict[str, Column], options: CsvOptions,
+           path: Path) -> TableLayout:
+        check_columns(names, [*options.label_cols, *options.columns, *options.exclude], path,
+                      "such")
+        chosen = [n for n in names if n not in options.label_cols and n not in options.exclude
+                  and (not options.columns or n in options.columns)]
+        labels = [columns[n] for n in options.label_cols]
+        if len(labels) > 1 and any(c.kind == "string" for c in labels):
+            raise ConfigError(f"{path}: several label columns must all be numeric (float32 "
+                              "targets)")
+        if len(labels) == 1 and labels[0].kind == "string" and labels[0].categories is None:
+            raise InputError(f"{path}: label column {labels[0].name!r} has too many distinct values")
+        features = [columns[n] for n in chosen
+                    if columns[n].kind != "string" or columns[n].categories is not None]
+        text = [columns[n] for n in chosen if columns[n] not in features]
+        return cls(features=features, labels=labels, text=text, keep_ints=options.keep_ints)
+
+    @property
+    def classes(self) -> list[str] | None:
+        if len(self.labels) == 1 and self.labels[0].categories is not None:
+            return list(self.labels[0].categories)
+        return None
+
+    @property
+    def label_dtype(self) -> str | None:
+        if not self.labels:
+            return None
+        return "int64" if len(self.labels) == 1 and self.labels[0].kind != "float" else "float32"
+
+    def arrow_type(self, column: Column) -> pa.DataType:
+        if column in self.labels:
+            return pa.int64() if self.label_dtype == "int64" else pa.float32()
+        if column.kind == "string":
+            return pa.dictionary(pa.int32(), pa.string()) if column.categories else pa.string()
+        if column.kind == "int" and self.keep_ints:
+            return pa.int64()
+        return pa.float32()
+
+    def stored(self) -> list[Column]:
+        """Stored columns after ``row``: features, then labels, then plain text."""
+        return [*self.features, *self.labels, *self.text]
+
+    def schema(self) -> pa.Schema:
+        return pa.schema([pa.field("row", pa.int64(), nullable=False),
+                          *(pa.field(c.name, self.arrow_type(c)) for c in self.stored())])
+
+    def row_bytes(self) -> int:
+        return 8 + 4 * len(self.features) + 8 * max(1, len(self.labels))
+
+
+def convert_table(src: str | os.PathLike[str], out: str | os.PathLike[str],
+                  config: ConvertConfig, run: RunOptions) -> ConvertSummary:
+    """Convert the tabular CSV `src` into Parquet shards in `out` (see the module docstring).
+    The error budget is checked by the caller."""
+    started = time.perf_counter()
+    path, out_dir = Path(src), Path(out)
+    options = config.csv
+    assert options is not None and options.image_col is None
+    if config.shuffle:
+        raise ConfigError("--shuffle applies to images; a tabular CSV keeps its row order "
+                          "(ShardLoader(shuffle=True) shuffles when reading)")
+    resolved = _resolved_config(config)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise InputError(f"{path}: unreadable CSV: {exc}") from None
+    prints = fingerprint(resolved, None, [(path.name, st.st_size, st.st_mtime_ns)])
+    state = outdir.prepare(out_dir, prints, overwrite=run.overwrite, resume=run.resume)
+    if state is outdir.State.DONE:
+        manifest = Manifest.read(out_dir)
+        return _summary(out_dir, manifest, started, up_to_date=True, reused=len(manifest.shards))
+    stream = CsvStream(path, options)
+    layout = TableLayout.of(stream.names, infer_columns(stream), options, path)
+    rows_per_shard = config.samples_per_shard or max(1, (config.shard_bytes or 0) // layout.row_bytes())
+    tmp = out_dir / outdir.TMP_NAME
+    tmp.mkdir(exist_ok=True)
+    try:
+        writer = _ShardWriter(out_dir, tmp, layout, rows_per_shard, prints)
+        bad = writer.run(stream)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    failures = [FailureRecord(source=path.name, stage="parse", reason=b.reason, detail=b.detail,
+                              row=b.row) for b in sorted(bad, key=lambda b: b.row)]
+    write_error_report(out_dir / ERRORS_NAME, failures)
+    manifest = Manifest(
+        kind="table", schema=writer.schema_json(), classes=layout.classes,
+        class_counts=writer.class_counts(), shards=writer.records,
+        inputs=writer.rows + len(failures), failed=len(failures),
+        config={**resolved, "rows_per_shard": rows_per_shard}, fingerprint=prints,
+    )
+    manifest.write(out_dir)
+    journal.remove(out_dir)
+    return _summary(out_dir, manifest, started, reused=writer.reused)
+
+
+def _resolved_config(config: ConvertConfig) -> dict[str, Any]:
+    """What decides a table's bytes: the CSV options and the shard size (image options,
+    codec and format do not apply: tables are always Parquet)."""
+    assert config.csv is not None
+    return {"format": "parquet", "kind": "table", "shard_bytes": config.shard_bytes,
+            "samples_per_shard": config.samples_per_shard,
+            "csv": ConvertConfig(csv=config.csv).to_json()["csv"]}
+
+
+def _summary(out: Path, manifest: Manifest, started: float, *, up_to_date: bool = False,
+             reused: int = 0) -> ConvertSummary:
+    return ConvertSummary(
+        out=out, inputs=manifest.inputs, samples=manifest.samples, failed=manifest.failed,
+        shards=len(manifest.shards), bytes=manifest.bytes, seconds=time.perf_counter() - started,
+        workers=1, errors_path=out / ERRORS_NAME, reasons=_reasons(out), reused_shards=reused,
+        up_to_date=up_to_date, unit="rows",
+    )
+
+
+def _reasons(out: Path) -> dict[str, int]:
+    reasons: dict[str, int] = {}
+    for line in (out / ERRORS_NAME).read_text(encoding="utf-8").splitlines():
+        reason = json.loads(line)["reason"]
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return reasons
+
+
+class _ShardWriter:
+    """Writes good rows into shards of `rows_per_shard` rows, row group by row group (so
+    memory holds one row group, whatever the shard size), publishes and journals each shard,
+    and keeps per-column statistics of what was stored. On resume, a shard whose journal
+    entry matches is passed over (its rows still count in the statistics), not rewritten."""
+
+    def __init__(self, out: Path, tmp: Path, layout: TableLayout, rows_per_shard: int,
+                 prints: str) -> None:
+        self.out, self.tmp, self.layout = out, tmp, layout
+        self.rows_per_shard, self.prints = rows_per_shard, prints
+        self.arrow = layout.schema()
+        self.types = {c.name: layout.arrow_type(c) for c in layout.stored()}
+        self.required = {c.name: "missing_label" for c in layout.labels}
+        self.stats = {c.name: _Stats() for c in layout.stored()}
+        self.records: list[ShardRecord] = []
+        self.pending: list[pa.Table] = []
+        self.buffered = 0  # rows in `pending`
+        self.in_shard = 0  # rows already in the open shard
+        self.rows = 0
+        self.reused = 0
+        self.counts = [0] * len(layout.classes or ())
+        self.finished: dict[int, journal.Entry] = {}
+        self.writer: pq.ParquetWriter | None = None
+        self.open = False  # a shard is open (being written, or passed over on resume)
+
+    def run(self, stream: CsvStream) -> list[BadRow]:
+        self.finished = journal.load(self.out, self.prints, self._journal_names())
+        bad: list[BadRow] = []
+        for table, rows in stream.blocks():
+            block = typed_block(table, rows, self.layout.stored(), self.types, self.required)
+            bad += block.bad
+            if len(block.rows):
+                arrays = [pa.array(block.rows, pa.int64()),
+                          *(block.columns[c.name] for c in self.layout.stored())]
+                self._add(pa.Table.from_arrays(arrays, schema=self.arrow))
+        if self.buffered:
+            self._write_group()
+        if self.open or not self.records:  # the last, shorter shard; or one empty shard
+            self._open_shard()
+            self._close_shard()
+        return bad + stream.malformed
+
+    def _journal_names(self) -> list[str]:
+        """Shard names an interrupted run may have journalled (five digits and more)."""
+        found = list((self.out / journal.JOURNAL_NAME).glob("*.json"))
+        return [shard_name(k, "parquet", 1) for k in range(len(found) + 1)]
+
+    def _add(self, table: pa.Table) -> None:
+        while table.num_rows:
+            target = min(ROWS_PER_GROUP, self.rows_per_shard - self.in_shard)  # next group's rows
+            take = min(target - self.buffered, table.num_rows)
+            self.pending.append(table.slice(0, take))
+            self.buffered += take
+            table = table.slice(take)
+            if self.buffered == target:
+                self._write_group()
+
+    def _write_group(self) -> None:
+        group = pa.concat_tables(self.pending).combine_chunks()
+        self.pending, self.buffered = [], 0
+        self._tally(group)
+        self._open_shard()
+        if self.writer is not None:
+            self.writer.write_table(group, row_group_size=ROWS_PER_GROUP)
+        self.in_shard += group.num_rows
+        if self.in_shard == self.rows_per_shard:
+            self._close_shard()
+
+    def _open_shard(self) -> None:
+        if self.open:
+            return
+        self.open, self.in_shard = True, 0
+        if len(self.records) in self.finished:
+            return  # finished by the interrupted run: pass over its rows
+        self.writer = pq.ParquetWriter(
+            self.tmp / shard_name(len(self.records), "parquet", 1), self.arrow,
+            compression="zstd", write_statistics=True, version="2.6",
+            use_dictionary=[c.name for c in self.layout.stored() if c.kind == "string"],
+        )
+
+    def _close_shard(self) -> None:
+        number = len(self.records)
+        name = shard_name(number, "parquet", 1)
+        self.open = False
+        if self.writer is None:
+            record = self.finished[number].record
+            if record.samples != self.in_shard:
+                raise WorkerError(f"{name}: the interrupted run wrote {record.samples} rows, "
+                                  f"this run has {self.in_shard}; convert with --overwrite")
+            self.records.append(record)
+            self.reused += 1
+            self.in_shard = 0
+            return
+        self.writer.close()
+        self.writer = None
+        scratch = self.tmp / name
+        with open(scratch, "rb+") as handle:
+            os.fsync(handle.fileno())
+        size, digest = hash_file(scratch)
+        publish(scratch, self.out / name)
+        record = ShardRecord(file=name, samples=self.in_shard, bytes=size, sha256=digest)
+        self.records.append(record)
+        self.in_shard = 0
+        journal.write(self.out, self.prints, journal.Entry(shard=number, record=record,
+                                                           failures=(), label_counts=()))
+
+    def _tally(self, shard: pa.Table) -> None:
+        self.rows += shard.num_rows
+        for name, stats in self.stats.items():
+            stats.add(shard.column(name))
+        if self.counts:
+            label = shard.column(self.layout.labels[0].name).to_numpy()
+            self.counts = (np.asarray(self.counts) + np.bincount(label, minlength=len(self.counts))).tolist()
+
+    def class_counts(self) -> list[int] | None:
+        return [int(c) for c in self.counts] if self.layout.classes is not None else None
+
+    def schema_json(self) -> dict[str, Any]:
+        layout = self.layout
+        schema: dict[str, Any] = {
+            "row": {"dtype": "int64", "shape": []},
+            "features": {"dtype": "float32", "shape": [len(layout.features)],
+                         "names": [c.name for c in layout.features]},
+            "columns": [self._column_json(c) for c in layout.stored()],
+            "parquet": {"rows_per_group": ROWS_PER_GROUP},
+        }
+        if layout.labels:
+            many = len(layout.labels) > 1
+            schema["label"] = {"dtype": layout.label_dtype, "shape": [len(layout.labels)] if many else [],
+                               "names": [c.name for c in layout.labels]}
+        return schema
+
+    def _column_json(self, column: Column) -> dict[str, Any]:
+        layout = self.layout
+        role = "feature" if column in layout.features else "label" if column in layout.labels else "text"
+        kind = self.types[column.name]
+        dtype = "dictionary" if pa.types.is_dictionary(kind) else {"float": "float32"}.get(
+            str(kind), str(kind))
+        out: dict[str, Any] = {"name": column.name, "role": role, "dtype": dtype,
+                               "csv_kind": column.kind, **self.stats[column.name].to_json()}
+        if column.categories is not None and role != "label":
+            out["categories"] = list(column.categories)
+        return out
+
+
+class _Stats:
+    """min/mean/max (numbers and category codes) and null count of a stored column."""
+
+    def __init__(self) -> None:
+        self.count, self.nulls, self.total = 0, 0, 0.0
+        self.low: float | None = None
+        self.high: float | None = None
+
+    def add(self, column: pa.ChunkedArray) -> None:
+        self.nulls += column.null_count
+        if pa.types.is_string(column.type):
+            return
+        if pa.types.is_dictionary(column.type):
+            column = pa.chunked_array([c.indices for c in column.chunks], pa.int32())
+        values = column.to_numpy(zero_copy_only=False).astype(np.float64)
+        values = values[~np.isnan(values)]
+        if not len(values):
+            return
+        self.count += len(values)
+        self.total += float(values.sum())
+        low, high = float(values.min()), float(values.max())
+        self.low = low if self.low is None else min(self.low, low)
+        self.high = high if self.high is None else max(self.high, high)
+
+    def to_json(self) -> dict[str, Any]:
+        mean = self.total / self.count if self.count else None
+        return {"nulls": self.nulls, "min": self.low, "mean": mean, "max": self.high}
+

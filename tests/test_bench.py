@@ -1,0 +1,117 @@
+"""`shardkit bench`: real loaders in fresh processes over a tiny converted dataset."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from corpus import image_tree
+from PIL import Image
+
+import shardkit
+from shardkit.bench import BENCH_SCHEMA, BenchOptions, measure_here, run_bench
+from shardkit.errors import ConfigError, DatasetError, InputError
+
+SAMPLES = 18
+
+RUN_KEYS = {"loader", "workers", "epochs", "samples", "bytes", "seconds", "cpu_seconds",
+            "first_batch_seconds", "peak_rss_bytes", "workers_peak_rss_bytes", "epoch_seconds",
+            "samples_per_second", "cpu_ms_per_sample", "cores", "mb_per_second"}
+REPORT_KEYS = {"schema", "dataset", "dataset_samples", "image_shape", "baseline", "baseline_samples",
+               "cpu_count", "batch_size", "epochs", "shuffle", "target_rate", "runs", "verdict"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    src = tmp_path_factory.mktemp("src")
+    image_tree(src, classes=("ant", "bee", "cow"), per_class=SAMPLES // 3)
+    out = tmp_path_factory.mktemp("data") / "out"
+    shardkit.convert(src, out, size="20x12", samples_per_shard=7, workers=0, progress=False)
+    return src, out
+
+
+def test_counts_cpu_and_schema(dataset: tuple[Path, Path], tmp_path: Path) -> None:
+    src, out = dataset
+    options = BenchOptions(batch_size=4, workers=(0, 2), epochs=2, baseline=str(src),
+                           baseline_limit=10)
+    report = run_bench(out, options)
+    assert [(r.loader, r.workers) for r in report.runs] == [
+        ("shards", 0), ("raw", 0), ("shards", 2), ("raw", 2)]
+    for run in report.runs:
+        expected = SAMPLES * 2 if run.loader == "shards" else 10 * 2  # dataset (or limit) × epochs
+        assert run.samples == expected, run
+        assert run.bytes == expected * 12 * 20 * 3  # uint8 pixels delivered
+        assert run.cpu_seconds > 0 and run.seconds > 0
+        assert run.first_batch_seconds > 0
+        assert len(run.epoch_seconds) == 2 and sum(run.epoch_seconds) <= run.seconds
+        assert run.peak_rss_bytes > 10_000_000  # a Python process with torch loaded
+        assert (run.workers_peak_rss_bytes > 0) == (run.workers > 0)
+    data = report.to_json()
+    assert set(data) == REPORT_KEYS and data["schema"] == BENCH_SCHEMA
+    assert all(set(r) == RUN_KEYS for r in data["runs"])
+    assert data["dataset_samples"] == SAMPLES and data["baseline_samples"] == 10
+    assert data["image_shape"] == [12, 20, 3]
+    json.dumps(data)  # serialisable as it is
+    assert report.verdict().startswith("shards: ") and "raw folder: " in report.verdict()
+    lines = report.table().splitlines()
+    assert lines[1].split()[:3] == ["loader", "workers", "samples"]
+    assert lines[2].split()[:3] == ["shards", "0", "36"]
+    from shardkit.bench import plot
+
+    plot(report, tmp_path / "bench.png")
+    with Image.open(tmp_path / "bench.png") as im:
+        assert im.format == "PNG" and im.width > 500
+
+
+def test_child_measures_cpu_of_worker_processes(tmp_path: Path) -> None:
+    import psutil
+    import torch  # noqa: F401  (imported here, so that its import is not in `own`)
+
+    image_tree(tmp_path, classes=("a",), per_class=8, min_side=900, max_side=1000)
+    files = [(str(p), 0) for p in sorted(tmp_path.rglob("*.*"))]
+    spec = {"loader": "raw", "files": files, "shape": [12, 20, 3], "workers": 2, "epochs": 1,
+            "batch_size": 2, "shuffle": False, "seed": 0}
+    me = psutil.Process()
+    own_before = sum(me.cpu_times()[:2])
+    result = measure_here(spec)
+    own = sum(me.cpu_times()[:2]) - own_before
+    assert result["samples"] == 8
+    # The decoding happened in two worker processes, reaped by now: their time is counted,
+    # on top of what this process spent.
+    assert result["cpu_seconds"] > own + 0.05
+
+
+def test_cli_json_and_verdict(dataset: tuple[Path, Path], tmp_path: Path) -> None:
+    _, out = dataset
+    result = subprocess.run([sys.executable, "-m", "shardkit", "bench", str(out), "--batch-size", "5",
+                             "--workers", "0", "--epochs", "3", "--json", "--plot",
+                             str(tmp_path / "b.png")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert set(data) == REPORT_KEYS and data["baseline"] is None
+    [run] = data["runs"]
+    assert (run["loader"], run["workers"], run["samples"], run["epochs"]) == ("shards", 0, 3 * SAMPLES, 3)
+    assert "cores of loading" in data["verdict"]
+    assert (tmp_path / "b.png").stat().st_size > 0
+    text = subprocess.run([sys.executable, "-m", "shardkit", "bench", str(out), "--batch-size", "5",
+                           "--workers", "0", "--epochs", "1"], capture_output=True, text=True, timeout=300)
+    assert text.returncode == 0 and "samples/s per core" in text.stdout
+
+
+def test_bad_input_is_a_clear_error(dataset: tuple[Path, Path], tmp_path: Path) -> None:
+    src, out = dataset
+    with pytest.raises(ConfigError, match="workers"):
+        BenchOptions(workers=(0, 0))
+    with pytest.raises(ConfigError, match="batch size"):
+        BenchOptions(batch_size=0)
+    with pytest.raises(DatasetError, match=r"index\.json"):
+        run_bench(src, BenchOptions(workers=(0,)))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="empty"):
+        run_bench(out, BenchOptions(workers=(0,), baseline=str(tmp_path / "empty")))
+    bad = subprocess.run([sys.executable, "-m", "shardkit", "bench", str(out), "--workers", "0,x"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == ConfigError.exit_code and "--workers" in bad.stderr
