@@ -7,6 +7,7 @@ Errors print as one line (``shardkit: error: ...``) with the exit code their cla
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -276,6 +277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("shardkit: interrupted; nothing incomplete was published", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of our output went away (`shardkit info OUT | head`): stop quietly, and
+        # keep the interpreter's final flush from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except ShardkitError as exc:
         if args.debug:
             raise

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from shardkit import executors, journal, outdir
 from shardkit._fs import publish
 from shardkit.config import ConvertConfig, RunOptions, configs_from_options
-from shardkit.errors import TooManyFailuresError, WorkerError
+from shardkit.errors import ConfigError, TooManyFailuresError, WorkerError
 from shardkit.executors import InlineExecutor, local_pool
 from shardkit.manifest import ERRORS_NAME, Manifest, ShardRecord
 from shardkit.plan import Plan, make_plan, rows_per_group
@@ -63,6 +63,13 @@ def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
     config = source_config(src, config)
     if config.csv is not None and config.csv.image_col is None:  # a tabular CSV
         from shardkit.tabular import convert_table
+
+        if executor is not None:
+            raise ConfigError(
+                f"{src}: a tabular CSV converts in this process (pyarrow parses it with its own "
+                "threads and Parquet is written as the file streams by); --dask-scheduler and "
+                "executor= apply to image inputs"
+            )
 
         return _check_budget(convert_table(src, out, config, run), run)
     # Absolute paths: tasks may run in processes with another working directory (Dask workers).

@@ -94,3 +94,16 @@ def test_console_script_and_version() -> None:
     result = subprocess.run([str(Path(sys.executable).parent / "shardkit"), "--version"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == f"shardkit {shardkit.__version__}"
+
+
+def test_a_closed_pipe_ends_info_quietly(tree: Path, tmp_path: Path) -> None:
+    # As `shardkit info OUT | head` does once it has its lines: the reader is gone before
+    # shardkit writes, so the first write fails with EPIPE.
+    shardkit.convert(tree, tmp_path / "out", size=20, workers=0)
+    process = subprocess.Popen([*SHARDKIT, "info", str(tmp_path / "out")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 1
+    assert stderr == ""

@@ -295,3 +295,12 @@ def test_verify_finds_a_damaged_table_shard(table_csv: Path, tmp_path: Path) -> 
     shard.write_bytes(bytes(data[:-10]))
     problems = verify_dataset(out, quick=True)
     assert len(problems) == 1 and problems[0].startswith("shard-00001.parquet: ")
+
+
+def test_a_tabular_csv_refuses_an_executor_instead_of_ignoring_it(table_csv: Path,
+                                                                  tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool, pytest.raises(shardkit.ConfigError, match="tabular CSV"):
+        shardkit.convert(table_csv, tmp_path / "t", label_col="label", executor=pool)
+    assert not (tmp_path / "t").exists()
