@@ -81,6 +81,25 @@ def test_image_csv_pixels_labels_metadata_and_bad_rows(image_csv: Path, tmp_path
         assert table.column("weight").to_pylist() == [1.5, 2.0, None, 7.25]
         assert table.column("note").to_pylist() == ["a, b", "plain", "two\nlines", "abs"]
     assert verify_dataset(out) == []
+    batches = list(dataset.batches(3, fields=["weight", "note"]))
+    assert [w for b in batches for w in b["weight"]] == [1.5, 2.0, None, 7.25]
+    assert [n for b in batches for n in b["note"]] == ["a, b", "plain", "two\nlines", "abs"]
+    with pytest.raises(shardkit.ConfigError, match="weight, note"):  # the error lists them
+        dataset.batches(2, fields=["nope"])
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_image_csv_columns_come_with_batches_when_asked(image_csv: Path, tmp_path: Path,
+                                                        fmt: str) -> None:
+    out = tmp_path / "out"
+    shardkit.convert(image_csv / "train.csv", out, image_col="filename", label_col="species",
+                     size=20, format=fmt, codec="png", workers=0, max_errors=3)
+    loader = shardkit.ShardLoader(out, 4, shuffle=True, seed=5, fields=["weight", "note", "source"])
+    (batch,) = list(loader)
+    by_index = dict(zip(batch["index"].tolist(), zip(batch["weight"], batch["note"], strict=True),
+                        strict=True))
+    assert by_index == {0: (1.5, "a, b"), 1: (2.0, "plain"), 2: (None, "two\nlines"), 3: (7.25, "abs")}
+    assert batch["source"][batch["index"].tolist().index(1)] == "img/p1.png"
 
 
 def test_image_csv_integer_labels_and_same_bytes_for_any_workers(image_csv: Path,

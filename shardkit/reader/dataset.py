@@ -18,7 +18,7 @@ from shardkit.errors import ConfigError, DatasetError, require
 from shardkit.manifest import Manifest
 from shardkit.reader.assign import Split, assign, batches_per_rank, padding, samples_per_rank
 from shardkit.reader.fetch import ShardCache
-from shardkit.reader.stream import METADATA_FIELDS, in_background, stream_batches
+from shardkit.reader.stream import in_background, metadata_fields, stream_batches
 from shardkit.reader.table import TableCache, stream_table_batches
 
 torch: Any = require("torch", "torch")
@@ -63,9 +63,10 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
             world_size = auto_world if world_size is None else world_size
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in a world of {world_size}")
-        unknown = set(fields or ()) - set(() if self.table else METADATA_FIELDS)
+        allowed = () if self.table else metadata_fields(self.manifest)
+        unknown = set(fields or ()) - set(allowed)
         if unknown:
-            raise ConfigError(f"unknown fields {sorted(unknown)}; choose from {METADATA_FIELDS}")
+            raise ConfigError(f"unknown fields {sorted(unknown)}; choose from {', '.join(allowed) or 'none'}")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.fields = tuple(fields or ())
@@ -138,7 +139,8 @@ def _to_tensors(batch: dict[str, Any]) -> dict[str, Any]:
 class ShardLoader:
     """Iterate a converted dataset in whole batches: dicts with ``image`` uint8 [B,H,W,C],
     ``label`` int64 [B] (labelled datasets), ``index`` int64 [B] (position in stored order),
-    and metadata when `fields` asks (key, source, orig_width, orig_height). A table (a
+    and metadata when `fields` asks (key, source, orig_width, orig_height, and an image
+    CSV's other columns), as lists. A table (a
     converted tabular CSV) gives ``features`` float32 [B,F] (order: the manifest's
     ``schema.features.names``), ``label`` (int64 [B], or float32 [B] / [B,K]) and ``index``.
 

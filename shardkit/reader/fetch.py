@@ -31,11 +31,20 @@ from shardkit.manifest import Manifest, ShardRecord
 from shardkit.reader.parquet import fixed_images, read_parquet_table
 from shardkit.reader.tar import iter_members
 
-__all__ = ["ShardCache", "ShardHandle", "gather"]
+__all__ = ["ShardCache", "ShardHandle", "gather", "metadata_fields"]
 
 _NPY_MAGIC = np.frombuffer(b"\x93NUMPY", dtype=np.uint8)
 _TYPEFLAG = 156  # offset of the type flag in a tar header
 _METADATA = ("key", "source", "orig_width", "orig_height")
+
+
+def metadata_fields(manifest: Manifest) -> tuple[str, ...]:
+    """The fields a batch of this image dataset may carry: the standard ones, then an image
+    CSV's metadata columns (schema entries with a ``csv_column``), in CSV order."""
+    schema = manifest.schema
+    extra = sorted((spec["csv_column"], name) for name, spec in schema.items()
+                   if isinstance(spec, dict) and "csv_column" in spec and name != "target")
+    return _METADATA + tuple(name for _, name in extra)
 
 
 class ShardHandle:
@@ -83,7 +92,8 @@ def _check_size(path: str, record: ShardRecord, verify: bool) -> None:
             raise CorruptShardError(f"{path}: sha256 differs from index.json (corrupted)")
 
 
-def open_raw_tar(path: str, record: ShardRecord, shape: Sequence[int]) -> ShardHandle:
+def open_raw_tar(path: str, record: ShardRecord, shape: Sequence[int],
+                 extra: Sequence[str] = ()) -> ShardHandle:
     layout = record.layout
     if layout is None:
         raise CorruptShardError(f"{path}: index.json gives no layout for this raw shard")
@@ -93,7 +103,8 @@ def open_raw_tar(path: str, record: ShardRecord, shape: Sequence[int]) -> ShardH
                                 f"{record.bytes} bytes")
     if n == 0:
         return ShardHandle(path=path, images=np.empty((0, *shape), np.uint8), payloads=None,
-                           labels=np.empty(0, np.int64), metadata={f: [] for f in _METADATA})
+                           labels=np.empty(0, np.int64),
+                           metadata={f: [] for f in (*_METADATA, *extra)})
     buffer = np.frombuffer(_map(path), dtype=np.uint8)
     rows = np.lib.stride_tricks.as_strided(buffer, shape=(n, stride), strides=(stride, 1),
                                            writeable=False)
@@ -119,28 +130,31 @@ def open_raw_tar(path: str, record: ShardRecord, shape: Sequence[int]) -> ShardH
         metas = [json.loads(bytes(row[begin:])) for row in rows]
         keys = [bytes(row[:100]).split(b".", 1)[0].decode() for row in rows]
         return {"key": keys, "source": [m["source"] for m in metas],
-                "orig_width": [m["width"] for m in metas], "orig_height": [m["height"] for m in metas]}
+                "orig_width": [m["width"] for m in metas], "orig_height": [m["height"] for m in metas],
+                **{name: [m.get(name) for m in metas] for name in extra}}
 
     return ShardHandle(path=path, images=images, payloads=None, labels=labels, metadata=metadata)
 
 
 def open_parquet_raw(path: str, record: ShardRecord, shape: Sequence[int],
-                     labeled: bool) -> ShardHandle:
+                     labeled: bool, extra: Sequence[str] = ()) -> ShardHandle:
     table = read_parquet_table(path, ["image", "label"] if labeled else ["image"], record.samples)
     images = fixed_images(table.column("image"), shape)
     labels = table.column("label").to_numpy() if labeled else None
 
     def metadata() -> dict[str, list[Any]]:
-        meta = read_parquet_table(path, list(_METADATA), record.samples)
-        return {name: meta.column(name).to_pylist() for name in _METADATA}
+        names = [*_METADATA, *extra]
+        meta = read_parquet_table(path, names, record.samples)
+        return {name: meta.column(name).to_pylist() for name in names}
 
     return ShardHandle(path=path, images=images, payloads=None, labels=labels, metadata=metadata)
 
 
-def open_encoded(path: str, record: ShardRecord, fmt: str, labeled: bool) -> ShardHandle:
+def open_encoded(path: str, record: ShardRecord, fmt: str, labeled: bool,
+                 extra: Sequence[str] = ()) -> ShardHandle:
     payloads: list[bytes] = []
     labels: list[int] = []
-    meta: dict[str, list[Any]] = {name: [] for name in _METADATA}
+    meta: dict[str, list[Any]] = {name: [] for name in (*_METADATA, *extra)}
     if fmt == "tar":
         for key, field, data in iter_members(path):
             if field == "cls":
@@ -151,14 +165,16 @@ def open_encoded(path: str, record: ShardRecord, fmt: str, labeled: bool) -> Sha
                 meta["source"].append(item["source"])
                 meta["orig_width"].append(item["width"])
                 meta["orig_height"].append(item["height"])
+                for name in extra:
+                    meta[name].append(item.get(name))
             else:
                 payloads.append(data)
     else:
-        columns = ["image", *_METADATA] + (["label"] if labeled else [])
+        columns = ["image", *_METADATA, *extra] + (["label"] if labeled else [])
         table = read_parquet_table(path, columns, record.samples)
         payloads = table.column("image").to_pylist()
         labels = table.column("label").to_pylist() if labeled else []
-        meta = {name: table.column(name).to_pylist() for name in _METADATA}
+        meta = {name: table.column(name).to_pylist() for name in (*_METADATA, *extra)}
     if len(payloads) != record.samples or (labeled and len(labels) != record.samples):
         raise CorruptShardError(f"{path}: {len(payloads)} samples, index.json says {record.samples}")
     return ShardHandle(path=path, images=None, payloads=payloads,
@@ -229,6 +245,7 @@ class ShardCache:
         self.codec = str(manifest.config["codec"])
         self.format = str(manifest.config["format"])
         self.labeled = manifest.classes is not None
+        self.extra = metadata_fields(manifest)[len(_METADATA):]
 
     def _load(self, number: int) -> ShardHandle:
         record = self.manifest.shards[number]
@@ -236,9 +253,9 @@ class ShardCache:
         _check_size(path, record, self.verify)
         if self.codec == "raw" and self.shape is not None:
             if self.format == "tar":
-                return open_raw_tar(path, record, self.shape)
-            return open_parquet_raw(path, record, self.shape, self.labeled)
-        return open_encoded(path, record, self.format, self.labeled)
+                return open_raw_tar(path, record, self.shape, self.extra)
+            return open_parquet_raw(path, record, self.shape, self.labeled, self.extra)
+        return open_encoded(path, record, self.format, self.labeled, self.extra)
 
     def prefetch(self, numbers: Sequence[int]) -> None:
         """Start opening `numbers` in the background (if not open yet)."""

@@ -18,7 +18,7 @@ from shardkit.manifest import Manifest
 from shardkit.reader.assign import Split, assign
 from shardkit.reader.fetch import ShardCache
 from shardkit.reader.parquet import read_parquet_shard, read_parquet_table
-from shardkit.reader.stream import METADATA_FIELDS, in_background, stream_batches
+from shardkit.reader.stream import in_background, metadata_fields, stream_batches
 from shardkit.reader.table import TableCache, TableShard, read_table_shard, stream_table_batches
 from shardkit.reader.tar import iter_members, read_raw_shard
 
@@ -147,9 +147,10 @@ class Dataset:
         split = Split(rank=rank, world=world_size)
         batches = list(assign(sizes, split, epoch=epoch, seed=seed, batch_size=batch_size,
                               drop_last=drop_last, shuffle=shuffle, window=window, start=start))
-        unknown = set(fields) - set(() if self.is_table else METADATA_FIELDS)
+        allowed = () if self.is_table else metadata_fields(self.manifest)
+        unknown = set(fields) - set(allowed)
         if unknown:
-            raise ConfigError(f"unknown fields {sorted(unknown)}; choose from {METADATA_FIELDS}")
+            raise ConfigError(f"unknown fields {sorted(unknown)}; choose from {', '.join(allowed) or 'none'}")
         starts = np.asarray(self._starts, dtype=np.int64)
         if self.is_table:
             table = stream_table_batches(TableCache(str(self.path), self.manifest,

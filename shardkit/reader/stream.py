@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from shardkit.reader.fetch import ShardCache, decode_payload, gather
+from shardkit.reader.fetch import ShardCache, decode_payload, gather, metadata_fields
 from shardkit.reader.targets import TargetCache, has_targets
 
-__all__ = ["METADATA_FIELDS", "assemble", "in_background", "stream_batches"]
+__all__ = ["METADATA_FIELDS", "assemble", "in_background", "metadata_fields", "stream_batches"]
 
 #: Per-sample metadata a batch may carry on request (``fields=``).
-METADATA_FIELDS = ("key", "source", "orig_width", "orig_height")
+METADATA_FIELDS = ("key", "source", "orig_width", "orig_height")  # then an image CSV's columns
+
 
 Allocator = Callable[[tuple[int, ...]], np.ndarray]
 
