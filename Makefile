@@ -30,7 +30,7 @@ lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check shardkit tests scripts examples
 	$(VENV)/bin/mypy
 
-bench: $(STAMP) ## conversion and reading benchmarks (~15 min); write docs/performance.md
+bench: $(STAMP) ## conversion, reading, CSV and Dask benchmarks (~25 min); write docs/performance.md
 	$(PY) scripts/bench_convert.py --out bench-out --write-doc docs/performance.md
 	$(PY) scripts/bench_read.py --out bench-out/read --write-doc docs/performance.md
 	$(PY) scripts/bench_csv.py --out bench-out/csv --write-doc docs/performance.md

@@ -93,7 +93,8 @@ def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
     show = sys.stderr.isatty() if run.progress is None else run.progress
     try:
         if not own:  # a cluster: do its workers see SRC and share OUT with us?
-            first = plan.records[0] if plan.records else None
+            # The first input the plan saw on disk (an image CSV may name missing files).
+            first = next((r for r in plan.records if r.size >= 0), None)
             executors.check_workers(executor, (first.path, first.size) if first else None, tmp)
         with tqdm(total=plan.inputs, unit="img", disable=not show, dynamic_ncols=True,
                   file=sys.stderr) as bar:

@@ -124,7 +124,8 @@ class Manifest:
 
     def write(self, folder: str | os.PathLike[str]) -> None:
         """Atomically write ``folder/index.json`` (sorted keys, indented for people)."""
-        text = json.dumps(self.to_json(), sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+        text = json.dumps(self.to_json(), sort_keys=True, indent=1, ensure_ascii=False,
+                          allow_nan=False) + "\n"
         atomic_write_bytes(Path(folder) / INDEX_NAME, text.encode())
 
     @classmethod

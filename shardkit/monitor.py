@@ -165,6 +165,9 @@ def _nvml_handle() -> tuple[Any, Any] | None:
     try:
         import pynvml
     except ImportError:
+        print("shardkit.monitor: a CUDA device is in use but nvidia-ml-py is not installed; "
+              "GPU utilisation and memory are left out (pip install 'shardkit[gpu]')",
+              file=sys.stderr)
         return None
     try:
         pynvml.nvmlInit()

@@ -323,10 +323,11 @@ class _ShardWriter:
 
 
 class _Stats:
-    """min/mean/max (numbers and category codes) and null count of a stored column."""
+    """min/mean/max (numbers and category codes) and null count of a stored column. The
+    figures are over the finite values (index.json stays strict JSON); infinities are counted."""
 
     def __init__(self) -> None:
-        self.count, self.nulls, self.total = 0, 0, 0.0
+        self.count, self.nulls, self.infinite, self.total = 0, 0, 0, 0.0
         self.low: float | None = None
         self.high: float | None = None
 
@@ -338,6 +339,9 @@ class _Stats:
             column = pa.chunked_array([c.indices for c in column.chunks], pa.int32())
         values = column.to_numpy(zero_copy_only=False).astype(np.float64)
         values = values[~np.isnan(values)]
+        finite = np.isfinite(values)
+        self.infinite += int(len(values) - finite.sum())
+        values = values[finite]
         if not len(values):
             return
         self.count += len(values)
@@ -348,5 +352,6 @@ class _Stats:
 
     def to_json(self) -> dict[str, Any]:
         mean = self.total / self.count if self.count else None
-        return {"nulls": self.nulls, "min": self.low, "mean": mean, "max": self.high}
+        figures = {"nulls": self.nulls, "min": self.low, "mean": mean, "max": self.high}
+        return {**figures, "infinite": self.infinite} if self.infinite else figures
 

@@ -323,3 +323,19 @@ def test_a_tabular_csv_refuses_an_executor_instead_of_ignoring_it(table_csv: Pat
     with ThreadPoolExecutor(1) as pool, pytest.raises(shardkit.ConfigError, match="tabular CSV"):
         shardkit.convert(table_csv, tmp_path / "t", label_col="label", executor=pool)
     assert not (tmp_path / "t").exists()
+
+
+def test_padded_numbers_and_infinities_read_as_pandas_reads_them(tmp_path: Path) -> None:
+    path = tmp_path / "ws.csv"
+    path.write_text("x,y\n1,a\n2, b\n 3,c\n4 ,d\n  5.5  ,e\ninf,f\n-Infinity,g\nNaN,i\n")
+    out = tmp_path / "t"
+    summary = shardkit.convert(path, out)
+    assert (summary.samples, summary.failed) == (8, 0)
+    manifest = json.loads((out / "index.json").read_text())
+    assert manifest["schema"]["features"]["names"] == ["x", "y"]
+    stats = manifest["schema"]["columns"][0]  # over the finite values: index.json is strict JSON
+    assert (stats["min"], stats["max"], stats["infinite"], stats["nulls"]) == (1.0, 5.5, 2, 1)
+    (batch,) = list(shardkit.open(out).batches(16))
+    expected = pd.read_csv(path)["x"].to_numpy(dtype=np.float32)
+    np.testing.assert_array_equal(batch["features"][:, 0], expected)
+    assert np.isinf(expected).sum() == 2 and np.isnan(expected).sum() == 1

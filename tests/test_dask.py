@@ -359,3 +359,21 @@ def test_a_task_that_cannot_see_src_fails_the_run(tmp_path: Path) -> None:
         shardkit.convert(src, out, executor=executor, size=16)
     assert f"FileNotFoundError: SRC {src} is not visible on" in str(caught.value)
     assert not (out / "index.json").exists() and not (out / ".shardkit-tmp").exists()
+
+
+def test_an_image_csv_whose_first_row_is_missing_runs_on_dask(cluster: Cluster, src: Path,
+                                                              tmp_path: Path) -> None:
+    """The up-front worker check must not take the first CSV row's missing file for a worker
+    that cannot see SRC: that row belongs in errors.jsonl, as in a local run."""
+    table = tmp_path / "train.csv"
+    rows = ["gone/nothing.jpg,a"] + [f"{k}/{i:03d}.jpg,{k}" for k in ("a", "b") for i in range(6)]
+    table.write_text("path,kind\n" + "\n".join(rows) + "\n")
+    options = {"image_col": "path", "label_col": "kind", "root": str(src), "size": 24,
+               "samples_per_shard": 5, "max_errors": 1}
+    local = shardkit.convert(table, tmp_path / "local", workers=2, **options)
+    remote = shardkit.convert(table, tmp_path / "dask", executor=cluster.client.get_executor(),
+                              **options)
+    assert (remote.samples, remote.failed) == (local.samples, local.failed) == (12, 1)
+    assert hashes(tmp_path / "dask") == hashes(tmp_path / "local")
+    (failure,) = [json.loads(line) for line in (tmp_path / "dask" / "errors.jsonl").open()]
+    assert (failure["row"], failure["reason"]) == (2, "missing_file")

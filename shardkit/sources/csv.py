@@ -8,7 +8,7 @@ blocks converted to those types. Rules (docs/format.md, "CSV inputs"):
 * Every field is first read as text. Empty fields and the usual NA spellings (``NA``,
   ``NaN``, ``null``, ``#N/A``, ...) are nulls.
 * A column is numeric when more than half of its non-null values are decimal numbers
-  (``-1``, ``2.5``, ``.5``, ``1e-3``), integer when all those numbers are integers; otherwise
+  (``-1``, ``2.5``, ``.5``, ``1e-3``, ``inf``; surrounding spaces ignored), integer when all those numbers are integers; otherwise
   it is a string column, whose categories are its sorted distinct values.
 * A row is *bad* when its field count differs from the header's (``wrong_field_count``),
   when a numeric column holds text (``not_a_number``), when its label is empty
@@ -49,7 +49,9 @@ __all__ = [
     "typed_block",
 ]
 
-NUMBER_RE = r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$"
+#: Numbers as pandas reads them: decimal or exponent notation, and inf / infinity (any case);
+#: NaN spellings are null values already. Matched after trimming surrounding whitespace.
+NUMBER_RE = r"(?i)^[-+]?((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|inf|infinity)$"
 INT_RE = r"^[-+]?\d+$"
 #: String columns with more distinct values are kept as plain text, not categories.
 MAX_CATEGORIES = 1 << 16
@@ -172,11 +174,11 @@ def infer_columns(stream: CsvStream) -> dict[str, Column]:
     for table, _rows in stream.blocks():
         for name in stream.names:
             text = table.column(name)
-            numbers = pc.match_substring_regex(text, NUMBER_RE)
+            numbers = pc.match_substring_regex(_trimmed(text), NUMBER_RE)
             tally = counts[name]
             tally[0] += len(text) - text.null_count
             tally[1] += pc.sum(numbers).as_py() or 0
-            tally[2] += pc.sum(pc.match_substring_regex(text, INT_RE)).as_py() or 0
+            tally[2] += pc.sum(pc.match_substring_regex(_trimmed(text), INT_RE)).as_py() or 0
             seen = values[name]
             if seen is not None:
                 seen.update(v for v in pc.unique(text).to_pylist() if v is not None)
@@ -213,6 +215,7 @@ def typed_block(table: pa.Table, rows: np.ndarray, columns: list[Column],
             _mark(reasons, bad, nulls, rows, required[column.name],
                   lambda i, c=column.name: f"column {c!r} is empty")
         if column.kind in ("int", "float"):
+            text = _trimmed(text)
             ok = pc.fill_null(pc.match_substring_regex(text, NUMBER_RE), True)
             wrong = ~ok.to_numpy(zero_copy_only=False)
             _mark(reasons, bad, wrong, rows, "not_a_number",
@@ -226,6 +229,13 @@ def typed_block(table: pa.Table, rows: np.ndarray, columns: list[Column],
     keep = pa.array(~bad)
     good = {name: pc.filter(array, keep) for name, array in out.items()}
     return TypedBlock(columns=good, rows=rows[~bad], bad=[reasons[i] for i in sorted(reasons)])
+
+
+def _trimmed(text: Any) -> Any:
+    """Text of a would-be numeric column without surrounding whitespace, as pandas parses
+    ``" 3"`` and ``"4 "`` as numbers; a field of only spaces becomes null (empty)."""
+    trimmed = pc.utf8_trim_whitespace(text)
+    return pc.if_else(pc.equal(trimmed, ""), pa.scalar(None, pa.string()), trimmed)
 
 
 def _categorical(text: pa.Array, column: Column, target: pa.DataType) -> pa.Array:
