@@ -279,3 +279,18 @@ def test_to_device_normalises_on_the_device(tar_ds: Path) -> None:
     assert torch.equal(moved["label"], batch["label"])
     plain = shardkit.to_device(batch, "cpu", channels_last=False)["image"]
     assert plain.is_contiguous() and float(plain.max()) <= 1.0
+
+
+@pytest.mark.parametrize(("fmt", "kept"), [("tar", 5), ("parquet", 4)])
+def test_mapped_raw_tar_shards_all_stay_open_between_epochs(src: Path, tmp_path: Path, fmt: str,
+                                                            kept: int) -> None:
+    """Five shards, a shuffle window of 2: Parquet shards (copied into memory) are bounded by
+    window + 2, memory-mapped raw tar shards stay mapped, so a later epoch re-opens none."""
+    out = convert(src, tmp_path / fmt, format=fmt)
+    loader = ShardLoader(out, 4, shuffle=True, window=2)
+    assert len(shardkit.open(out).manifest.shards) == 5
+    first = sorted(i for batch in loader for i in batch["index"].tolist())
+    assert first == list(range(27))
+    cache = loader.dataset._cache
+    assert len(cache._open) == kept == loader.dataset.cache_shards
+    assert ShardLoader(out, 4, window=2, cache_shards=3).dataset.cache_shards == 3

@@ -17,7 +17,7 @@ import numpy as np
 from shardkit.errors import ConfigError, DatasetError, require
 from shardkit.manifest import Manifest
 from shardkit.reader.assign import Split, assign, batches_per_rank, padding, samples_per_rank
-from shardkit.reader.fetch import ShardCache
+from shardkit.reader.fetch import ShardCache, default_capacity
 from shardkit.reader.stream import in_background, metadata_fields, stream_batches
 from shardkit.reader.table import TableCache, stream_table_batches
 
@@ -71,7 +71,7 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.fields = tuple(fields or ())
         self.window, self.verify = window, verify
-        self.cache_shards = cache_shards or (window or len(self.manifest.shards)) + 2
+        self.cache_shards = cache_shards or default_capacity(self.manifest, window)
         self.epoch = 0
         self.start = 0
         self.sizes = [s.samples for s in self.manifest.shards]
@@ -151,10 +151,10 @@ class ShardLoader:
     exactly the rest of the saved epoch. Rank and world size come from torch.distributed when
     it is initialised, unless given.
 
-    Memory: at most `cache_shards` shards are open at once (default ``window + 2``); raw tar
-    shards are memory-mapped, so their pages are the kernel's page cache, not copies. With
-    ``num_workers=0`` they stay open between epochs: a dataset of at most `cache_shards`
-    shards is read at memory-copy speed from the second epoch on.
+    Memory: at most `cache_shards` shards are open at once (default ``window + 2``; for raw
+    tar shards, which are memory-mapped so that their pages are the kernel's page cache, not
+    copies, up to 64). With ``num_workers=0`` they stay open between epochs: a dataset of at
+    most `cache_shards` shards is read from memory from the second epoch on.
     """
 
     def __init__(self, path: str | os.PathLike[str], batch_size: int, *, shuffle: bool = True,

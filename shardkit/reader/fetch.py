@@ -31,7 +31,7 @@ from shardkit.manifest import Manifest, ShardRecord
 from shardkit.reader.parquet import fixed_images, read_parquet_table
 from shardkit.reader.tar import iter_members
 
-__all__ = ["ShardCache", "ShardHandle", "gather", "metadata_fields"]
+__all__ = ["MAPPED_SHARDS", "ShardCache", "ShardHandle", "default_capacity", "gather", "metadata_fields"]
 
 _NPY_MAGIC = np.frombuffer(b"\x93NUMPY", dtype=np.uint8)
 _TYPEFLAG = 156  # offset of the type flag in a tar header
@@ -226,6 +226,26 @@ def _torch() -> Any:
             module = None  # type: ignore[assignment]
         _TORCH.append(module)
     return _TORCH[0]
+
+
+#: How many memory-mapped raw tar shards stay open by default. A mapping holds no memory of
+#: its own (its pages are the page cache, which the kernel reclaims as it needs), so keeping
+#: every shard of a dataset mapped costs address space, not RAM, and spares a dataset a little
+#: larger than the read-ahead window from re-mapping every shard on every epoch (sequential
+#: reads through an LRU cache that is one shard too small never hit).
+MAPPED_SHARDS = 64
+
+
+def default_capacity(manifest: Manifest, window: int | None) -> int:
+    """Shards a ShardCache keeps open by default: the shuffle window + 2 (the shards being
+    read and the next ones), or for memory-mapped raw tar shards up to MAPPED_SHARDS."""
+    shards = len(manifest.shards)
+    base = (window or shards) + 2
+    shape = manifest.schema.get("image", {}).get("shape", [None])
+    if manifest.config.get("format") == "tar" and manifest.config.get("codec") == "raw" \
+            and None not in shape:
+        return max(base, min(shards, MAPPED_SHARDS))
+    return base
 
 
 class ShardCache:

@@ -16,7 +16,7 @@ from PIL import Image
 from shardkit.errors import ConfigError, CorruptShardError, DatasetError
 from shardkit.manifest import Manifest
 from shardkit.reader.assign import Split, assign
-from shardkit.reader.fetch import ShardCache
+from shardkit.reader.fetch import ShardCache, default_capacity
 from shardkit.reader.parquet import read_parquet_shard, read_parquet_table
 from shardkit.reader.stream import in_background, metadata_fields, stream_batches
 from shardkit.reader.table import TableCache, TableShard, read_table_shard, stream_table_batches
@@ -157,7 +157,8 @@ class Dataset:
                                                     capacity=(window or len(sizes)) + 2),
                                          starts, batches)
             return in_background(table) if prefetch else table
-        cache = ShardCache(str(self.path), self.manifest, capacity=(window or len(sizes)) + 2,
+        cache = ShardCache(str(self.path), self.manifest,
+                           capacity=default_capacity(self.manifest, window),
                            verify=verify)
         stream = stream_batches(cache, np.asarray(self._starts, dtype=np.int64), batches, fields)
         return in_background(stream) if prefetch else stream

@@ -8,8 +8,9 @@ blocks converted to those types. Rules (docs/format.md, "CSV inputs"):
 * Every field is first read as text. Empty fields and the usual NA spellings (``NA``,
   ``NaN``, ``null``, ``#N/A``, ...) are nulls.
 * A column is numeric when more than half of its non-null values are decimal numbers
-  (``-1``, ``2.5``, ``.5``, ``1e-3``, ``inf``; surrounding spaces ignored), integer when all those numbers are integers; otherwise
-  it is a string column, whose categories are its sorted distinct values.
+  (``-1``, ``2.5``, ``.5``, ``1e-3``, ``inf``; surrounding spaces ignored), integer when all
+  those numbers are integers; otherwise it is a string column, whose categories are its
+  sorted distinct values.
 * A row is *bad* when its field count differs from the header's (``wrong_field_count``),
   when a numeric column holds text (``not_a_number``), when its label is empty
   (``missing_label``) or when every field is empty (``empty_row``). Bad rows are reported
