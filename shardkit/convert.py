@@ -73,7 +73,9 @@ def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
 
         return _check_budget(convert_table(src, out, config, run), run)
     # Absolute paths: tasks may run in processes with another working directory (Dask workers).
-    plan = make_plan(os.path.abspath(src), config)
+    # A long input list spills beside OUT (same filesystem, not a RAM-backed /tmp).
+    parent = Path(out).absolute().parent
+    plan = make_plan(os.path.abspath(src), config, spill_dir=parent if parent.is_dir() else None)
     out_dir = Path(out)
     state = outdir.prepare(out_dir, plan.fingerprint, overwrite=run.overwrite, resume=run.resume)
     workers = run.resolved_workers

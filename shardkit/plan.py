@@ -8,9 +8,10 @@ every worker busy and the progress bar moves.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,8 @@ from shardkit.config import ConvertConfig
 from shardkit.manifest import fingerprint, shard_name
 from shardkit.report import FailureRecord
 from shardkit.sources.image_csv import list_image_csv
-from shardkit.sources.imagefolder import InputRecord, list_image_folder
+from shardkit.sources.imagefolder import list_image_folder
+from shardkit.sources.records import InputRecord, Permuted
 from shardkit.writers import tar as tar_writer
 
 __all__ = ["PART_SAMPLES", "Plan", "make_plan", "rows_per_group"]
@@ -34,7 +36,9 @@ _CODEC_RATIO = {"raw": 1.0, "jpeg": 1 / 8, "png": 1 / 2}
 @dataclass(frozen=True, kw_only=True)
 class Plan:
     config: ConvertConfig
-    records: list[InputRecord]
+    #: In plan order: a spool that spills to disk past `records.CHUNK` inputs, seen through
+    #: the seeded permutation when shuffled (see shardkit.sources.records).
+    records: Sequence[InputRecord]
     classes: list[str] | None
     failures: list[FailureRecord]
     ignored: int
@@ -79,22 +83,23 @@ class Plan:
 
     def json_blocks(self, shard: int) -> int:
         """Blocks each tar JSON member of `shard` is padded to (see writers.tar)."""
-        items = ((self.records[i].source, self.class_name(self.records[i]), self.records[i].meta)
-                 for i in self.shard_slice(shard))
+        records = (self.records[i] for i in self.shard_slice(shard))
+        items = ((r.source, self.class_name(r), r.meta) for r in records)
         return tar_writer.json_blocks(items)
 
 
-def make_plan(src: str | os.PathLike[str], config: ConvertConfig) -> Plan:
-    """List `src`, apply the optional seeded shuffle and size the shards."""
+def make_plan(src: str | os.PathLike[str], config: ConvertConfig, *,
+              spill_dir: str | os.PathLike[str] | None = None) -> Plan:
+    """List `src`, apply the optional seeded shuffle and size the shards. A long input list
+    spills to an unnamed file in `spill_dir` (default: the system's temporary folder)."""
     if config.csv is not None:
         assert config.csv.image_col is not None  # tabular CSVs are converted by shardkit.tabular
-        listing = list_image_csv(src, config.csv)
+        listing = list_image_csv(src, config.csv, spill_dir=spill_dir)
     else:
-        listing = list_image_folder(src)
-    records = listing.records
+        listing = list_image_folder(src, spill_dir=spill_dir)
+    records: Sequence[InputRecord] = listing.records
     if config.shuffle:
-        order = np.random.default_rng(config.seed).permutation(len(records))
-        records = [records[i] for i in order]
+        records = Permuted(records, np.random.default_rng(config.seed).permutation(len(records)))
     failures = [FailureRecord(source=f.source, stage="plan", reason=f.reason, detail=f.detail,
                               row=f.row) for f in listing.failures]
     return Plan(
@@ -106,7 +111,8 @@ def make_plan(src: str | os.PathLike[str], config: ConvertConfig) -> Plan:
         samples_per_shard=_samples_per_shard(config, listing.classes is not None),
         fingerprint=fingerprint(
             config.to_json(), listing.classes,
-            [*listing.extra_inputs, *((r.source, r.size, r.mtime_ns) for r in listing.records)],
+            itertools.chain(listing.extra_inputs,
+                            ((r.source, r.size, r.mtime_ns) for r in listing.records)),
         ),
         meta_types=listing.meta_types,
     )

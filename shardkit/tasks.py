@@ -19,7 +19,7 @@ from shardkit.config import ConvertConfig
 from shardkit.executors import require_source_root, shared_pillow_limits
 from shardkit.images import ImageFailure, encode, load_image
 from shardkit.report import FailureRecord
-from shardkit.sources.imagefolder import InputRecord
+from shardkit.sources.records import InputRecord
 from shardkit.writers import EncodedSample
 from shardkit.writers.parquet import ParquetPartWriter, arrow_schema, assemble_parquet
 from shardkit.writers.tar import TarPartWriter, assemble_tar

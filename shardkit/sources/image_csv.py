@@ -25,7 +25,8 @@ import pyarrow as pa
 from shardkit.config import CsvOptions
 from shardkit.errors import ConfigError, InputError
 from shardkit.sources.csv import Column, CsvStream, check_columns, infer_columns, typed_block
-from shardkit.sources.imagefolder import InputRecord, Listing, PlanFailure
+from shardkit.sources.imagefolder import Listing
+from shardkit.sources.records import InputRecord, PlanFailure, RecordSpool
 
 __all__ = ["RESERVED_COLUMNS", "list_image_csv"]
 
@@ -37,7 +38,8 @@ _META_TYPES = {"int": ("int64", pa.int64()), "float": ("float64", pa.float64()),
                "string": ("string", pa.string())}
 
 
-def list_image_csv(src: str | os.PathLike[str], options: CsvOptions) -> Listing:
+def list_image_csv(src: str | os.PathLike[str], options: CsvOptions, *,
+                   spill_dir: str | os.PathLike[str] | None = None) -> Listing:
     """The rows of an image CSV as input records (see the module docstring)."""
     path = Path(src)
     assert options.image_col is not None  # the caller selects image CSVs by it
@@ -72,15 +74,16 @@ def list_image_csv(src: str | os.PathLike[str], options: CsvOptions) -> Listing:
         required[name] = "missing_label"
     root = Path(options.root) if options.root is not None else path.parent
     meta_types = tuple((c.name, _META_TYPES[c.kind][0]) for c in meta)
-    listing = Listing(records=[], classes=classes,
+    listing = Listing(records=RecordSpool(spill_dir), classes=classes,
                       meta_types=meta_types + ((("target", "float32_list"),) if targets else ()))
     failures: list[tuple[int, PlanFailure]] = []
+    base = str(root.absolute())
     for table, rows in stream.blocks():
         block = typed_block(table, rows, wanted, types, required)
         failures += [(b.row, PlanFailure(path.name, b.reason, b.detail, b.row)) for b in block.bad]
         values = {name: array.to_pylist() for name, array in block.columns.items()}
         for i, row in enumerate(block.rows.tolist()):
-            listing.records.append(_record(root, values, i, row, options.image_col, label, meta,
+            listing.records.append(_record(base, values, i, row, options.image_col, label, meta,
                                            targets))
     failures += [(b.row, PlanFailure(path.name, b.reason, b.detail, b.row)) for b in stream.malformed]
     if label is not None and classes is None:
@@ -107,31 +110,35 @@ def _string_classes(column: Column, path: Path) -> list[str] | None:
 def _integer_classes(listing: Listing, failures: list[tuple[int, PlanFailure]],
                      path: Path) -> list[str]:
     """Integer labels: drop rows with negative labels (reported); classes "0".."max"."""
-    kept = []
+    kept = RecordSpool(listing.records.spill_dir)
+    top = -1
     for record in listing.records:
         if record.label is not None and record.label < 0:
             failures.append((record.row or 0, PlanFailure(
                 path.name, "bad_label", f"label {record.label} is negative", record.row)))
         else:
             kept.append(record)
+            top = max(top, record.label if record.label is not None else -1)
+    listing.records.close()
     listing.records = kept
-    top = max((r.label for r in kept if r.label is not None), default=-1)
     if top >= 1 << 20:
         raise InputError(f"{path}: integer label {top} is too large to be a class index")
     return [str(i) for i in range(top + 1)]
 
 
-def _record(root: Path, values: dict[str, list[Any]], i: int, row: int, image_col: str,
+def _record(root: str, values: dict[str, list[Any]], i: int, row: int, image_col: str,
             label: str | None, meta: list[Column], targets: list[str]) -> InputRecord:
     written = str(values[image_col][i])
-    target = Path(written) if os.path.isabs(written) else root / written
+    # Strings, not Path objects: pathlib interns every path component it parses, which would
+    # keep every file name of a huge CSV in memory for the life of the process.
+    target = written if os.path.isabs(written) else os.path.join(root, written)
     try:
-        st = target.stat()
+        st = os.stat(target)
         size, mtime = st.st_size, st.st_mtime_ns
     except OSError:  # missing or unreadable: the conversion task reports it
         size, mtime = -1, 0
     return InputRecord(
-        path=str(target.absolute()), source=written,
+        path=target, source=written,
         label=int(values[label][i]) if label is not None else None, size=size, mtime_ns=mtime,
         row=row, meta=tuple((c.name, _plain(values[c.name][i])) for c in meta)
         + ((("target", [values[n][i] for n in targets]),) if targets else ()),

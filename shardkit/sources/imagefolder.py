@@ -18,41 +18,17 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from shardkit.errors import InputError
 from shardkit.images import IMAGE_EXTENSIONS
+from shardkit.sources.records import InputRecord, PlanFailure, RecordSpool
 
 __all__ = ["InputRecord", "Listing", "PlanFailure", "list_image_folder"]
 
 
-@dataclass(frozen=True, slots=True)
-class InputRecord:
-    """One input: where to read it, how to name it, its label, and what fingerprints it."""
-
-    path: str
-    source: str
-    label: int | None
-    size: int
-    mtime_ns: int
-    #: CSV inputs: the row number in the CSV, and the row's other columns (name, value).
-    row: int | None = None
-    meta: tuple[tuple[str, Any], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class PlanFailure:
-    """An input rejected while listing, before any task ran."""
-
-    source: str
-    reason: str
-    detail: str
-    row: int | None = None
-
-
 @dataclass(slots=True)
 class Listing:
-    records: list[InputRecord]
+    records: RecordSpool
     classes: list[str] | None
     failures: list[PlanFailure] = field(default_factory=list)
     ignored: int = 0
@@ -62,8 +38,11 @@ class Listing:
     extra_inputs: tuple[tuple[str, int, int], ...] = ()
 
 
-def list_image_folder(src: str | os.PathLike[str]) -> Listing:
-    """List the images under `src` (see the module docstring). Raises InputError."""
+def list_image_folder(src: str | os.PathLike[str], *,
+                      spill_dir: str | os.PathLike[str] | None = None) -> Listing:
+    """List the images under `src` (see the module docstring); past `records.CHUNK` inputs
+    the list spills to an unnamed file in `spill_dir` (default: the system's temporary
+    folder). Raises InputError."""
     root = Path(src)
     try:
         entries = _sorted_entries(root)
@@ -74,7 +53,8 @@ def list_image_folder(src: str | os.PathLike[str]) -> Listing:
     except PermissionError:
         raise InputError(f"{root}: permission denied") from None
     class_dirs = [e for e in entries if _is_dir(e)]
-    listing = Listing(records=[], classes=[e.name for e in class_dirs] if class_dirs else None)
+    listing = Listing(records=RecordSpool(spill_dir),
+                      classes=[e.name for e in class_dirs] if class_dirs else None)
     visited = {_dir_id(root)}
     if class_dirs:
         for entry in entries:
@@ -115,15 +95,19 @@ def _walk(root: Path, folder: Path, label: int | None, listing: Listing,
 
 
 def _record(root: Path, entry: os.DirEntry[str], label: int | None) -> InputRecord:
-    path = Path(entry.path)
+    # Strings, not Path objects: pathlib interns every path component it parses, which would
+    # keep every file name of a huge tree in memory for the life of the process.
+    base = str(root)
+    relative = entry.path[len(base):].lstrip(os.sep) if entry.path.startswith(base + os.sep) \
+        else os.path.relpath(entry.path, base)
     try:
         st = entry.stat()
         size, mtime = st.st_size, st.st_mtime_ns
     except OSError:  # a dangling link or a vanished file: the worker reports it
         size, mtime = -1, 0
     return InputRecord(
-        path=str(path.absolute()),
-        source=path.relative_to(root).as_posix(),
+        path=os.path.abspath(entry.path),
+        source=relative.replace(os.sep, "/"),
         label=label,
         size=size,
         mtime_ns=mtime,
