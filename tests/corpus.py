@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -37,3 +39,25 @@ def add_bad_files(folder: Path) -> dict[str, str]:
     good.unlink()
     (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
     return {"empty.jpg": "empty_file", "notes.jpg": "not_an_image", "truncated.jpg": "truncated"}
+
+
+def slow_tree(root: Path, pristine: Path) -> Path:
+    """240 inputs that take a few seconds to convert (16 large images hard-linked 15 times
+    into classes a, b, c) and one broken file, so that errors.jsonl and a resume journal carry
+    a failure. `pristine` holds the 16 originals."""
+    rng = np.random.default_rng(0)
+    pristine.mkdir()
+    for i in range(16):
+        photo_like(1100, 900, rng).save(pristine / f"p{i:02d}.jpg", quality=92)
+    for c, klass in enumerate(("a", "b", "c")):
+        (root / klass).mkdir(parents=True)
+        for i in range(80):
+            os.link(pristine / f"p{(i + c) % 16:02d}.jpg", root / klass / f"{i:03d}.jpg")
+    (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    return root
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file directly in `folder`, by name."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir()) if p.is_file()}

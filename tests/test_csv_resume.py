@@ -3,7 +3,6 @@ bigger than a row group are cut into fixed row groups."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -16,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from corpus import hashes
 
 from shardkit import journal
 
@@ -42,10 +42,6 @@ def convert(*args: object, wait: bool = True) -> subprocess.Popen[str]:
         assert process.returncode == 0, err
     return process
 
-
-def hashes(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def test_killed_tabular_conversion_resumes_byte_identical(big_csv: Path, tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ Dask runs, failing clearly when workers cannot see SRC or a task fails."""
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import json
 import os
 import shutil
@@ -19,16 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from corpus import add_bad_files, image_tree
+from corpus import add_bad_files, hashes, image_tree, slow_tree
 from PIL import Image
 
 import shardkit
 from shardkit import journal
 from shardkit.errors import EXIT_INTERRUPTED, InputError, MissingExtraError, WorkerError
 from shardkit.executors import describe_task_error, shared_pillow_limits
-from shardkit.synth import photo_like
 
 distributed = pytest.importorskip("distributed")
 
@@ -98,22 +95,8 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """240 inputs that take a few seconds to convert (16 large images hard-linked 15 times)
     and one broken file, so that errors.jsonl and the journal carry a failure."""
     root = tmp_path_factory.mktemp("src")
-    rng = np.random.default_rng(0)
-    pristine = root.parent / "pristine-dask"
-    pristine.mkdir()
-    for i in range(16):
-        photo_like(1100, 900, rng).save(pristine / f"p{i:02d}.jpg", quality=92)
-    for c, klass in enumerate(("a", "b", "c")):
-        (root / klass).mkdir()
-        for i in range(80):
-            os.link(pristine / f"p{(i + c) % 16:02d}.jpg", root / klass / f"{i:03d}.jpg")
-    (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    return root
+    return slow_tree(root, root.parent / "pristine-dask")
 
-
-def hashes(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -3,23 +3,17 @@ with the number of inputs (beyond the shuffle's permutation)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tracemalloc
 from pathlib import Path
 
 import pytest
-from corpus import add_bad_files, image_tree
+from corpus import add_bad_files, hashes, image_tree
 
 import shardkit
 from shardkit.config import ConvertConfig, ImageOptions
 from shardkit.plan import make_plan
 from shardkit.sources import records
-
-
-def hashes(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
-            if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ resume to byte-identical output; Make-friendly reruns."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -13,15 +12,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
+from corpus import hashes, slow_tree
 
 import shardkit
 from shardkit import journal
 from shardkit.errors import EXIT_INTERRUPTED, OutputExistsError, WorkerError
 from shardkit.manifest import Manifest
-from shardkit.synth import photo_like
 
 ARGS = ["--size", "48", "--samples-per-shard", "12", "--no-draft", "--workers", "2",
         "--max-errors", "5"]
@@ -32,17 +30,7 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """240 inputs that take a few seconds to convert: 16 large images, hard-linked 15 times,
     plus one bad file so that errors.jsonl and the journal carry a failure."""
     root = tmp_path_factory.mktemp("src")
-    rng = np.random.default_rng(0)
-    pristine = root.parent / "pristine"
-    pristine.mkdir()
-    for i in range(16):
-        photo_like(1100, 900, rng).save(pristine / f"p{i:02d}.jpg", quality=92)
-    for c, klass in enumerate(("a", "b", "c")):
-        (root / klass).mkdir()
-        for i in range(80):
-            os.link(pristine / f"p{(i + c) % 16:02d}.jpg", root / klass / f"{i:03d}.jpg")
-    (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    return root
+    return slow_tree(root, root.parent / "pristine")
 
 
 def cli(*args: object, wait: bool = True) -> subprocess.Popen[str] | subprocess.CompletedProcess[str]:
@@ -52,10 +40,6 @@ def cli(*args: object, wait: bool = True) -> subprocess.Popen[str] | subprocess.
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
-
-def hashes(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

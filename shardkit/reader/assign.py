@@ -21,6 +21,7 @@ there, so a resumed epoch yields exactly the samples an uninterrupted one had le
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ __all__ = [
     "padding",
     "rank_run",
     "samples_per_rank",
+    "shard_runs",
     "worker_batches",
 ]
 
@@ -120,3 +122,16 @@ def assign(sizes: Sequence[int], split: Split, *, epoch: int, seed: int, batch_s
                    batch_size=batch_size)
     return worker_batches(run, batch_size=batch_size, worker=split.worker,
                           workers=split.workers, start=start)
+
+
+def shard_runs(starts: np.ndarray, index: np.ndarray) -> Iterator[tuple[int, slice, np.ndarray]]:
+    """Split a sorted batch `index` by shard: (shard number, its slots in the batch, its
+    positions inside the shard) for each shard the batch touches, in order. `starts` holds
+    each shard's first sample index, then the total."""
+    shard_of = np.searchsorted(starts, index, side="right") - 1
+    cuts = [0, *(np.flatnonzero(np.diff(shard_of)) + 1).tolist(), len(index)]
+    for a, b in itertools.pairwise(cuts):
+        if a < b:
+            number = int(shard_of[a])
+            yield number, slice(a, b), index[a:b] - starts[number]
+

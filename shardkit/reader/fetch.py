@@ -12,15 +12,12 @@ background thread, so a batch rarely waits for a shard.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import mmap
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -28,6 +25,7 @@ from PIL import Image
 
 from shardkit.errors import CorruptShardError
 from shardkit.manifest import Manifest, ShardRecord
+from shardkit.reader.opened import OpenAhead, check_size
 from shardkit.reader.parquet import fixed_images, read_parquet_table
 from shardkit.reader.tar import iter_members
 
@@ -73,23 +71,6 @@ def _map(path: str) -> mmap.mmap:
             return mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
                              prot=mmap.PROT_READ)
         return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-
-
-def _check_size(path: str, record: ShardRecord, verify: bool) -> None:
-    try:
-        size = os.stat(path).st_size
-    except FileNotFoundError:
-        raise CorruptShardError(f"{path}: missing (index.json lists it)") from None
-    if size != record.bytes:
-        raise CorruptShardError(f"{path}: {size} bytes on disk, index.json says {record.bytes} "
-                                "(truncated or replaced?)")
-    if verify:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(chunk)
-        if digest.hexdigest() != record.sha256:
-            raise CorruptShardError(f"{path}: sha256 differs from index.json (corrupted)")
 
 
 def open_raw_tar(path: str, record: ShardRecord, shape: Sequence[int],
@@ -248,18 +229,15 @@ def default_capacity(manifest: Manifest, window: int | None) -> int:
     return base
 
 
-class ShardCache:
-    """Opened shards of one dataset, least recently used evicted first, with background
-    opening of the shards the caller announces next."""
+class ShardCache(OpenAhead[ShardHandle]):
+    """Opened shards of one dataset (see `OpenAhead`): raw tar memory-mapped, raw Parquet read
+    into arrays, jpeg/png kept encoded."""
 
     def __init__(self, folder: str, manifest: Manifest, *, capacity: int, verify: bool) -> None:
+        super().__init__(capacity)
         self.folder = folder
         self.manifest = manifest
-        self.capacity = max(1, capacity)
         self.verify = verify
-        self._open: OrderedDict[int, Future[ShardHandle]] = OrderedDict()
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
         shape = manifest.schema["image"]["shape"]
         self.shape = None if None in shape else tuple(int(s) for s in shape)
         self.codec = str(manifest.config["codec"])
@@ -270,41 +248,9 @@ class ShardCache:
     def _load(self, number: int) -> ShardHandle:
         record = self.manifest.shards[number]
         path = os.path.join(self.folder, record.file)
-        _check_size(path, record, self.verify)
+        check_size(path, record, self.verify)
         if self.codec == "raw" and self.shape is not None:
             if self.format == "tar":
                 return open_raw_tar(path, record, self.shape, self.extra)
             return open_parquet_raw(path, record, self.shape, self.labeled, self.extra)
         return open_encoded(path, record, self.format, self.labeled, self.extra)
-
-    def prefetch(self, numbers: Sequence[int]) -> None:
-        """Start opening `numbers` in the background (if not open yet)."""
-        with self._lock:
-            for number in numbers:
-                if number in self._open:
-                    continue
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardkit-prefetch")
-                self._open[number] = self._pool.submit(self._load, number)
-                self._evict()
-
-    def get(self, number: int) -> ShardHandle:
-        with self._lock:
-            future = self._open.get(number)
-            if future is None:
-                future = Future()
-                future.set_result(self._load(number))
-                self._open[number] = future
-            self._open.move_to_end(number)
-            self._evict()
-        return future.result()
-
-    def _evict(self) -> None:
-        while len(self._open) > self.capacity:
-            self._open.popitem(last=False)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-        self._open.clear()

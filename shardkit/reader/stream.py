@@ -7,7 +7,6 @@ No Python runs per sample for raw data; jpeg/png payloads are decoded one by one
 
 from __future__ import annotations
 
-import itertools
 import queue
 import sys
 import threading
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from shardkit.reader.assign import shard_runs
 from shardkit.reader.fetch import ShardCache, decode_payload, gather, metadata_fields
 from shardkit.reader.targets import TargetCache, has_targets
 
@@ -61,28 +61,22 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
     """The batch holding samples `index` (sorted): image, label (if any), index, and any
     metadata `fields`. Images are one [B,H,W,C] uint8 array when shapes are fixed, else a list."""
     size = len(index)
-    shard_of = np.searchsorted(starts, index, side="right") - 1
-    cuts = [0, *(np.flatnonzero(np.diff(shard_of)) + 1).tolist(), size]
     fixed = cache.shape
     images: Any = alloc((size, *fixed)) if fixed is not None else [None] * size
     labels = np.empty(size, dtype=np.int64) if cache.labeled else None
     meta: dict[str, list[Any]] = {f: [] for f in fields}
     channels = int(cache.manifest.schema["image"]["shape"][2])
-    for a, b in itertools.pairwise(cuts):
-        if a == b:
-            continue
-        number = int(shard_of[a])
+    for number, slots, local in shard_runs(starts, index):
         handle = cache.get(number)
-        local = index[a:b] - starts[number]
         if handle.images is not None:
-            gather(handle.images, local, images[a:b])
+            gather(handle.images, local, images[slots])
         else:
             assert handle.payloads is not None
-            for slot, i in enumerate(local.tolist(), start=a):
+            for slot, i in enumerate(local.tolist(), start=slots.start):
                 images[slot] = decode_payload(handle.payloads[i], cache.codec, channels)
         if labels is not None:
             assert handle.labels is not None
-            labels[a:b] = handle.labels[local]
+            labels[slots] = handle.labels[local]
         for field in fields:
             meta[field].extend(handle.metadata(local, field))
     batch: dict[str, Any] = {"image": images, "index": index}

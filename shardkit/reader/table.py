@@ -9,12 +9,8 @@ column) or float32 [N] / [N, K] (numeric targets).
 
 from __future__ import annotations
 
-import itertools
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +20,8 @@ import pyarrow.compute as pc
 
 from shardkit.errors import CorruptShardError
 from shardkit.manifest import Manifest
+from shardkit.reader.assign import shard_runs
+from shardkit.reader.opened import OpenAhead, check_size
 from shardkit.reader.parquet import read_parquet_table
 
 __all__ = ["TableCache", "TableShard", "assemble_table", "read_table_shard",
@@ -77,76 +75,37 @@ def read_table_shard(path: str, samples: int, manifest: Manifest) -> TableShard:
     return TableShard(features=features, labels=labels)
 
 
-class TableCache:
-    """Opened table shards, least recently used evicted first, opened ahead in a thread."""
+class TableCache(OpenAhead[TableShard]):
+    """Opened table shards (see `OpenAhead`)."""
+
+    thread_name = "shardkit-table"
 
     def __init__(self, folder: str, manifest: Manifest, *, capacity: int) -> None:
-        self.folder, self.manifest, self.capacity = folder, manifest, max(1, capacity)
+        super().__init__(capacity)
+        self.folder, self.manifest = folder, manifest
         self.labeled = "label" in manifest.schema
-        self._open: OrderedDict[int, Future[TableShard]] = OrderedDict()
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
 
     def _load(self, number: int) -> TableShard:
         record = self.manifest.shards[number]
         path = os.path.join(self.folder, record.file)
-        try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
-            raise CorruptShardError(f"{path}: missing (index.json lists it)") from None
-        if size != record.bytes:
-            raise CorruptShardError(f"{path}: {size} bytes on disk, index.json says {record.bytes}")
+        check_size(path, record, verify=False)
         return read_table_shard(path, record.samples, self.manifest)
-
-    def prefetch(self, numbers: Sequence[int]) -> None:
-        with self._lock:
-            for number in numbers:
-                if number not in self._open:
-                    if self._pool is None:
-                        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shardkit-table")
-                    self._open[number] = self._pool.submit(self._load, number)
-            while len(self._open) > self.capacity:
-                self._open.popitem(last=False)
-
-    def get(self, number: int) -> TableShard:
-        with self._lock:
-            future = self._open.get(number)
-            if future is None:
-                future = Future()
-                future.set_result(self._load(number))
-                self._open[number] = future
-            self._open.move_to_end(number)
-            while len(self._open) > self.capacity:
-                self._open.popitem(last=False)
-        return future.result()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-        self._open.clear()
 
 
 def assemble_table(cache: TableCache, starts: np.ndarray, index: np.ndarray) -> dict[str, Any]:
     """The batch of samples `index` (sorted): features [B, F] float32, label, index."""
     size = len(index)
-    shard_of = np.searchsorted(starts, index, side="right") - 1
-    cuts = [0, *(np.flatnonzero(np.diff(shard_of)) + 1).tolist(), size]
     features: np.ndarray | None = None
     labels: np.ndarray | None = None
-    for a, b in itertools.pairwise(cuts):
-        if a == b:
-            continue
-        number = int(shard_of[a])
+    for number, slots, local in shard_runs(starts, index):
         shard = cache.get(number)
-        local = index[a:b] - starts[number]
         if features is None:
             features = np.empty((size, shard.features.shape[1]), dtype=np.float32)
             if shard.labels is not None:
                 labels = np.empty((size, *shard.labels.shape[1:]), dtype=shard.labels.dtype)
-        np.take(shard.features, local, axis=0, out=features[a:b])
+        np.take(shard.features, local, axis=0, out=features[slots])
         if labels is not None and shard.labels is not None:
-            np.take(shard.labels, local, axis=0, out=labels[a:b])
+            np.take(shard.labels, local, axis=0, out=labels[slots])
     if features is None:
         width = len(cache.manifest.schema["features"]["names"])
         features = np.empty((0, width), dtype=np.float32)

@@ -1,0 +1,87 @@
+"""Opened shards: the size (and optional sha256) check on open, and a least-recently-used
+cache that opens the shards a reader announces next in a background thread."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Generic, TypeVar
+
+from shardkit.errors import CorruptShardError
+from shardkit.manifest import ShardRecord
+
+__all__ = ["OpenAhead", "check_size"]
+
+T = TypeVar("T")
+
+
+def check_size(path: str, record: ShardRecord, verify: bool) -> None:
+    """Raise CorruptShardError, naming the file, when `path` is missing, has another size than
+    index.json says, or (with `verify`) another sha256."""
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        raise CorruptShardError(f"{path}: missing (index.json lists it)") from None
+    if size != record.bytes:
+        raise CorruptShardError(f"{path}: {size} bytes on disk, index.json says {record.bytes} "
+                                "(truncated or replaced?)")
+    if verify:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != record.sha256:
+            raise CorruptShardError(f"{path}: sha256 differs from index.json (corrupted)")
+
+
+class OpenAhead(Generic[T]):
+    """Shards opened by `_load` (subclasses say how), at most `capacity` kept, least recently
+    used evicted first; `prefetch` starts opening the next ones in one background thread."""
+
+    thread_name = "shardkit-prefetch"
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self._open: OrderedDict[int, Future[T]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _load(self, number: int) -> T:
+        raise NotImplementedError
+
+    def prefetch(self, numbers: Sequence[int]) -> None:
+        """Start opening `numbers` in the background (if not open yet)."""
+        with self._lock:
+            for number in numbers:
+                if number in self._open:
+                    continue
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.thread_name)
+                self._open[number] = self._pool.submit(self._load, number)
+                self._evict()
+
+    def get(self, number: int) -> T:
+        """Shard `number`, opened now if nobody asked for it before."""
+        with self._lock:
+            future = self._open.get(number)
+            if future is None:
+                future = Future()
+                future.set_result(self._load(number))
+                self._open[number] = future
+            self._open.move_to_end(number)
+            self._evict()
+        return future.result()
+
+    def _evict(self) -> None:
+        while len(self._open) > self.capacity:
+            self._open.popitem(last=False)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._open.clear()
