@@ -12,12 +12,14 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from corpus import image_tree
 
 import shardkit
 from shardkit import CorruptShardError, ShardLoader, UnsafeContentError
+from shardkit.reader.tar import iter_members
 
 BATCH = 5
 
@@ -294,3 +296,37 @@ def test_mapped_raw_tar_shards_all_stay_open_between_epochs(src: Path, tmp_path:
     cache = loader.dataset._cache
     assert len(cache._open) == kept == loader.dataset.cache_shards
     assert ShardLoader(out, 4, window=2, cache_shards=3).dataset.cache_shards == 3
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_jpeg_files_decoded_by_to_device_match_the_cpu_loader(src: Path, tmp_path: Path, fmt: str) -> None:
+    """decode="device": batches carry the stored JPEG files; to_device decodes them (nvJPEG on
+    CUDA, Pillow here) into the same normalised pixels as the CPU loader's batches."""
+    out = convert(src, tmp_path / fmt, format=fmt, codec="jpeg", samples_per_shard=8)
+    stored: dict[int, bytes] = {}
+    dataset = shardkit.open(out)
+    for number, record in enumerate(dataset.manifest.shards):
+        if fmt == "tar":
+            files = [data for _key, field, data in iter_members(out / record.file) if field == "jpg"]
+        else:
+            files = pq.read_table(out / record.file, columns=["image"]).column("image").to_pylist()
+        first = number * 8
+        stored.update({first + i: data for i, data in enumerate(files)})
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.5]
+    on_cpu = list(ShardLoader(out, BATCH, shuffle=True, seed=4))
+    for workers in (0, 2):
+        on_device = list(ShardLoader(out, BATCH, shuffle=True, seed=4, decode="device",
+                                     num_workers=workers))
+        assert len(on_device) == len(on_cpu) == 6
+        for a, b in zip(on_cpu, on_device, strict=True):
+            assert torch.equal(a["index"], b["index"]) and torch.equal(a["label"], b["label"])
+            files = b["image"]
+            assert isinstance(files, list) and all(t.dtype == torch.uint8 and t.dim() == 1 for t in files)
+            assert [t.numpy().tobytes() for t in files] == [stored[i] for i in b["index"].tolist()]
+            x = shardkit.to_device(a, "cpu", mean=mean, std=std)["image"]
+            y = shardkit.to_device(b, "cpu", mean=mean, std=std)["image"]
+            assert y.shape == (len(files), 3, 10, 12)
+            assert y.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(y, x, rtol=0, atol=0)
+    with pytest.raises(shardkit.ConfigError, match="--codec jpeg"):
+        ShardLoader(convert(src, tmp_path / "raw"), BATCH, decode="device")

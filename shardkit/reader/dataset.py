@@ -48,7 +48,7 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
                  seed: int = 0, drop_last: bool = False, rank: int | None = None,
                  world_size: int | None = None, fields: Sequence[str] | None = None,
                  window: int | None = 4, verify: bool = False,
-                 cache_shards: int | None = None) -> None:
+                 cache_shards: int | None = None, decode: str = "cpu") -> None:
         super().__init__()
         self.path = str(path)
         self.manifest = Manifest.read(self.path)
@@ -67,6 +67,7 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         unknown = set(fields or ()) - set(allowed)
         if unknown:
             raise ConfigError(f"unknown fields {sorted(unknown)}; choose from {', '.join(allowed) or 'none'}")
+        self.decode = _check_decode(decode, self.manifest, path)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.fields = tuple(fields or ())
@@ -110,7 +111,7 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         in_process = info is None
         self._cache = cache if in_process else None
         for batch in stream_batches(cache, self.starts, self.batches(worker, workers), self.fields,
-                                    keep_open=in_process):
+                                    keep_open=in_process, encoded=self.decode == "device"):
             yield _to_tensors(batch)
 
 
@@ -120,6 +121,20 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         self._cache = cache if in_process else None
         for batch in stream_table_batches(cache, self.starts, batches, keep_open=in_process):
             yield _to_tensors(batch)
+
+
+def _check_decode(decode: str, manifest: Manifest, path: object) -> str:
+    """``cpu``: batches hold decoded pixels. ``device``: a jpeg dataset's batches hold the
+    stored JPEG files, which `to_device` decodes on the accelerator."""
+    if decode not in ("cpu", "device"):
+        raise ConfigError(f"decode must be 'cpu' or 'device'; got {decode!r}")
+    if decode == "device":
+        codec = manifest.config.get("codec")
+        shape = manifest.schema.get("image", {}).get("shape", [None])
+        if manifest.kind != "images" or codec != "jpeg" or None in shape:
+            raise ConfigError(f"{path}: decode='device' needs images converted with --codec jpeg "
+                              f"to one size (this dataset: codec {codec}, shape {shape})")
+    return decode
 
 
 def _to_tensors(batch: dict[str, Any]) -> dict[str, Any]:
@@ -161,13 +176,14 @@ class ShardLoader:
                  seed: int = 0, drop_last: bool = False, num_workers: int = 0,
                  rank: int | None = None, world_size: int | None = None, pin_memory: bool = False,
                  fields: Sequence[str] | None = None, window: int | None = 4,
-                 verify: bool = False, prefetch: int = 2, cache_shards: int | None = None) -> None:
+                 verify: bool = False, prefetch: int = 2, cache_shards: int | None = None,
+                 decode: str = "cpu") -> None:
         if num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0; got {num_workers}")
         self.dataset = ShardDataset(path, batch_size, shuffle=shuffle, seed=seed,
                                     drop_last=drop_last, rank=rank, world_size=world_size,
                                     fields=fields, window=window, verify=verify,
-                                    cache_shards=cache_shards)
+                                    cache_shards=cache_shards, decode=decode)
         self.num_workers = num_workers
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.prefetch = max(1, prefetch)

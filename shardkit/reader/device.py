@@ -2,13 +2,18 @@
 
 The CPU only copies bytes: the uint8 NHWC batch crosses the bus (4× fewer bytes than
 float32), and the float conversion, scaling, mean/std normalisation and the NCHW view happen
-on the device.
+on the device. A batch of stored JPEG files (``ShardLoader(..., decode="device")``) is decoded
+there too: by nvJPEG through torchvision on a CUDA device, else by Pillow on the CPU.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeGuard
+
+import numpy as np
+from PIL import Image
 
 from shardkit.errors import require
 
@@ -27,6 +32,12 @@ def to_device(batch: dict[str, Any], device: Any, *, mean: Sequence[float] | Non
     omit them to only rescale). With ``channels_last`` (default) the result keeps the NHWC
     memory layout (``torch.channels_last``), which convolutions on GPUs prefer; otherwise it
     is made contiguous NCHW. Other tensors are moved as they are; lists pass through.
+
+    When ``image`` is a list of 1-D uint8 tensors (the JPEG files of a
+    ``decode="device"`` loader), they are decoded first: with torchvision on a CUDA device, in
+    one batched nvJPEG call on the device; otherwise with Pillow on the CPU (the same pixels
+    as a ``decode="cpu"`` loader gives, but in the calling thread). nvJPEG and libjpeg may
+    differ by a unit or so on some pixels.
     """
     dtype = dtype or torch.float32
     device = torch.device(device)
@@ -37,6 +48,8 @@ def to_device(batch: dict[str, Any], device: Any, *, mean: Sequence[float] | Non
         else:
             out[name] = value
     image = out.get("image")
+    if _encoded(image):
+        image = _decode(image, device)
     if isinstance(image, torch.Tensor):
         x = image.permute(0, 3, 1, 2).to(dtype)  # an NCHW view of NHWC memory: channels_last
         x = x.mul_(scale)
@@ -46,3 +59,27 @@ def to_device(batch: dict[str, Any], device: Any, *, mean: Sequence[float] | Non
             x = x.div_(torch.as_tensor(std, dtype=dtype, device=device).view(1, -1, 1, 1))
         out["image"] = x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
     return out
+
+
+def _encoded(image: Any) -> TypeGuard[list[Any]]:
+    return isinstance(image, list) and bool(image) and all(
+        isinstance(t, torch.Tensor) and t.dim() == 1 and t.dtype == torch.uint8 for t in image)
+
+
+def _decode(files: list[Any], device: Any) -> Any:
+    """uint8 [B,H,W,C] on `device` from B JPEG files (1-D uint8 tensors)."""
+    if device.type == "cuda":
+        try:
+            from torchvision.io import ImageReadMode, decode_jpeg
+        except ImportError:
+            pass
+        else:
+            decoded = decode_jpeg([t.cpu() for t in files], mode=ImageReadMode.UNCHANGED,
+                                  device=device)  # a list of [C,H,W]
+            return torch.stack(decoded).permute(0, 2, 3, 1)
+    arrays = []
+    for data in files:
+        with Image.open(io.BytesIO(data.cpu().numpy().tobytes()), formats=("JPEG",)) as im:
+            array = np.asarray(im)
+        arrays.append(array[:, :, None] if array.ndim == 2 else array)
+    return torch.from_numpy(np.stack(arrays)).to(device, non_blocking=True)

@@ -57,11 +57,13 @@ class BufferPool:
 
 
 def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: Sequence[str],
-             alloc: Allocator = _empty) -> dict[str, Any]:
+             alloc: Allocator = _empty, *, encoded: bool = False) -> dict[str, Any]:
     """The batch holding samples `index` (sorted): image, label (if any), index, and any
-    metadata `fields`. Images are one [B,H,W,C] uint8 array when shapes are fixed, else a list."""
+    metadata `fields`. Images are one [B,H,W,C] uint8 array when shapes are fixed, else a list;
+    with `encoded` (jpeg/png shards) a list of the stored files as 1-D uint8 arrays, for the
+    caller to decode (on the GPU: see `to_device`)."""
     size = len(index)
-    fixed = cache.shape
+    fixed = None if encoded else cache.shape
     images: Any = alloc((size, *fixed)) if fixed is not None else [None] * size
     labels = np.empty(size, dtype=np.int64) if cache.labeled else None
     meta: dict[str, list[Any]] = {f: [] for f in fields}
@@ -73,7 +75,9 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
         else:
             assert handle.payloads is not None
             for slot, i in enumerate(local.tolist(), start=slots.start):
-                images[slot] = decode_payload(handle.payloads[i], cache.codec, channels)
+                data = handle.payloads[i]
+                images[slot] = np.frombuffer(bytearray(data), np.uint8) if encoded \
+                    else decode_payload(data, cache.codec, channels)
         if labels is not None:
             assert handle.labels is not None
             labels[slots] = handle.labels[local]
@@ -88,7 +92,8 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
 
 def stream_batches(cache: ShardCache, starts: np.ndarray, batches: Sequence[np.ndarray],
                    fields: Sequence[str], *, alloc: Allocator | None = None,
-                   lookahead: int = 2, keep_open: bool = False) -> Iterator[dict[str, Any]]:
+                   lookahead: int = 2, keep_open: bool = False,
+                   encoded: bool = False) -> Iterator[dict[str, Any]]:
     """Assemble `batches` in order, asking the cache to open the shards of the next
     `lookahead` batches in the background. The cache is closed at the end unless
     `keep_open` (a later epoch in the same process then finds its shards mapped)."""
@@ -99,7 +104,7 @@ def stream_batches(cache: ShardCache, starts: np.ndarray, batches: Sequence[np.n
         for number, index in enumerate(batches):
             upcoming = [s for later in shard_lists[number:number + 1 + lookahead] for s in later]
             cache.prefetch(list(dict.fromkeys(upcoming)))
-            batch = assemble(cache, starts, index, fields, alloc)
+            batch = assemble(cache, starts, index, fields, alloc, encoded=encoded)
             if targets is not None:  # image CSVs with several label columns
                 batch["label"] = targets.gather(starts, index)
             yield batch
