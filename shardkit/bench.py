@@ -129,20 +129,22 @@ class BenchReport:
         return min(runs, key=lambda r: r.cpu_ms_per_sample) if runs else None
 
     def verdict(self) -> str:
-        """A plain sentence: rates, per-core rates, and the cores a model at target_rate needs."""
+        """A plain sentence: rates, per-core rates, and the cores a model at target_rate needs.
+        CPU time comes in clock ticks (10 ms): a tiny run may measure none, and says so."""
         best, lean = self.best("shards"), self.leanest("shards")
         assert best is not None and lean is not None  # run_bench always measures shards
         rate = self.options.target_rate
         text = (f"shards: {best.samples_per_second:,.0f} samples/s with {best.workers} workers, "
-                f"{1000 / lean.cpu_ms_per_sample:,.0f} samples/s per core")
+                f"{_per_core(lean.cpu_ms_per_sample)}")
         raw_best, raw_lean = self.best("raw"), self.leanest("raw")
         if raw_best is None or raw_lean is None:
             return (f"{text} — a model consuming {rate:,.0f} samples/s needs "
                     f"{rate * lean.cpu_ms_per_sample / 1000:.2f} cores of loading")
+        more = (f"{raw_lean.cpu_ms_per_sample / lean.cpu_ms_per_sample:,.0f}× the CPU per sample"
+                if lean.cpu_ms_per_sample > 0 else "shards' CPU per sample too small to measure")
         return (f"{text}; raw folder: {raw_best.samples_per_second:,.0f} samples/s with "
-                f"{raw_best.workers} workers, {1000 / raw_lean.cpu_ms_per_sample:,.0f} samples/s per "
-                f"core ({raw_lean.cpu_ms_per_sample / lean.cpu_ms_per_sample:,.0f}× the CPU per "
-                f"sample, {best.samples_per_second / raw_best.samples_per_second:,.0f}× slower) — "
+                f"{raw_best.workers} workers, {_per_core(raw_lean.cpu_ms_per_sample)} ({more}, "
+                f"{best.samples_per_second / raw_best.samples_per_second:,.0f}× slower) — "
                 f"a model consuming {rate:,.0f} samples/s needs "
                 f"{rate * raw_lean.cpu_ms_per_sample / 1000:.1f} cores of JPEG decoding or "
                 f"{rate * lean.cpu_ms_per_sample / 1000:.2f} cores with shards")
@@ -172,6 +174,12 @@ class BenchReport:
             lines.append(f"raw = PIL open + convert + ImageOps.fit per sample through DataLoader, "
                          f"{self.baseline_samples:,} samples per epoch of {self.baseline}")
         return "\n".join([*lines, "", self.verdict()])
+
+
+def _per_core(cpu_ms_per_sample: float) -> str:
+    if cpu_ms_per_sample <= 0:
+        return "too little CPU time to measure per core"
+    return f"{1000 / cpu_ms_per_sample:,.0f} samples/s per core"
 
 
 # ---------------------------------------------------------------- the parent: plan and run

@@ -278,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("shardkit: interrupted; nothing incomplete was published", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
+        if args.debug:
+            raise
         # The reader of our output went away (`shardkit info OUT | head`): stop quietly, and
         # keep the interpreter's final flush from raising again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -76,7 +76,14 @@ def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
     # A long input list spills beside OUT (same filesystem, not a RAM-backed /tmp).
     parent = Path(out).absolute().parent
     plan = make_plan(os.path.abspath(src), config, spill_dir=parent if parent.is_dir() else None)
-    out_dir = Path(out)
+    try:
+        return _run_plan(plan, Path(out), config, run, executor, started)
+    finally:
+        plan.close()  # the spilled input list, if any: its disk space is freed now
+
+
+def _run_plan(plan: Plan, out_dir: Path, config: ConvertConfig, run: RunOptions,
+              executor: cf.Executor | None, started: float) -> ConvertSummary:
     state = outdir.prepare(out_dir, plan.fingerprint, overwrite=run.overwrite, resume=run.resume)
     workers = run.resolved_workers
     if state is outdir.State.DONE:

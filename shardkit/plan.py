@@ -21,7 +21,7 @@ from shardkit.manifest import fingerprint, shard_name
 from shardkit.report import FailureRecord
 from shardkit.sources.image_csv import list_image_csv
 from shardkit.sources.imagefolder import list_image_folder
-from shardkit.sources.records import InputRecord, Permuted
+from shardkit.sources.records import InputRecord, Permuted, RecordSpool
 from shardkit.writers import tar as tar_writer
 
 __all__ = ["PART_SAMPLES", "Plan", "make_plan", "rows_per_group"]
@@ -80,6 +80,12 @@ class Plan:
         if self.classes is None or record.label is None:
             return None
         return self.classes[record.label]
+
+    def close(self) -> None:
+        """Free the spilled input list (see `RecordSpool`); the plan's records are gone after."""
+        records = self.records.records if isinstance(self.records, Permuted) else self.records
+        if isinstance(records, RecordSpool):
+            records.close()
 
     def json_blocks(self, shard: int) -> int:
         """Blocks each tar JSON member of `shard` is padded to (see writers.tar)."""

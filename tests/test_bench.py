@@ -12,7 +12,7 @@ from corpus import image_tree
 from PIL import Image
 
 import shardkit
-from shardkit.bench import BENCH_SCHEMA, BenchOptions, measure_here, run_bench
+from shardkit.bench import BENCH_SCHEMA, BenchOptions, BenchReport, LoaderRun, measure_here, run_bench
 from shardkit.errors import ConfigError, DatasetError, InputError
 
 SAMPLES = 18
@@ -115,3 +115,19 @@ def test_bad_input_is_a_clear_error(dataset: tuple[Path, Path], tmp_path: Path) 
     bad = subprocess.run([sys.executable, "-m", "shardkit", "bench", str(out), "--workers", "0,x"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == ConfigError.exit_code and "--workers" in bad.stderr
+
+
+def test_a_run_too_short_to_measure_cpu_gets_a_verdict() -> None:
+    """CPU time comes in 10 ms ticks: a tiny run of shards can measure none at all."""
+    def run(loader: str, cpu: float) -> LoaderRun:
+        return LoaderRun(loader=loader, workers=0, epochs=1, samples=20, bytes=20 * 300,
+                         seconds=0.01, cpu_seconds=cpu, first_batch_seconds=0.01,
+                         peak_rss_bytes=1, workers_peak_rss_bytes=0)
+
+    report = BenchReport(dataset="d", dataset_samples=20, image_shape=[10, 10, 3], baseline="s",
+                         baseline_samples=20, options=BenchOptions(workers=(0,)),
+                         runs=[run("shards", 0.0), run("raw", 0.1)])
+    verdict = report.verdict()
+    assert "too little CPU time to measure per core" in verdict
+    assert "200 samples/s per core" in verdict  # raw: 20 samples in 0.1 CPU-s
+    assert "shards' CPU per sample too small to measure" in verdict

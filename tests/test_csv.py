@@ -339,3 +339,17 @@ def test_padded_numbers_and_infinities_read_as_pandas_reads_them(tmp_path: Path)
     expected = pd.read_csv(path)["x"].to_numpy(dtype=np.float32)
     np.testing.assert_array_equal(batch["features"][:, 0], expected)
     assert np.isinf(expected).sum() == 2 and np.isnan(expected).sum() == 1
+
+
+def test_a_label_of_spaces_is_a_missing_label(image_csv: Path, tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text("x,y\n1,2\n2,   \n3,4\n")
+    summary = shardkit.convert(table, tmp_path / "t", label_col="y", max_errors=1)
+    assert (summary.samples, summary.failed) == (2, 1)
+    assert [(e["row"], e["reason"]) for e in errors(tmp_path / "t")] == [(3, "missing_label")]
+    images = tmp_path / "i.csv"
+    images.write_text(f"path,label\n{image_csv / 'img' / 'p0.jpg'},1\n{image_csv / 'img' / 'p1.png'},  \n")
+    summary = shardkit.convert(images, tmp_path / "i", image_col="path", label_col="label", size=8,
+                               workers=0, max_errors=1)
+    assert (summary.samples, summary.failed) == (1, 1)
+    assert [(e["row"], e["reason"]) for e in errors(tmp_path / "i")] == [(3, "missing_label")]

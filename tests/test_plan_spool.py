@@ -7,6 +7,7 @@ import os
 import tracemalloc
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from corpus import add_bad_files, hashes, image_tree
 
@@ -33,13 +34,17 @@ def test_a_spilled_plan_writes_the_same_bytes(tree: Path, tmp_path: Path, option
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     common = {"size": 16, "samples_per_shard": 5, "workers": 0, "max_errors": 3, **options}
     in_memory = shardkit.convert(tree, tmp_path / "memory", **common)
-    monkeypatch.setattr(records, "CHUNK", 4)  # spill every 4 inputs: 6 batches on disk
+    monkeypatch.setattr(records, "CHUNK", 5)  # 4 batches of 5 on disk, the last 4 in memory
     config = ConvertConfig(image=ImageOptions(size=(16, 16)), samples_per_shard=5, shard_bytes=None)
     plan = make_plan(tree, config, spill_dir=tmp_path)
     spool = plan.records
-    assert isinstance(spool, records.RecordSpool) and spool.spilled == 24 and len(spool) == 24
-    assert [r.source for r in spool][:3] == ["ant/im000.jpg", "ant/im001.png", "ant/im002.jpg"]
-    assert spool[-1] == list(spool)[-1] and spool[9] == list(spool)[9]
+    assert isinstance(spool, records.RecordSpool) and spool.spilled == 20 and len(spool) == 24
+    listed = list(spool)
+    assert [r.source for r in listed][:3] == ["ant/im000.jpg", "ant/im001.png", "ant/im002.jpg"]
+    assert [spool[i] for i in range(-24, 24)] == listed + listed
+    assert spool[3:22:4] == listed[3:22:4]
+    plan.close()
+    assert len(spool) == 0
     assert os.listdir(tmp_path) == ["memory"]  # the spill file has no name: nothing to clean up
     spilled = shardkit.convert(tree, tmp_path / "spilled", **common)
     assert (spilled.samples, spilled.failed) == (in_memory.samples, in_memory.failed) == (21, 3)
@@ -79,11 +84,17 @@ def test_planning_memory_does_not_grow_with_the_inputs(tmp_path: Path,
         _many_files(root, count // 200, 200)
         tracemalloc.start()
         plan = make_plan(root, config, spill_dir=tmp_path)
-        assert isinstance(plan.records, records.Permuted) and len(plan.records) == count
-        assert plan.records.records.spilled == (count if count > 1000 else 0)  # type: ignore[attr-defined]
         peaks[count] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        del plan
+        # tracemalloc sees Python objects only: the spilled records must not sit in Arrow's
+        # own memory either, but on disk, read back through a memory map.
+        assert pa.total_allocated_bytes() < 1 << 20
+        assert isinstance(plan.records, records.Permuted) and len(plan.records) == count
+        spool = plan.records.records
+        assert isinstance(spool, records.RecordSpool)
+        assert spool.spilled == (count - count % 1000 if count > 1000 else 0)
+        assert len(list(spool)) == count and pa.total_allocated_bytes() < 1 << 20
+        plan.close()
     growth = (peaks[16_000] - peaks[4_000]) / 12_000
     # Held in memory, the same records take about 400 bytes each; spilled, what grows is the
     # shuffle's permutation (8 bytes per input).

@@ -54,9 +54,10 @@ class OpenAhead(Generic[T]):
         raise NotImplementedError
 
     def prefetch(self, numbers: Sequence[int]) -> None:
-        """Start opening `numbers` in the background (if not open yet)."""
+        """Start opening `numbers` in the background (if not open yet); at most `capacity`
+        of them, so that none is evicted before it is used."""
         with self._lock:
-            for number in numbers:
+            for number in numbers[:self.capacity]:
                 if number in self._open:
                     continue
                 if self._pool is None:
@@ -74,7 +75,13 @@ class OpenAhead(Generic[T]):
                 self._open[number] = future
             self._open.move_to_end(number)
             self._evict()
-        return future.result()
+        try:
+            return future.result()
+        except BaseException:
+            with self._lock:  # not cached: the next epoch tries the file again
+                if self._open.get(number) is future:
+                    del self._open[number]
+            raise
 
     def _evict(self) -> None:
         while len(self._open) > self.capacity:

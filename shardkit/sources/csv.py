@@ -175,11 +175,11 @@ def infer_columns(stream: CsvStream) -> dict[str, Column]:
     for table, _rows in stream.blocks():
         for name in stream.names:
             text = table.column(name)
-            numbers = pc.match_substring_regex(_trimmed(text), NUMBER_RE)
+            trimmed = _trimmed(text)  # fields of spaces count as empty when deciding numbers
             tally = counts[name]
-            tally[0] += len(text) - text.null_count
-            tally[1] += pc.sum(numbers).as_py() or 0
-            tally[2] += pc.sum(pc.match_substring_regex(_trimmed(text), INT_RE)).as_py() or 0
+            tally[0] += len(trimmed) - trimmed.null_count
+            tally[1] += pc.sum(pc.match_substring_regex(trimmed, NUMBER_RE)).as_py() or 0
+            tally[2] += pc.sum(pc.match_substring_regex(trimmed, INT_RE)).as_py() or 0
             seen = values[name]
             if seen is not None:
                 seen.update(v for v in pc.unique(text).to_pylist() if v is not None)
@@ -211,12 +211,14 @@ def typed_block(table: pa.Table, rows: np.ndarray, columns: list[Column],
     out: dict[str, pa.Array] = {}
     for column in columns:
         text = table.column(column.name).combine_chunks()
+        numeric = column.kind in ("int", "float")
+        if numeric:
+            text = _trimmed(text)  # before the checks: a field of spaces is an empty number
         nulls = text.is_null().to_numpy(zero_copy_only=False)
         if column.name in required:
             _mark(reasons, bad, nulls, rows, required[column.name],
                   lambda i, c=column.name: f"column {c!r} is empty")
-        if column.kind in ("int", "float"):
-            text = _trimmed(text)
+        if numeric:
             ok = pc.fill_null(pc.match_substring_regex(text, NUMBER_RE), True)
             wrong = ~ok.to_numpy(zero_copy_only=False)
             _mark(reasons, bad, wrong, rows, "not_a_number",

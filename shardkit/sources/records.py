@@ -62,7 +62,8 @@ _SCHEMA = pa.schema([
 
 
 class RecordSpool(Sequence[InputRecord]):
-    """An append-only sequence of input records; see the module docstring."""
+    """An append-only sequence of input records; see the module docstring. Fill it first,
+    then read it: the first read of a spilled record seals it against more appends."""
 
     def __init__(self, spill_dir: str | os.PathLike[str] | None = None) -> None:
         self.spill_dir = None if spill_dir is None else os.fspath(spill_dir)
@@ -124,7 +125,10 @@ class RecordSpool(Sequence[InputRecord]):
 
     def _spill(self) -> None:
         if self._writer is None:
-            descriptor, name = tempfile.mkstemp(prefix=".shardkit-plan-", dir=self.spill_dir)
+            try:
+                descriptor, name = tempfile.mkstemp(prefix=".shardkit-plan-", dir=self.spill_dir)
+            except OSError:  # e.g. OUT's parent is not writable: the system's temporary folder
+                descriptor, name = tempfile.mkstemp(prefix=".shardkit-plan-")
             os.unlink(name)  # the open descriptor keeps the data: nothing to clean up, ever
             self._file = os.fdopen(descriptor, "w+b")
             self._writer = pa.ipc.new_file(self._file, _SCHEMA)
@@ -151,11 +155,16 @@ class RecordSpool(Sequence[InputRecord]):
         self._batches = [reader.get_batch(k) for k in range(reader.num_record_batches)]
 
     def close(self) -> None:
-        """Drop the spill file (its space is freed once nothing maps it)."""
-        self._batches = []
+        """Drop the records and the spill file (its space is freed at once). The spool is
+        empty afterwards."""
+        self._batches, self._pending, self._spilled = [], [], 0
+        if self._map is not None:
+            self._map.close()
+            self._map = None
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._writer = None
 
 
 class Permuted(Sequence[InputRecord]):
