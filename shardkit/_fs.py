@@ -7,10 +7,13 @@ removes the temporary file and publishes nothing).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "fsync_dir", "publish"]
+__all__ = ["atomic_write_bytes", "fsync_dir", "hash_file", "publish"]
+
+_CHUNK = 4 * 1024 * 1024
 
 
 def fsync_dir(folder: str | os.PathLike[str]) -> None:
@@ -41,3 +44,16 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def hash_file(path: str | os.PathLike[str]) -> tuple[int, str]:
+    """(size, sha256 hex) of a file, read in 4 MB chunks."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    total = 0
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            digest.update(view[:count])
+            total += count
+    return total, digest.hexdigest()

@@ -184,6 +184,7 @@ class _Scheduler:
         self.limit = limit
         self.in_flight: dict[cf.Future[Any], tuple[str, int]] = {}
         self.parts: dict[int, list[PartResult]] = {}
+        self.blocks: dict[int, int] = {}  # tar JSON padding of each shard this run writes
         self.expected = {k: len(list(plan.parts(k))) for k in range(plan.shard_count)}
         self.records = {k: e.record for k, e in finished.items()}
         self.failures = [f for e in finished.values() for f in e.failures]
@@ -215,11 +216,14 @@ class _Scheduler:
         for shard in range(plan.shard_count):
             if shard in self.records:
                 continue  # finished by an earlier run (journal)
-            blocks = plan.json_blocks(shard) if plan.config.format == "tar" else 0
+            whole = plan.shard_slice(shard)
+            records = plan.records[whole.start:whole.stop]  # read once (it may be spilled)
+            blocks = self.blocks[shard] = plan.json_blocks(records) if plan.config.format == "tar" else 0
             for number, indices in enumerate(plan.parts(shard)):
                 yield PartTask(
                     shard=shard, part=number, first=indices.start,
-                    records=tuple(plan.records[i] for i in indices), classes=classes,
+                    records=tuple(records[indices.start - whole.start:indices.stop - whole.start]),
+                    classes=classes,
                     path=str(self.tmp / f"{shard}.{number}.part"), key_width=plan.key_width,
                     json_blocks=blocks, config=plan.config, meta_types=plan.meta_types,
                 )
@@ -281,7 +285,7 @@ class _Scheduler:
         shape = plan.config.image.fixed_shape
         if plan.config.format == "tar" and plan.config.codec == "raw" and shape is not None:
             classes = len(plan.classes) if plan.classes is not None else None
-            layout = tar_writer.raw_layout(shape, classes, plan.json_blocks(shard))
+            layout = tar_writer.raw_layout(shape, classes, self.blocks[shard])
         record = ShardRecord(file=name, samples=sum(r.samples for r in parts), bytes=result[0],
                              sha256=result[1], layout=layout)
         self.records[shard] = record

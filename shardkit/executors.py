@@ -17,14 +17,11 @@ import secrets
 import signal
 import socket
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from shardkit.config import ImageOptions
 from shardkit.errors import ConfigError, InputError, WorkerError, require
-from shardkit.images import pillow_limits
 
 __all__ = [
     "InlineExecutor",
@@ -34,7 +31,6 @@ __all__ = [
     "describe_task_error",
     "local_pool",
     "require_source_root",
-    "shared_pillow_limits",
 ]
 
 T = TypeVar("T")
@@ -211,39 +207,3 @@ def _raise_for(where: str, failed: str, detail: str, probe: Path) -> None:
         raise WorkerError(f"the worker {where} wrote {probe} but this machine does not see it: "
                           f"OUT must be on a filesystem shared by the client and every worker "
                           f"({_SCALE_OUT_DOC})")
-
-
-# --------------------------------------------------------------------------- Pillow's globals
-
-
-class _SharedPillowLimits:
-    """`pillow_limits` for tasks that share a process as threads (a Dask worker runs
-    ``--nthreads`` tasks at once). Pillow's limits are process-wide: if each task set and
-    restored them, one task finishing would restore Pillow's defaults (its own bomb check, its
-    warnings) under another still running. Here the first task in sets them and the last one
-    out restores them. The values do not depend on the task's config (`load_image` checks the
-    configured pixel limit itself), so tasks of different configs can share them.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
-        self._stack = contextlib.ExitStack()
-
-    @contextlib.contextmanager
-    def hold(self, options: ImageOptions) -> Iterator[None]:
-        with self._lock:
-            if self._users == 0:
-                self._stack.enter_context(pillow_limits(options))
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users -= 1
-                if self._users == 0:
-                    self._stack.close()
-
-
-# One per process, like the Pillow globals it guards; it holds no state between tasks.
-shared_pillow_limits = _SharedPillowLimits().hold

@@ -23,6 +23,7 @@ import contextlib
 import io
 import math
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Final
@@ -83,26 +84,56 @@ class ImageFailure(Exception):
         self.detail = detail
 
 
-@contextlib.contextmanager
-def pillow_limits(options: ImageOptions) -> Iterator[None]:
-    """Set Pillow's process-wide limits for the duration of a task, then restore them.
+class _PillowLimits:
+    """Pillow's process-wide limits, set while any task runs in this process.
 
     Pillow's own bomb check (at open, with its own numbers: it refuses 2 × MAX_IMAGE_PIXELS)
     is switched off: `load_image` checks ``options.max_pixels`` from the header itself, before
-    decoding, and its message quotes the configured limit. Warnings about odd EXIF
-    or palette transparency are noise in a worker: the outcome of each input is decided by
-    exceptions and recorded.
+    decoding, and its message quotes the configured limit. Warnings about odd EXIF or palette
+    transparency are noise in a worker: the outcome of each input is decided by exceptions and
+    recorded. Tasks may share a process as threads (a Dask worker runs ``--nthreads`` tasks at
+    once): the first task in sets the globals and the last one out restores them, so one task
+    finishing never restores Pillow's defaults under another. The values do not depend on the
+    task's options, so tasks of different configs can share them.
     """
-    saved = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
-    Image.MAX_IMAGE_PIXELS = None
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._stack = contextlib.ExitStack()
+
+    @contextlib.contextmanager
+    def hold(self, options: ImageOptions) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._stack.enter_context(self._set())
+            self._users += 1
+        try:
             yield
-    finally:
-        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._stack.close()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _set() -> Iterator[None]:
+        saved = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
+        Image.MAX_IMAGE_PIXELS = None
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                yield
+        finally:
+            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+#: ``with pillow_limits(options): ...`` around a task's decoding (see `_PillowLimits`). One per
+#: process, like the Pillow globals it guards.
+pillow_limits = _PillowLimits().hold
 
 
 def load_image(path: str | os.PathLike[str], options: ImageOptions) -> tuple[Image.Image, tuple[int, int]]:

@@ -10,14 +10,13 @@ temporary files that the next run deletes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shardkit._fs import atomic_write_bytes
+from shardkit._fs import atomic_write_bytes, hash_file
 from shardkit.manifest import ShardRecord, canonical_json
 from shardkit.report import FailureRecord
 
@@ -97,13 +96,9 @@ def _matches(path: Path, record: ShardRecord) -> bool:
     try:
         if path.stat().st_size != record.bytes:
             return False
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(chunk)
+        return hash_file(path)[1] == record.sha256
     except OSError:
         return False
-    return digest.hexdigest() == record.sha256
 
 
 def remove(out: Path) -> None:

@@ -87,11 +87,10 @@ class Plan:
         if isinstance(records, RecordSpool):
             records.close()
 
-    def json_blocks(self, shard: int) -> int:
-        """Blocks each tar JSON member of `shard` is padded to (see writers.tar)."""
-        records = (self.records[i] for i in self.shard_slice(shard))
-        items = ((r.source, self.class_name(r), r.meta) for r in records)
-        return tar_writer.json_blocks(items)
+    def json_blocks(self, records: Sequence[InputRecord]) -> int:
+        """Blocks each tar JSON member of a shard holding `records` is padded to (see
+        writers.tar)."""
+        return tar_writer.json_blocks((r.source, self.class_name(r), r.meta) for r in records)
 
 
 def make_plan(src: str | os.PathLike[str], config: ConvertConfig, *,

@@ -57,8 +57,7 @@ class TableLayout:
     @classmethod
     def of(cls, names: list[str], columns: dict[str, Column], options: CsvOptions,
            path: Path) -> TableLayout:
-        check_columns(names, [*options.label_cols, *options.columns, *options.exclude], path,
-                      "such")
+        check_columns(names, [*options.label_cols, *options.columns, *options.exclude], path)
         chosen = [n for n in names if n not in options.label_cols and n not in options.exclude
                   and (not options.columns or n in options.columns)]
         labels = [columns[n] for n in options.label_cols]

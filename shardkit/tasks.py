@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from shardkit.config import ConvertConfig
-from shardkit.executors import require_source_root, shared_pillow_limits
-from shardkit.images import ImageFailure, encode, load_image
+from shardkit.executors import require_source_root
+from shardkit.images import ImageFailure, encode, load_image, pillow_limits
 from shardkit.report import FailureRecord
 from shardkit.sources.records import InputRecord
 from shardkit.writers import EncodedSample
@@ -72,7 +72,7 @@ def run_part(task: PartTask) -> PartResult:
     failures: list[FailureRecord] = []
     counts = [0] * len(task.classes or ())
     written = 0
-    with shared_pillow_limits(task.config.image):
+    with pillow_limits(task.config.image):
         try:
             for offset, record in enumerate(task.records):
                 key = f"{task.first + offset:0{task.key_width}d}"

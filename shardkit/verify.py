@@ -25,7 +25,6 @@ the sample count the walk found, when it differs).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -41,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from shardkit._fs import hash_file
 from shardkit.errors import CorruptShardError, DatasetError, UnsafeContentError
 from shardkit.manifest import ERRORS_NAME, INDEX_NAME, Manifest, ShardRecord
 from shardkit.reader.tar import iter_members
@@ -190,7 +190,7 @@ def _check_shard(folder: Path, spec: _Spec, record: ShardRecord, tally: _Tally, 
         return [*problems, f"{name}: not a regular file"]
     if size != record.bytes:
         problems.append(f"{name}: {size} bytes on disk, index.json says {record.bytes}")
-    elif not quick and _sha256(path) != record.sha256:
+    elif not quick and hash_file(path)[1] != record.sha256:
         problems.append(f"{name}: sha256 differs from index.json (corrupted)")
     try:
         if spec.format == "tar":
@@ -222,14 +222,6 @@ def _record_layout(record: ShardRecord, *, labeled: bool) -> tuple[dict[str, int
         return None, (f"index.json says {record.samples} samples of layout stride {layout['stride']} "
                       f"bytes in {record.bytes} bytes (should be samples * stride + 1024)")
     return layout, ""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _next_key(key: str, tally: _Tally) -> None:

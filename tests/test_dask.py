@@ -25,7 +25,8 @@ from PIL import Image
 import shardkit
 from shardkit import journal
 from shardkit.errors import EXIT_INTERRUPTED, InputError, MissingExtraError, WorkerError
-from shardkit.executors import describe_task_error, shared_pillow_limits
+from shardkit.executors import describe_task_error
+from shardkit.images import pillow_limits
 
 distributed = pytest.importorskip("distributed")
 
@@ -297,14 +298,14 @@ def test_pillow_limits_hold_while_any_threaded_task_runs() -> None:
     inside, release = threading.Event(), threading.Event()
 
     def long_task() -> None:
-        with shared_pillow_limits(options):
+        with pillow_limits(options):
             inside.set()
             release.wait(10)
 
     thread = threading.Thread(target=long_task)
     thread.start()
     inside.wait(10)
-    with shared_pillow_limits(options):
+    with pillow_limits(options):
         assert Image.MAX_IMAGE_PIXELS is None
     assert Image.MAX_IMAGE_PIXELS is None  # the long task still runs
     release.set()

@@ -28,6 +28,7 @@ from shardkit.manifest import Manifest, ShardRecord
 from shardkit.reader.opened import OpenAhead, check_size
 from shardkit.reader.parquet import fixed_images, read_parquet_table
 from shardkit.reader.tar import iter_members
+from shardkit.reader.targets import has_targets, read_targets
 
 __all__ = ["MAPPED_SHARDS", "ShardCache", "ShardHandle", "default_capacity", "gather", "metadata_fields"]
 
@@ -244,6 +245,8 @@ class ShardCache(OpenAhead[ShardHandle]):
         self.format = str(manifest.config["format"])
         self.labeled = manifest.classes is not None
         self.extra = metadata_fields(manifest)[len(_METADATA):]
+        #: Image CSVs with several label columns: K float targets per sample, as ``labels``.
+        self.targets = len(manifest.config["csv"]["label_cols"]) if has_targets(manifest) else 0
 
     def _load(self, number: int) -> ShardHandle:
         record = self.manifest.shards[number]
@@ -251,6 +254,11 @@ class ShardCache(OpenAhead[ShardHandle]):
         check_size(path, record, self.verify)
         if self.codec == "raw" and self.shape is not None:
             if self.format == "tar":
-                return open_raw_tar(path, record, self.shape, self.extra)
-            return open_parquet_raw(path, record, self.shape, self.labeled, self.extra)
-        return open_encoded(path, record, self.format, self.labeled, self.extra)
+                handle = open_raw_tar(path, record, self.shape, self.extra)
+            else:
+                handle = open_parquet_raw(path, record, self.shape, self.labeled, self.extra)
+        else:
+            handle = open_encoded(path, record, self.format, self.labeled, self.extra)
+        if self.targets:
+            handle.labels = read_targets(path, record, self.manifest)
+        return handle

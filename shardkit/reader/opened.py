@@ -3,7 +3,6 @@ cache that opens the shards a reader announces next in a background thread."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections import OrderedDict
@@ -11,6 +10,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
+from shardkit._fs import hash_file
 from shardkit.errors import CorruptShardError
 from shardkit.manifest import ShardRecord
 
@@ -29,13 +29,8 @@ def check_size(path: str, record: ShardRecord, verify: bool) -> None:
     if size != record.bytes:
         raise CorruptShardError(f"{path}: {size} bytes on disk, index.json says {record.bytes} "
                                 "(truncated or replaced?)")
-    if verify:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(chunk)
-        if digest.hexdigest() != record.sha256:
-            raise CorruptShardError(f"{path}: sha256 differs from index.json (corrupted)")
+    if verify and hash_file(path)[1] != record.sha256:
+        raise CorruptShardError(f"{path}: sha256 differs from index.json (corrupted)")
 
 
 class OpenAhead(Generic[T]):

@@ -17,13 +17,8 @@ import numpy as np
 
 from shardkit.reader.assign import shard_runs
 from shardkit.reader.fetch import ShardCache, decode_payload, gather, metadata_fields
-from shardkit.reader.targets import TargetCache, has_targets
 
-__all__ = ["METADATA_FIELDS", "assemble", "in_background", "metadata_fields", "stream_batches"]
-
-#: Per-sample metadata a batch may carry on request (``fields=``).
-METADATA_FIELDS = ("key", "source", "orig_width", "orig_height")  # then an image CSV's columns
-
+__all__ = ["assemble", "in_background", "metadata_fields", "stream_batches"]
 
 Allocator = Callable[[tuple[int, ...]], np.ndarray]
 
@@ -65,7 +60,8 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
     size = len(index)
     fixed = None if encoded else cache.shape
     images: Any = alloc((size, *fixed)) if fixed is not None else [None] * size
-    labels = np.empty(size, dtype=np.int64) if cache.labeled else None
+    labels = np.empty((size, cache.targets), dtype=np.float32) if cache.targets \
+        else np.empty(size, dtype=np.int64) if cache.labeled else None
     meta: dict[str, list[Any]] = {f: [] for f in fields}
     channels = int(cache.manifest.schema["image"]["shape"][2])
     for number, slots, local in shard_runs(starts, index):
@@ -98,16 +94,12 @@ def stream_batches(cache: ShardCache, starts: np.ndarray, batches: Sequence[np.n
     `lookahead` batches in the background. The cache is closed at the end unless
     `keep_open` (a later epoch in the same process then finds its shards mapped)."""
     alloc = alloc or BufferPool()
-    targets = TargetCache(cache.folder, cache.manifest) if has_targets(cache.manifest) else None
     shard_lists = [np.unique(np.searchsorted(starts, b, side="right") - 1).tolist() for b in batches]
     try:
         for number, index in enumerate(batches):
             upcoming = [s for later in shard_lists[number:number + 1 + lookahead] for s in later]
             cache.prefetch(list(dict.fromkeys(upcoming)))
-            batch = assemble(cache, starts, index, fields, alloc, encoded=encoded)
-            if targets is not None:  # image CSVs with several label columns
-                batch["label"] = targets.gather(starts, index)
-            yield batch
+            yield assemble(cache, starts, index, fields, alloc, encoded=encoded)
     finally:
         if not keep_open:
             cache.close()

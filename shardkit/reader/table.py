@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from shardkit._fs import hash_file
 from shardkit.errors import CorruptShardError
 from shardkit.manifest import Manifest
 from shardkit.reader.assign import shard_runs
@@ -83,7 +84,6 @@ class TableCache(OpenAhead[TableShard]):
     def __init__(self, folder: str, manifest: Manifest, *, capacity: int) -> None:
         super().__init__(capacity)
         self.folder, self.manifest = folder, manifest
-        self.labeled = "label" in manifest.schema
 
     def _load(self, number: int) -> TableShard:
         record = self.manifest.shards[number]
@@ -132,7 +132,6 @@ def stream_table_batches(cache: TableCache, starts: np.ndarray, batches: Sequenc
 def verify_table(folder: Any, manifest: Manifest, *, quick: bool = False) -> list[str]:
     """`shardkit verify` for tables: each shard's size, sha256 (unless `quick`), row count,
     columns and feature read; the totals and errors.jsonl. One line per problem."""
-    import hashlib
     from pathlib import Path
 
     problems: list[str] = []
@@ -143,7 +142,7 @@ def verify_table(folder: Any, manifest: Manifest, *, quick: bool = False) -> lis
         try:
             if path.stat().st_size != record.bytes:
                 raise CorruptShardError(f"{path.stat().st_size} bytes, index.json says {record.bytes}")
-            if not quick and hashlib.sha256(path.read_bytes()).hexdigest() != record.sha256:
+            if not quick and hash_file(path)[1] != record.sha256:
                 raise CorruptShardError("sha256 differs from index.json")
             table = read_parquet_table(path, ["row", *names], record.samples)
             if table.column_names != ["row", *names]:

@@ -73,9 +73,6 @@ class Column:
     kind: str
     categories: tuple[str, ...] | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind}
-
 
 @dataclass(frozen=True, slots=True)
 class BadRow:
@@ -259,10 +256,10 @@ def _mark(reasons: dict[int, BadRow], bad: np.ndarray, mask: np.ndarray, rows: n
     bad |= mask
 
 
-def check_columns(names: list[str], wanted: list[str], path: Path, what: str) -> None:
+def check_columns(names: list[str], wanted: list[str], path: Path) -> None:
     missing = [w for w in wanted if w not in names]
     if missing:
-        raise ConfigError(f"{path}: no {what} column {', '.join(map(repr, missing))}; the CSV "
+        raise ConfigError(f"{path}: no such column {', '.join(map(repr, missing))}; the CSV "
                           f"has {', '.join(names)}")
 
 

@@ -46,7 +46,7 @@ def list_image_csv(src: str | os.PathLike[str], options: CsvOptions, *,
     stream = CsvStream(path, options)
     targets = list(options.label_cols) if len(options.label_cols) > 1 else []
     label = options.label_cols[0] if len(options.label_cols) == 1 else None
-    check_columns(stream.names, [options.image_col, *options.label_cols], path, "such")
+    check_columns(stream.names, [options.image_col, *options.label_cols], path)
     columns = infer_columns(stream)
     meta = [columns[n] for n in stream.names
             if n != options.image_col and n not in options.label_cols]

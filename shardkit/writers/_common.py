@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterable
 from typing import BinaryIO
+
+from shardkit._fs import hash_file
 
 __all__ = ["copy_hashed", "hash_file"]
 
@@ -25,16 +26,3 @@ def copy_hashed(sources: Iterable[str], out: BinaryIO, digest: hashlib._Hash) ->
                 out.write(chunk)
                 total += count
     return total
-
-
-def hash_file(path: str | os.PathLike[str]) -> tuple[int, str]:
-    """(size, sha256 hex) of a file."""
-    digest = hashlib.sha256()
-    buffer = bytearray(_CHUNK)
-    view = memoryview(buffer)
-    total = 0
-    with open(path, "rb", buffering=0) as handle:
-        while count := handle.readinto(buffer):
-            digest.update(view[:count])
-            total += count
-    return total, digest.hexdigest()
