@@ -31,7 +31,6 @@ import multiprocessing
 import os
 import platform
 import pstats
-import re
 import shutil
 import statistics
 import sys
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL
+from docblock import write_block
 from PIL import Image, ImageOps
 
 import shardkit
@@ -560,17 +560,7 @@ def render(corpus: Corpus, results: dict[Key, Result], repeats: int, quick: bool
 
 
 def write_doc(path: Path, block: str) -> None:
-    if path.exists():
-        text = path.read_text(encoding="utf-8")
-        pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", re.DOTALL)
-        if pattern.search(text):
-            text = pattern.sub(lambda _: block, text, count=1)
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-    else:
-        text = "# Performance\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    write_block(path, BEGIN, END, block)
 
 
 def profile(corpus: Corpus, work: Path, size: int) -> None:

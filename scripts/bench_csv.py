@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from docblock import write_block
 
 BEGIN, END = "<!-- csv:begin -->", "<!-- csv:end -->"
 FEATURES = 20
@@ -127,14 +128,7 @@ def report(args: argparse.Namespace, csv_bytes: int, conv: dict[str, float],
 
 
 def write_doc(path: Path, block: str) -> None:
-    text = path.read_text() if path.exists() else "# Performance\n"
-    new = f"{BEGIN}\n{block}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + new + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + new + "\n"
-    path.write_text(text)
+    write_block(path, BEGIN, END, f"{BEGIN}\n{block}\n{END}")
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ import concurrent.futures as cf
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import statistics
@@ -31,6 +30,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from docblock import write_block
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_convert import corpus, inspect_and_warm  # scripts/ is not a package
@@ -227,13 +228,7 @@ def render(data: Any, walls: dict[str, list[float]], trips: dict[str, float], re
 
 
 def write_doc(path: Path, block: str) -> None:
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Performance\n"
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text, encoding="utf-8")
+    write_block(path, BEGIN, END, block)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from docblock import write_block
 
 BATCH = 256
 BEGIN, END = "<!-- reading:begin -->", "<!-- reading:end -->"
@@ -335,13 +336,7 @@ def draw(rows: list[dict[str, Any]], sizes: list[int], path: Path) -> None:
 
 
 def write_doc(path: Path, block: str) -> None:
-    text = path.read_text() if path.exists() else "# Performance\n"
-    new = f"{BEGIN}\n{block}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + new + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + new + "\n"
-    path.write_text(text)
+    write_block(path, BEGIN, END, f"{BEGIN}\n{block}\n{END}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ incomplete (and no ``index.json``, so no dataset).
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import os
 import secrets
 import shutil
@@ -29,7 +28,7 @@ from shardkit.errors import ConfigError, TooManyFailuresError, WorkerError
 from shardkit.executors import InlineExecutor, local_pool
 from shardkit.manifest import ERRORS_NAME, Manifest, ShardRecord
 from shardkit.plan import Plan, make_plan, rows_per_group
-from shardkit.report import ConvertSummary, FailureRecord, write_error_report
+from shardkit.report import ConvertSummary, FailureRecord, error_reasons, write_error_report
 from shardkit.sources.csv import source_config
 from shardkit.tasks import PartResult, PartTask, ShardTask, run_part, run_shard
 from shardkit.writers import tar as tar_writer
@@ -162,14 +161,10 @@ def _check_budget(summary: ConvertSummary, run: RunOptions) -> ConvertSummary:
 def _summary_of_finished(out: Path, workers: int, started: float) -> ConvertSummary:
     """The summary of a dataset already complete in `out` (a rerun with nothing to do)."""
     manifest = Manifest.read(out)
-    reasons: Counter[str] = Counter()
-    with open(out / ERRORS_NAME, encoding="utf-8") as report:
-        for line in report:
-            reasons[json.loads(line)["reason"]] += 1
     return ConvertSummary(
         out=out, inputs=manifest.inputs, samples=manifest.samples, failed=manifest.failed,
         shards=len(manifest.shards), bytes=manifest.bytes, seconds=time.perf_counter() - started,
-        workers=workers, errors_path=out / ERRORS_NAME, reasons=dict(reasons),
+        workers=workers, errors_path=out / ERRORS_NAME, reasons=error_reasons(out / ERRORS_NAME),
         reused_shards=len(manifest.shards), up_to_date=True,
     )
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from shardkit._fs import atomic_write_bytes
 
-__all__ = ["ConvertSummary", "FailureRecord", "human_bytes", "write_error_report"]
+__all__ = ["ConvertSummary", "FailureRecord", "error_reasons", "human_bytes", "write_error_report"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +37,16 @@ class FailureRecord:
         if self.row is not None:
             out["row"] = self.row
         return out
+
+
+def error_reasons(path: str | os.PathLike[str]) -> dict[str, int]:
+    """Failures per reason code in an existing errors.jsonl (a finished run's summary)."""
+    reasons: dict[str, int] = {}
+    with open(path, encoding="utf-8") as report:
+        for line in report:
+            reason = json.loads(line)["reason"]
+            reasons[reason] = reasons.get(reason, 0) + 1
+    return reasons
 
 
 def write_error_report(path: str | os.PathLike[str], failures: Iterable[FailureRecord]) -> None:

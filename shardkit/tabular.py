@@ -12,10 +12,10 @@ their CSV row number. Column roles, order and statistics go into ``index.json``
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from shardkit._fs import publish
 from shardkit.config import ConvertConfig, CsvOptions, RunOptions
 from shardkit.errors import ConfigError, InputError, WorkerError
 from shardkit.manifest import ERRORS_NAME, Manifest, ShardRecord, fingerprint, shard_name
-from shardkit.report import ConvertSummary, FailureRecord, write_error_report
+from shardkit.report import ConvertSummary, FailureRecord, error_reasons, write_error_report
 from shardkit.sources.csv import (
     BadRow,
     Column,
@@ -124,7 +124,8 @@ def convert_table(src: str | os.PathLike[str], out: str | os.PathLike[str],
     state = outdir.prepare(out_dir, prints, overwrite=run.overwrite, resume=run.resume)
     if state is outdir.State.DONE:
         manifest = Manifest.read(out_dir)
-        return _summary(out_dir, manifest, started, up_to_date=True, reused=len(manifest.shards))
+        return _summary(out_dir, manifest, started, error_reasons(out_dir / ERRORS_NAME),
+                        up_to_date=True, reused=len(manifest.shards))
     stream = CsvStream(path, options)
     layout = TableLayout.of(stream.names, infer_columns(stream), options, path)
     rows_per_shard = config.samples_per_shard or max(1, (config.shard_bytes or 0) // layout.row_bytes())
@@ -146,7 +147,8 @@ def convert_table(src: str | os.PathLike[str], out: str | os.PathLike[str],
     )
     manifest.write(out_dir)
     journal.remove(out_dir)
-    return _summary(out_dir, manifest, started, reused=writer.reused)
+    return _summary(out_dir, manifest, started, dict(Counter(f.reason for f in failures)),
+                    reused=writer.reused)
 
 
 def _resolved_config(config: ConvertConfig) -> dict[str, Any]:
@@ -158,22 +160,14 @@ def _resolved_config(config: ConvertConfig) -> dict[str, Any]:
             "csv": ConvertConfig(csv=config.csv).to_json()["csv"]}
 
 
-def _summary(out: Path, manifest: Manifest, started: float, *, up_to_date: bool = False,
-             reused: int = 0) -> ConvertSummary:
+def _summary(out: Path, manifest: Manifest, started: float, reasons: dict[str, int], *,
+             up_to_date: bool = False, reused: int = 0) -> ConvertSummary:
     return ConvertSummary(
         out=out, inputs=manifest.inputs, samples=manifest.samples, failed=manifest.failed,
         shards=len(manifest.shards), bytes=manifest.bytes, seconds=time.perf_counter() - started,
-        workers=1, errors_path=out / ERRORS_NAME, reasons=_reasons(out), reused_shards=reused,
+        workers=1, errors_path=out / ERRORS_NAME, reasons=reasons, reused_shards=reused,
         up_to_date=up_to_date, unit="rows",
     )
-
-
-def _reasons(out: Path) -> dict[str, int]:
-    reasons: dict[str, int] = {}
-    for line in (out / ERRORS_NAME).read_text(encoding="utf-8").splitlines():
-        reason = json.loads(line)["reason"]
-        reasons[reason] = reasons.get(reason, 0) + 1
-    return reasons
 
 
 class _ShardWriter:

@@ -17,8 +17,8 @@ import numpy as np
 from shardkit.errors import ConfigError, DatasetError, require
 from shardkit.manifest import Manifest
 from shardkit.reader.assign import Split, assign, batches_per_rank, padding, samples_per_rank
-from shardkit.reader.fetch import ShardCache, default_capacity
-from shardkit.reader.stream import in_background, metadata_fields, stream_batches
+from shardkit.reader.fetch import ShardCache, check_fields, default_capacity
+from shardkit.reader.stream import in_background, stream_batches
 from shardkit.reader.table import TableCache, stream_table_batches
 
 torch: Any = require("torch", "torch")
@@ -63,14 +63,10 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
             world_size = auto_world if world_size is None else world_size
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in a world of {world_size}")
-        allowed = () if self.table else metadata_fields(self.manifest)
-        unknown = set(fields or ()) - set(allowed)
-        if unknown:
-            raise ConfigError(f"unknown fields {sorted(unknown)}; choose from {', '.join(allowed) or 'none'}")
         self.decode = _check_decode(decode, self.manifest, path)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
-        self.fields = tuple(fields or ())
+        self.fields = check_fields(self.manifest, fields or ())
         self.window, self.verify = window, verify
         self.cache_shards = cache_shards or default_capacity(self.manifest, window)
         self.epoch = 0

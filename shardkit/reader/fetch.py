@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from shardkit.errors import CorruptShardError
+from shardkit.errors import ConfigError, CorruptShardError
 from shardkit.manifest import Manifest, ShardRecord
 from shardkit.reader.opened import OpenAhead, check_size
 from shardkit.reader.parquet import fixed_images, read_parquet_table
 from shardkit.reader.tar import iter_members
 from shardkit.reader.targets import has_targets, read_targets
 
-__all__ = ["MAPPED_SHARDS", "ShardCache", "ShardHandle", "default_capacity", "gather", "metadata_fields"]
+__all__ = ["ShardCache", "ShardHandle", "check_fields", "default_capacity", "gather", "metadata_fields"]
 
 _NPY_MAGIC = np.frombuffer(b"\x93NUMPY", dtype=np.uint8)
 _TYPEFLAG = 156  # offset of the type flag in a tar header
@@ -44,6 +44,16 @@ def metadata_fields(manifest: Manifest) -> tuple[str, ...]:
     extra = sorted((spec["csv_column"], name) for name, spec in schema.items()
                    if isinstance(spec, dict) and "csv_column" in spec and name != "target")
     return _METADATA + tuple(name for _, name in extra)
+
+
+def check_fields(manifest: Manifest, fields: Sequence[str]) -> tuple[str, ...]:
+    """`fields` as a tuple, when a batch of this dataset can carry them; else ConfigError
+    listing the choices (none for a table)."""
+    allowed = metadata_fields(manifest) if manifest.kind == "images" else ()
+    unknown = set(fields) - set(allowed)
+    if unknown:
+        raise ConfigError(f"unknown fields {sorted(unknown)}; choose from {', '.join(allowed) or 'none'}")
+    return tuple(fields)
 
 
 class ShardHandle:

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from shardkit.errors import ConfigError, CorruptShardError, DatasetError
+from shardkit.errors import CorruptShardError, DatasetError
 from shardkit.manifest import Manifest
 from shardkit.reader.assign import Split, assign
-from shardkit.reader.fetch import ShardCache, default_capacity
+from shardkit.reader.fetch import ShardCache, check_fields, default_capacity
 from shardkit.reader.parquet import read_parquet_shard, read_parquet_table
-from shardkit.reader.stream import in_background, metadata_fields, stream_batches
+from shardkit.reader.stream import in_background, stream_batches
 from shardkit.reader.table import TableCache, TableShard, read_table_shard, stream_table_batches
 from shardkit.reader.tar import iter_members, read_raw_shard
 
@@ -147,10 +147,7 @@ class Dataset:
         split = Split(rank=rank, world=world_size)
         batches = list(assign(sizes, split, epoch=epoch, seed=seed, batch_size=batch_size,
                               drop_last=drop_last, shuffle=shuffle, window=window, start=start))
-        allowed = () if self.is_table else metadata_fields(self.manifest)
-        unknown = set(fields) - set(allowed)
-        if unknown:
-            raise ConfigError(f"unknown fields {sorted(unknown)}; choose from {', '.join(allowed) or 'none'}")
+        fields = check_fields(self.manifest, fields)
         starts = np.asarray(self._starts, dtype=np.int64)
         if self.is_table:
             table = stream_table_batches(TableCache(str(self.path), self.manifest,

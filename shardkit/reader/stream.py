@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from shardkit.reader.assign import shard_runs
-from shardkit.reader.fetch import ShardCache, decode_payload, gather, metadata_fields
+from shardkit.reader.fetch import ShardCache, decode_payload, gather
 
-__all__ = ["assemble", "in_background", "metadata_fields", "stream_batches"]
+__all__ = ["assemble", "in_background", "stream_batches"]
 
 Allocator = Callable[[tuple[int, ...]], np.ndarray]
 
