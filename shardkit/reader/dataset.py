@@ -99,23 +99,18 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        in_process = info is None  # shards stay open between epochs only in this process
+        batches = self.batches(worker, workers)
         if self.table:
-            yield from self._table_batches(self.batches(worker, workers), in_process=info is None)
-            return
-        cache = self._cache or ShardCache(self.path, self.manifest, verify=self.verify,
-                                          capacity=self.cache_shards)
-        in_process = info is None
+            cache = self._cache or TableCache(self.path, self.manifest, capacity=self.cache_shards)
+            stream = stream_table_batches(cache, self.starts, batches, keep_open=in_process)
+        else:
+            cache = self._cache or ShardCache(self.path, self.manifest, verify=self.verify,
+                                              capacity=self.cache_shards)
+            stream = stream_batches(cache, self.starts, batches, self.fields, keep_open=in_process,
+                                    encoded=self.decode == "device")
         self._cache = cache if in_process else None
-        for batch in stream_batches(cache, self.starts, self.batches(worker, workers), self.fields,
-                                    keep_open=in_process, encoded=self.decode == "device"):
-            yield _to_tensors(batch)
-
-
-    def _table_batches(self, batches: list[np.ndarray], *,
-                       in_process: bool) -> Iterator[dict[str, Any]]:
-        cache = self._cache or TableCache(self.path, self.manifest, capacity=self.cache_shards)
-        self._cache = cache if in_process else None
-        for batch in stream_table_batches(cache, self.starts, batches, keep_open=in_process):
+        for batch in stream:
             yield _to_tensors(batch)
 
 

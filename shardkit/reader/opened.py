@@ -6,17 +6,20 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+import numpy as np
 
 from shardkit._fs import hash_file
 from shardkit.errors import CorruptShardError
 from shardkit.manifest import ShardRecord
 
-__all__ = ["OpenAhead", "check_size"]
+__all__ = ["OpenAhead", "check_size", "read_ahead"]
 
 T = TypeVar("T")
+B = TypeVar("B")
 
 
 def check_size(path: str, record: ShardRecord, verify: bool) -> None:
@@ -87,3 +90,20 @@ class OpenAhead(Generic[T]):
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         self._open.clear()
+
+
+def read_ahead(cache: OpenAhead[Any], starts: np.ndarray, batches: Sequence[np.ndarray],
+               assemble: Callable[[np.ndarray], B], *, lookahead: int = 2,
+               keep_open: bool = False) -> Iterator[B]:
+    """`assemble(index)` for each of `batches` in order, first asking `cache` to open the
+    shards of that batch and the next `lookahead` ones in the background. The cache is closed
+    at the end unless `keep_open` (a later epoch in this process then finds its shards open)."""
+    shard_lists = [np.unique(np.searchsorted(starts, b, side="right") - 1).tolist() for b in batches]
+    try:
+        for number, index in enumerate(batches):
+            upcoming = [s for later in shard_lists[number:number + 1 + lookahead] for s in later]
+            cache.prefetch(list(dict.fromkeys(upcoming)))
+            yield assemble(index)
+    finally:
+        if not keep_open:
+            cache.close()

@@ -149,15 +149,14 @@ class Dataset:
                               drop_last=drop_last, shuffle=shuffle, window=window, start=start))
         fields = check_fields(self.manifest, fields)
         starts = np.asarray(self._starts, dtype=np.int64)
+        capacity = default_capacity(self.manifest, window)
+        stream: Iterator[dict[str, Any]]
         if self.is_table:
-            table = stream_table_batches(TableCache(str(self.path), self.manifest,
-                                                    capacity=(window or len(sizes)) + 2),
-                                         starts, batches)
-            return in_background(table) if prefetch else table
-        cache = ShardCache(str(self.path), self.manifest,
-                           capacity=default_capacity(self.manifest, window),
-                           verify=verify)
-        stream = stream_batches(cache, np.asarray(self._starts, dtype=np.int64), batches, fields)
+            stream = stream_table_batches(TableCache(str(self.path), self.manifest, capacity=capacity),
+                                          starts, batches)
+        else:
+            cache = ShardCache(str(self.path), self.manifest, capacity=capacity, verify=verify)
+            stream = stream_batches(cache, starts, batches, fields)
         return in_background(stream) if prefetch else stream
 
     def metadata(self, number: int) -> list[dict[str, Any]]:

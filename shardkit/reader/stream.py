@@ -17,6 +17,7 @@ import numpy as np
 
 from shardkit.reader.assign import shard_runs
 from shardkit.reader.fetch import ShardCache, decode_payload, gather
+from shardkit.reader.opened import read_ahead
 
 __all__ = ["assemble", "in_background", "stream_batches"]
 
@@ -93,16 +94,10 @@ def stream_batches(cache: ShardCache, starts: np.ndarray, batches: Sequence[np.n
     """Assemble `batches` in order, asking the cache to open the shards of the next
     `lookahead` batches in the background. The cache is closed at the end unless
     `keep_open` (a later epoch in the same process then finds its shards mapped)."""
-    alloc = alloc or BufferPool()
-    shard_lists = [np.unique(np.searchsorted(starts, b, side="right") - 1).tolist() for b in batches]
-    try:
-        for number, index in enumerate(batches):
-            upcoming = [s for later in shard_lists[number:number + 1 + lookahead] for s in later]
-            cache.prefetch(list(dict.fromkeys(upcoming)))
-            yield assemble(cache, starts, index, fields, alloc, encoded=encoded)
-    finally:
-        if not keep_open:
-            cache.close()
+    pool = alloc or BufferPool()
+    return read_ahead(cache, starts, batches,
+                      lambda index: assemble(cache, starts, index, fields, pool, encoded=encoded),
+                      lookahead=lookahead, keep_open=keep_open)
 
 
 _DONE = object()

@@ -22,7 +22,7 @@ from shardkit._fs import hash_file
 from shardkit.errors import CorruptShardError
 from shardkit.manifest import Manifest
 from shardkit.reader.assign import shard_runs
-from shardkit.reader.opened import OpenAhead, check_size
+from shardkit.reader.opened import OpenAhead, check_size, read_ahead
 from shardkit.reader.parquet import read_parquet_table
 
 __all__ = ["TableCache", "TableShard", "assemble_table", "read_table_shard",
@@ -118,15 +118,8 @@ def assemble_table(cache: TableCache, starts: np.ndarray, index: np.ndarray) -> 
 def stream_table_batches(cache: TableCache, starts: np.ndarray, batches: Sequence[np.ndarray], *,
                          lookahead: int = 2, keep_open: bool = False) -> Iterator[dict[str, Any]]:
     """Assemble `batches` in order, opening the shards of the next ones in the background."""
-    shard_lists = [np.unique(np.searchsorted(starts, b, side="right") - 1).tolist() for b in batches]
-    try:
-        for number, index in enumerate(batches):
-            upcoming = [s for later in shard_lists[number:number + 1 + lookahead] for s in later]
-            cache.prefetch(list(dict.fromkeys(upcoming)))
-            yield assemble_table(cache, starts, index)
-    finally:
-        if not keep_open:
-            cache.close()
+    return read_ahead(cache, starts, batches, lambda index: assemble_table(cache, starts, index),
+                      lookahead=lookahead, keep_open=keep_open)
 
 
 def verify_table(folder: Any, manifest: Manifest, *, quick: bool = False) -> list[str]:
