@@ -18,16 +18,12 @@ __all__ = ["contact_sheet", "describe", "info_text"]
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The facts ``shardkit info`` prints, as JSON-ready values."""
-    if Manifest.read(path).kind == "table":
-        return _describe_table(path)
     dataset = open_dataset(path)
     manifest = dataset.manifest
+    if manifest.kind == "table":
+        return _describe_table(path, manifest)
     samples = manifest.samples
-    classes = None
-    if manifest.classes is not None:
-        counts = manifest.class_counts or [0] * len(manifest.classes)
-        classes = [{"label": i, "name": name, "count": int(counts[i])}
-                   for i, name in enumerate(manifest.classes)]
+    classes = _classes(manifest)
     return {
         "path": str(path),
         "kind": manifest.kind,
@@ -80,13 +76,16 @@ def info_text(facts: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _describe_table(path: str | os.PathLike[str]) -> dict[str, Any]:
-    manifest = Manifest.read(path)
-    classes = None
-    if manifest.classes is not None:
-        counts = manifest.class_counts or [0] * len(manifest.classes)
-        classes = [{"label": i, "name": name, "count": int(counts[i])}
-                   for i, name in enumerate(manifest.classes)]
+def _classes(manifest: Manifest) -> list[dict[str, Any]] | None:
+    if manifest.classes is None:
+        return None
+    counts = manifest.class_counts or [0] * len(manifest.classes)
+    return [{"label": i, "name": name, "count": int(counts[i])}
+            for i, name in enumerate(manifest.classes)]
+
+
+def _describe_table(path: str | os.PathLike[str], manifest: Manifest) -> dict[str, Any]:
+    classes = _classes(manifest)
     samples = manifest.samples
     return {
         "path": str(path), "kind": "table", "samples": samples, "inputs": manifest.inputs,
