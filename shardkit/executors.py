@@ -30,7 +30,6 @@ __all__ = [
     "dask_executor",
     "describe_task_error",
     "local_pool",
-    "require_source_root",
 ]
 
 T = TypeVar("T")
@@ -168,20 +167,6 @@ def check_workers(executor: cf.Executor, first_input: tuple[str, int] | None, tm
         outcomes = [executor.submit(probe_worker, src_file, src_bytes, str(tmp)).result()]
     for where, failed, detail, name in sorted(outcomes):
         _raise_for(where, failed, detail, tmp / name)
-
-
-def require_source_root(path: str, source: str) -> None:
-    """Called by a task when the input `path` is missing: if the SRC it was listed from is
-    missing too, this machine cannot see SRC (a cluster worker without the shared filesystem,
-    or SRC removed mid-run). Raise then, failing the task, instead of reporting every input
-    of the run as missing."""
-    root = path[: -len(source)] if source and path.endswith(source) else ""
-    if root and not os.path.isdir(root):
-        raise FileNotFoundError(
-            f"SRC {root.rstrip(os.sep)} is not visible on {socket.gethostname()} (pid {os.getpid()}): "
-            f"SRC and OUT must be on a filesystem every worker mounts at the same path "
-            f"({_SCALE_OUT_DOC})"
-        )
 
 
 def _wait_for_a_worker(client: Any) -> None:

@@ -9,6 +9,7 @@ returned as records, never raised; an exception out of a task means the task its
 from __future__ import annotations
 
 import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from shardkit.config import ConvertConfig
-from shardkit.executors import require_source_root
 from shardkit.images import ImageFailure, encode, load_image, pillow_limits
 from shardkit.report import FailureRecord
 from shardkit.sources.records import InputRecord
@@ -80,7 +80,7 @@ def run_part(task: PartTask) -> PartResult:
                     sample = _convert_one(record, key, task)
                 except ImageFailure as failure:
                     if failure.reason == "missing_file":  # one file, or all of SRC?
-                        require_source_root(record.path, record.source)
+                        _require_source_root(record.path, record.source)
                     failures.append(FailureRecord(
                         source=record.source, stage=failure.stage, reason=failure.reason,
                         detail=failure.detail, index=task.first + offset, key=key,
@@ -97,6 +97,20 @@ def run_part(task: PartTask) -> PartResult:
     return PartResult(shard=task.shard, part=task.part, path=task.path, samples=written,
                       failures=tuple(failures), label_counts=tuple(counts),
                       cpu_seconds=time.process_time() - cpu_start)
+
+
+def _require_source_root(path: str, source: str) -> None:
+    """Called by a task when the input `path` is missing: if the SRC it was listed from is
+    missing too, this machine cannot see SRC (a cluster worker without the shared filesystem,
+    or SRC removed mid-run). Raise then, failing the task, instead of reporting every input
+    of the run as missing."""
+    root = path[: -len(source)] if source and path.endswith(source) else ""
+    if root and not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"SRC {root.rstrip(os.sep)} is not visible on {socket.gethostname()} (pid {os.getpid()}): "
+            f"SRC and OUT must be on a filesystem every worker mounts at the same path "
+            f"(see docs/scale-out.md)"
+        )
 
 
 def _scratch(path: str) -> str:

@@ -70,10 +70,12 @@ def verify_dataset(path: str | os.PathLike[str], *, quick: bool = False) -> list
     folder = Path(path)
     try:
         manifest = Manifest.read(folder)
-        if manifest.kind == "table":  # tabular CSVs: shardkit.reader.table checks them
+        if manifest.kind == "table":  # tabular CSVs: shardkit.reader.table reads their shards
             from shardkit.reader.table import verify_table
 
-            return verify_table(folder, manifest, quick=quick)
+            # No per-sample walk tallies a table's labels: class counts are not compared.
+            return [*verify_table(folder, manifest, quick=quick),
+                    *_check_totals(folder, manifest, _Tally(complete=False))]
         spec = _Spec.of(manifest)
     except DatasetError as exc:
         return [str(exc)]
