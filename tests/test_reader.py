@@ -283,12 +283,14 @@ def test_to_device_normalises_on_the_device(tar_ds: Path) -> None:
     assert plain.is_contiguous() and float(plain.max()) <= 1.0
 
 
-@pytest.mark.parametrize(("fmt", "kept"), [("tar", 5), ("parquet", 4)])
-def test_mapped_raw_tar_shards_all_stay_open_between_epochs(src: Path, tmp_path: Path, fmt: str,
-                                                            kept: int) -> None:
-    """Five shards, a shuffle window of 2: Parquet shards (copied into memory) are bounded by
-    window + 2, memory-mapped raw tar shards stay mapped, so a later epoch re-opens none."""
-    out = convert(src, tmp_path / fmt, format=fmt)
+@pytest.mark.parametrize(("fmt", "compression", "kept"), [("tar", "none", 5), ("parquet", "none", 5),
+                                                          ("parquet", "zstd", 4)])
+def test_mapped_raw_shards_all_stay_open_between_epochs(src: Path, tmp_path: Path, fmt: str,
+                                                        compression: str, kept: int) -> None:
+    """Five shards, a shuffle window of 2: memory-mapped raw shards (tar, uncompressed Parquet)
+    stay mapped, so a later epoch re-opens none; compressed Parquet shards (copied into memory)
+    are bounded by window + 2."""
+    out = convert(src, tmp_path / fmt, format=fmt, compression=compression)
     loader = ShardLoader(out, 4, shuffle=True, window=2)
     assert len(shardkit.open(out).manifest.shards) == 5
     first = sorted(i for batch in loader for i in batch["index"].tolist())

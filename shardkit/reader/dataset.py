@@ -18,7 +18,7 @@ from shardkit.errors import ConfigError, DatasetError, require
 from shardkit.manifest import Manifest
 from shardkit.reader.assign import Split, assign, batches_per_rank, padding, samples_per_rank
 from shardkit.reader.fetch import ShardCache, check_fields, default_capacity
-from shardkit.reader.stream import in_background, stream_batches
+from shardkit.reader.stream import default_copy_threads, in_background, stream_batches
 from shardkit.reader.table import TableCache, stream_table_batches
 
 torch: Any = require("torch", "torch")
@@ -48,7 +48,8 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
                  seed: int = 0, drop_last: bool = False, rank: int | None = None,
                  world_size: int | None = None, fields: Sequence[str] | None = None,
                  window: int | None = 4, verify: bool = False,
-                 cache_shards: int | None = None, decode: str = "cpu") -> None:
+                 cache_shards: int | None = None, decode: str = "cpu",
+                 copy_threads: int | None = None) -> None:
         super().__init__()
         self.path = str(path)
         self.manifest = Manifest.read(self.path)
@@ -68,6 +69,9 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.fields = check_fields(self.manifest, fields or ())
         self.window, self.verify = window, verify
+        if copy_threads is not None and copy_threads < 1:
+            raise ConfigError(f"copy_threads must be >= 1; got {copy_threads}")
+        self.copy_threads = copy_threads
         self.cache_shards = cache_shards or default_capacity(self.manifest, window)
         self.epoch = 0
         self.start = 0
@@ -107,8 +111,11 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         else:
             cache = self._cache or ShardCache(self.path, self.manifest, verify=self.verify,
                                               capacity=self.cache_shards)
+            # Worker processes already copy in parallel; in the training process the copies
+            # of a batch are split over threads.
+            threads = (self.copy_threads or default_copy_threads()) if in_process else 1
             stream = stream_batches(cache, self.starts, batches, self.fields, keep_open=in_process,
-                                    encoded=self.decode == "device")
+                                    encoded=self.decode == "device", copy_threads=threads)
         self._cache = cache if in_process else None
         for batch in stream:
             yield _to_tensors(batch)
@@ -161,6 +168,10 @@ class ShardLoader:
     tar shards, which are memory-mapped so that their pages are the kernel's page cache, not
     copies, up to 64). With ``num_workers=0`` they stay open between epochs: a dataset of at
     most `cache_shards` shards is read from memory from the second epoch on.
+
+    Threads: with ``num_workers=0`` a background thread assembles the next `prefetch`
+    batches, and `copy_threads` threads (default 2, or 1 on a single CPU) share each batch's
+    copies: one core copies a batch at about half the speed memory allows.
     """
 
     def __init__(self, path: str | os.PathLike[str], batch_size: int, *, shuffle: bool = True,
@@ -168,13 +179,14 @@ class ShardLoader:
                  rank: int | None = None, world_size: int | None = None, pin_memory: bool = False,
                  fields: Sequence[str] | None = None, window: int | None = 4,
                  verify: bool = False, prefetch: int = 2, cache_shards: int | None = None,
-                 decode: str = "cpu") -> None:
+                 decode: str = "cpu", copy_threads: int | None = None) -> None:
         if num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0; got {num_workers}")
         self.dataset = ShardDataset(path, batch_size, shuffle=shuffle, seed=seed,
                                     drop_last=drop_last, rank=rank, world_size=world_size,
                                     fields=fields, window=window, verify=verify,
-                                    cache_shards=cache_shards, decode=decode)
+                                    cache_shards=cache_shards, decode=decode,
+                                    copy_threads=copy_threads)
         self.num_workers = num_workers
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.prefetch = max(1, prefetch)

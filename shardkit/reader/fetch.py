@@ -3,7 +3,10 @@
 * Raw tar shards are memory-mapped; their images are one strided [N,H,W,C] view located by
   the manifest's layout, checked structurally on open (size, every sample's .npy magic and
   tar type flags, label digits). A batch costs one gather per shard it touches.
-* Raw Parquet shards: the image column is read once (one copy) into an [N,H,W,C] array.
+* Raw Parquet shards are memory-mapped too: their image column is one [n,H,W,C] view per
+  data page (`Pieces`), found by walking the page headers and checked against the footer and
+  index.json on open (see `parquet.map_images`). A column stored any other way than bare
+  (compressed, dictionary-encoded...) is read once by pyarrow into an [N,H,W,C] array.
 * jpeg/png shards keep their encoded payloads; a batch decodes the samples it needs.
 
 Handles are cached (least recently used first out) and the next ones are opened in a
@@ -13,8 +16,8 @@ background thread, so a batch rarely waits for a shard.
 from __future__ import annotations
 
 import io
+import itertools
 import json
-import mmap
 import os
 import threading
 from collections.abc import Sequence
@@ -25,12 +28,13 @@ from PIL import Image
 
 from shardkit.errors import ConfigError, CorruptShardError
 from shardkit.manifest import Manifest, ShardRecord
-from shardkit.reader.opened import OpenAhead, check_size
-from shardkit.reader.parquet import fixed_images, read_parquet_table
+from shardkit.reader.opened import OpenAhead, check_size, map_shard
+from shardkit.reader.parquet import fixed_images, int64_values, map_images, read_parquet_table
 from shardkit.reader.tar import iter_members
 from shardkit.reader.targets import has_targets, read_targets
 
-__all__ = ["ShardCache", "ShardHandle", "check_fields", "default_capacity", "gather", "metadata_fields"]
+__all__ = ["Pieces", "ShardCache", "ShardHandle", "check_fields", "default_capacity", "gather",
+           "metadata_fields"]
 
 _NPY_MAGIC = np.frombuffer(b"\x93NUMPY", dtype=np.uint8)
 _TYPEFLAG = 156  # offset of the type flag in a tar header
@@ -59,7 +63,7 @@ def check_fields(manifest: Manifest, fields: Sequence[str]) -> tuple[str, ...]:
 class ShardHandle:
     """One opened shard: images (array or encoded payloads), labels, and lazy metadata."""
 
-    def __init__(self, *, path: str, images: np.ndarray | None, payloads: list[bytes] | None,
+    def __init__(self, *, path: str, images: np.ndarray | Pieces | None, payloads: list[bytes] | None,
                  labels: np.ndarray | None, metadata: Any) -> None:
         self.path = path
         self.images = images
@@ -71,17 +75,6 @@ class ShardHandle:
         values = self._metadata() if callable(self._metadata) else self._metadata
         self._metadata = values
         return [values[field][i] for i in local.tolist()]
-
-
-def _map(path: str) -> mmap.mmap:
-    """Map a shard read-only. On Linux the pages are populated at once (MAP_POPULATE): this
-    runs in the prefetch thread, so the gathers in the hot loop take no page faults and a
-    shard not yet in the page cache is read ahead in one go."""
-    with open(path, "rb") as handle:
-        if hasattr(mmap, "MAP_POPULATE"):
-            return mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                             prot=mmap.PROT_READ)
-        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 def open_raw_tar(path: str, record: ShardRecord, shape: Sequence[int],
@@ -97,7 +90,7 @@ def open_raw_tar(path: str, record: ShardRecord, shape: Sequence[int],
         return ShardHandle(path=path, images=np.empty((0, *shape), np.uint8), payloads=None,
                            labels=np.empty(0, np.int64),
                            metadata={f: [] for f in (*_METADATA, *extra)})
-    buffer = np.frombuffer(_map(path), dtype=np.uint8)
+    buffer = np.frombuffer(map_shard(path), dtype=np.uint8)
     rows = np.lib.stride_tricks.as_strided(buffer, shape=(n, stride), strides=(stride, 1),
                                            writeable=False)
     json_header = layout["meta_offset"]
@@ -130,9 +123,15 @@ def open_raw_tar(path: str, record: ShardRecord, shape: Sequence[int],
 
 def open_parquet_raw(path: str, record: ShardRecord, shape: Sequence[int],
                      labeled: bool, extra: Sequence[str] = ()) -> ShardHandle:
-    table = read_parquet_table(path, ["image", "label"] if labeled else ["image"], record.samples)
-    images = fixed_images(table.column("image"), shape)
-    labels = table.column("label").to_numpy() if labeled else None
+    pages = map_images(path, record, shape)
+    images: np.ndarray | Pieces
+    if pages is None:  # a layout that cannot be mapped (compressed...): pyarrow copies it
+        table = read_parquet_table(path, ["image", "label"] if labeled else ["image"], record.samples)
+        images = fixed_images(table.column("image"), shape)
+    else:
+        images = Pieces(pages)
+        table = read_parquet_table(path, ["label"], record.samples) if labeled else None
+    labels = int64_values(table.column("label")) if labeled else None
 
     def metadata() -> dict[str, list[Any]]:
         names = [*_METADATA, *extra]
@@ -183,27 +182,91 @@ def decode_payload(data: bytes, codec: str, channels: int) -> np.ndarray:
 _THREAD = threading.local()
 
 
-def gather(images: np.ndarray, local: np.ndarray, out: np.ndarray) -> None:
-    """out[:] = images[local] with one copy: a slice copy for a run of consecutive samples,
-    else torch's index_select when torch is present (numpy would copy twice)."""
-    if len(local) and int(local[-1]) - int(local[0]) == len(local) - 1:
-        np.copyto(out, images[int(local[0]):int(local[-1]) + 1])
-        return
-    torch = _torch()
-    if torch is None:
-        out[...] = images[local]
-        return
-    if not getattr(_THREAD, "single", False):
-        # A copy gains nothing from more threads but their spinning CPU time. This is
-        # thread-local: the training thread keeps its own setting.
-        torch.set_num_threads(1)
-        _THREAD.single = True
+class Pieces:
+    """A shard's images as consecutive [n_i,H,W,C] arrays (say, one per Parquet data page),
+    gathered from without joining them first.
+
+    When the pieces are views of one flat uint8 buffer (a memory-mapped file), `offsets`
+    holds each image's byte offset in it, so that a shuffled batch is gathered from all the
+    pieces with one `index_select` (see `gather`) instead of one call per piece.
+    """
+
+    def __init__(self, arrays: Sequence[np.ndarray]) -> None:
+        self.arrays = list(arrays)
+        self.starts = np.cumsum([0] + [len(a) for a in self.arrays], dtype=np.int64)
+        self.base: np.ndarray | None = None
+        self.offsets: np.ndarray | None = None
+        self._rows: Any = None
+        base = self.arrays[0].base if self.arrays else None
+        if isinstance(base, np.ndarray) and base.ndim == 1 and base.dtype == np.uint8 and all(
+                a.base is base and a.flags.c_contiguous for a in self.arrays):
+            row = int(np.prod(self.arrays[0].shape[1:]))
+            origin = _address(base)
+            self.base = base
+            self.offsets = np.concatenate(
+                [_address(a) - origin + row * np.arange(len(a), dtype=np.int64) for a in self.arrays])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def rows(self, torch: Any) -> Any:
+        """The base buffer as overlapping rows, one starting at every byte: row k holds
+        bytes k .. k+H*W*C-1, so `rows[offsets[i]]` is image i (read-only; no copy)."""
+        if self._rows is None:
+            assert self.base is not None
+            width = int(np.prod(self.arrays[0].shape[1:]))
+            flat = _tensor(torch, self.base)
+            self._rows = flat.as_strided((len(self.base) - width + 1, width), (1, 1))
+        return self._rows
+
+
+def _address(array: np.ndarray) -> int:
+    return int(array.__array_interface__["data"][0])
+
+
+def _tensor(torch: Any, array: np.ndarray) -> Any:
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only memory map: we never write it
-        source = torch.from_numpy(images)
-    torch.index_select(source, 0, torch.from_numpy(local), out=torch.from_numpy(out))
+        return torch.from_numpy(array)
+
+
+def gather(images: np.ndarray | Pieces, local: np.ndarray, out: np.ndarray) -> None:
+    """out[:] = images[local] with one copy: a slice copy for a run of consecutive samples,
+    else torch's index_select when torch is present (numpy would copy twice). `local` is
+    sorted (see `assign`), so with `Pieces` each piece's samples are one run of `out`."""
+    consecutive = len(local) and int(local[-1]) - int(local[0]) == len(local) - 1
+    torch = None if consecutive else _torch()
+    if torch is not None:
+        _one_thread(torch)
+    if isinstance(images, Pieces):
+        if torch is not None and images.offsets is not None:
+            torch.index_select(images.rows(torch), 0, torch.from_numpy(images.offsets[local]),
+                               out=torch.from_numpy(out).view(len(local), -1))
+            return
+        cuts = np.searchsorted(local, images.starts).tolist()
+        for piece, (begin, end) in enumerate(itertools.pairwise(cuts)):
+            if end > begin:
+                gather(images.arrays[piece], local[begin:end] - images.starts[piece],
+                       out[begin:end])
+        return
+    if consecutive:
+        np.copyto(out, images[int(local[0]):int(local[-1]) + 1])
+    elif torch is None:
+        out[...] = images[local]
+    else:
+        torch.index_select(_tensor(torch, images), 0, torch.from_numpy(local),
+                           out=torch.from_numpy(out))
+
+
+def _one_thread(torch: Any) -> None:
+    """A copy gains nothing from torch's own threads but their spinning CPU time (shardkit
+    splits a batch's copies itself, see `stream.Copier`). Thread-local: the training thread
+    keeps its own setting."""
+    if not getattr(_THREAD, "single", False):
+        torch.set_num_threads(1)
+        _THREAD.single = True
 
 
 _TORCH: list[Any] = []
@@ -220,7 +283,7 @@ def _torch() -> Any:
     return _TORCH[0]
 
 
-#: How many memory-mapped raw tar shards stay open by default. A mapping holds no memory of
+#: How many memory-mapped raw shards stay open by default. A mapping holds no memory of
 #: its own (its pages are the page cache, which the kernel reclaims as it needs), so keeping
 #: every shard of a dataset mapped costs address space, not RAM, and spares a dataset a little
 #: larger than the read-ahead window from re-mapping every shard on every epoch (sequential
@@ -230,19 +293,22 @@ MAPPED_SHARDS = 64
 
 def default_capacity(manifest: Manifest, window: int | None) -> int:
     """Shards a ShardCache keeps open by default: the shuffle window + 2 (the shards being
-    read and the next ones), or for memory-mapped raw tar shards up to MAPPED_SHARDS."""
+    read and the next ones), or for memory-mapped shards (raw tar, raw Parquet with an
+    uncompressed image column) up to MAPPED_SHARDS."""
     shards = len(manifest.shards)
     base = (window or shards) + 2
     shape = manifest.schema.get("image", {}).get("shape", [None])
-    if manifest.config.get("format") == "tar" and manifest.config.get("codec") == "raw" \
-            and None not in shape:
+    config = manifest.config
+    mapped = config.get("format") == "tar" or (config.get("format") == "parquet"
+                                               and config.get("compression") == "none")
+    if mapped and config.get("codec") == "raw" and None not in shape:
         return max(base, min(shards, MAPPED_SHARDS))
     return base
 
 
 class ShardCache(OpenAhead[ShardHandle]):
-    """Opened shards of one dataset (see `OpenAhead`): raw tar memory-mapped, raw Parquet read
-    into arrays, jpeg/png kept encoded."""
+    """Opened shards of one dataset (see `OpenAhead`): raw shards memory-mapped (raw Parquet
+    read into arrays when its image column cannot be mapped), jpeg/png kept encoded."""
 
     def __init__(self, folder: str, manifest: Manifest, *, capacity: int, verify: bool) -> None:
         super().__init__(capacity)

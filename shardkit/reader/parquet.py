@@ -1,27 +1,46 @@
-"""Read Parquet shards: the fixed_size_binary image column becomes an array with no copy
-beyond pyarrow's own read."""
+"""Read Parquet shards.
+
+* `map_images`: a raw fixed-shape shard's image column as views into the memory-mapped file,
+  one [n,H,W,C] array per data page, with no copy. pyarrow reads only the footer; the page
+  headers (Thrift compact protocol) are walked here, and every size and count is checked
+  against the footer and index.json. Only a column that is stored as its bare bytes can be
+  mapped: uncompressed, PLAIN, no dictionary, required (no levels), data pages v1 or v2.
+  Anything else (``--compression zstd``, a file written by another tool with other options)
+  is None, and the caller reads the column with pyarrow instead.
+* `read_parquet_table` / `read_parquet_shard`: pyarrow reads (one copy of the column), through
+  `pq.ParquetFile`, and `int64_values` for labels: neither imports pandas, as `pq.read_table`
+  and pyarrow's ``to_numpy`` do (a quarter of a second in every process that reads).
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shardkit.errors import CorruptShardError
+from shardkit.manifest import ShardRecord
+from shardkit.reader.opened import map_shard
 
-__all__ = ["read_parquet_shard", "read_parquet_table"]
+__all__ = ["fixed_images", "int64_values", "map_images", "read_parquet_shard", "read_parquet_table"]
 
 
 def read_parquet_table(path: str | os.PathLike[str], columns: Sequence[str],
                        samples: int) -> pa.Table:
-    """Read `columns` of a shard, checking its row count against index.json."""
+    """Read `columns` of a shard, checking that it has them and its row count against
+    index.json. Raises CorruptShardError naming the file."""
     try:
-        table = pq.read_table(path, columns=list(columns), use_threads=False, memory_map=True)
+        with pq.ParquetFile(path, memory_map=True) as handle:
+            missing = [name for name in columns if name not in handle.schema_arrow.names]
+            table = handle.read(columns=list(columns), use_threads=False)
     except (OSError, pa.ArrowException) as exc:
         raise CorruptShardError(f"{path}: not a readable Parquet file: {exc}") from None
+    if missing:
+        raise CorruptShardError(f"{path}: no column {', '.join(missing)}")
     if table.num_rows != samples:
         raise CorruptShardError(f"{path}: {table.num_rows} rows, index.json says {samples}")
     return table
@@ -36,11 +55,234 @@ def fixed_images(column: pa.ChunkedArray, shape: Sequence[int]) -> np.ndarray:
     return flat.reshape((len(array), *(int(s) for s in shape)))
 
 
+def int64_values(column: pa.ChunkedArray) -> np.ndarray:
+    """An int64 column with no nulls (labels) as a numpy array, read from its buffer (pyarrow's
+    own conversions import pandas); other columns through pyarrow."""
+    array = column.combine_chunks()
+    if array.type != pa.int64() or array.null_count or not len(array):
+        return np.asarray(array.to_numpy(zero_copy_only=False))
+    return np.frombuffer(array.buffers()[1], dtype=np.int64, count=len(array), offset=array.offset * 8)
+
+
 def read_parquet_shard(path: str | os.PathLike[str], samples: int, shape: Sequence[int],
                        labeled: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """(images [N,H,W,C] uint8, labels [N] int64 or None) of a fixed-shape raw Parquet shard."""
     columns = ["image", "label"] if labeled else ["image"]
     table = read_parquet_table(path, columns, samples)
     images = fixed_images(table.column("image"), shape)
-    labels = table.column("label").to_numpy() if labeled else None
+    labels = int64_values(table.column("label")) if labeled else None
     return images, labels
+
+
+# parquet.thrift's PageType and Encoding values; `_data_pages` names the PageHeader fields.
+_DATA_PAGE, _DATA_PAGE_V2 = 0, 3
+_PLAIN = 0
+_DICTIONARY_ENCODINGS = {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}
+
+
+def map_images(path: str, record: ShardRecord, shape: Sequence[int]) -> list[np.ndarray] | None:
+    """The ``image`` column of a raw fixed-shape shard as read-only [n_i,H,W,C] uint8 views
+    into the memory-mapped file, one per data page, in row order (together `record.samples`
+    rows); None when the column is stored in a layout this cannot map (compressed,
+    dictionary-encoded, not PLAIN, with definition or repetition levels...).
+
+    Raises CorruptShardError naming the file when its structure is damaged: an unreadable
+    footer or page header, an image column that is not fixed_size_binary(H*W*C), sizes that
+    run past their column chunk or the file, pages that do not tile their chunk, or counts
+    that do not add up to the footer's and index.json's.
+    """
+    width = int(np.prod(shape))
+    try:
+        meta = pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise CorruptShardError(f"{path}: not a readable Parquet file: {exc}") from None
+    names = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    if "image" not in names:
+        raise CorruptShardError(f"{path}: no image column")
+    column = names.index("image")
+    spec = meta.schema.column(column)
+    if spec.physical_type != "FIXED_LEN_BYTE_ARRAY" or spec.length != width:
+        raise CorruptShardError(f"{path}: the image column is not fixed_size_binary({width}) "
+                                "as index.json's shape says")
+    if spec.max_definition_level or spec.max_repetition_level:
+        return None
+    if meta.num_rows != record.samples:
+        raise CorruptShardError(f"{path}: {meta.num_rows} rows, index.json says {record.samples}")
+    chunks = [meta.row_group(g).column(column) for g in range(meta.num_row_groups)]
+    if any(chunk.compression != "UNCOMPRESSED" or chunk.has_dictionary_page
+           or _DICTIONARY_ENCODINGS & set(chunk.encodings) or chunk.file_path for chunk in chunks):
+        return None
+    mapped = map_shard(path)
+    size = len(mapped)
+    pixels = np.frombuffer(mapped, dtype=np.uint8)
+    images: list[np.ndarray] = []
+    rows = 0
+    for group, chunk in enumerate(chunks):
+        begin, end = chunk.data_page_offset, chunk.data_page_offset + chunk.total_compressed_size
+        where = f"{path}: row group {group}, image column"
+        group_rows = meta.row_group(group).num_rows
+        if group_rows == chunk.num_values == chunk.total_compressed_size == 0:
+            continue  # an empty row group: pyarrow writes no pages and offset 0
+        if not 4 <= begin <= end <= size - 8:
+            raise CorruptShardError(f"{where}: bytes {begin}..{end} run past the file ({size} bytes)")
+        pages = _data_pages(mapped, begin, end, width, where)
+        if pages is None:
+            return None
+        held = sum(count for _, count in pages)
+        if held != group_rows or chunk.num_values != group_rows:
+            raise CorruptShardError(f"{where}: pages hold {held} values, the footer says "
+                                    f"{chunk.num_values} of {group_rows} rows")
+        for start, count in pages:
+            if count:
+                images.append(pixels[start:start + count * width].reshape(count, *shape))
+        rows += group_rows
+    if rows != record.samples:
+        raise CorruptShardError(f"{path}: row groups hold {rows} rows, index.json says {record.samples}")
+    return images
+
+
+def _data_pages(data: Any, begin: int, end: int, width: int,
+                where: str) -> list[tuple[int, int]] | None:
+    """(offset of the values, number of values) of each page of the column chunk
+    data[begin:end], or None when a page is not a bare PLAIN data page."""
+    pages = []
+    position = begin
+    while position < end:
+        reader = _Compact(data, position, end)
+        try:
+            header = reader.struct()
+            kind, size, stored = _field(header, 1, int), _field(header, 2, int), _field(header, 3, int)
+            if kind == _DATA_PAGE:
+                page = _field(header, 5, dict)
+                count, encoding = _field(page, 1, int), _field(page, 2, int)
+            elif kind == _DATA_PAGE_V2:
+                page = _field(header, 8, dict)
+                count, encoding = _field(page, 1, int), _field(page, 4, int)
+                if (_field(page, 2, int), _field(page, 5, int), _field(page, 6, int)) != (0, 0, 0) \
+                        or _field(page, 3, int) != count:
+                    raise ValueError("a v2 data page of a required column with nulls or levels")
+            else:
+                return None  # a dictionary or index page: not a bare column
+        except ValueError as exc:
+            raise CorruptShardError(f"{where}: page header at byte {position} is damaged ({exc})") from None
+        if encoding != _PLAIN:
+            return None
+        position = reader.position
+        if stored != size:
+            raise CorruptShardError(f"{where}: uncompressed page at byte {position} stores "
+                                    f"{stored} bytes for {size}")
+        if count < 0 or stored != count * width or position + stored > end:
+            raise CorruptShardError(f"{where}: page at byte {position} holds {stored} bytes for "
+                                    f"{count} values of {width} bytes, in a chunk ending at "
+                                    f"byte {end}")
+        pages.append((position, count))
+        position += stored
+    return pages
+
+
+def _field(struct: dict[int, Any], number: int, kind: type) -> Any:
+    value = struct.get(number)
+    if type(value) is not kind:
+        raise ValueError(f"field {number} missing or not {kind.__name__}")
+    return value
+
+
+class _Compact:
+    """A Thrift compact-protocol reader over data[position:end] (bytes, mmap). `struct` keeps
+    integer, boolean and struct fields by id and skips the others; damage (a read past `end`,
+    an unknown type, runaway nesting or list lengths) is ValueError."""
+
+    _NESTING = 32
+    _ITEMS = 1 << 16  # list, set and map elements in all (a page header has none)
+
+    def __init__(self, data: Any, position: int, end: int) -> None:
+        self.data = data
+        self.position = position
+        self.end = end
+        self.items = 0
+
+    def byte(self) -> int:
+        if self.position >= self.end:
+            raise ValueError("ends early")
+        value: int = self.data[self.position]
+        self.position += 1
+        return value
+
+    def skip(self, count: int) -> None:
+        if count < 0 or self.position + count > self.end:
+            raise ValueError("ends early")
+        self.position += count
+
+    def varint(self) -> int:
+        value = shift = 0
+        while True:
+            byte = self.byte()
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+            shift += 7
+            if shift >= 70:
+                raise ValueError("varint longer than 10 bytes")
+
+    def zigzag(self) -> int:
+        value = self.varint()
+        return (value >> 1) ^ -(value & 1)
+
+    def struct(self, depth: int = 0) -> dict[int, Any]:
+        if depth > self._NESTING:
+            raise ValueError("nested too deep")
+        fields: dict[int, Any] = {}
+        last = 0
+        while True:
+            head = self.byte()
+            kind = head & 0x0F
+            if kind == 0:
+                return fields
+            last = last + (head >> 4) if head >> 4 else self.zigzag()
+            if kind in (1, 2):  # booleans carry their value in the type
+                fields[last] = kind == 1
+            else:
+                fields[last] = self.value(kind, depth)
+
+    def value(self, kind: int, depth: int) -> Any:
+        if kind in (4, 5, 6):  # i16, i32, i64
+            return self.zigzag()
+        if kind == 12:
+            return self.struct(depth + 1)
+        if kind == 3:  # i8
+            return self.byte()
+        if kind == 7:  # double
+            self.skip(8)
+        elif kind == 8:  # binary / string
+            self.skip(self.varint())
+        elif kind in (9, 10):  # list, set
+            head = self.byte()
+            count = self.count(head >> 4 if head >> 4 != 15 else self.varint())
+            for _ in range(count):
+                self.element(head & 0x0F, depth)
+        elif kind == 11:  # map
+            count = self.count(self.varint())
+            if count:
+                head = self.byte()
+                for _ in range(count):
+                    self.element(head >> 4, depth)
+                    self.element(head & 0x0F, depth)
+        elif kind == 13:  # uuid
+            self.skip(16)
+        else:
+            raise ValueError(f"unknown field type {kind}")
+        return None
+
+    def count(self, items: int) -> int:
+        """`items`, unless a damaged length would keep the skipping going for long."""
+        self.items += items
+        if self.items > self._ITEMS:
+            raise ValueError("more list elements than a page header holds")
+        return items
+
+    def element(self, kind: int, depth: int) -> None:
+        """Skip one list, set or map element (a boolean element is one byte)."""
+        if kind in (1, 2):
+            self.skip(1)
+        else:
+            self.value(kind, depth + 1)

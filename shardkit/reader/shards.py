@@ -18,7 +18,7 @@ from shardkit.manifest import Manifest
 from shardkit.reader.assign import Split, assign
 from shardkit.reader.fetch import ShardCache, check_fields, default_capacity
 from shardkit.reader.parquet import read_parquet_shard, read_parquet_table
-from shardkit.reader.stream import in_background, stream_batches
+from shardkit.reader.stream import default_copy_threads, in_background, stream_batches
 from shardkit.reader.table import TableCache, TableShard, read_table_shard, stream_table_batches
 from shardkit.reader.tar import iter_members, read_raw_shard
 
@@ -135,13 +135,15 @@ class Dataset:
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                 drop_last: bool = False, rank: int = 0, world_size: int = 1,
                 window: int | None = 4, fields: Sequence[str] = (), start: int = 0,
-                verify: bool = False, prefetch: bool = True) -> Iterator[dict[str, Any]]:
+                verify: bool = False, prefetch: bool = True,
+                copy_threads: int | None = None) -> Iterator[dict[str, Any]]:
         """Whole batches as numpy arrays: {"image" [B,H,W,C] uint8, "label" [B] int64 (if
         labelled), "index" [B] int64, and any metadata `fields`}; for a table, {"features"
         [B,F] float32, "label" (if labelled), "index"}.
 
         Order, rank split and resume (`start` samples into this rank's epoch) follow
-        `shardkit.reader.assign`; `prefetch` assembles the next batches in a thread.
+        `shardkit.reader.assign`; `prefetch` assembles the next batches in a thread, and
+        `copy_threads` threads (default: 2, or 1 on a single CPU) copy each batch's samples.
         """
         sizes = [s.samples for s in self.manifest.shards]
         split = Split(rank=rank, world=world_size)
@@ -156,7 +158,8 @@ class Dataset:
                                           starts, batches)
         else:
             cache = ShardCache(str(self.path), self.manifest, capacity=capacity, verify=verify)
-            stream = stream_batches(cache, starts, batches, fields)
+            stream = stream_batches(cache, starts, batches, fields,
+                                    copy_threads=copy_threads or default_copy_threads())
         return in_background(stream) if prefetch else stream
 
     def metadata(self, number: int) -> list[dict[str, Any]]:

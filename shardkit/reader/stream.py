@@ -11,15 +11,17 @@ import queue
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from shardkit.config import usable_cpus
 from shardkit.reader.assign import shard_runs
 from shardkit.reader.fetch import ShardCache, decode_payload, gather
 from shardkit.reader.opened import read_ahead
 
-__all__ = ["assemble", "in_background", "stream_batches"]
+__all__ = ["Copier", "assemble", "default_copy_threads", "in_background", "stream_batches"]
 
 Allocator = Callable[[tuple[int, ...]], np.ndarray]
 
@@ -52,8 +54,75 @@ class BufferPool:
         return fresh
 
 
+Copy = tuple[Any, np.ndarray, np.ndarray]  # (shard images, sorted local indices, out slice)
+
+
+def gather_all(copies: Sequence[Copy]) -> None:
+    for images, local, out in copies:
+        gather(images, local, out)
+
+
+def split_copies(copies: Sequence[Copy], parts: int) -> list[list[Copy]]:
+    """`copies` cut into `parts` lists of (nearly) as many samples each, in order; a copy
+    that straddles a cut is split in two."""
+    total = sum(len(local) for _, local, _ in copies)
+    share = -(-total // parts)
+    out: list[list[Copy]] = [[]]
+    room = share
+    for images, local, dest in copies:
+        while len(local):
+            if room == 0:
+                out.append([])
+                room = share
+            take = min(room, len(local))
+            out[-1].append((images, local[:take], dest[:take]))
+            local, dest, room = local[take:], dest[take:], room - take
+    return out
+
+
+class Copier:
+    """Runs a batch's copies on `threads` threads: the calling one and `threads - 1` helpers.
+
+    One core copies about half as fast as memory allows here: a batch-sized copy into a
+    destination not in the cache stalls on ordinary stores (glibc's memcpy switches to
+    non-temporal stores only for copies of hundreds of MB). Two threads copying halves of
+    the batch deliver ~1.8x; the CPU time is the same.
+    """
+
+    def __init__(self, threads: int, *, min_bytes: int = 1 << 20) -> None:
+        self.threads = max(1, threads)
+        self.min_bytes = min_bytes  # smaller batches are copied by the calling thread alone
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __call__(self, copies: Sequence[Copy]) -> None:
+        size = sum(out.nbytes for _, _, out in copies)
+        if self.threads == 1 or size < self.min_bytes:
+            gather_all(copies)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="shardkit-copy")
+        mine, *theirs = split_copies(copies, self.threads)
+        futures = [self._pool.submit(gather_all, part) for part in theirs]
+        try:
+            gather_all(mine)
+        finally:
+            for future in futures:
+                future.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def default_copy_threads() -> int:
+    """Two copying threads (see `Copier`), or one on a single CPU."""
+    return min(2, usable_cpus())
+
+
 def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: Sequence[str],
-             alloc: Allocator = _empty, *, encoded: bool = False) -> dict[str, Any]:
+             alloc: Allocator = _empty, *, encoded: bool = False,
+             copier: Copier | None = None) -> dict[str, Any]:
     """The batch holding samples `index` (sorted): image, label (if any), index, and any
     metadata `fields`. Images are one [B,H,W,C] uint8 array when shapes are fixed, else a list;
     with `encoded` (jpeg/png shards) a list of the stored files as 1-D uint8 arrays, for the
@@ -65,10 +134,11 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
         else np.empty(size, dtype=np.int64) if cache.labeled else None
     meta: dict[str, list[Any]] = {f: [] for f in fields}
     channels = int(cache.manifest.schema["image"]["shape"][2])
+    copies: list[Copy] = []
     for number, slots, local in shard_runs(starts, index):
         handle = cache.get(number)
         if handle.images is not None:
-            gather(handle.images, local, images[slots])
+            copies.append((handle.images, local, images[slots]))
         else:
             assert handle.payloads is not None
             for slot, i in enumerate(local.tolist(), start=slots.start):
@@ -80,6 +150,7 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
             labels[slots] = handle.labels[local]
         for field in fields:
             meta[field].extend(handle.metadata(local, field))
+    (copier or gather_all)(copies)
     batch: dict[str, Any] = {"image": images, "index": index}
     if labels is not None:
         batch["label"] = labels
@@ -89,15 +160,21 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
 
 def stream_batches(cache: ShardCache, starts: np.ndarray, batches: Sequence[np.ndarray],
                    fields: Sequence[str], *, alloc: Allocator | None = None,
-                   lookahead: int = 2, keep_open: bool = False,
-                   encoded: bool = False) -> Iterator[dict[str, Any]]:
+                   lookahead: int = 2, keep_open: bool = False, encoded: bool = False,
+                   copy_threads: int = 1) -> Iterator[dict[str, Any]]:
     """Assemble `batches` in order, asking the cache to open the shards of the next
-    `lookahead` batches in the background. The cache is closed at the end unless
-    `keep_open` (a later epoch in the same process then finds its shards mapped)."""
+    `lookahead` batches in the background, each batch's copies spread over `copy_threads`
+    threads. The cache is closed at the end unless `keep_open` (a later epoch in the same
+    process then finds its shards mapped)."""
     pool = alloc or BufferPool()
-    return read_ahead(cache, starts, batches,
-                      lambda index: assemble(cache, starts, index, fields, pool, encoded=encoded),
-                      lookahead=lookahead, keep_open=keep_open)
+    copier = Copier(copy_threads)
+    try:
+        yield from read_ahead(
+            cache, starts, batches,
+            lambda index: assemble(cache, starts, index, fields, pool, encoded=encoded, copier=copier),
+            lookahead=lookahead, keep_open=keep_open)
+    finally:
+        copier.close()
 
 
 _DONE = object()

@@ -1,0 +1,117 @@
+"""Batch copies: gathers out of one array or out of pieces, split over threads."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from corpus import image_tree
+
+import shardkit
+from shardkit.reader.fetch import Pieces, gather
+from shardkit.reader.stream import Copier, split_copies
+
+
+def _shard(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(0, 256, size=(n, 3, 4, 2), dtype=np.uint8)
+
+
+def _pieces(rng: np.random.Generator, cut: list[int], *, gaps: bool) -> tuple[Pieces, np.ndarray]:
+    """Pieces of `cut` images each and the joined array. With `gaps`, the pieces are views of
+    one flat buffer with bytes between them (like Parquet pages behind their headers)."""
+    row = 3 * 4 * 2
+    if not gaps:
+        whole = _shard(rng, sum(cut))
+        bounds = np.cumsum([0, *cut])
+        return Pieces([whole[a:b] for a, b in itertools.pairwise(bounds)]), whole
+    flat = rng.integers(0, 256, size=sum(cut) * row + 37 * (len(cut) + 1), dtype=np.uint8)
+    arrays, at = [], 37
+    for count in cut:
+        arrays.append(flat[at:at + count * row].reshape(count, 3, 4, 2))
+        at += count * row + 37
+    return Pieces(arrays), np.concatenate(arrays)
+
+
+@pytest.mark.parametrize("gaps", [False, True])
+@pytest.mark.parametrize("cut", [[7], [1, 6], [3, 3, 1], [2, 1, 1, 1, 2]])
+def test_gather_out_of_pieces_equals_indexing_the_joined_array(cut: list[int], gaps: bool) -> None:
+    pieces, whole = _pieces(np.random.default_rng(len(cut)), cut, gaps=gaps)
+    assert len(pieces) == len(whole)
+    assert (pieces.offsets is not None) == gaps  # one buffer: one index_select for any batch
+    for local in ([0], [6], [0, 1, 2, 3, 4, 5, 6], [1, 2, 3], [0, 2, 5, 6], [4, 5], [0, 6]):
+        index = np.asarray(local, dtype=np.int64)
+        out = np.zeros((len(index), 3, 4, 2), np.uint8)
+        gather(pieces, index, out)
+        np.testing.assert_array_equal(out, whole[index])
+
+
+def test_split_copies_cuts_in_order_into_balanced_parts() -> None:
+    rng = np.random.default_rng(0)
+    shards = [_shard(rng, 9), _shard(rng, 9), _shard(rng, 9)]
+    out = np.zeros((13, 3, 4, 2), np.uint8)
+    locals_ = [np.array([0, 3, 4, 8]), np.array([1, 2]), np.array([0, 1, 2, 3, 5, 6, 7])]
+    copies, at = [], 0
+    for shard, local in zip(shards, locals_, strict=True):
+        copies.append((shard, local, out[at:at + len(local)]))
+        at += len(local)
+    for parts in (1, 2, 3, 5, 13, 20):
+        split = split_copies(copies, parts)
+        sizes = [sum(len(local) for _, local, _ in part) for part in split]
+        assert sum(sizes) == 13 and len(split) <= parts and max(sizes) - min(sizes) <= -(-13 // parts)
+        # The parts, one after the other, are the same copies in the same order.
+        flat = [(id(images), int(i), dest.ctypes.data + k * dest.strides[0])
+                for part in split for images, local, dest in part for k, i in enumerate(local)]
+        want = [(id(images), int(i), dest.ctypes.data + k * dest.strides[0])
+                for images, local, dest in copies for k, i in enumerate(local)]
+        assert flat == want
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_copier_gives_the_same_batch_on_any_number_of_threads(threads: int) -> None:
+    rng = np.random.default_rng(threads)
+    pieces, joined = _pieces(rng, [20, 5, 25], gaps=True)
+    shards: list[np.ndarray | Pieces] = [_shard(rng, 50), pieces]
+    whole = [shards[0], joined]
+    copier = Copier(threads, min_bytes=0)
+    try:
+        for trial in range(20):
+            locals_ = [np.sort(rng.choice(50, size=rng.integers(1, 40), replace=False)) for _ in whole]
+            if trial % 2:
+                locals_[0] = np.arange(5, 5 + len(locals_[0]))  # a run of consecutive samples
+            out = np.zeros((sum(map(len, locals_)), 3, 4, 2), np.uint8)
+            copies, at = [], 0
+            for shard, local in zip(shards, locals_, strict=True):
+                copies.append((shard, local, out[at:at + len(local)]))
+                at += len(local)
+            copier(copies)
+            np.testing.assert_array_equal(out, np.concatenate([w[loc] for w, loc in zip(whole, locals_,
+                                                                                            strict=True)]))
+    finally:
+        copier.close()
+
+
+def test_loader_batches_are_right_with_one_or_two_copy_threads(tmp_path: Path) -> None:
+    image_tree(tmp_path / "src", classes=("a", "b"), per_class=30, min_side=40, max_side=60)
+    out = tmp_path / "d"
+    # 128x128 RGB in batches of 32: 1.5 MB per batch, so two threads share each batch's copies.
+    shardkit.convert(tmp_path / "src", out, size=128, samples_per_shard=17, workers=0)
+    ds = shardkit.open(out)
+    images = np.concatenate([np.stack(list(ds.read_shard(i).images))
+                             for i in range(len(ds.manifest.shards))])
+    for threads in (1, 2):
+        for shuffle in (False, True):
+            loader = shardkit.ShardLoader(out, 32, shuffle=shuffle, seed=3, copy_threads=threads)
+            seen, helpers = [], set()
+            for batch in loader:
+                helpers |= {t.name for t in threading.enumerate() if t.name.startswith("shardkit-copy")}
+                index = batch["index"].numpy()
+                np.testing.assert_array_equal(batch["image"].numpy(), images[index])
+                seen.extend(index.tolist())
+            assert sorted(seen) == list(range(60))
+            assert len(helpers) == threads - 1  # the second thread did take part
+    assert not [t for t in threading.enumerate() if t.name.startswith("shardkit-copy")]
+    with pytest.raises(shardkit.ConfigError, match="copy_threads"):
+        shardkit.ShardLoader(out, 4, copy_threads=0)
