@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -93,11 +95,12 @@ def test_copier_gives_the_same_batch_on_any_number_of_threads(threads: int) -> N
         copier.close()
 
 
-def test_loader_batches_are_right_with_one_or_two_copy_threads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_loader_batches_are_right_with_one_or_two_copy_threads(tmp_path: Path, fmt: str) -> None:
     image_tree(tmp_path / "src", classes=("a", "b"), per_class=30, min_side=40, max_side=60)
     out = tmp_path / "d"
     # 128x128 RGB in batches of 32: 1.5 MB per batch, so two threads share each batch's copies.
-    shardkit.convert(tmp_path / "src", out, size=128, samples_per_shard=17, workers=0)
+    shardkit.convert(tmp_path / "src", out, size=128, samples_per_shard=17, workers=0, format=fmt)
     ds = shardkit.open(out)
     images = np.concatenate([np.stack(list(ds.read_shard(i).images))
                              for i in range(len(ds.manifest.shards))])
@@ -115,3 +118,24 @@ def test_loader_batches_are_right_with_one_or_two_copy_threads(tmp_path: Path) -
     assert not [t for t in threading.enumerate() if t.name.startswith("shardkit-copy")]
     with pytest.raises(shardkit.ConfigError, match="copy_threads"):
         shardkit.ShardLoader(out, 4, copy_threads=0)
+
+
+def test_copy_threads_leave_torch_threads_of_other_threads_alone(tmp_path: Path) -> None:
+    """The copying threads run torch single-threaded; the training thread, even one that has
+    run no torch op before the first batch, keeps torch's default (a fresh process)."""
+    image_tree(tmp_path / "src", classes=("a",), per_class=40, min_side=40, max_side=60)
+    shardkit.convert(tmp_path / "src", tmp_path / "d", size=128, samples_per_shard=7, workers=0)
+    code = (
+        "import sys, threading, torch, shardkit\n"
+        "loader = shardkit.ShardLoader(sys.argv[1], 32, shuffle=True, copy_threads=2)\n"
+        "assert sum(len(b['index']) for b in loader) == 40\n"
+        "box = []\n"
+        "t = threading.Thread(target=lambda: box.append(torch.get_num_threads()))\n"
+        "t.start(); t.join()\n"
+        "print(torch.get_num_threads(), box[0])\n"
+    )
+    fresh = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    after = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code, str(tmp_path / "d")],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert after == fresh * 2

@@ -116,9 +116,10 @@ def test_loader_gives_the_same_batches_as_over_tar(src: Path, tmp_path: Path, co
     images = cache.get(0).images
     cache.close()
     assert isinstance(images, Pieces) == (compression == "none")
-    if isinstance(images, Pieces):  # the writer puts a row group's images in one page
+    if isinstance(images, Pieces):  # small images: a row group's fit one 1 MiB page
         groups = pq.read_metadata(parquet / dataset.manifest.shards[0].file).num_row_groups
         assert len(images.arrays) == groups
+        assert images.offsets is not None  # a shuffled batch is one gather over all pages
     for options in ({"shuffle": False}, {"shuffle": True, "seed": 3, "window": 2}):
         expected, got = _batches(tar, **options), _batches(parquet, **options)
         assert len(got) == len(expected) == 5
@@ -190,6 +191,7 @@ def test_the_compact_reader_skips_every_thrift_type() -> None:
     assert {k: v for k, v in fields.items() if v is not None} == {1: 3, 2: True, 20: -1, 21: {1: 5},
                                                                  28: False}
     for damaged in (data[:-1], bytes([0x1E, 0]), bytes([0x19, 0xF5, 0xFF, 0xFF, 0x7F]),
-                    bytes([0x15, *[0xFF] * 12]), bytes([0x1C] * 40)):
+                    bytes([0x15, *[0xFF] * 12]), bytes([0x1C] * 40),
+                    bytes([0x19] * 3000)):  # lists nested in lists: no RecursionError
         with pytest.raises(ValueError):
             _Compact(damaged, 0, len(damaged)).struct()

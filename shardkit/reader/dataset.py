@@ -18,7 +18,8 @@ from shardkit.errors import ConfigError, DatasetError, require
 from shardkit.manifest import Manifest
 from shardkit.reader.assign import Split, assign, batches_per_rank, padding, samples_per_rank
 from shardkit.reader.fetch import ShardCache, check_fields, default_capacity
-from shardkit.reader.stream import default_copy_threads, in_background, stream_batches
+from shardkit.reader.stream import copy_threads as resolve_threads
+from shardkit.reader.stream import in_background, stream_batches
 from shardkit.reader.table import TableCache, stream_table_batches
 
 torch: Any = require("torch", "torch")
@@ -69,9 +70,7 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.fields = check_fields(self.manifest, fields or ())
         self.window, self.verify = window, verify
-        if copy_threads is not None and copy_threads < 1:
-            raise ConfigError(f"copy_threads must be >= 1; got {copy_threads}")
-        self.copy_threads = copy_threads
+        self.copy_threads = resolve_threads(copy_threads)
         self.cache_shards = cache_shards or default_capacity(self.manifest, window)
         self.epoch = 0
         self.start = 0
@@ -113,12 +112,17 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
                                               capacity=self.cache_shards)
             # Worker processes already copy in parallel; in the training process the copies
             # of a batch are split over threads.
-            threads = (self.copy_threads or default_copy_threads()) if in_process else 1
             stream = stream_batches(cache, self.starts, batches, self.fields, keep_open=in_process,
-                                    encoded=self.decode == "device", copy_threads=threads)
+                                    encoded=self.decode == "device",
+                                    threads=self.copy_threads if in_process else 1)
         self._cache = cache if in_process else None
-        for batch in stream:
-            yield _to_tensors(batch)
+        try:
+            for batch in stream:
+                yield _to_tensors(batch)
+        finally:
+            # Now, not when a held traceback lets go of this generator: the copying threads
+            # stop, and shards are closed unless they are kept for the next epoch.
+            stream.close()
 
 
 def _check_decode(decode: str, manifest: Manifest, path: object) -> str:
@@ -171,7 +175,8 @@ class ShardLoader:
 
     Threads: with ``num_workers=0`` a background thread assembles the next `prefetch`
     batches, and `copy_threads` threads (default 2, or 1 on a single CPU) share each batch's
-    copies: one core copies a batch at about half the speed memory allows.
+    copies (batches of 1 MiB or more): one core copies a batch at about half the speed
+    memory allows. In DataLoader worker processes each worker copies alone.
     """
 
     def __init__(self, path: str | os.PathLike[str], batch_size: int, *, shuffle: bool = True,

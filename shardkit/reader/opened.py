@@ -8,7 +8,7 @@ import mmap
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
@@ -107,7 +107,7 @@ class OpenAhead(Generic[T]):
 
 def read_ahead(cache: OpenAhead[Any], starts: np.ndarray, batches: Sequence[np.ndarray],
                assemble: Callable[[np.ndarray], B], *, lookahead: int = 2,
-               keep_open: bool = False) -> Iterator[B]:
+               keep_open: bool = False) -> Generator[B, None, None]:
     """`assemble(index)` for each of `batches` in order, first asking `cache` to open the
     shards of that batch and the next `lookahead` ones in the background. The cache is closed
     at the end unless `keep_open` (a later epoch in this process then finds its shards open)."""

@@ -165,8 +165,8 @@ def _data_pages(data: Any, begin: int, end: int, width: int,
                 return None  # a dictionary or index page: not a bare column
         except ValueError as exc:
             raise CorruptShardError(f"{where}: page header at byte {position} is damaged ({exc})") from None
-        if encoding != _PLAIN:
-            return None
+        if encoding != _PLAIN or count == 0:
+            return None  # another encoding, or empty pages (pyarrow writes none): not ours
         position = reader.position
         if stored != size:
             raise CorruptShardError(f"{where}: uncompressed page at byte {position} stores "
@@ -245,6 +245,8 @@ class _Compact:
                 fields[last] = self.value(kind, depth)
 
     def value(self, kind: int, depth: int) -> Any:
+        if depth > self._NESTING:
+            raise ValueError("nested too deep")
         if kind in (4, 5, 6):  # i16, i32, i64
             return self.zigzag()
         if kind == 12:

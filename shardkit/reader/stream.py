@@ -10,18 +10,19 @@ from __future__ import annotations
 import queue
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
 
 from shardkit.config import usable_cpus
+from shardkit.errors import ConfigError
 from shardkit.reader.assign import shard_runs
 from shardkit.reader.fetch import ShardCache, decode_payload, gather
 from shardkit.reader.opened import read_ahead
 
-__all__ = ["Copier", "assemble", "default_copy_threads", "in_background", "stream_batches"]
+__all__ = ["Copier", "assemble", "copy_threads", "in_background", "stream_batches"]
 
 Allocator = Callable[[tuple[int, ...]], np.ndarray]
 
@@ -106,8 +107,10 @@ class Copier:
         try:
             gather_all(mine)
         finally:
-            for future in futures:
-                future.result()
+            # Every helper is done before the batch (or its buffer, after an error) moves on.
+            wait(futures)
+        for future in futures:
+            future.result()
 
     def close(self) -> None:
         if self._pool is not None:
@@ -115,9 +118,14 @@ class Copier:
             self._pool = None
 
 
-def default_copy_threads() -> int:
-    """Two copying threads (see `Copier`), or one on a single CPU."""
-    return min(2, usable_cpus())
+def copy_threads(value: int | None) -> int:
+    """The number of copying threads (see `Copier`) for a `copy_threads` option: None means
+    two, or one on a single CPU. Raises ConfigError below 1."""
+    if value is None:
+        return min(2, usable_cpus())
+    if value < 1:
+        raise ConfigError(f"copy_threads must be >= 1; got {value}")
+    return int(value)
 
 
 def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: Sequence[str],
@@ -161,13 +169,13 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
 def stream_batches(cache: ShardCache, starts: np.ndarray, batches: Sequence[np.ndarray],
                    fields: Sequence[str], *, alloc: Allocator | None = None,
                    lookahead: int = 2, keep_open: bool = False, encoded: bool = False,
-                   copy_threads: int = 1) -> Iterator[dict[str, Any]]:
+                   threads: int = 1) -> Generator[dict[str, Any], None, None]:
     """Assemble `batches` in order, asking the cache to open the shards of the next
-    `lookahead` batches in the background, each batch's copies spread over `copy_threads`
+    `lookahead` batches in the background, each batch's copies spread over `threads`
     threads. The cache is closed at the end unless `keep_open` (a later epoch in the same
     process then finds its shards mapped)."""
     pool = alloc or BufferPool()
-    copier = Copier(copy_threads)
+    copier = Copier(threads)
     try:
         yield from read_ahead(
             cache, starts, batches,

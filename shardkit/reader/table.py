@@ -10,7 +10,7 @@ column) or float32 [N] / [N, K] (numeric targets).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,7 +116,8 @@ def assemble_table(cache: TableCache, starts: np.ndarray, index: np.ndarray) -> 
 
 
 def stream_table_batches(cache: TableCache, starts: np.ndarray, batches: Sequence[np.ndarray], *,
-                         lookahead: int = 2, keep_open: bool = False) -> Iterator[dict[str, Any]]:
+                         lookahead: int = 2,
+                         keep_open: bool = False) -> Generator[dict[str, Any], None, None]:
     """Assemble `batches` in order, opening the shards of the next ones in the background."""
     return read_ahead(cache, starts, batches, lambda index: assemble_table(cache, starts, index),
                       lookahead=lookahead, keep_open=keep_open)
