@@ -61,3 +61,19 @@ def hashes(folder: Path) -> dict[str, str]:
     """sha256 of every file directly in `folder`, by name."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def small_tree(root: Path, per_class: int) -> Path:
+    """Three class folders of `per_class` small JPEGs: the reader tests' sources."""
+    image_tree(root, classes=("a", "b", "c"), per_class=per_class, min_side=20, max_side=40)
+    return root
+
+
+def small_dataset(src: Path, out: Path, shard_samples: int, /, **options: object) -> Path:
+    """`src` converted in this process to 12x10 images, `shard_samples` per shard unless
+    `options` say otherwise: the reader tests' small datasets."""
+    import shardkit
+
+    options = {"samples_per_shard": shard_samples, **options}
+    shardkit.convert(src, out, size=(12, 10), workers=0, **options)  # type: ignore[arg-type]
+    return out

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from corpus import image_tree
+from corpus import small_dataset, small_tree
 
 import shardkit
 from shardkit import CorruptShardError, ShardLoader
@@ -25,14 +25,11 @@ WIDTH = 4 * 5 * 3
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("src")
-    image_tree(root, classes=("a", "b", "c"), per_class=7, min_side=20, max_side=40)
-    return root
+    return small_tree(tmp_path_factory.mktemp("src"), 7)
 
 
 def convert(src: Path, out: Path, **options: object) -> Path:
-    shardkit.convert(src, out, size=(12, 10), workers=0, **{"samples_per_shard": 8, **options})
-    return out
+    return small_dataset(src, out, 8, **options)
 
 
 def write(path: Path, rows: int, *, nullable: bool = False, **options: Any) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from corpus import image_tree
+from corpus import small_dataset, small_tree
 
 import shardkit
 from shardkit import CorruptShardError, ShardLoader, UnsafeContentError
@@ -26,15 +26,11 @@ BATCH = 5
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("src")
-    image_tree(root, classes=("a", "b", "c"), per_class=9, min_side=20, max_side=40)
-    return root
+    return small_tree(tmp_path_factory.mktemp("src"), 9)
 
 
 def convert(src: Path, out: Path, **options: object) -> Path:
-    options = {"samples_per_shard": 6, **options}
-    shardkit.convert(src, out, size=(12, 10), workers=0, **options)
-    return out
+    return small_dataset(src, out, 6, **options)
 
 
 @pytest.fixture(scope="module")
