@@ -18,8 +18,7 @@ from shardkit.errors import ConfigError, DatasetError, require
 from shardkit.manifest import Manifest
 from shardkit.reader.assign import Split, assign, batches_per_rank, padding, samples_per_rank
 from shardkit.reader.fetch import ShardCache, check_fields, default_capacity
-from shardkit.reader.stream import copy_threads as resolve_threads
-from shardkit.reader.stream import in_background, stream_batches
+from shardkit.reader.stream import in_background, resolve_copy_threads, stream_batches
 from shardkit.reader.table import TableCache, stream_table_batches
 
 torch: Any = require("torch", "torch")
@@ -70,7 +69,7 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.fields = check_fields(self.manifest, fields or ())
         self.window, self.verify = window, verify
-        self.copy_threads = resolve_threads(copy_threads)
+        self.copy_threads = resolve_copy_threads(copy_threads)
         self.cache_shards = cache_shards or default_capacity(self.manifest, window)
         self.epoch = 0
         self.start = 0

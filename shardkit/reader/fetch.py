@@ -30,7 +30,7 @@ from PIL import Image
 from shardkit.errors import ConfigError, CorruptShardError
 from shardkit.manifest import Manifest, ShardRecord
 from shardkit.reader.opened import OpenAhead, check_size, map_shard
-from shardkit.reader.parquet import fixed_images, int64_values, map_images, read_parquet_table
+from shardkit.reader.parquet import int64_values, map_images, read_parquet_shard, read_parquet_table
 from shardkit.reader.tar import iter_members
 from shardkit.reader.targets import has_targets, read_targets
 
@@ -126,13 +126,13 @@ def open_parquet_raw(path: str, record: ShardRecord, shape: Sequence[int],
                      labeled: bool, extra: Sequence[str] = ()) -> ShardHandle:
     pages = map_images(path, record, shape)
     images: np.ndarray | Pieces
+    labels: np.ndarray | None
     if pages is None:  # a layout that cannot be mapped (compressed...): pyarrow copies it
-        table = read_parquet_table(path, ["image", "label"] if labeled else ["image"], record.samples)
-        images = fixed_images(table.column("image"), shape)
+        images, labels = read_parquet_shard(path, record.samples, shape, labeled)
     else:
         images = Pieces(pages)
-        table = read_parquet_table(path, ["label"], record.samples) if labeled else None
-    labels = int64_values(table.column("label")) if labeled else None
+        labels = int64_values(read_parquet_table(path, ["label"], record.samples).column("label")) \
+            if labeled else None
 
     def metadata() -> dict[str, list[Any]]:
         names = [*_METADATA, *extra]

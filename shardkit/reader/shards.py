@@ -18,8 +18,7 @@ from shardkit.manifest import Manifest
 from shardkit.reader.assign import Split, assign
 from shardkit.reader.fetch import ShardCache, check_fields, default_capacity
 from shardkit.reader.parquet import read_parquet_shard, read_parquet_table
-from shardkit.reader.stream import copy_threads as resolve_threads
-from shardkit.reader.stream import in_background, stream_batches
+from shardkit.reader.stream import in_background, resolve_copy_threads, stream_batches
 from shardkit.reader.table import TableCache, TableShard, read_table_shard, stream_table_batches
 from shardkit.reader.tar import iter_members, read_raw_shard
 
@@ -160,7 +159,7 @@ class Dataset:
         else:
             cache = ShardCache(str(self.path), self.manifest, capacity=capacity, verify=verify)
             stream = stream_batches(cache, starts, batches, fields,
-                                    threads=resolve_threads(copy_threads))
+                                    threads=resolve_copy_threads(copy_threads))
         return in_background(stream) if prefetch else stream
 
     def metadata(self, number: int) -> list[dict[str, Any]]:

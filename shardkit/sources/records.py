@@ -102,20 +102,15 @@ class RecordSpool(Sequence[InputRecord]):
         self._seal()
         batch = self._batches[index // CHUNK]
         row = index % CHUNK
-        values = [batch.column(j)[row].as_py() for j in range(batch.num_columns)]
-        path, source, label, size, mtime_ns, number, meta = values
-        return InputRecord(path=path, source=source, label=label, size=size, mtime_ns=mtime_ns,
-                           row=number, meta=tuple((k, v) for k, v in json.loads(meta)))
+        return _record(*[batch.column(j)[row].as_py() for j in range(batch.num_columns)])
 
     def __iter__(self) -> Iterator[InputRecord]:
         if self._spilled:
             self._seal()
             for batch in self._batches:
                 columns = [batch.column(j).to_pylist() for j in range(batch.num_columns)]
-                for path, source, label, size, mtime_ns, number, meta in zip(*columns, strict=True):
-                    yield InputRecord(path=path, source=source, label=label, size=size,
-                                      mtime_ns=mtime_ns, row=number,
-                                      meta=tuple((k, v) for k, v in json.loads(meta)))
+                for values in zip(*columns, strict=True):
+                    yield _record(*values)
         yield from self._pending
 
     @property
@@ -165,6 +160,13 @@ class RecordSpool(Sequence[InputRecord]):
             self._file.close()
             self._file = None
         self._writer = None
+
+
+def _record(path: str, source: str, label: int | None, size: int, mtime_ns: int,
+            number: int | None, meta: str) -> InputRecord:
+    """The InputRecord of one spilled row (columns in `_SCHEMA` order)."""
+    return InputRecord(path=path, source=source, label=label, size=size, mtime_ns=mtime_ns,
+                       row=number, meta=tuple((k, v) for k, v in json.loads(meta)))
 
 
 class Permuted(Sequence[InputRecord]):
