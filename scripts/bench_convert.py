@@ -44,8 +44,8 @@ from docblock import write_block
 from PIL import Image, ImageOps
 
 import shardkit
-import shardkit.synth
-from shardkit.synth import make_image_folder
+import shardkit.tools.synth
+from shardkit.tools.synth import make_image_folder
 
 SIZES = (150, 224)
 WORKER_COUNTS = (1, 2)
@@ -70,10 +70,10 @@ def corpus(out: Path, images: int) -> Path:
     """The cached corpus folder for `images` images (generated once, atomically).
 
     The folder name carries a hash of the generator's source, so a change to
-    `shardkit.synth` makes a new corpus instead of reusing a stale one.
+    `shardkit.tools.synth` makes a new corpus instead of reusing a stale one.
     """
     classes = 4 if images >= 40 else 2
-    recipe = f"{inspect.getsource(shardkit.synth)}|{images}|{classes}|{SEED}".encode()
+    recipe = f"{inspect.getsource(shardkit.tools.synth)}|{images}|{classes}|{SEED}".encode()
     src = out / f"src-{images}-{hashlib.sha256(recipe).hexdigest()[:8]}"
     if src.is_dir():
         return src
@@ -465,7 +465,7 @@ def describe(corpus: Corpus, repeats: int, quick: bool, timing: tuple[float, flo
         f"Pillow {PIL.__version__}, numpy {np.__version__}, webdataset {wds.__version__}, "
         f"shardkit {shardkit.__version__}.",
         f"- Corpus: {len(corpus.items):,} synthetic photo-like JPEGs "
-        f"(`shardkit.synth.make_image_folder`, quality 90: gradients, shapes, blur and "
+        f"(`shardkit.tools.synth.make_image_folder`, quality 90: gradients, shapes, blur and "
         f"texture), sides {corpus.min_side}-{corpus.max_side} px at random, mean "
         f"{corpus.mean_megapixels:.2f} megapixels, {corpus.total_bytes / 1e6:,.1f} MB in "
         f"{corpus.classes} class folders. Synthetic images, not real photographs."

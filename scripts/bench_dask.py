@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_convert import corpus, inspect_and_warm  # scripts/ is not a package
 
 import shardkit
-from shardkit.executors import local_pool
-from shardkit.plan import PART_SAMPLES
+from shardkit.conversion.executors import local_pool
+from shardkit.conversion.plan import PART_SAMPLES
 
 BEGIN, END = "<!-- dask:begin -->", "<!-- dask:end -->"
 SIZE = 150

@@ -50,7 +50,7 @@ def prepare(root: Path, *, sources: int, copies: int, sizes: list[int]) -> dict[
     """Photo-like JPEGs (300-1200 px), hard-linked `copies` times so that a large dataset costs
     little to generate; converted to tar and Parquet at each size."""
     import shardkit
-    from shardkit.synth import make_image_folder
+    from shardkit.tools.synth import make_image_folder
 
     pristine = root / "pristine"
     if not (pristine / ".done").exists():

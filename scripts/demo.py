@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 import shardkit
-from shardkit.synth import make_image_folder
+from shardkit.tools.synth import make_image_folder
 
 
 def run(*args: str) -> None:

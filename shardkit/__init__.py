@@ -15,7 +15,8 @@ from typing import Any
 
 from shardkit._version import __version__
 from shardkit.config import ConvertConfig, CsvOptions, ErrorBudget, ImageOptions, RunOptions
-from shardkit.convert import convert
+from shardkit.conversion.report import ConvertSummary
+from shardkit.conversion.run import convert
 from shardkit.errors import (
     ConfigError,
     CorruptShardError,
@@ -28,13 +29,9 @@ from shardkit.errors import (
     UnsafeContentError,
     WorkerError,
 )
-
-# Imported eagerly (it imports nothing heavy): a lazy `monitor` would be replaced by the
-# submodule of the same name the moment anything imported shardkit.monitor.
-from shardkit.monitor import monitor
 from shardkit.reader import Dataset
 from shardkit.reader import open_dataset as open
-from shardkit.report import ConvertSummary
+from shardkit.tools.monitor import monitor
 
 __all__ = [
     "ConfigError",
@@ -63,7 +60,7 @@ __all__ = [
     "to_device",
 ]
 
-_TORCH_NAMES = {"ShardDataset": "dataset", "ShardLoader": "dataset", "to_device": "device"}
+_TORCH_NAMES = {"ShardDataset": "torch_dataset", "ShardLoader": "torch_dataset", "to_device": "device"}
 
 
 def __getattr__(name: str) -> Any:

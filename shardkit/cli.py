@@ -35,7 +35,7 @@ from shardkit.errors import (
 
 if TYPE_CHECKING:
     from shardkit.config import ConvertConfig, RunOptions
-    from shardkit.report import ConvertSummary
+    from shardkit.conversion.report import ConvertSummary
 
 __all__ = ["main"]
 
@@ -166,7 +166,7 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from shardkit.convert import run_conversion
+    from shardkit.conversion.run import run_conversion
 
     config, run = configs_from_options({
         "size": args.size, "resize": args.resize, "mode": args.mode, "filter": args.filter,
@@ -194,8 +194,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _run_on_cluster(args: argparse.Namespace, config: ConvertConfig, run: RunOptions) -> ConvertSummary:
-    from shardkit.convert import run_conversion
-    from shardkit.executors import dask_executor
+    from shardkit.conversion.executors import dask_executor
+    from shardkit.conversion.run import run_conversion
 
     if args.workers is not None:
         raise ConfigError("--workers does not apply with --dask-scheduler: the cluster's workers "
@@ -205,7 +205,7 @@ def _run_on_cluster(args: argparse.Namespace, config: ConvertConfig, run: RunOpt
 
 
 def _info(args: argparse.Namespace) -> int:
-    from shardkit.inspect import describe, info_text
+    from shardkit.tools.inspect import describe, info_text
 
     facts = describe(args.path)
     if args.json:
@@ -218,7 +218,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from shardkit.verify import verify_dataset
+    from shardkit.tools.verify import verify_dataset
 
     problems = verify_dataset(args.path, quick=args.quick)
     for problem in problems:
@@ -231,7 +231,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from shardkit.bench import BenchOptions, plot, run_bench
+    from shardkit.tools.bench import BenchOptions, plot, run_bench
 
     try:
         workers = tuple(int(w) for w in args.workers.split(","))
@@ -254,7 +254,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from shardkit.inspect import contact_sheet
+    from shardkit.tools.inspect import contact_sheet
 
     shown = contact_sheet(args.path, args.output, n=args.n)
     print(f"wrote {args.output} ({shown} samples)")

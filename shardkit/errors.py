@@ -18,7 +18,7 @@
     KeyboardInterrupt / SIGTERM           exit 130 nothing half-written is published
 
 Per-input failures (a truncated JPEG, a missing file) are *not* exceptions: they are
-:class:`shardkit.images.SampleFailure` records, written to ``errors.jsonl`` and counted.
+:class:`shardkit.conversion.images.SampleFailure` records, written to ``errors.jsonl`` and counted.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shardkit.synth import photo_like
+from shardkit.tools.synth import photo_like
 
 
 def image_tree(root: Path, *, classes: tuple[str, ...] = ("cat", "dog", "emu"), per_class: int = 5,

@@ -12,8 +12,8 @@ from corpus import image_tree
 from PIL import Image
 
 import shardkit
-from shardkit.bench import BENCH_SCHEMA, BenchOptions, BenchReport, LoaderRun, measure_here, run_bench
 from shardkit.errors import ConfigError, DatasetError, InputError
+from shardkit.tools.bench import BENCH_SCHEMA, BenchOptions, BenchReport, LoaderRun, measure_here, run_bench
 
 SAMPLES = 18
 
@@ -59,7 +59,7 @@ def test_counts_cpu_and_schema(dataset: tuple[Path, Path], tmp_path: Path) -> No
     lines = report.table().splitlines()
     assert lines[1].split()[:3] == ["loader", "workers", "samples"]
     assert lines[2].split()[:3] == ["shards", "0", "36"]
-    from shardkit.bench import plot
+    from shardkit.tools.bench import plot
 
     plot(report, tmp_path / "bench.png")
     with Image.open(tmp_path / "bench.png") as im:

@@ -18,7 +18,7 @@ from PIL import Image
 
 import shardkit
 from shardkit.config import ImageOptions
-from shardkit.images import load_image, pillow_limits, to_array
+from shardkit.conversion.images import load_image, pillow_limits, to_array
 
 
 def expected_pixels(path: Path, **options: object) -> np.ndarray:

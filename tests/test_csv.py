@@ -15,9 +15,9 @@ import pytest
 import shardkit
 from shardkit.cli import main
 from shardkit.config import ImageOptions
-from shardkit.images import load_image, pillow_limits, to_array
-from shardkit.synth import photo_like
-from shardkit.verify import verify_dataset
+from shardkit.conversion.images import load_image, pillow_limits, to_array
+from shardkit.tools.synth import photo_like
+from shardkit.tools.verify import verify_dataset
 
 
 def pixels(path: Path, size: int) -> np.ndarray:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from corpus import hashes
 
-from shardkit import journal
+from shardkit.conversion import journal
 
 ROWS = 400_000
 ARGS = ["--label-col", "y", "--samples-per-shard", "100000", "--no-progress"]

@@ -23,10 +23,10 @@ from corpus import add_bad_files, hashes, image_tree, slow_tree
 from PIL import Image
 
 import shardkit
-from shardkit import journal
+from shardkit.conversion import journal
+from shardkit.conversion.executors import describe_task_error
+from shardkit.conversion.images import pillow_limits
 from shardkit.errors import EXIT_INTERRUPTED, InputError, MissingExtraError, WorkerError
-from shardkit.executors import describe_task_error
-from shardkit.images import pillow_limits
 
 distributed = pytest.importorskip("distributed")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import shardkit
-from shardkit.synth import make_image_folder
+from shardkit.tools.synth import make_image_folder
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PER_CLASS = 8

@@ -13,8 +13,8 @@ import pytest
 from corpus import image_tree
 
 import shardkit
-from shardkit.reader.fetch import Pieces, gather
-from shardkit.reader.stream import Copier, split_copies
+from shardkit.reader.batches import Copier, split_copies
+from shardkit.reader.handles import Pieces, gather
 
 
 def _shard(rng: np.random.Generator, n: int) -> np.ndarray:

@@ -28,7 +28,7 @@ import pytest
 from PIL import Image, ImageOps
 
 import shardkit
-from shardkit.synth import photo_like
+from shardkit.tools.synth import photo_like
 
 # A FIFO that were opened would block forever: every test here must end.
 pytestmark = pytest.mark.timeout(120)

@@ -1,4 +1,4 @@
-"""shardkit.images on real files: resize modes, JPEG draft, EXIF orientation, mode
+"""shardkit.conversion.images on real files: resize modes, JPEG draft, EXIF orientation, mode
 normalisation, failure reason codes and degenerate shapes.
 
 Every input is written by Pillow into ``tmp_path``; expectations are exact shapes, exact
@@ -18,14 +18,14 @@ import pytest
 from PIL import Image, ImageOps
 
 from shardkit.config import ImageOptions
-from shardkit.images import (
+from shardkit.conversion.images import (
     ALLOWED_FORMATS,
     ImageFailure,
     load_image,
     pillow_limits,
     to_array,
 )
-from shardkit.synth import photo_like
+from shardkit.tools.synth import photo_like
 
 BICUBIC = Image.Resampling.BICUBIC
 RESIZE_MODES = ("center-crop", "pad", "stretch", "shorter-side")

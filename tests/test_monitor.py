@@ -15,7 +15,7 @@ import pytest
 from corpus import image_tree
 
 import shardkit
-from shardkit.monitor import cpu_seconds, monitor
+from shardkit.tools.monitor import cpu_seconds, monitor
 
 SAMPLES = 12
 BATCH = 4
@@ -158,7 +158,7 @@ def test_bad_options_are_config_errors(data: Path) -> None:
 
 def test_numpy_batches_without_torch_print_to_stdout(data: Path) -> None:
     code = (
-        "import sys, shardkit, shardkit.bench, shardkit.monitor\n"
+        "import sys, shardkit, shardkit.tools.bench, shardkit.tools.monitor\n"
         "assert callable(shardkit.monitor)  # the function, not the module of the same name\n"
         f"mon = shardkit.monitor(shardkit.open({str(data)!r}).batches(5))\n"
         "n = sum(len(b['image']) for b in mon)\n"

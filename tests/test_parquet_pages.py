@@ -15,8 +15,8 @@ from corpus import small_dataset, small_tree
 
 import shardkit
 from shardkit import CorruptShardError, ShardLoader
-from shardkit.manifest import ShardRecord
-from shardkit.reader.fetch import Pieces, ShardCache, open_parquet_raw
+from shardkit.format.manifest import ShardRecord
+from shardkit.reader.handles import Pieces, ShardCache, open_parquet_raw
 from shardkit.reader.parquet import _Compact, map_images
 
 SHAPE = (4, 5, 3)

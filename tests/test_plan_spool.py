@@ -13,8 +13,8 @@ from corpus import add_bad_files, hashes, image_tree
 
 import shardkit
 from shardkit.config import ConvertConfig, ImageOptions
-from shardkit.plan import make_plan
-from shardkit.sources import records
+from shardkit.conversion.plan import make_plan
+from shardkit.conversion.sources import records
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from corpus import small_dataset, small_tree
 
 import shardkit
 from shardkit import CorruptShardError, ShardLoader, UnsafeContentError
-from shardkit.reader.tar import iter_members
+from shardkit.format.tar import iter_members
 
 BATCH = 5
 

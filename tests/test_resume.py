@@ -17,9 +17,9 @@ import pytest
 from corpus import hashes, slow_tree
 
 import shardkit
-from shardkit import journal
+from shardkit.conversion import journal
 from shardkit.errors import EXIT_INTERRUPTED, OutputExistsError, WorkerError
-from shardkit.manifest import Manifest
+from shardkit.format.manifest import Manifest
 
 ARGS = ["--size", "48", "--samples-per-shard", "12", "--no-draft", "--workers", "2",
         "--max-errors", "5"]
@@ -126,12 +126,12 @@ def test_state_with_every_shard_done_but_no_index(src: Path, tmp_path: Path,
     assert hashes(out) == clean
 
 
-def _failures_of(out: Path, shard: int) -> list[shardkit.report.FailureRecord]:
+def _failures_of(out: Path, shard: int) -> list[shardkit.conversion.report.FailureRecord]:
     import json
 
     rows = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     start = shard * 12
-    return [shardkit.report.FailureRecord(source=r["path"], stage=r["stage"], reason=r["reason"],
+    return [shardkit.conversion.report.FailureRecord(source=r["path"], stage=r["stage"], reason=r["reason"],
                                           detail=r["detail"], index=r["index"], key=r["key"])
             for r in rows if r["index"] is not None and start <= r["index"] < start + 12]
 

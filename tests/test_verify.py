@@ -18,7 +18,7 @@ from corpus import add_bad_files, image_tree
 
 import shardkit
 from shardkit.errors import DatasetError
-from shardkit.verify import verify_dataset
+from shardkit.tools.verify import verify_dataset
 
 # 14 good images in two classes plus 3 bad ones in class "a": 14 samples, 3 failed, 17 inputs.
 # Shard k holds plan positions 5k..5k+4, failures leaving gaps: shards of 4, 3, 5 and 2 samples.

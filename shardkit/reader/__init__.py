@@ -3,6 +3,6 @@
 `open_dataset` (exported as ``shardkit.open``) gives numpy access with no torch needed.
 """
 
-from shardkit.reader.shards import Dataset, open_dataset
+from shardkit.reader.numpy_dataset import Dataset, open_dataset
 
 __all__ = ["Dataset", "open_dataset"]

@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shardkit.errors import CorruptShardError
-from shardkit.manifest import ShardRecord
-from shardkit.reader.opened import map_shard
+from shardkit.format.manifest import ShardRecord
+from shardkit.reader.open_ahead import map_shard
 
 __all__ = ["fixed_images", "int64_values", "map_images", "read_parquet_shard", "read_parquet_table"]
 

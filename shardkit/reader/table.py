@@ -18,11 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shardkit._fs import hash_file
 from shardkit.errors import CorruptShardError
-from shardkit.manifest import Manifest
+from shardkit.format.files import hash_file
+from shardkit.format.manifest import Manifest
 from shardkit.reader.assign import shard_runs
-from shardkit.reader.opened import OpenAhead, check_size, read_ahead
+from shardkit.reader.open_ahead import OpenAhead, check_size, read_ahead
 from shardkit.reader.parquet import read_parquet_table
 
 __all__ = ["TableCache", "TableShard", "assemble_table", "read_table_shard",
@@ -125,7 +125,7 @@ def stream_table_batches(cache: TableCache, starts: np.ndarray, batches: Sequenc
 
 def verify_table(folder: Any, manifest: Manifest, *, quick: bool = False) -> list[str]:
     """`shardkit verify` for a table's shards: each one's size, sha256 (unless `quick`), row
-    count, columns and feature read. One line per problem; `shardkit.verify` checks the
+    count, columns and feature read. One line per problem; `shardkit.tools.verify` checks the
     totals and errors.jsonl for every kind of dataset."""
     from pathlib import Path
 

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from shardkit.errors import CorruptShardError
-from shardkit.manifest import Manifest, ShardRecord
+from shardkit.format.manifest import Manifest, ShardRecord
+from shardkit.format.tar import iter_members
 from shardkit.reader.parquet import read_parquet_table
-from shardkit.reader.tar import iter_members
 
 __all__ = ["TARGET_FIELD", "has_targets", "read_targets"]
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from shardkit.config import ConvertConfig
-from shardkit.manifest import fingerprint, shard_name
-from shardkit.report import FailureRecord
-from shardkit.sources.image_csv import list_image_csv
-from shardkit.sources.imagefolder import list_image_folder
-from shardkit.sources.records import InputRecord, Permuted, RecordSpool
-from shardkit.writers import tar as tar_writer
+from shardkit.conversion.report import FailureRecord
+from shardkit.conversion.sources.image_csv import list_image_csv
+from shardkit.conversion.sources.imagefolder import list_image_folder
+from shardkit.conversion.sources.records import InputRecord, Permuted, RecordSpool
+from shardkit.conversion.writers import tar as tar_writer
+from shardkit.format.manifest import fingerprint, shard_name
 
 __all__ = ["PART_SAMPLES", "Plan", "make_plan", "rows_per_group"]
 
@@ -37,7 +37,7 @@ _CODEC_RATIO = {"raw": 1.0, "jpeg": 1 / 8, "png": 1 / 2}
 class Plan:
     config: ConvertConfig
     #: In plan order: a spool that spills to disk past `records.CHUNK` inputs, seen through
-    #: the seeded permutation when shuffled (see shardkit.sources.records).
+    #: the seeded permutation when shuffled (see shardkit.conversion.sources.records).
     records: Sequence[InputRecord]
     classes: list[str] | None
     failures: list[FailureRecord]
@@ -98,7 +98,7 @@ def make_plan(src: str | os.PathLike[str], config: ConvertConfig, *,
     """List `src`, apply the optional seeded shuffle and size the shards. A long input list
     spills to an unnamed file in `spill_dir` (default: the system's temporary folder)."""
     if config.csv is not None:
-        assert config.csv.image_col is not None  # tabular CSVs are converted by shardkit.tabular
+        assert config.csv.image_col is not None  # tabular CSVs are converted by shardkit.conversion.tabular
         listing = list_image_csv(src, config.csv, spill_dir=spill_dir)
     else:
         listing = list_image_folder(src, spill_dir=spill_dir)

@@ -8,7 +8,7 @@ and any other columns, which travel with each sample as typed metadata.
   columns give float32 targets, stored as the metadata field ``target`` (no classes); no
   label column gives an unlabelled dataset.
 * Other columns become metadata typed as the CSV source infers them (int64, float64, string).
-* A bad row (see `shardkit.sources.csv`), an empty path or a negative integer label is a
+* A bad row (see `shardkit.conversion.sources.csv`), an empty path or a negative integer label is a
   listing failure carrying its row number; a missing or undecodable image is reported by the
   conversion task with the row number too. Nothing is dropped silently.
 """
@@ -23,10 +23,10 @@ import numpy as np
 import pyarrow as pa
 
 from shardkit.config import CsvOptions
+from shardkit.conversion.sources.csv import Column, CsvStream, check_columns, infer_columns, typed_block
+from shardkit.conversion.sources.imagefolder import Listing
+from shardkit.conversion.sources.records import InputRecord, PlanFailure, RecordSpool
 from shardkit.errors import ConfigError, InputError
-from shardkit.sources.csv import Column, CsvStream, check_columns, infer_columns, typed_block
-from shardkit.sources.imagefolder import Listing
-from shardkit.sources.records import InputRecord, PlanFailure, RecordSpool
 
 __all__ = ["RESERVED_COLUMNS", "list_image_csv"]
 

@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Iterable
 from typing import BinaryIO
 
-from shardkit._fs import hash_file
+from shardkit.format.files import hash_file
 
 __all__ = ["copy_hashed", "hash_file"]
 

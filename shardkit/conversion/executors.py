@@ -1,7 +1,7 @@
 """Where tasks run: in the calling process, in a local process pool, or on any
 `concurrent.futures.Executor` the caller brings (a Dask ``Client.get_executor()`` works as is).
 
-On a cluster the client plans and commits and the workers run `shardkit.tasks`, reading SRC and
+On a cluster the client plans and commits and the workers run `shardkit.conversion.tasks`, reading SRC and
 writing under OUT themselves: both must be on a filesystem every worker mounts at the same
 path. `check_workers` proves that with a tiny task before any real one is submitted.
 """
@@ -69,7 +69,7 @@ def local_pool(workers: int) -> cf.ProcessPoolExecutor:
         # Workers fork from a server that has already imported the task code (numpy, Pillow,
         # pyarrow): pool start-up drops from ~0.3 s to ~0.02 s, and a caller's heavy imports
         # (torch) are not repeated in every worker.
-        context.set_forkserver_preload(["shardkit.tasks"])
+        context.set_forkserver_preload(["shardkit.conversion.tasks"])
     return cf.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init)
 
 

@@ -21,8 +21,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shardkit.writers import EncodedSample
-from shardkit.writers._common import hash_file
+from shardkit.conversion.writers import EncodedSample
+from shardkit.conversion.writers._common import hash_file
 
 __all__ = ["ParquetPartWriter", "arrow_schema", "assemble_parquet"]
 

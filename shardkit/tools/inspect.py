@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from shardkit.manifest import Manifest
+from shardkit.conversion.report import human_bytes
+from shardkit.format.manifest import Manifest
 from shardkit.reader import open_dataset
-from shardkit.report import human_bytes
 
 __all__ = ["contact_sheet", "describe", "info_text"]
 

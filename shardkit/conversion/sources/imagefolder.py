@@ -19,9 +19,9 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shardkit.conversion.images import IMAGE_EXTENSIONS
+from shardkit.conversion.sources.records import InputRecord, PlanFailure, RecordSpool
 from shardkit.errors import InputError
-from shardkit.images import IMAGE_EXTENSIONS
-from shardkit.sources.records import InputRecord, PlanFailure, RecordSpool
 
 __all__ = ["InputRecord", "Listing", "PlanFailure", "list_image_folder"]
 

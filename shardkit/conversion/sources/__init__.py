@@ -5,7 +5,7 @@ Sources never decode anything; they list what there is, in a deterministic order
 and tabular CSVs.
 """
 
-from shardkit.sources.image_csv import list_image_csv
-from shardkit.sources.imagefolder import InputRecord, Listing, PlanFailure, list_image_folder
+from shardkit.conversion.sources.image_csv import list_image_csv
+from shardkit.conversion.sources.imagefolder import InputRecord, Listing, PlanFailure, list_image_folder
 
 __all__ = ["InputRecord", "Listing", "PlanFailure", "list_image_csv", "list_image_folder"]

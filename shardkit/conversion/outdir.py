@@ -19,9 +19,9 @@ import shutil
 from enum import Enum
 from pathlib import Path
 
-from shardkit import journal
+from shardkit.conversion import journal
 from shardkit.errors import OutputExistsError
-from shardkit.manifest import ERRORS_NAME, INDEX_NAME, Manifest
+from shardkit.format.manifest import ERRORS_NAME, INDEX_NAME, Manifest
 
 __all__ = ["TMP_NAME", "State", "prepare"]
 

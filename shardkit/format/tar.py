@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from shardkit.errors import CorruptShardError, UnsafeContentError
-from shardkit.manifest import ShardRecord
+from shardkit.format.manifest import ShardRecord
 
 __all__ = ["iter_members", "read_raw_shard"]
 

@@ -40,11 +40,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from shardkit._fs import hash_file
+from shardkit.conversion.writers.parquet import META_TYPES
 from shardkit.errors import CorruptShardError, DatasetError, UnsafeContentError
-from shardkit.manifest import ERRORS_NAME, INDEX_NAME, Manifest, ShardRecord
-from shardkit.reader.tar import iter_members
-from shardkit.writers.parquet import META_TYPES
+from shardkit.format.files import hash_file
+from shardkit.format.manifest import ERRORS_NAME, INDEX_NAME, Manifest, ShardRecord
+from shardkit.format.tar import iter_members
 
 __all__ = ["verify_dataset"]
 

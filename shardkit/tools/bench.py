@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from shardkit.errors import ConfigError, InputError, ShardkitError, require
-from shardkit.manifest import Manifest
-from shardkit.monitor import cpu_seconds
+from shardkit.format.manifest import Manifest
+from shardkit.tools.monitor import cpu_seconds
 
 __all__ = ["BENCH_SCHEMA", "BenchOptions", "BenchReport", "LoaderRun", "run_bench"]
 
@@ -215,7 +215,7 @@ def run_bench(path: str | os.PathLike[str], options: BenchOptions) -> BenchRepor
 
 def _baseline_files(src: str, limit: int | None) -> list[tuple[str, int]]:
     """(path, label) of the images in `src`, listed as convert lists them, evenly thinned."""
-    from shardkit.sources.imagefolder import list_image_folder
+    from shardkit.conversion.sources.imagefolder import list_image_folder
 
     records = list_image_folder(src).records
     if not records:
@@ -236,7 +236,7 @@ def _warm(paths: Sequence[Path]) -> None:
 
 def _measure(spec: dict[str, Any]) -> LoaderRun:
     # The spec goes through stdin: thousands of baseline paths would overflow one argument.
-    result = subprocess.run([sys.executable, "-m", "shardkit.bench"], input=json.dumps(spec),
+    result = subprocess.run([sys.executable, "-m", "shardkit.tools.bench"], input=json.dumps(spec),
                             capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise ShardkitError(f"measuring {spec['loader']} with {spec['workers']} workers failed "
@@ -307,7 +307,7 @@ def _loader(spec: dict[str, Any]) -> Any:
     import torch
 
     if spec["loader"] == "shards":
-        from shardkit.reader.dataset import ShardLoader
+        from shardkit.reader.torch_dataset import ShardLoader
 
         return ShardLoader(spec["path"], spec["batch_size"], shuffle=spec["shuffle"], seed=spec["seed"],
                            num_workers=spec["workers"])

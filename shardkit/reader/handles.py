@@ -28,10 +28,10 @@ import numpy as np
 from PIL import Image
 
 from shardkit.errors import ConfigError, CorruptShardError
-from shardkit.manifest import Manifest, ShardRecord
-from shardkit.reader.opened import OpenAhead, check_size, map_shard
+from shardkit.format.manifest import Manifest, ShardRecord
+from shardkit.format.tar import iter_members
+from shardkit.reader.open_ahead import OpenAhead, check_size, map_shard
 from shardkit.reader.parquet import int64_values, map_images, read_parquet_shard, read_parquet_table
-from shardkit.reader.tar import iter_members
 from shardkit.reader.targets import has_targets, read_targets
 
 __all__ = ["Pieces", "ShardCache", "ShardHandle", "check_fields", "default_capacity", "gather",

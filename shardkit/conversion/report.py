@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shardkit._fs import atomic_write_bytes
+from shardkit.format.files import atomic_write_bytes
 
 __all__ = ["ConvertSummary", "FailureRecord", "error_reasons", "human_bytes", "write_error_report"]
 

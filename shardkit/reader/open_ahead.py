@@ -14,9 +14,9 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from shardkit._fs import hash_file
 from shardkit.errors import CorruptShardError
-from shardkit.manifest import ShardRecord
+from shardkit.format.files import hash_file
+from shardkit.format.manifest import ShardRecord
 
 __all__ = ["OpenAhead", "check_size", "map_shard", "read_ahead"]
 

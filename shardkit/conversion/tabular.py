@@ -1,7 +1,7 @@
 """Tabular CSV → Parquet shards of typed columns, streamed: memory is bounded by the shard
 size, not the file.
 
-Pass 1 (`shardkit.sources.csv.infer_columns`) fixes every column's type from the whole file;
+Pass 1 (`shardkit.conversion.sources.csv.infer_columns`) fixes every column's type from the whole file;
 pass 2 converts block by block and cuts the good rows into shards of exactly
 ``rows_per_shard`` rows (the last one shorter), so shard *k* always holds the same rows. Each
 shard is written to ``.shardkit-tmp``, fsynced, renamed into place and journalled, exactly as
@@ -24,13 +24,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shardkit import journal, outdir
-from shardkit._fs import publish
 from shardkit.config import ConvertConfig, CsvOptions, RunOptions
-from shardkit.errors import ConfigError, InputError, WorkerError
-from shardkit.manifest import ERRORS_NAME, Manifest, ShardRecord, fingerprint, shard_name
-from shardkit.report import ConvertSummary, FailureRecord, error_reasons, write_error_report
-from shardkit.sources.csv import (
+from shardkit.conversion import journal, outdir
+from shardkit.conversion.report import ConvertSummary, FailureRecord, error_reasons, write_error_report
+from shardkit.conversion.sources.csv import (
     BadRow,
     Column,
     CsvStream,
@@ -38,7 +35,10 @@ from shardkit.sources.csv import (
     infer_columns,
     typed_block,
 )
-from shardkit.writers._common import hash_file
+from shardkit.conversion.writers._common import hash_file
+from shardkit.errors import ConfigError, InputError, WorkerError
+from shardkit.format.files import publish
+from shardkit.format.manifest import ERRORS_NAME, Manifest, ShardRecord, fingerprint, shard_name
 
 __all__ = ["TableLayout", "convert_table"]
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shardkit._fs import atomic_write_bytes
 from shardkit._version import __version__
 from shardkit.errors import DatasetError
+from shardkit.format.files import atomic_write_bytes
 
 __all__ = [
     "ERRORS_NAME",

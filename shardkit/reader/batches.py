@@ -19,8 +19,8 @@ import numpy as np
 from shardkit.config import usable_cpus
 from shardkit.errors import ConfigError
 from shardkit.reader.assign import shard_runs
-from shardkit.reader.fetch import ShardCache, decode_payload, gather
-from shardkit.reader.opened import read_ahead
+from shardkit.reader.handles import ShardCache, decode_payload, gather
+from shardkit.reader.open_ahead import read_ahead
 
 __all__ = ["Copier", "assemble", "in_background", "resolve_copy_threads", "stream_batches"]
 

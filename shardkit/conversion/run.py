@@ -1,6 +1,6 @@
 """Run a conversion: plan → part and shard tasks on an executor → atomic commit → index.json.
 
-The calling process plans, schedules and commits; executors only run `shardkit.tasks`. A
+The calling process plans, schedules and commits; executors only run `shardkit.conversion.tasks`. A
 shard becomes visible by an atomic rename after fsync, ``errors.jsonl`` and ``index.json``
 are written last, and an interrupted or failed run leaves no file under a final name that is
 incomplete (and no ``index.json``, so no dataset).
@@ -21,17 +21,17 @@ from typing import Any
 
 from tqdm import tqdm
 
-from shardkit import executors, journal, outdir
-from shardkit._fs import publish
 from shardkit.config import ConvertConfig, RunOptions, configs_from_options
+from shardkit.conversion import executors, journal, outdir
+from shardkit.conversion.executors import InlineExecutor, local_pool
+from shardkit.conversion.plan import Plan, make_plan, rows_per_group
+from shardkit.conversion.report import ConvertSummary, FailureRecord, error_reasons, write_error_report
+from shardkit.conversion.sources.csv import source_config
+from shardkit.conversion.tasks import PartResult, PartTask, ShardTask, run_part, run_shard
+from shardkit.conversion.writers import tar as tar_writer
 from shardkit.errors import ConfigError, TooManyFailuresError, WorkerError
-from shardkit.executors import InlineExecutor, local_pool
-from shardkit.manifest import ERRORS_NAME, Manifest, ShardRecord
-from shardkit.plan import Plan, make_plan, rows_per_group
-from shardkit.report import ConvertSummary, FailureRecord, error_reasons, write_error_report
-from shardkit.sources.csv import source_config
-from shardkit.tasks import PartResult, PartTask, ShardTask, run_part, run_shard
-from shardkit.writers import tar as tar_writer
+from shardkit.format.files import publish
+from shardkit.format.manifest import ERRORS_NAME, Manifest, ShardRecord
 
 __all__ = ["convert", "run_conversion"]
 
@@ -61,7 +61,7 @@ def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
     started = time.perf_counter()
     config = source_config(src, config)
     if config.csv is not None and config.csv.image_col is None:  # a tabular CSV
-        from shardkit.tabular import convert_table
+        from shardkit.conversion.tabular import convert_table
 
         if executor is not None:
             raise ConfigError(

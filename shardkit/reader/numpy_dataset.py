@@ -14,13 +14,13 @@ import numpy as np
 from PIL import Image
 
 from shardkit.errors import CorruptShardError, DatasetError
-from shardkit.manifest import Manifest
+from shardkit.format.manifest import Manifest
+from shardkit.format.tar import iter_members, read_raw_shard
 from shardkit.reader.assign import Split, assign
-from shardkit.reader.fetch import ShardCache, check_fields, default_capacity
+from shardkit.reader.batches import in_background, resolve_copy_threads, stream_batches
+from shardkit.reader.handles import ShardCache, check_fields, default_capacity
 from shardkit.reader.parquet import read_parquet_shard, read_parquet_table
-from shardkit.reader.stream import in_background, resolve_copy_threads, stream_batches
 from shardkit.reader.table import TableCache, TableShard, read_table_shard, stream_table_batches
-from shardkit.reader.tar import iter_members, read_raw_shard
 
 __all__ = ["Dataset", "ShardData", "open_dataset"]
 

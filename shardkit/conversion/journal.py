@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shardkit._fs import atomic_write_bytes, hash_file
-from shardkit.manifest import ShardRecord, canonical_json
-from shardkit.report import FailureRecord
+from shardkit.conversion.report import FailureRecord
+from shardkit.format.files import atomic_write_bytes, hash_file
+from shardkit.format.manifest import ShardRecord, canonical_json
 
 __all__ = ["JOURNAL_NAME", "Entry", "load", "remove", "write"]
 

@@ -24,8 +24,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from shardkit.writers import EncodedSample
-from shardkit.writers._common import copy_hashed
+from shardkit.conversion.writers import EncodedSample
+from shardkit.conversion.writers._common import copy_hashed
 
 __all__ = [
     "BLOCK",

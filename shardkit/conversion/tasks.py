@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from shardkit.config import ConvertConfig
-from shardkit.images import ImageFailure, encode, load_image, pillow_limits
-from shardkit.report import FailureRecord
-from shardkit.sources.records import InputRecord
-from shardkit.writers import EncodedSample
-from shardkit.writers.parquet import ParquetPartWriter, arrow_schema, assemble_parquet
-from shardkit.writers.tar import TarPartWriter, assemble_tar
+from shardkit.conversion.images import ImageFailure, encode, load_image, pillow_limits
+from shardkit.conversion.report import FailureRecord
+from shardkit.conversion.sources.records import InputRecord
+from shardkit.conversion.writers import EncodedSample
+from shardkit.conversion.writers.parquet import ParquetPartWriter, arrow_schema, assemble_parquet
+from shardkit.conversion.writers.tar import TarPartWriter, assemble_tar
 
 __all__ = ["PartResult", "PartTask", "ShardTask", "run_part", "run_shard"]
 
