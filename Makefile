@@ -1,23 +1,23 @@
 # shardkit developer targets. Each creates or reuses the virtualenv in .venv.
-# torch is pinned here (the CPU wheel this machine and CI carry); the package itself only
-# asks for torch>=2.1 in its [torch] extra, so users elsewhere keep theirs.
+# torch and torchvision are pinned in constraints.txt (the builds this machine and CI carry on
+# disk), and every install here goes through it; the package itself only asks for ranges
+# (torch>=2.1 in its [torch] extra), so users elsewhere keep theirs.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-TORCH_PIN ?= torch==2.13.0
 
 .PHONY: help demo test lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-7s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[dev,torch,dask]"
+	$(PY) -m pip install --quiet -c constraints.txt torch torchvision
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,torch,dask]"
 	touch $(STAMP)
 
 demo: $(STAMP) ## make photo-like images, convert them, print info, write a preview, read back
