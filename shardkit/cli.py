@@ -23,7 +23,6 @@ from shardkit.config import (
     FILTERS,
     FORMATS,
     RESIZE_MODES,
-    configs_from_options,
 )
 from shardkit.errors import (
     EXIT_INTERRUPTED,
@@ -32,6 +31,7 @@ from shardkit.errors import (
     ShardkitError,
     TooManyFailuresError,
 )
+from shardkit.keywords import configs_from_options
 
 if TYPE_CHECKING:
     from shardkit.config import ConvertConfig, RunOptions

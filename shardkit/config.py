@@ -1,9 +1,11 @@
-"""Conversion configuration: frozen, keyword-only dataclasses validated on construction.
+"""Configuration: frozen, keyword-only dataclasses validated on construction.
 
 `ConvertConfig` holds every option that decides the bytes of the output; it is written,
 resolved, into ``index.json`` and hashed into the dataset fingerprint. `RunOptions` holds
 what only decides *how* the run goes (workers, overwrite, error budget, progress display):
-two runs that differ only there produce byte-identical datasets.
+two runs that differ only there produce byte-identical datasets. `ReadOptions` holds how a
+dataset is read, with the same names and defaults for ``ShardLoader``, ``ShardDataset`` and
+``Dataset.batches``. ``shardkit.keywords`` maps the public keyword spellings onto them.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -22,10 +23,9 @@ __all__ = [
     "CsvOptions",
     "ErrorBudget",
     "ImageOptions",
+    "ReadOptions",
     "RunOptions",
-    "parse_byte_size",
-    "parse_max_errors",
-    "parse_size",
+    "usable_cpus",
 ]
 
 ResizeMode = Literal["center-crop", "pad", "stretch", "shorter-side"]
@@ -263,100 +263,57 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:[xX×]\s*(\d+))?\s*$")
-_BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*$")
+DECODES: tuple[str, ...] = ("cpu", "device")
+Decode = Literal["cpu", "device"]
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """``"150x150"`` → (150, 150) as (width, height); ``"224"`` → (224, 224)."""
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise ConfigError(f"--size must look like 224 or 150x100 (width x height); got {text!r}")
-    width = int(match.group(1))
-    height = int(match.group(2)) if match.group(2) else width
-    return width, height
+@dataclass(frozen=True, kw_only=True)
+class ReadOptions:
+    """How a dataset is read: the same options, with the same defaults, for ``ShardLoader``,
+    ``ShardDataset`` and ``Dataset.batches``.
 
-
-def parse_byte_size(text: str) -> int:
-    """``"256MB"`` → 256_000_000, ``"1GiB"`` → 1_073_741_824, ``"4096"`` → 4096."""
-    match = _BYTES_RE.match(text)
-    if not match:
-        raise ConfigError(f"a size in bytes must look like 256MB, 1GiB or 4096; got {text!r}")
-    number, unit, binary = float(match.group(1)), match.group(2).upper(), match.group(3)
-    base = 1024 if binary else 1000
-    power = " KMGT".index(unit) if unit else 0
-    return int(number * base**power)
-
-
-def parse_max_errors(text: str) -> ErrorBudget:
-    """``"5"`` → at most 5 failures; ``"1%"`` → at most 1% of the inputs."""
-    text = text.strip()
-    try:
-        if text.endswith("%"):
-            return ErrorBudget(count=None, fraction=float(text[:-1]) / 100.0)
-        return ErrorBudget(count=int(text))
-    except ValueError:
-        raise ConfigError(f"--max-errors must be a count (5) or a percentage (1%); got {text!r}") from None
-
-
-_IMAGE_FIELDS = frozenset(f.name for f in dataclasses.fields(ImageOptions))
-_CONVERT_FIELDS = frozenset(f.name for f in dataclasses.fields(ConvertConfig)) - {"image"}
-_RUN_FIELDS = frozenset(f.name for f in dataclasses.fields(RunOptions))
-_CSV_FIELDS = frozenset(f.name for f in dataclasses.fields(CsvOptions))
-#: Convenience spellings accepted by `configs_from_options` (and so by ``shardkit.convert``).
-_ALIASES = frozenset({"shard_size", "label_col"}) | _CSV_FIELDS
-
-
-def csv_options(options: dict[str, Any]) -> CsvOptions:
-    """CsvOptions from keywords; ``label_col`` may be ``"a"``, ``"a,b"`` or a list."""
-    kw = {k: v for k, v in options.items() if k in _CSV_FIELDS}
-    label = options.get("label_col", kw.get("label_cols"))
-    if isinstance(label, str):
-        label = [p.strip() for p in label.split(",") if p.strip()]
-    kw["label_cols"] = tuple(label or ())
-    for name in ("columns", "exclude"):
-        value = kw.get(name)
-        if isinstance(value, str):
-            value = [p.strip() for p in value.split(",") if p.strip()]
-        kw[name] = tuple(value or ())
-    if kw.get("root") is not None:
-        kw["root"] = str(kw["root"])
-    return CsvOptions(**kw)
-
-
-def configs_from_options(options: dict[str, Any]) -> tuple[ConvertConfig, RunOptions]:
-    """Map ``shardkit.convert(**options)`` keywords onto the config objects.
-
-    Accepts every field of ImageOptions, ConvertConfig and RunOptions, plus friendly forms:
-    ``size=224`` / ``"150x150"``, ``shard_size="256MB"``, ``max_errors="1%"`` or ``5``.
+    shuffle / seed: each epoch's order is a seeded permutation of the shards, then of the
+        samples inside each `window` of consecutive shards (None: one global shuffle).
+    drop_last: drop the tail so every rank gets whole batches; otherwise every rank gets the
+        same number of samples, the epoch padded by repeating its first ones.
+    rank / world_size: this process's place in a distributed job; None: from
+        torch.distributed when it is initialised (torch loaders), else 0 of 1.
+    fields: metadata fields batches carry (key, source, orig_width, orig_height, an image
+        CSV's columns).
+    verify: check every shard's sha256 when it is opened (its size is always checked).
+    prefetch: batches assembled ahead in a background thread (0: in the consuming thread).
+    cache_shards: shards kept open (None: window + 2; memory-mapped shards up to 64).
+    decode: ``cpu`` (batches hold pixels) or ``device`` (a jpeg dataset's batches hold the
+        stored files, which ``to_device`` decodes on the accelerator).
+    copy_threads: threads sharing each batch's copies (None: 2, or 1 on a single CPU).
     """
-    unknown = set(options) - _IMAGE_FIELDS - _CONVERT_FIELDS - _RUN_FIELDS - _ALIASES
-    if unknown:
-        valid = sorted(_IMAGE_FIELDS | _CONVERT_FIELDS | _RUN_FIELDS | _ALIASES)
-        raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}; valid: {', '.join(valid)}")
-    image_kw = {k: v for k, v in options.items() if k in _IMAGE_FIELDS}
-    size = image_kw.get("size")
-    if isinstance(size, str):
-        image_kw["size"] = parse_size(size)
-    elif isinstance(size, int):
-        image_kw["size"] = (size, size)
-    elif size is not None:
-        image_kw["size"] = tuple(size)
-    for name in ("background", "pad_color"):
-        if name in image_kw:
-            image_kw[name] = tuple(image_kw[name])
-    convert_kw = {k: v for k, v in options.items() if k in _CONVERT_FIELDS}
-    if "csv" not in convert_kw and (_CSV_FIELDS | {"label_col"}) & set(options):
-        convert_kw["csv"] = csv_options(options)
-    if "shard_size" in options:
-        value = options["shard_size"]
-        convert_kw["shard_bytes"] = parse_byte_size(value) if isinstance(value, str) else int(value)
-    if convert_kw.get("samples_per_shard") is not None and "shard_size" not in options:
-        convert_kw.setdefault("shard_bytes", None)
-    run_kw = {k: v for k, v in options.items() if k in _RUN_FIELDS}
-    budget = run_kw.get("max_errors")
-    if isinstance(budget, str):
-        run_kw["max_errors"] = parse_max_errors(budget)
-    elif isinstance(budget, int):
-        run_kw["max_errors"] = ErrorBudget(count=budget)
-    return ConvertConfig(image=ImageOptions(**image_kw), **convert_kw), RunOptions(**run_kw)
+
+    shuffle: bool = True
+    seed: int = 0
+    window: int | None = 4
+    drop_last: bool = False
+    rank: int | None = None
+    world_size: int | None = None
+    fields: tuple[str, ...] = ()
+    verify: bool = False
+    prefetch: int = 2
+    cache_shards: int | None = None
+    decode: Decode = "cpu"
+    copy_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fields", tuple(self.fields))
+        _check_count("seed", self.seed, 0)
+        _check_count("prefetch", self.prefetch, 0)
+        for name, low in (("window", 1), ("cache_shards", 1), ("copy_threads", 1), ("rank", 0),
+                          ("world_size", 1)):
+            if getattr(self, name) is not None:
+                _check_count(name, getattr(self, name), low)
+        _check_choice("decode", self.decode, DECODES)
+        if self.rank is not None and self.world_size is not None and self.rank >= self.world_size:
+            raise ConfigError(f"rank {self.rank} is not in a world of {self.world_size}")
+
+
+def _check_count(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}; got {value!r}")

@@ -210,8 +210,7 @@ def test_grayscale_and_shorter_side_shapes(tree: Path, tmp_path: Path) -> None:
         assert ds.shape is None and ds.manifest.schema["image"]["shape"] == [None, None, 3]
         images = ds.read_shard(0).images
         for image, meta in zip(images, ds.metadata(0), strict=True):
-            prefix = "" if fmt == "tar" else "orig_"
-            w, h = meta[prefix + "width"], meta[prefix + "height"]
+            w, h = meta["orig_width"], meta["orig_height"]  # the same names for tar and Parquet
             assert min(image.shape[:2]) == 12
             assert image.shape[:2] == ((12, round(w * 12 / h)) if h <= w else (round(h * 12 / w), 12))
 

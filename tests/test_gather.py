@@ -14,7 +14,7 @@ from corpus import image_tree
 
 import shardkit
 from shardkit.reader.batches import Copier, split_copies
-from shardkit.reader.handles import Pieces, gather
+from shardkit.reader.gather import Pieces, gather
 
 
 def _shard(rng: np.random.Generator, n: int) -> np.ndarray:

@@ -138,7 +138,7 @@ def exif_rotated_case(path: Path) -> Check:
     Image.fromarray(pixels, "RGB").save(path, exif=exif, quality=95)
 
     def check(out: np.ndarray, meta: dict[str, Any]) -> None:
-        assert (meta["width"], meta["height"]) == (32, 64)
+        assert (meta["orig_width"], meta["orig_height"]) == (32, 64)
         solid(RED, 40)(out[:4], meta)
         solid(BLUE, 40)(out[-4:], meta)
 
@@ -315,7 +315,7 @@ def test_every_input_is_accounted_for(converted: Converted) -> None:
 
 def test_thin_and_rotated_sizes_in_metadata(converted: Converted) -> None:
     samples = stored_samples(converted.out)
-    sizes = {s: (m["width"], m["height"]) for s, (_, _, m) in samples.items()}
+    sizes = {s: (m["orig_width"], m["orig_height"]) for s, (_, _, m) in samples.items()}
     assert sizes["good/thin_64x640.jpg"] == (64, 640)
     assert sizes["good/thin_1x1000.png"] == (1, 1000)
     assert sizes["good/exif6.jpg"] == (32, 64)  # after orientation, not the stored 64×32

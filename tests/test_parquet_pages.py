@@ -16,7 +16,8 @@ from corpus import small_dataset, small_tree
 import shardkit
 from shardkit import CorruptShardError, ShardLoader
 from shardkit.format.manifest import ShardRecord
-from shardkit.reader.handles import Pieces, ShardCache, open_parquet_raw
+from shardkit.reader.gather import Pieces
+from shardkit.reader.handles import ShardCache, open_parquet_raw
 from shardkit.reader.parquet import _Compact, map_images
 
 SHAPE = (4, 5, 3)

@@ -291,7 +291,7 @@ def test_mapped_raw_shards_all_stay_open_between_epochs(src: Path, tmp_path: Pat
     assert len(shardkit.open(out).manifest.shards) == 5
     first = sorted(i for batch in loader for i in batch["index"].tolist())
     assert first == list(range(27))
-    cache = loader.dataset._cache
+    cache = loader.dataset.reading._cache
     assert len(cache._open) == kept == loader.dataset.cache_shards
     assert ShardLoader(out, 4, window=2, cache_shards=3).dataset.cache_shards == 3
 

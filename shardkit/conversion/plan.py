@@ -21,7 +21,7 @@ from shardkit.conversion.report import FailureRecord
 from shardkit.conversion.sources.image_csv import list_image_csv
 from shardkit.conversion.sources.imagefolder import list_image_folder
 from shardkit.conversion.sources.records import InputRecord, Permuted, RecordSpool
-from shardkit.conversion.writers import tar as tar_writer
+from shardkit.format import tar
 from shardkit.format.manifest import fingerprint, shard_name
 
 __all__ = ["PART_SAMPLES", "Plan", "make_plan", "rows_per_group"]
@@ -89,8 +89,8 @@ class Plan:
 
     def json_blocks(self, records: Sequence[InputRecord]) -> int:
         """Blocks each tar JSON member of a shard holding `records` is padded to (see
-        writers.tar)."""
-        return tar_writer.json_blocks((r.source, self.class_name(r), r.meta) for r in records)
+        format.tar)."""
+        return tar.json_blocks((r.source, self.class_name(r), r.meta) for r in records)
 
 
 def make_plan(src: str | os.PathLike[str], config: ConvertConfig, *,
@@ -128,7 +128,7 @@ def sample_bytes_estimate(config: ConvertConfig, labeled: bool) -> int:
     opts = config.image
     shape = opts.fixed_shape or (opts.size[0] * 4 // 3, opts.size[0], opts.channels)
     if config.format == "tar" and config.codec == "raw" and opts.fixed_shape:
-        return tar_writer.raw_layout(shape, 1 if labeled else None, 1)["stride"]
+        return tar.raw_layout(shape, 1 if labeled else None, 1)["stride"]
     pixels = int(np.prod(shape))
     return max(1, int(pixels * _CODEC_RATIO[config.codec]))
 

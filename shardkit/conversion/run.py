@@ -17,41 +17,52 @@ import time
 from collections import Counter
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from shardkit.config import ConvertConfig, RunOptions, configs_from_options
+from shardkit.config import ConvertConfig, RunOptions
 from shardkit.conversion import executors, journal, outdir
 from shardkit.conversion.executors import InlineExecutor, local_pool
 from shardkit.conversion.plan import Plan, make_plan, rows_per_group
 from shardkit.conversion.report import ConvertSummary, FailureRecord, error_reasons, write_error_report
 from shardkit.conversion.sources.csv import source_config
 from shardkit.conversion.tasks import PartResult, PartTask, ShardTask, run_part, run_shard
-from shardkit.conversion.writers import tar as tar_writer
 from shardkit.errors import ConfigError, TooManyFailuresError, WorkerError
 from shardkit.format.files import publish
 from shardkit.format.manifest import ERRORS_NAME, Manifest, ShardRecord
+from shardkit.format.samples import image_schema
+from shardkit.format.tar import raw_layout
+from shardkit.keywords import configs_from_options
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from shardkit.keywords import ConvertKeywords
 
 __all__ = ["convert", "run_conversion"]
 
 
-def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
-            executor: cf.Executor | None = None, **options: Any) -> ConvertSummary:
+def convert(src: str | os.PathLike[str], out: str | os.PathLike[str],
+            config: ConvertConfig | None = None, run: RunOptions | None = None, *,
+            executor: cf.Executor | None = None,
+            **options: Unpack[ConvertKeywords]) -> ConvertSummary:
     """Convert the image folder or CSV file `src` into a shardkit dataset in `out`.
 
-    options: any field of `ImageOptions`, `ConvertConfig` or `RunOptions` (size, resize,
-    mode, format, codec, quality, shard_size or samples_per_shard, shuffle, seed, workers,
-    overwrite, max_errors, ...), and for a ``.csv`` SRC any field of `CsvOptions`
-    (image_col, label_col="a" or "a,b", root, columns, exclude, delimiter, encoding, header,
-    keep_ints): with image_col an image CSV, else a tabular CSV (Parquet of typed columns).
+    Options come as config objects (`config`: what decides the bytes; `run`: how the run
+    goes) or as keywords (`shardkit.keywords.ConvertKeywords`): any field of `ImageOptions`,
+    `ConvertConfig` or `RunOptions` (size, resize, mode, format, codec, quality, shard_size
+    or samples_per_shard, shuffle, seed, workers, overwrite, max_errors, ...), and for a
+    ``.csv`` SRC any field of `CsvOptions` (image_col, label_col="a" or "a,b", root, columns,
+    exclude, delimiter, encoding, header, keep_ints): with image_col an image CSV, else a
+    tabular CSV (Parquet of typed columns).
     executor: run tasks there instead of a local process pool (image inputs).
 
     Returns a `ConvertSummary`. Raises ConfigError, InputError, OutputExistsError,
     WorkerError; raises TooManyFailuresError (carrying ``.summary``) after writing the whole
     dataset when more inputs failed than ``max_errors`` allows.
     """
-    config, run = configs_from_options(options)
+    config, run = configs_from_options(dict(options), config, run)
     return run_conversion(src, out, config, run, executor=executor)
 
 
@@ -280,7 +291,7 @@ class _Scheduler:
         shape = plan.config.image.fixed_shape
         if plan.config.format == "tar" and plan.config.codec == "raw" and shape is not None:
             classes = len(plan.classes) if plan.classes is not None else None
-            layout = tar_writer.raw_layout(shape, classes, self.blocks[shard])
+            layout = raw_layout(shape, classes, self.blocks[shard])
         record = ShardRecord(file=name, samples=sum(r.samples for r in parts), bytes=result[0],
                              sha256=result[1], layout=layout)
         self.records[shard] = record
@@ -293,27 +304,7 @@ class _Scheduler:
 
 def _schema(plan: Plan) -> dict[str, Any]:
     config = plan.config
-    shape = config.image.fixed_shape
-    image: dict[str, Any] = {
-        "dtype": "uint8", "layout": "HWC", "codec": config.codec,
-        "shape": list(shape) if shape else [None, None, config.image.channels],
-    }
-    schema: dict[str, Any] = {"image": image}
-    if plan.labeled:
-        schema["label"] = {"dtype": "int64", "shape": []}
-    schema["key"] = {"dtype": "string", "shape": []}
-    schema["source"] = {"dtype": "string", "shape": []}
-    schema["orig_width"] = {"dtype": "int32", "shape": []}
-    schema["orig_height"] = {"dtype": "int32", "shape": []}
-    if config.format == "tar":
-        image["member"] = {"raw": "npy", "jpeg": "jpg", "png": "png"}[config.codec]
-        if plan.labeled:
-            schema["label"]["member"] = "cls"
-        for name in ("key", "source", "orig_width", "orig_height"):
-            schema[name]["member"] = "json" if name != "key" else "__key__"
-    else:
-        schema["parquet"] = {"rows_per_group": rows_per_group(config, plan.labeled)}
-    for position, (name, kind) in enumerate(plan.meta_types):  # image CSVs: other columns
-        schema[name] = {"dtype": kind, "shape": [], "csv_column": position,
-                        **({"member": "json"} if config.format == "tar" else {})}
-    return schema
+    return image_schema(
+        fmt=config.format, codec=config.codec, shape=config.image.fixed_shape,
+        channels=config.image.channels, labeled=plan.labeled, meta_types=plan.meta_types,
+        rows_per_group=rows_per_group(config, plan.labeled) if config.format == "parquet" else None)

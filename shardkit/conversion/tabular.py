@@ -35,9 +35,8 @@ from shardkit.conversion.sources.csv import (
     infer_columns,
     typed_block,
 )
-from shardkit.conversion.writers._common import hash_file
 from shardkit.errors import ConfigError, InputError, WorkerError
-from shardkit.format.files import publish
+from shardkit.format.files import hash_file, publish
 from shardkit.format.manifest import ERRORS_NAME, Manifest, ShardRecord, fingerprint, shard_name
 
 __all__ = ["TableLayout", "convert_table"]

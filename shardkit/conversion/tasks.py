@@ -21,8 +21,9 @@ from shardkit.conversion.images import ImageFailure, encode, load_image, pillow_
 from shardkit.conversion.report import FailureRecord
 from shardkit.conversion.sources.records import InputRecord
 from shardkit.conversion.writers import EncodedSample
-from shardkit.conversion.writers.parquet import ParquetPartWriter, arrow_schema, assemble_parquet
+from shardkit.conversion.writers.parquet import ParquetPartWriter, assemble_parquet
 from shardkit.conversion.writers.tar import TarPartWriter, assemble_tar
+from shardkit.format.samples import arrow_schema
 
 __all__ = ["PartResult", "PartTask", "ShardTask", "run_part", "run_shard"]
 

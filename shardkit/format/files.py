@@ -1,4 +1,5 @@
-"""Atomic publication of files: write to a temporary name, fsync, rename, fsync the folder.
+"""Files: atomic publication (write to a temporary name, fsync, rename, fsync the folder),
+streamed hashing, and the one check of a shard file against its index.json record.
 
 A file under its final name is always complete: a crash leaves at worst a temporary file,
 never a partial one under the final name (unlike click's atomic helper, an exception here
@@ -9,9 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
-__all__ = ["atomic_write_bytes", "fsync_dir", "hash_file", "publish"]
+from shardkit.errors import CorruptShardError
+
+if TYPE_CHECKING:
+    from shardkit.format.manifest import ShardRecord
+
+__all__ = ["atomic_write_bytes", "check_shard", "copy_hashed", "fsync_dir", "hash_file", "publish"]
 
 _CHUNK = 4 * 1024 * 1024
 
@@ -57,3 +65,42 @@ def hash_file(path: str | os.PathLike[str]) -> tuple[int, str]:
             digest.update(view[:count])
             total += count
     return total, digest.hexdigest()
+
+
+def copy_hashed(sources: Iterable[str], out: BinaryIO, digest: hashlib._Hash) -> int:
+    """Append each file in `sources` to `out`, feeding `digest`; return bytes copied."""
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    total = 0
+    for source in sources:
+        with open(source, "rb", buffering=0) as handle:
+            while count := handle.readinto(buffer):
+                chunk = view[:count]
+                digest.update(chunk)
+                out.write(chunk)
+                total += count
+    return total
+
+
+def check_shard(path: str | os.PathLike[str], record: ShardRecord, *, verify: bool) -> None:
+    """The one check of a shard file against its index.json record: CorruptShardError, naming
+    the file, when it is missing, is not a regular file, has another size, or (with `verify`)
+    another sha256. Other I/O errors (permissions...) raise CorruptShardError too."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CorruptShardError(f"{path}: missing (index.json lists it)") from None
+    except OSError as exc:
+        raise CorruptShardError(f"{path}: unreadable: {exc.strerror or exc}") from None
+    if not os.path.isfile(path):
+        raise CorruptShardError(f"{path}: not a regular file")
+    if st.st_size != record.bytes:
+        raise CorruptShardError(f"{path}: {st.st_size} bytes on disk, index.json says "
+                                f"{record.bytes} (truncated or replaced?)")
+    if verify:
+        try:
+            digest = hash_file(path)[1]
+        except OSError as exc:
+            raise CorruptShardError(f"{path}: unreadable: {exc.strerror or exc}") from None
+        if digest != record.sha256:
+            raise CorruptShardError(f"{path}: sha256 differs from index.json (corrupted)")

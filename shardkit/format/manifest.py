@@ -17,6 +17,7 @@ from typing import Any
 from shardkit._version import __version__
 from shardkit.errors import DatasetError
 from shardkit.format.files import atomic_write_bytes
+from shardkit.format.samples import TARGET_FIELD
 
 __all__ = [
     "ERRORS_NAME",
@@ -103,6 +104,53 @@ class Manifest:
     @property
     def bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
+
+    # What readers ask of an image dataset, answered here once (validated by from_json).
+
+    @property
+    def format(self) -> str:
+        """``tar`` or ``parquet`` (tables are always Parquet)."""
+        return str(self.config.get("format", "parquet"))
+
+    @property
+    def codec(self) -> str:
+        """``raw``, ``jpeg`` or ``png`` (images); ``table`` for tables."""
+        return str(self.config.get("codec", "table"))
+
+    @property
+    def labeled(self) -> bool:
+        return self.classes is not None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """(H, W, C) when every image has that shape; None when shapes vary (or a table)."""
+        shape = self.schema.get("image", {}).get("shape", [None])
+        return None if None in shape else (int(shape[0]), int(shape[1]), int(shape[2]))
+
+    @property
+    def channels(self) -> int:
+        return int(self.schema["image"]["shape"][2])
+
+    @property
+    def csv_columns(self) -> tuple[tuple[str, str], ...]:
+        """An image CSV's other columns as (name, dtype), in CSV order (empty for folders)."""
+        found = sorted((spec["csv_column"], name, spec["dtype"]) for name, spec in self.schema.items()
+                       if isinstance(spec, dict) and "csv_column" in spec)
+        return tuple((name, dtype) for _, name, dtype in found)
+
+    @property
+    def targets(self) -> int:
+        """Float targets per sample (image CSVs with several label columns), else 0."""
+        if self.kind != "images" or TARGET_FIELD not in self.schema:
+            return 0
+        return len(self.config["csv"]["label_cols"])
+
+    @property
+    def mapped(self) -> bool:
+        """True when the reader memory-maps the shards' pixels (fixed-shape raw images in tar,
+        or in Parquet with an uncompressed image column)."""
+        return (self.kind == "images" and self.codec == "raw" and self.image_shape is not None
+                and (self.format == "tar" or self.config.get("compression") == "none"))
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -1,64 +1,193 @@
-"""Read tar shards: whole-shard strided arrays for fixed-shape raw data, a checked member
-walk for everything else. Nothing is ever unpickled; unsafe members are refused."""
+"""Tar shards: the member layout, defined once for the writer, the reader and verify.
+
+Each sample is a run of members sharing a key: ``<key>.npy`` (raw codec; numpy's .npy
+format, never pickled) or ``<key>.jpg`` / ``<key>.png``, then ``<key>.cls`` (label as ASCII
+digits, zero-padded to one width per dataset) when the dataset has labels, then
+``<key>.json`` (metadata). Headers are fixed (mtime 0, uid/gid 0, no user names, mode 0644,
+USTAR) so the same samples give the same bytes. WebDataset reads these shards as they are.
+
+For fixed-shape raw shards every sample occupies the same number of bytes: the JSON member is
+padded with trailing spaces (valid JSON whitespace) to a whole number of blocks fixed per shard
+from an upper bound computed at plan time. Sample ``i``'s pixels then start at
+``i * stride + offset``; both numbers are in the shard's manifest record (`raw_layout`), and
+`RawView` locates a whole shard's pixels and labels by that arithmetic alone.
+
+Reading never unpickles anything, and `iter_members` refuses unsafe members.
+"""
 
 from __future__ import annotations
 
+import io
+import json
+import math
 import os
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from shardkit.errors import CorruptShardError, UnsafeContentError
 from shardkit.format.manifest import ShardRecord
 
-__all__ = ["iter_members", "read_raw_shard"]
+__all__ = [
+    "BLOCK",
+    "END_OF_ARCHIVE",
+    "KNOWN_FIELDS",
+    "NPY_MAGIC",
+    "TYPEFLAG",
+    "RawView",
+    "iter_members",
+    "json_blocks",
+    "label_digits",
+    "npy_header",
+    "padding",
+    "raw_layout",
+    "sample_json",
+    "tar_header",
+]
 
+BLOCK = 512
+END_OF_ARCHIVE = bytes(2 * BLOCK)
 #: The member extensions a shardkit tar shard may hold.
 KNOWN_FIELDS = frozenset({"npy", "jpg", "png", "cls", "json"})
-_NPY_MAGIC = np.frombuffer(b"\x93NUMPY", dtype=np.uint8)
-_END = 1024
+NPY_MAGIC = b"\x93NUMPY"
+#: Offset of the type flag in a tar header; b"0" is a regular file.
+TYPEFLAG = 156
+#: Placeholder wide enough for any image dimension, used to bound JSON sizes at plan time.
+_WIDEST_INT = 9_999_999_999
 
 
-def read_raw_shard(path: str | os.PathLike[str], record: ShardRecord,
-                   shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
-    """(images [N,H,W,C] uint8, labels [N] int64 or None) of a fixed-shape raw tar shard.
+def tar_header(name: str, size: int) -> bytes:
+    """The fixed USTAR header of a regular member (same bytes for the same name and size)."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
 
-    The shard is read with one ``readinto``; images are a strided view of that buffer.
-    Raises CorruptShardError when its size or structure disagrees with `record`.
-    """
-    layout = record.layout
-    if layout is None:
-        raise CorruptShardError(f"{path}: index.json gives no fixed layout for this shard")
-    n, stride, offset = record.samples, layout["stride"], layout["offset"]
-    expected = n * stride + _END
-    if record.bytes != expected:
-        raise CorruptShardError(f"{path}: index.json says {record.bytes} bytes, but "
-                                f"{n} samples of {stride} bytes need {expected}")
-    buffer = np.empty(expected, dtype=np.uint8)
-    with open(path, "rb", buffering=0) as handle:
-        size = os.fstat(handle.fileno()).st_size
-        if size != expected:
-            raise CorruptShardError(f"{path}: {size} bytes on disk, index.json says {expected}")
-        got = handle.readinto(buffer.data)
-    if got != expected:
-        raise CorruptShardError(f"{path}: short read ({got} of {expected} bytes)")
-    rows = np.lib.stride_tricks.as_strided(buffer, shape=(n, stride), strides=(stride, 1))
-    # Every sample starts with the .npy member's tar header; its data (the .npy magic) follows.
-    if n and not (rows[:, 512:518] == _NPY_MAGIC).all():
-        raise CorruptShardError(f"{path}: a sample's .npy member is not where index.json puts it")
-    h, w, c = (int(v) for v in shape)
-    images = np.lib.stride_tricks.as_strided(
-        buffer[offset:], shape=(n, h, w, c), strides=(stride, w * c, c, 1), writeable=False
+
+def padding(size: int) -> bytes:
+    """Zero bytes that bring a member of `size` bytes to a whole number of blocks."""
+    return bytes(-size % BLOCK)
+
+
+def npy_header(shape: Sequence[int]) -> bytes:
+    """The .npy (version 1.0) header for a C-order uint8 array of `shape`."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": "|u1", "fortran_order": False, "shape": tuple(int(s) for s in shape)}
     )
-    labels = None
-    if "label_offset" in layout:
-        start, digits = layout["label_offset"], layout["label_digits"]
-        text = rows[:, start:start + digits].astype(np.int64) - ord("0")
-        if n and ((text < 0) | (text > 9)).any():
-            raise CorruptShardError(f"{path}: a .cls member does not hold {digits} digits")
-        labels = text @ (10 ** np.arange(digits - 1, -1, -1, dtype=np.int64))
-    return images, labels
+    return buffer.getvalue()
+
+
+def sample_json(source: str, class_name: str | None, width: int, height: int,
+                extra: Iterable[tuple[str, Any]] = ()) -> bytes:
+    """The metadata member: source path (relative to SRC), class name, original size (the
+    sample fields ``orig_width``/``orig_height`` are stored as ``width``/``height``), and (CSV
+    inputs) the row's other columns."""
+    meta: dict[str, object] = {"source": source, "width": width, "height": height}
+    if class_name is not None:
+        meta["class"] = class_name
+    meta.update(extra)
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def json_blocks(items: Iterable[tuple[str, str | None, tuple[tuple[str, Any], ...]]]) -> int:
+    """Blocks every sample's JSON is padded to, from (source, class name, CSV columns) known
+    at plan time."""
+    longest = max((len(sample_json(s, c, _WIDEST_INT, _WIDEST_INT, m)) for s, c, m in items),
+                  default=1)
+    return max(1, math.ceil(longest / BLOCK))
+
+
+def label_digits(classes: int) -> int:
+    """Width of the zero-padded ``.cls`` text: every label of a dataset has the same width, so
+    a reader can parse a shard's labels with array arithmetic (``int("007") == 7``)."""
+    return len(str(max(classes - 1, 0)))
+
+
+def raw_layout(shape: Sequence[int], classes: int | None, blocks: int) -> dict[str, int]:
+    """Where fixed-shape raw samples keep their bytes (see the module docstring).
+
+    Sample ``i`` starts at ``i * stride``; its pixels at ``+ offset``; its label's ASCII
+    digits (``label_digits`` of them) at ``+ label_offset`` when `classes` is not None; its
+    JSON member's header at ``+ meta_offset``.
+    """
+    header = len(npy_header(shape))
+    payload = header + int(np.prod(shape))
+    npy_span = BLOCK + payload + -payload % BLOCK
+    layout = {"offset": BLOCK + header}
+    stride = npy_span
+    if classes is not None:
+        layout["label_offset"] = npy_span + BLOCK
+        layout["label_digits"] = label_digits(classes)
+        stride += 2 * BLOCK
+    layout["meta_offset"] = stride
+    layout["stride"] = stride + BLOCK + blocks * BLOCK
+    return layout
+
+
+class RawView:
+    """The one raw-tar opener: a fixed-shape raw shard located in `buffer` (a memory map or
+    the bytes of the whole file) by its record's layout, and checked structurally (every
+    sample's .npy magic and tar type flags, the label digits). Raises CorruptShardError.
+
+    images: [N,H,W,C] uint8, a strided read-only view of `buffer` (no copy); labels: [N]
+    int64 or None; `metadata()` parses the JSON members (key, source, orig_width,
+    orig_height and `extra` CSV columns) when asked.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], buffer: Any, record: ShardRecord,
+                 shape: Sequence[int]) -> None:
+        layout = record.layout
+        if layout is None:
+            raise CorruptShardError(f"{path}: index.json gives no layout for this raw shard")
+        n, stride = record.samples, layout["stride"]
+        if record.bytes != n * stride + len(END_OF_ARCHIVE):
+            raise CorruptShardError(f"{path}: {n} samples of {stride} bytes do not make "
+                                    f"{record.bytes} bytes")
+        flat = np.frombuffer(buffer, dtype=np.uint8) if n else np.zeros(stride, np.uint8)
+        if len(flat) < n * stride:
+            raise CorruptShardError(f"{path}: {len(flat)} bytes, index.json says {record.bytes}")
+        self.path, self.layout, self.samples = str(path), layout, n
+        self.rows = np.lib.stride_tricks.as_strided(flat, shape=(n, stride), strides=(stride, 1),
+                                                    writeable=False)
+        self._check_members()
+        h, w, c = (int(v) for v in shape)
+        self.images = np.lib.stride_tricks.as_strided(
+            flat[layout["offset"]:], shape=(n, h, w, c), strides=(stride, w * c, c, 1),
+            writeable=False)
+        self.labels = self._labels() if "label_offset" in layout else None
+
+    def _check_members(self) -> None:
+        layout, rows = self.layout, self.rows
+        headers = [0, layout["meta_offset"]] + (
+            [layout["label_offset"] - BLOCK] if "label_offset" in layout else [])
+        magic = np.frombuffer(NPY_MAGIC, dtype=np.uint8)
+        if not (rows[:, BLOCK:BLOCK + len(magic)] == magic).all() or not all(
+                (rows[:, h + TYPEFLAG] == ord("0")).all() for h in headers):
+            raise CorruptShardError(f"{self.path}: samples are not where index.json puts them "
+                                    "(corrupted or not a shardkit shard)")
+
+    def _labels(self) -> np.ndarray:
+        start, digits = self.layout["label_offset"], self.layout["label_digits"]
+        text = self.rows[:, start:start + digits].astype(np.int64) - ord("0")
+        if ((text < 0) | (text > 9)).any():
+            raise CorruptShardError(f"{self.path}: a .cls member does not hold {digits} digits")
+        return text @ (10 ** np.arange(digits - 1, -1, -1, dtype=np.int64))
+
+    def metadata(self) -> list[tuple[str, dict[str, Any]]]:
+        """(key, parsed JSON member) of every sample. Raises CorruptShardError."""
+        begin = self.layout["meta_offset"] + BLOCK
+        try:
+            return [(bytes(row[:100]).split(b".", 1)[0].decode(), json.loads(bytes(row[begin:])))
+                    for row in self.rows]
+        except ValueError as exc:
+            raise CorruptShardError(f"{self.path}: a .json member is not JSON: {exc}") from None
 
 
 def iter_members(path: str | os.PathLike[str]) -> Iterator[tuple[str, str, bytes]]:

@@ -7,6 +7,7 @@ No Python runs per sample for raw data; jpeg/png payloads are decoded one by one
 
 from __future__ import annotations
 
+import io
 import queue
 import sys
 import threading
@@ -15,14 +16,17 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from shardkit.config import usable_cpus
-from shardkit.errors import ConfigError
+from shardkit.errors import ConfigError, CorruptShardError
 from shardkit.reader.assign import shard_runs
-from shardkit.reader.handles import ShardCache, decode_payload, gather
+from shardkit.reader.gather import gather
+from shardkit.reader.handles import ShardCache
 from shardkit.reader.open_ahead import read_ahead
 
-__all__ = ["Copier", "assemble", "in_background", "resolve_copy_threads", "stream_batches"]
+__all__ = ["BufferPool", "Copier", "assemble", "decode_image", "in_background", "resolve_copy_threads",
+           "stream_batches"]
 
 Allocator = Callable[[tuple[int, ...]], np.ndarray]
 
@@ -136,24 +140,27 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
     metadata `fields`. Images are one [B,H,W,C] uint8 array when shapes are fixed, else a list;
     with `encoded` (jpeg/png shards) a list of the stored files as 1-D uint8 arrays, for the
     caller to decode (on the GPU: see `to_device`)."""
+    manifest = cache.manifest
     size = len(index)
-    fixed = None if encoded else cache.shape
+    fixed = None if encoded else manifest.image_shape
     images: Any = alloc((size, *fixed)) if fixed is not None else [None] * size
-    labels = np.empty((size, cache.targets), dtype=np.float32) if cache.targets \
-        else np.empty(size, dtype=np.int64) if cache.labeled else None
+    labels = np.empty((size, manifest.targets), dtype=np.float32) if manifest.targets \
+        else np.empty(size, dtype=np.int64) if manifest.labeled else None
     meta: dict[str, list[Any]] = {f: [] for f in fields}
-    channels = int(cache.manifest.schema["image"]["shape"][2])
     copies: list[Copy] = []
     for number, slots, local in shard_runs(starts, index):
         handle = cache.get(number)
-        if handle.images is not None:
+        if isinstance(handle.images, list):  # raw images of varying shapes
+            for slot, i in enumerate(local.tolist(), start=slots.start):
+                images[slot] = handle.images[i]
+        elif handle.images is not None:
             copies.append((handle.images, local, images[slots]))
         else:
             assert handle.payloads is not None
             for slot, i in enumerate(local.tolist(), start=slots.start):
                 data = handle.payloads[i]
                 images[slot] = np.frombuffer(bytearray(data), np.uint8) if encoded \
-                    else decode_payload(data, cache.codec, channels)
+                    else decode_image(data, manifest.channels)
         if labels is not None:
             assert handle.labels is not None
             labels[slots] = handle.labels[local]
@@ -165,6 +172,16 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
         batch["label"] = labels
     batch.update(meta)
     return batch
+
+
+def decode_image(data: bytes, channels: int) -> np.ndarray:
+    """H×W×C uint8 from a stored jpeg/png file (C = `channels`). Raises CorruptShardError."""
+    try:
+        with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as im:
+            array = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise CorruptShardError(f"a stored image does not decode: {exc}") from None
+    return array[:, :, None] if array.ndim == 2 else array
 
 
 def stream_batches(cache: ShardCache, starts: np.ndarray, batches: Sequence[np.ndarray],

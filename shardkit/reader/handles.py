@@ -1,54 +1,46 @@
-"""Open shards for random-access batch assembly, and gather batches out of them.
+"""Open shards for random-access batch assembly.
 
 * Raw tar shards are memory-mapped; their images are one strided [N,H,W,C] view located by
-  the manifest's layout, checked structurally on open (size, every sample's .npy magic and
-  tar type flags, label digits). A batch costs one gather per shard it touches.
+  the manifest's layout and checked structurally on open (`shardkit.format.tar.RawView`).
 * Raw Parquet shards are memory-mapped too: their image column is one [n,H,W,C] view per
   data page (`Pieces`), found by walking the page headers and checked against the footer and
   index.json on open (see `parquet.map_images`). A column stored any other way than bare
   (compressed, dictionary-encoded...) is read once by pyarrow into an [N,H,W,C] array.
 * jpeg/png shards keep their encoded payloads; a batch decodes the samples it needs.
+  Raw shards of varying shapes hold one array per sample.
 
-Handles are cached (least recently used first out) and the next ones are opened in a
+`ShardCache` keeps handles (least recently used first out) and opens the next ones in a
 background thread, so a batch rarely waits for a shard.
 """
 
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import os
-import threading
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from shardkit.errors import ConfigError, CorruptShardError
+from shardkit.format.files import check_shard
 from shardkit.format.manifest import Manifest, ShardRecord
-from shardkit.format.tar import iter_members
-from shardkit.reader.open_ahead import OpenAhead, check_size, map_shard
+from shardkit.format.samples import METADATA_FIELDS, TARGET_FIELD, fields_from_json
+from shardkit.format.tar import RawView, iter_members
+from shardkit.reader.gather import Pieces
+from shardkit.reader.open_ahead import OpenAhead, map_shard
 from shardkit.reader.parquet import int64_values, map_images, read_parquet_shard, read_parquet_table
-from shardkit.reader.targets import has_targets, read_targets
+from shardkit.reader.targets import read_targets
 
-__all__ = ["Pieces", "ShardCache", "ShardHandle", "check_fields", "default_capacity", "gather",
-           "metadata_fields"]
-
-_NPY_MAGIC = np.frombuffer(b"\x93NUMPY", dtype=np.uint8)
-_TYPEFLAG = 156  # offset of the type flag in a tar header
-_METADATA = ("key", "source", "orig_width", "orig_height")
+__all__ = ["MAPPED_SHARDS", "ShardCache", "ShardHandle", "check_fields", "default_capacity",
+           "metadata_fields", "open_shard"]
 
 
 def metadata_fields(manifest: Manifest) -> tuple[str, ...]:
     """The fields a batch of this image dataset may carry: the standard ones, then an image
-    CSV's metadata columns (schema entries with a ``csv_column``), in CSV order."""
-    schema = manifest.schema
-    extra = sorted((spec["csv_column"], name) for name, spec in schema.items()
-                   if isinstance(spec, dict) and "csv_column" in spec and name != "target")
-    return _METADATA + tuple(name for _, name in extra)
+    CSV's columns in CSV order (its float targets come as ``label``)."""
+    return METADATA_FIELDS + tuple(n for n, _ in manifest.csv_columns if n != TARGET_FIELD)
 
 
 def check_fields(manifest: Manifest, fields: Sequence[str]) -> tuple[str, ...]:
@@ -62,10 +54,11 @@ def check_fields(manifest: Manifest, fields: Sequence[str]) -> tuple[str, ...]:
 
 
 class ShardHandle:
-    """One opened shard: images (array or encoded payloads), labels, and lazy metadata."""
+    """One opened shard: `images` (an [N,H,W,C] array, `Pieces`, or one array per sample when
+    shapes vary), or `payloads` (stored jpeg/png files); `labels`; metadata read when asked."""
 
-    def __init__(self, *, path: str, images: np.ndarray | Pieces | None, payloads: list[bytes] | None,
-                 labels: np.ndarray | None, metadata: Any) -> None:
+    def __init__(self, *, path: str, images: np.ndarray | Pieces | list[np.ndarray] | None,
+                 payloads: list[bytes] | None, labels: np.ndarray | None, metadata: Any) -> None:
         self.path = path
         self.images = images
         self.payloads = payloads
@@ -78,52 +71,28 @@ class ShardHandle:
         return [values[field][i] for i in local.tolist()]
 
 
+def _columns(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, list[Any]]:
+    return {name: [row[name] for row in rows] for name in names}
+
+
 def open_raw_tar(path: str, record: ShardRecord, shape: Sequence[int],
-                 extra: Sequence[str] = ()) -> ShardHandle:
-    layout = record.layout
-    if layout is None:
-        raise CorruptShardError(f"{path}: index.json gives no layout for this raw shard")
-    n, stride, offset = record.samples, layout["stride"], layout["offset"]
-    if record.bytes != n * stride + 1024:
-        raise CorruptShardError(f"{path}: {n} samples of {stride} bytes do not make "
-                                f"{record.bytes} bytes")
-    if n == 0:
-        return ShardHandle(path=path, images=np.empty((0, *shape), np.uint8), payloads=None,
-                           labels=np.empty(0, np.int64),
-                           metadata={f: [] for f in (*_METADATA, *extra)})
-    buffer = np.frombuffer(map_shard(path), dtype=np.uint8)
-    rows = np.lib.stride_tricks.as_strided(buffer, shape=(n, stride), strides=(stride, 1),
-                                           writeable=False)
-    json_header = layout["meta_offset"]
-    headers = [0, json_header] + ([layout["label_offset"] - 512] if "label_offset" in layout else [])
-    if not (rows[:, 512:518] == _NPY_MAGIC).all() or not all(
-            (rows[:, h + _TYPEFLAG] == ord("0")).all() for h in headers):
-        raise CorruptShardError(f"{path}: samples are not where index.json puts them "
-                                "(corrupted or not a shardkit shard)")
-    h, w, c = (int(v) for v in shape)
-    images = np.lib.stride_tricks.as_strided(buffer[offset:], shape=(n, h, w, c),
-                                             strides=(stride, w * c, c, 1), writeable=False)
-    labels = None
-    if "label_offset" in layout:
-        start, digits = layout["label_offset"], layout["label_digits"]
-        text = rows[:, start:start + digits].astype(np.int64) - ord("0")
-        if ((text < 0) | (text > 9)).any():
-            raise CorruptShardError(f"{path}: a .cls member does not hold {digits} digits")
-        labels = text @ (10 ** np.arange(digits - 1, -1, -1, dtype=np.int64))
+                 fields: Sequence[str] = METADATA_FIELDS) -> ShardHandle:
+    view = RawView(path, map_shard(path) if record.samples else b"", record, shape)
+    extra = fields[len(METADATA_FIELDS):]
 
     def metadata() -> dict[str, list[Any]]:
-        begin = json_header + 512
-        metas = [json.loads(bytes(row[begin:])) for row in rows]
-        keys = [bytes(row[:100]).split(b".", 1)[0].decode() for row in rows]
-        return {"key": keys, "source": [m["source"] for m in metas],
-                "orig_width": [m["width"] for m in metas], "orig_height": [m["height"] for m in metas],
-                **{name: [m.get(name) for m in metas] for name in extra}}
+        try:
+            rows = [fields_from_json(key, meta, extra) for key, meta in view.metadata()]
+        except ValueError as exc:
+            raise CorruptShardError(f"{path}: {exc}") from None
+        return _columns(rows, fields)
 
-    return ShardHandle(path=path, images=images, payloads=None, labels=labels, metadata=metadata)
+    return ShardHandle(path=path, images=view.images, payloads=None, labels=view.labels,
+                       metadata=metadata)
 
 
-def open_parquet_raw(path: str, record: ShardRecord, shape: Sequence[int],
-                     labeled: bool, extra: Sequence[str] = ()) -> ShardHandle:
+def open_parquet_raw(path: str, record: ShardRecord, shape: Sequence[int], labeled: bool,
+                     fields: Sequence[str] = METADATA_FIELDS) -> ShardHandle:
     pages = map_images(path, record, shape)
     images: np.ndarray | Pieces
     labels: np.ndarray | None
@@ -135,157 +104,76 @@ def open_parquet_raw(path: str, record: ShardRecord, shape: Sequence[int],
             if labeled else None
 
     def metadata() -> dict[str, list[Any]]:
-        names = [*_METADATA, *extra]
-        meta = read_parquet_table(path, names, record.samples)
-        return {name: meta.column(name).to_pylist() for name in names}
+        meta = read_parquet_table(path, fields, record.samples)
+        return {name: meta.column(name).to_pylist() for name in fields}
 
     return ShardHandle(path=path, images=images, payloads=None, labels=labels, metadata=metadata)
 
 
-def open_encoded(path: str, record: ShardRecord, fmt: str, labeled: bool,
-                 extra: Sequence[str] = ()) -> ShardHandle:
-    payloads: list[bytes] = []
+def open_encoded(path: str, record: ShardRecord, manifest: Manifest,
+                 fields: Sequence[str]) -> ShardHandle:
+    """jpeg/png shards (payloads kept encoded) and raw shards of varying shapes (one array
+    per sample), tar or Parquet."""
+    raw, labeled = manifest.codec == "raw", manifest.labeled
+    stored: list[Any] = []
     labels: list[int] = []
-    meta: dict[str, list[Any]] = {name: [] for name in (*_METADATA, *extra)}
-    if fmt == "tar":
+    if manifest.format == "tar":
+        rows: list[dict[str, Any]] = []
         for key, field, data in iter_members(path):
             if field == "cls":
-                labels.append(int(data))
+                labels.append(_integer(path, data))
             elif field == "json":
-                item = json.loads(data)
-                meta["key"].append(key)
-                meta["source"].append(item["source"])
-                meta["orig_width"].append(item["width"])
-                meta["orig_height"].append(item["height"])
-                for name in extra:
-                    meta[name].append(item.get(name))
+                rows.append(_json_fields(path, key, data, fields[len(METADATA_FIELDS):]))
             else:
-                payloads.append(data)
+                stored.append(_npy(path, data) if raw else data)
+        meta = _columns(rows, fields)
     else:
-        columns = ["image", *_METADATA, *extra] + (["label"] if labeled else [])
-        table = read_parquet_table(path, columns, record.samples)
-        payloads = table.column("image").to_pylist()
+        columns = ["image", *fields, *(["label"] if labeled else []),
+                   *(["width", "height"] if raw else [])]
+        table = read_parquet_table(path, list(dict.fromkeys(columns)), record.samples)
+        stored = table.column("image").to_pylist()
+        if raw:
+            stored = [_pixels(path, data, h, w, manifest.channels) for data, h, w in zip(
+                stored, table.column("height").to_pylist(), table.column("width").to_pylist(),
+                strict=True)]
         labels = table.column("label").to_pylist() if labeled else []
-        meta = {name: table.column(name).to_pylist() for name in (*_METADATA, *extra)}
-    if len(payloads) != record.samples or (labeled and len(labels) != record.samples):
-        raise CorruptShardError(f"{path}: {len(payloads)} samples, index.json says {record.samples}")
-    return ShardHandle(path=path, images=None, payloads=payloads,
+        meta = {name: table.column(name).to_pylist() for name in fields}
+    if len(stored) != record.samples or (labeled and len(labels) != record.samples):
+        raise CorruptShardError(f"{path}: {len(stored)} samples, index.json says {record.samples}")
+    return ShardHandle(path=path, images=stored if raw else None, payloads=None if raw else stored,
                        labels=np.asarray(labels, dtype=np.int64) if labeled else None, metadata=meta)
 
 
-def decode_payload(data: bytes, codec: str, channels: int) -> np.ndarray:
-    """H×W×C uint8 from a stored jpeg/png payload."""
-    with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as im:
-        array = np.asarray(im.convert("L" if channels == 1 else "RGB"))
-    return array[:, :, None] if array.ndim == 2 else array
+def _integer(path: str, data: bytes) -> int:
+    try:
+        return int(data)
+    except ValueError:
+        raise CorruptShardError(f"{path}: a .cls member does not hold a number") from None
 
 
-_THREAD = threading.local()
-
-# Shards are mapped read-only, and torch warns (once) when it wraps a read-only array. The
-# tensors made here are only ever read (the source of a gather), so the warning says nothing
-# to the user; it is silenced for this module's calls only, once, at import.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable",
-                        category=UserWarning, module=__name__)
+def _json_fields(path: str, key: str, data: bytes, extra: Sequence[str]) -> dict[str, Any]:
+    try:
+        return fields_from_json(key, json.loads(data), extra)
+    except ValueError as exc:
+        raise CorruptShardError(f"{path}: sample {key}: bad .json member: {exc}") from None
 
 
-class Pieces:
-    """A shard's images as consecutive [n_i,H,W,C] arrays (say, one per Parquet data page),
-    gathered from without joining them first.
-
-    When the pieces are views of one flat uint8 buffer (a memory-mapped file) and torch is
-    present, every image's byte offset in that buffer is known (`offsets`), and a shuffled
-    batch is gathered from all the pieces with one `index_select` (see `gather`) instead of
-    one call per piece.
-    """
-
-    def __init__(self, arrays: Sequence[np.ndarray]) -> None:
-        self.arrays = list(arrays)
-        self.starts = np.cumsum([0] + [len(a) for a in self.arrays], dtype=np.int64)
-        self.offsets: np.ndarray | None = None
-        self._rows: Any = None  # the buffer as overlapping rows, one starting at every byte
-        base = self.arrays[0].base if self.arrays else None
-        torch = _torch()
-        if torch is None or not isinstance(base, np.ndarray) or base.ndim != 1 \
-                or base.dtype != np.uint8 or not all(a.base is base and a.flags.c_contiguous
-                                                     for a in self.arrays):
-            return
-        width = int(np.prod(self.arrays[0].shape[1:]))
-        origin = _address(base)
-        self.offsets = np.concatenate(
-            [_address(a) - origin + width * np.arange(len(a), dtype=np.int64) for a in self.arrays])
-        # Row k holds bytes k .. k+width-1, so row offsets[i] is image i. Only ever read.
-        self._rows = torch.from_numpy(base).as_strided((len(base) - width + 1, width), (1, 1))
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
+def _npy(path: str, data: bytes) -> np.ndarray:
+    """A .npy member's uint8 H×W×C array (never unpickled)."""
+    try:
+        array: np.ndarray = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise CorruptShardError(f"{path}: a .npy member does not load: {exc}") from None
+    if array.dtype != np.uint8 or array.ndim != 3:
+        raise CorruptShardError(f"{path}: a .npy member holds {array.dtype} {array.shape}")
+    return array
 
 
-def _address(array: np.ndarray) -> int:
-    return int(array.__array_interface__["data"][0])
-
-
-def gather(images: np.ndarray | Pieces, local: np.ndarray, out: np.ndarray) -> None:
-    """out[:] = images[local] with one copy: a slice copy for a run of consecutive samples,
-    else torch's index_select when torch is present (numpy would copy twice). `local` is
-    sorted (see `assign`), so with `Pieces` each piece's samples are one run of `out`."""
-    if not len(local):
-        return
-    consecutive = int(local[-1]) - int(local[0]) == len(local) - 1
-    torch = None if consecutive else _torch()
-    if torch is not None:
-        _one_thread(torch)
-    if isinstance(images, Pieces):
-        if torch is not None and images.offsets is not None:
-            torch.index_select(images._rows, 0, torch.from_numpy(images.offsets[local]),
-                               out=torch.from_numpy(out).view(len(local), -1))
-            return
-        cuts = np.searchsorted(local, images.starts).tolist()
-        for piece, (begin, end) in enumerate(itertools.pairwise(cuts)):
-            if end > begin:
-                gather(images.arrays[piece], local[begin:end] - images.starts[piece],
-                       out[begin:end])
-        return
-    if consecutive:
-        np.copyto(out, images[int(local[0]):int(local[-1]) + 1])
-    elif torch is None:
-        out[...] = images[local]
-    else:
-        torch.index_select(torch.from_numpy(images), 0, torch.from_numpy(local),
-                           out=torch.from_numpy(out))
-
-
-def _one_thread(torch: Any) -> None:
-    """Make torch's ops in this thread single-threaded: shardkit splits a batch's copies
-    itself (`stream.Copier`), and torch's own threads would only add their spinning CPU time.
-
-    torch.set_num_threads sets this thread's OpenMP count, but also the count that threads
-    which have not run a torch op yet will take, and MKL's: that value is put back at once,
-    from a short-lived thread, so the training thread's ops keep their threads.
-    """
-    if getattr(_THREAD, "single", False):
-        return
-    default = torch.get_num_threads()  # this thread's first op: the count new threads take
-    torch.set_num_threads(1)
-    restore = threading.Thread(target=torch.set_num_threads, args=(default,),
-                               name="shardkit-threads")
-    restore.start()
-    restore.join()
-    _THREAD.single = True
-
-
-_TORCH: list[Any] = []
-
-
-def _torch() -> Any:
-    """torch when it is installed (its gather copies once), else None."""
-    if not _TORCH:
-        try:
-            import torch as module
-        except ImportError:
-            module = None  # type: ignore[assignment]
-        _TORCH.append(module)
-    return _TORCH[0]
+def _pixels(path: str, data: bytes, height: int, width: int, channels: int) -> np.ndarray:
+    if height * width * channels != len(data):
+        raise CorruptShardError(f"{path}: an image of {len(data)} bytes is not "
+                                f"{height}×{width}×{channels}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(height, width, channels)
 
 
 #: How many memory-mapped raw shards stay open by default. A mapping holds no memory of
@@ -298,48 +186,43 @@ MAPPED_SHARDS = 64
 
 def default_capacity(manifest: Manifest, window: int | None) -> int:
     """Shards a ShardCache keeps open by default: the shuffle window + 2 (the shards being
-    read and the next ones), or for memory-mapped shards (raw tar, raw Parquet with an
-    uncompressed image column) up to MAPPED_SHARDS."""
+    read and the next ones), or for memory-mapped shards up to MAPPED_SHARDS."""
     shards = len(manifest.shards)
     base = (window or shards) + 2
-    shape = manifest.schema.get("image", {}).get("shape", [None])
-    config = manifest.config
-    mapped = config.get("format") == "tar" or (config.get("format") == "parquet"
-                                               and config.get("compression") == "none")
-    if mapped and config.get("codec") == "raw" and None not in shape:
-        return max(base, min(shards, MAPPED_SHARDS))
-    return base
+    return max(base, min(shards, MAPPED_SHARDS)) if manifest.mapped else base
+
+
+def open_shard(folder: str, manifest: Manifest, number: int, *, verify: bool,
+               fields: Sequence[str] = ()) -> ShardHandle:
+    """Shard `number` of the image dataset in `folder`, checked against its record (size;
+    sha256 with `verify`) and opened as the module docstring says. `fields`: the metadata
+    fields its handle can give (default: the standard ones). Raises CorruptShardError."""
+    record = manifest.shards[number]
+    path = os.path.join(folder, record.file)
+    check_shard(path, record, verify=verify)
+    fields = METADATA_FIELDS + tuple(f for f in fields if f not in METADATA_FIELDS)
+    shape = manifest.image_shape
+    if manifest.codec != "raw" or shape is None:
+        handle = open_encoded(path, record, manifest, fields)
+    elif manifest.format == "tar":
+        handle = open_raw_tar(path, record, shape, fields)
+    else:
+        handle = open_parquet_raw(path, record, shape, manifest.labeled, fields)
+    if manifest.targets:
+        handle.labels = read_targets(path, record, manifest)
+    return handle
 
 
 class ShardCache(OpenAhead[ShardHandle]):
-    """Opened shards of one dataset (see `OpenAhead`): raw shards memory-mapped (raw Parquet
-    read into arrays when its image column cannot be mapped), jpeg/png kept encoded."""
+    """Opened shards of one image dataset (see `OpenAhead` and `open_shard`)."""
 
     def __init__(self, folder: str, manifest: Manifest, *, capacity: int, verify: bool) -> None:
         super().__init__(capacity)
         self.folder = folder
         self.manifest = manifest
         self.verify = verify
-        shape = manifest.schema["image"]["shape"]
-        self.shape = None if None in shape else tuple(int(s) for s in shape)
-        self.codec = str(manifest.config["codec"])
-        self.format = str(manifest.config["format"])
-        self.labeled = manifest.classes is not None
-        self.extra = metadata_fields(manifest)[len(_METADATA):]
-        #: Image CSVs with several label columns: K float targets per sample, as ``labels``.
-        self.targets = len(manifest.config["csv"]["label_cols"]) if has_targets(manifest) else 0
+        self.fields = metadata_fields(manifest)
 
     def _load(self, number: int) -> ShardHandle:
-        record = self.manifest.shards[number]
-        path = os.path.join(self.folder, record.file)
-        check_size(path, record, self.verify)
-        if self.codec == "raw" and self.shape is not None:
-            if self.format == "tar":
-                handle = open_raw_tar(path, record, self.shape, self.extra)
-            else:
-                handle = open_parquet_raw(path, record, self.shape, self.labeled, self.extra)
-        else:
-            handle = open_encoded(path, record, self.format, self.labeled, self.extra)
-        if self.targets:
-            handle.labels = read_targets(path, record, self.manifest)
-        return handle
+        return open_shard(self.folder, self.manifest, number, verify=self.verify,
+                          fields=self.fields)

@@ -1,26 +1,31 @@
-"""A converted dataset as numpy arrays, shard by shard (no torch needed)."""
+"""A converted dataset as numpy arrays (no torch needed): ``shardkit.open(path)``.
+
+Shards are opened exactly as the torch loader opens them (`handles.open_shard`), and
+`Dataset.batches` reads through the same set-up (`pipeline.Reading`) with the same options.
+"""
 
 from __future__ import annotations
 
-import io
-import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
+from shardkit.config import ReadOptions
 from shardkit.errors import CorruptShardError, DatasetError
-from shardkit.format.manifest import Manifest
-from shardkit.format.tar import iter_members, read_raw_shard
-from shardkit.reader.assign import Split, assign
-from shardkit.reader.batches import in_background, resolve_copy_threads, stream_batches
-from shardkit.reader.handles import ShardCache, check_fields, default_capacity
-from shardkit.reader.parquet import read_parquet_shard, read_parquet_table
-from shardkit.reader.table import TableCache, TableShard, read_table_shard, stream_table_batches
+from shardkit.keywords import read_options
+from shardkit.reader.batches import assemble, in_background
+from shardkit.reader.handles import ShardCache, metadata_fields, open_shard
+from shardkit.reader.pipeline import Reading, open_manifest
+from shardkit.reader.table import TableShard, read_table_shard
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from shardkit.keywords import ReadKeywords
 
 __all__ = ["Dataset", "ShardData", "open_dataset"]
 
@@ -28,7 +33,8 @@ __all__ = ["Dataset", "ShardData", "open_dataset"]
 @dataclass(frozen=True)
 class ShardData:
     """One shard's samples. images: [N,H,W,C] uint8 array when shapes are fixed, else a list
-    of H×W×C arrays. labels: [N] int64 or None. index: [N] positions in the dataset."""
+    of H×W×C arrays. labels: [N] int64 (or [N,K] float32 targets) or None. index: [N]
+    positions in the dataset."""
 
     images: np.ndarray | list[np.ndarray]
     labels: np.ndarray | None
@@ -40,11 +46,9 @@ class Dataset:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.manifest = Manifest.read(self.path)
-        if self.manifest.kind not in ("images", "table"):
-            raise DatasetError(f"{self.path}: holds {self.manifest.kind!r}, not images or a table")
+        self.manifest = open_manifest(str(self.path))
         starts = np.cumsum([0] + [s.samples for s in self.manifest.shards])
-        self._starts = [int(v) for v in starts]
+        self._starts = np.asarray(starts, dtype=np.int64)
 
     def __len__(self) -> int:
         return self.manifest.samples
@@ -55,16 +59,15 @@ class Dataset:
 
     @property
     def format(self) -> str:
-        return str(self.manifest.config["format"])
+        return self.manifest.format
 
     @property
     def codec(self) -> str:
-        return str(self.manifest.config["codec"])
+        return self.manifest.codec
 
     @property
     def shape(self) -> tuple[int, int, int] | None:
-        shape = self.manifest.schema["image"]["shape"]
-        return None if None in shape else (int(shape[0]), int(shape[1]), int(shape[2]))
+        return self.manifest.image_shape
 
     @property
     def is_table(self) -> bool:
@@ -79,48 +82,17 @@ class Dataset:
         return read_table_shard(str(self.path / record.file), record.samples, self.manifest)
 
     def read_shard(self, number: int) -> ShardData:
-        """Every sample of shard `number`. Raises CorruptShardError on disagreement with
-        index.json (size, structure or count)."""
+        """Every sample of shard `number`, in stored order. Raises CorruptShardError on
+        disagreement with index.json (size, structure or count)."""
         if self.is_table:
             raise DatasetError(f"{self.path}: holds a table; use read_table or batches")
-        record = self.manifest.shards[number]
-        path = self.path / record.file
-        labeled = self.manifest.classes is not None
         index = np.arange(self._starts[number], self._starts[number + 1], dtype=np.int64)
-        if not path.exists():
-            raise CorruptShardError(f"{path}: missing (index.json lists it)")
-        if self.codec == "raw" and self.shape is not None:
-            if self.format == "tar":
-                images, labels = read_raw_shard(path, record, self.shape)
-            else:
-                images, labels = read_parquet_shard(path, record.samples, self.shape, labeled)
-            return ShardData(images=images, labels=labels, index=index)
-        decoded, labels_list = self._decode_shard(path, record.samples, labeled)
-        labels_array = np.asarray(labels_list, dtype=np.int64) if labeled else None
-        return ShardData(images=decoded, labels=labels_array, index=index)
-
-    def _decode_shard(self, path: Path, samples: int,
-                      labeled: bool) -> tuple[list[np.ndarray], list[int]]:
-        images: list[np.ndarray] = []
-        labels: list[int] = []
-        if self.format == "tar":
-            for _key, field, data in iter_members(path):
-                if field == "cls":
-                    labels.append(int(data))
-                elif field != "json":
-                    images.append(_decode_payload(data, field, self.shape))
-        else:
-            columns = ["image", "label"] if labeled else ["image"]
-            if self.codec == "raw":
-                columns += ["height", "width"]
-            table = read_parquet_table(path, columns, samples)
-            for row in table.to_pylist():
-                images.append(_decode_payload(row["image"], self.codec, self.shape, row))
-                if labeled:
-                    labels.append(row["label"])
-        if len(images) != samples or (labeled and len(labels) != samples):
-            raise CorruptShardError(f"{path}: {len(images)} samples, index.json says {samples}")
-        return images, labels
+        cache = ShardCache(str(self.path), self.manifest, capacity=1, verify=False)
+        try:
+            batch = assemble(cache, self._starts, index, ())
+        finally:
+            cache.close()
+        return ShardData(images=batch["image"], labels=batch.get("label"), index=index)
 
     def samples(self) -> Iterator[dict[str, Any]]:
         """Every sample in stored order: {"image", "label" (if any), "index"}."""
@@ -129,62 +101,43 @@ class Dataset:
             for i, image in enumerate(shard.images):
                 sample: dict[str, Any] = {"image": image, "index": int(shard.index[i])}
                 if shard.labels is not None:
-                    sample["label"] = int(shard.labels[i])
+                    sample["label"] = shard.labels[i].tolist()
                 yield sample
 
-    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                drop_last: bool = False, rank: int = 0, world_size: int = 1,
-                window: int | None = 4, fields: Sequence[str] = (), start: int = 0,
-                verify: bool = False, prefetch: bool = True,
-                copy_threads: int | None = None) -> Iterator[dict[str, Any]]:
+    def batches(self, batch_size: int, options: ReadOptions | None = None, *, epoch: int = 0,
+                start: int = 0, **keywords: Unpack[ReadKeywords]) -> Iterator[dict[str, Any]]:
         """Whole batches as numpy arrays: {"image" [B,H,W,C] uint8, "label" [B] int64 (if
         labelled), "index" [B] int64, and any metadata `fields`}; for a table, {"features"
         [B,F] float32, "label" (if labelled), "index"}.
 
-        Order, rank split and resume (`start` samples into this rank's epoch) follow
-        `shardkit.reader.assign`; `prefetch` assembles the next batches in a thread, and
-        `copy_threads` threads (default: 2, or 1 on a single CPU) copy each batch's samples.
+        Options as ``ShardLoader`` takes them (a `ReadOptions` and/or keywords, the same
+        defaults); rank and world size default to 0 of 1. `epoch` picks the order, `start`
+        resumes after that many samples of this rank's epoch.
         """
-        sizes = [s.samples for s in self.manifest.shards]
-        split = Split(rank=rank, world=world_size)
-        batches = list(assign(sizes, split, epoch=epoch, seed=seed, batch_size=batch_size,
-                              drop_last=drop_last, shuffle=shuffle, window=window, start=start))
-        fields = check_fields(self.manifest, fields)
-        starts = np.asarray(self._starts, dtype=np.int64)
-        capacity = default_capacity(self.manifest, window)
-        stream: Iterator[dict[str, Any]]
-        if self.is_table:
-            stream = stream_table_batches(TableCache(str(self.path), self.manifest, capacity=capacity),
-                                          starts, batches)
-        else:
-            cache = ShardCache(str(self.path), self.manifest, capacity=capacity, verify=verify)
-            stream = stream_batches(cache, starts, batches, fields,
-                                    threads=resolve_copy_threads(copy_threads))
-        return in_background(stream) if prefetch else stream
+        chosen = read_options(options, dict(keywords))
+        reading = Reading(str(self.path), self.manifest, chosen, batch_size,
+                          rank=chosen.rank or 0, world=chosen.world_size or 1)
+        stream = reading.stream(reading.order(epoch=epoch, start=start), keep_open=False)
+        return in_background(stream, depth=chosen.prefetch) if chosen.prefetch else stream
 
     def metadata(self, number: int) -> list[dict[str, Any]]:
-        """Per-sample metadata of one shard (source path, original size, class)."""
-        path = self.path / self.manifest.shards[number].file
-        if self.format == "tar":
-            return [dict(json.loads(data)) for _key, field, data in iter_members(path) if field == "json"]
-        table = read_parquet_table(path, ["key", "source", "orig_width", "orig_height"],
-                                   self.manifest.shards[number].samples)
-        rows: list[dict[str, Any]] = table.to_pylist()
-        return rows
-
-
-def _decode_payload(data: bytes, field: str, shape: tuple[int, int, int] | None,
-                    row: dict[str, Any] | None = None) -> np.ndarray:
-    if field in ("npy", "raw"):
-        if field == "npy":
-            array: np.ndarray = np.load(io.BytesIO(data), allow_pickle=False)
-        else:
-            assert row is not None
-            array = np.frombuffer(data, dtype=np.uint8).reshape(row["height"], row["width"], -1)
-        return array
-    with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as im:
-        array = np.asarray(im.convert("L" if im.mode == "L" else "RGB"))
-    return array[:, :, None] if array.ndim == 2 else array
+        """Per-sample metadata of shard `number`, the same names for tar and Parquet: key,
+        source, orig_width, orig_height, an image CSV's columns, and label and class
+        (labelled datasets)."""
+        if self.is_table:
+            raise DatasetError(f"{self.path}: holds a table; it has no per-sample metadata")
+        fields = metadata_fields(self.manifest)
+        handle = open_shard(str(self.path), self.manifest, number, verify=False, fields=fields)
+        local = np.arange(self.manifest.shards[number].samples)
+        columns = {name: handle.metadata(local, name) for name in fields}
+        if handle.labels is not None:
+            columns["label"] = handle.labels.tolist()
+            if self.classes is not None:
+                classes = self.classes
+                if any(not 0 <= i < len(classes) for i in columns["label"]):
+                    raise CorruptShardError(f"{handle.path}: a label is not a class index")
+                columns["class"] = [classes[i] for i in columns["label"]]
+        return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 
 
 def open_dataset(path: str | os.PathLike[str]) -> Dataset:

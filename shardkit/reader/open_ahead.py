@@ -1,11 +1,9 @@
-"""Opened shards: the size (and optional sha256) check on open, the read-only memory map of a
-shard, and a least-recently-used cache that opens the shards a reader announces next in a
-background thread."""
+"""Opened shards: the read-only memory map of a shard, and a least-recently-used cache that
+opens the shards a reader announces next in a background thread."""
 
 from __future__ import annotations
 
 import mmap
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Sequence
@@ -14,28 +12,10 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from shardkit.errors import CorruptShardError
-from shardkit.format.files import hash_file
-from shardkit.format.manifest import ShardRecord
-
-__all__ = ["OpenAhead", "check_size", "map_shard", "read_ahead"]
+__all__ = ["OpenAhead", "map_shard", "read_ahead"]
 
 T = TypeVar("T")
 B = TypeVar("B")
-
-
-def check_size(path: str, record: ShardRecord, verify: bool) -> None:
-    """Raise CorruptShardError, naming the file, when `path` is missing, has another size than
-    index.json says, or (with `verify`) another sha256."""
-    try:
-        size = os.stat(path).st_size
-    except FileNotFoundError:
-        raise CorruptShardError(f"{path}: missing (index.json lists it)") from None
-    if size != record.bytes:
-        raise CorruptShardError(f"{path}: {size} bytes on disk, index.json says {record.bytes} "
-                                "(truncated or replaced?)")
-    if verify and hash_file(path)[1] != record.sha256:
-        raise CorruptShardError(f"{path}: sha256 differs from index.json (corrupted)")
 
 
 def map_shard(path: str) -> mmap.mmap:

@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shardkit.errors import CorruptShardError
-from shardkit.format.files import hash_file
+from shardkit.format.files import check_shard, hash_file
 from shardkit.format.manifest import Manifest
 from shardkit.reader.assign import shard_runs
-from shardkit.reader.open_ahead import OpenAhead, check_size, read_ahead
+from shardkit.reader.open_ahead import OpenAhead, read_ahead
 from shardkit.reader.parquet import read_parquet_table
 
 __all__ = ["TableCache", "TableShard", "assemble_table", "read_table_shard",
@@ -88,7 +88,7 @@ class TableCache(OpenAhead[TableShard]):
     def _load(self, number: int) -> TableShard:
         record = self.manifest.shards[number]
         path = os.path.join(self.folder, record.file)
-        check_size(path, record, verify=False)
+        check_shard(path, record, verify=False)
         return read_table_shard(path, record.samples, self.manifest)
 
 

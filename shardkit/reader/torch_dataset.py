@@ -1,25 +1,34 @@
 """PyTorch reading: `ShardDataset` (an IterableDataset of whole batches) and `ShardLoader`
 (what training loops iterate: exact ``len``, ``set_epoch``, tiny ``state_dict``).
 
-For raw shards the fast path is ``num_workers=0``: batches are assembled in a background
-thread of the training process (the gather releases the GIL), with no extra copy through
-shared memory. Worker processes pay off when samples must be decoded (jpeg/png).
+Both take the same options (`shardkit.config.ReadOptions`, as an object or as keywords) and
+read through the one reading set-up (`shardkit.reader.pipeline.Reading`) that the numpy
+``Dataset.batches`` uses too. For raw shards the fast path is ``num_workers=0``: batches are
+assembled in a background thread of the training process (the gather releases the GIL), with
+no extra copy through shared memory. Worker processes pay off when samples must be decoded
+(jpeg/png).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from shardkit.errors import ConfigError, DatasetError, require
-from shardkit.format.manifest import Manifest
-from shardkit.reader.assign import Split, assign, batches_per_rank, padding, samples_per_rank
-from shardkit.reader.batches import in_background, resolve_copy_threads, stream_batches
-from shardkit.reader.handles import ShardCache, check_fields, default_capacity
-from shardkit.reader.table import TableCache, stream_table_batches
+from shardkit.config import ReadOptions
+from shardkit.errors import ConfigError, require
+from shardkit.keywords import read_options
+from shardkit.reader.assign import padding, samples_per_rank
+from shardkit.reader.batches import in_background
+from shardkit.reader.pipeline import Reading, open_manifest
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from shardkit.format.manifest import Manifest
+    from shardkit.keywords import ReadKeywords
 
 torch: Any = require("torch", "torch")
 _IterableDataset: Any = torch.utils.data.IterableDataset
@@ -40,81 +49,63 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
     """An IterableDataset yielding whole batches (dicts of tensors) of one rank.
 
     Use with ``DataLoader(ds, batch_size=None, num_workers=k)``: each worker yields every
-    k-th batch, so the DataLoader's round-robin gives the same sequence for any k. The object
-    holds only plain values (no open files), so it is cheap to send to worker processes.
+    k-th batch, so the DataLoader's round-robin gives the same sequence for any k. Options:
+    `options` and/or keywords, as `ShardLoader` takes them. The object holds only plain values
+    until it is iterated (no open files), so it is cheap to send to worker processes.
     """
 
-    def __init__(self, path: str | os.PathLike[str], batch_size: int, *, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False, rank: int | None = None,
-                 world_size: int | None = None, fields: Sequence[str] | None = None,
-                 window: int | None = 4, verify: bool = False,
-                 cache_shards: int | None = None, decode: str = "cpu",
-                 copy_threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], batch_size: int,
+                 options: ReadOptions | None = None, **keywords: Unpack[ReadKeywords]) -> None:
         super().__init__()
         self.path = str(path)
-        self.manifest = Manifest.read(self.path)
-        if self.manifest.kind not in ("images", "table"):
-            raise DatasetError(f"{path}: holds {self.manifest.kind!r}, not images or a table")
-        self.table = self.manifest.kind == "table"
-        if batch_size <= 0:
-            raise ConfigError(f"batch_size must be positive; got {batch_size}")
-        if rank is None or world_size is None:
-            auto_rank, auto_world = _distributed()
-            rank = auto_rank if rank is None else rank
-            world_size = auto_world if world_size is None else world_size
-        if not 0 <= rank < world_size:
-            raise ConfigError(f"rank {rank} is not in a world of {world_size}")
-        self.decode = _check_decode(decode, self.manifest, path)
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
-        self.fields = check_fields(self.manifest, fields or ())
-        self.window, self.verify = window, verify
-        self.copy_threads = resolve_copy_threads(copy_threads)
-        self.cache_shards = cache_shards or default_capacity(self.manifest, window)
+        self.options = read_options(options, dict(keywords))
+        manifest = open_manifest(self.path)
+        auto_rank, auto_world = _distributed()
+        rank = auto_rank if self.options.rank is None else self.options.rank
+        world = auto_world if self.options.world_size is None else self.options.world_size
+        self.reading = Reading(self.path, manifest, self.options, batch_size, rank=rank, world=world)
         self.epoch = 0
         self.start = 0
-        self.sizes = [s.samples for s in self.manifest.shards]
-        self.starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
-        # Shards stay open between epochs in the training process (workers start afresh).
-        self._cache: Any = None  # a ShardCache, or a TableCache for tables
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_cache"] = None  # open files and threads do not travel to worker processes
-        return state
+    @property
+    def manifest(self) -> Manifest:
+        return self.reading.manifest
+
+    @property
+    def batch_size(self) -> int:
+        return self.reading.batch_size
+
+    @property
+    def rank(self) -> int:
+        return self.reading.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.reading.world
+
+    @property
+    def cache_shards(self) -> int:
+        return self.reading.capacity
 
     @property
     def total(self) -> int:
-        return int(self.starts[-1])
+        return self.reading.total
 
     def __len__(self) -> int:
-        return batches_per_rank(self.total, self.world_size, drop_last=self.drop_last,
-                                batch_size=self.batch_size)
+        return len(self.reading)
 
     def batches(self, worker: int = 0, workers: int = 1) -> list[np.ndarray]:
         """The index arrays this worker yields this epoch (from `start`)."""
-        split = Split(rank=self.rank, world=self.world_size, worker=worker, workers=workers)
-        return list(assign(self.sizes, split, epoch=self.epoch, seed=self.seed,
-                           batch_size=self.batch_size, drop_last=self.drop_last,
-                           shuffle=self.shuffle, window=self.window, start=self.start))
+        return self.reading.order(epoch=self.epoch, start=self.start, worker=worker, workers=workers)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         in_process = info is None  # shards stay open between epochs only in this process
-        batches = self.batches(worker, workers)
-        if self.table:
-            cache = self._cache or TableCache(self.path, self.manifest, capacity=self.cache_shards)
-            stream = stream_table_batches(cache, self.starts, batches, keep_open=in_process)
-        else:
-            cache = self._cache or ShardCache(self.path, self.manifest, verify=self.verify,
-                                              capacity=self.cache_shards)
-            # Worker processes already copy in parallel; in the training process the copies
-            # of a batch are split over threads.
-            stream = stream_batches(cache, self.starts, batches, self.fields, keep_open=in_process,
-                                    encoded=self.decode == "device",
-                                    threads=self.copy_threads if in_process else 1)
-        self._cache = cache if in_process else None
+        # Worker processes already copy in parallel; in the training process the copies of a
+        # batch are split over threads.
+        stream = self.reading.stream(self.batches(worker, workers), keep_open=in_process,
+                                     threads=None if in_process else 1)
         try:
             for batch in stream:
                 yield _to_tensors(batch)
@@ -122,20 +113,6 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
             # Now, not when a held traceback lets go of this generator: the copying threads
             # stop, and shards are closed unless they are kept for the next epoch.
             stream.close()
-
-
-def _check_decode(decode: str, manifest: Manifest, path: object) -> str:
-    """``cpu``: batches hold decoded pixels. ``device``: a jpeg dataset's batches hold the
-    stored JPEG files, which `to_device` decodes on the accelerator."""
-    if decode not in ("cpu", "device"):
-        raise ConfigError(f"decode must be 'cpu' or 'device'; got {decode!r}")
-    if decode == "device":
-        codec = manifest.config.get("codec")
-        shape = manifest.schema.get("image", {}).get("shape", [None])
-        if manifest.kind != "images" or codec != "jpeg" or None in shape:
-            raise ConfigError(f"{path}: decode='device' needs images converted with --codec jpeg "
-                              f"to one size (this dataset: codec {codec}, shape {shape})")
-    return decode
 
 
 def _to_tensors(batch: dict[str, Any]) -> dict[str, Any]:
@@ -156,9 +133,13 @@ class ShardLoader:
     """Iterate a converted dataset in whole batches: dicts with ``image`` uint8 [B,H,W,C],
     ``label`` int64 [B] (labelled datasets), ``index`` int64 [B] (position in stored order),
     and metadata when `fields` asks (key, source, orig_width, orig_height, and an image
-    CSV's other columns), as lists. A table (a
-    converted tabular CSV) gives ``features`` float32 [B,F] (order: the manifest's
-    ``schema.features.names``), ``label`` (int64 [B], or float32 [B] / [B,K]) and ``index``.
+    CSV's other columns), as lists. A table (a converted tabular CSV) gives ``features``
+    float32 [B,F] (order: the manifest's ``schema.features.names``), ``label`` (int64 [B], or
+    float32 [B] / [B,K]) and ``index``.
+
+    Options: a `ReadOptions` and/or its fields as keywords (shuffle, seed, window, drop_last,
+    rank, world_size, fields, verify, prefetch, cache_shards, decode, copy_threads: see
+    ReadOptions for each); `num_workers` and `pin_memory` as torch's DataLoader takes them.
 
     ``len(loader)`` is the exact number of batches this rank yields per epoch; every rank
     yields the same number (``drop_last`` drops the tail evenly, otherwise ``padding``
@@ -167,10 +148,11 @@ class ShardLoader:
     exactly the rest of the saved epoch. Rank and world size come from torch.distributed when
     it is initialised, unless given.
 
-    Memory: at most `cache_shards` shards are open at once (default ``window + 2``; for raw
-    tar shards, which are memory-mapped so that their pages are the kernel's page cache, not
-    copies, up to 64). With ``num_workers=0`` they stay open between epochs: a dataset of at
-    most `cache_shards` shards is read from memory from the second epoch on.
+    Memory: at most `cache_shards` shards are open at once (default ``window + 2``; for
+    memory-mapped shards — raw tar, and raw Parquet with an uncompressed image column — whose
+    pages are the kernel's page cache, not copies, up to 64). With ``num_workers=0`` they stay
+    open between epochs: a dataset of at most `cache_shards` shards is read from memory from
+    the second epoch on.
 
     Threads: with ``num_workers=0`` a background thread assembles the next `prefetch`
     batches, and `copy_threads` threads (default 2, or 1 on a single CPU) share each batch's
@@ -178,23 +160,19 @@ class ShardLoader:
     memory allows. In DataLoader worker processes each worker copies alone.
     """
 
-    def __init__(self, path: str | os.PathLike[str], batch_size: int, *, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False, num_workers: int = 0,
-                 rank: int | None = None, world_size: int | None = None, pin_memory: bool = False,
-                 fields: Sequence[str] | None = None, window: int | None = 4,
-                 verify: bool = False, prefetch: int = 2, cache_shards: int | None = None,
-                 decode: str = "cpu", copy_threads: int | None = None) -> None:
-        if num_workers < 0:
-            raise ConfigError(f"num_workers must be >= 0; got {num_workers}")
-        self.dataset = ShardDataset(path, batch_size, shuffle=shuffle, seed=seed,
-                                    drop_last=drop_last, rank=rank, world_size=world_size,
-                                    fields=fields, window=window, verify=verify,
-                                    cache_shards=cache_shards, decode=decode,
-                                    copy_threads=copy_threads)
+    def __init__(self, path: str | os.PathLike[str], batch_size: int,
+                 options: ReadOptions | None = None, *, num_workers: int = 0,
+                 pin_memory: bool = False, **keywords: Unpack[ReadKeywords]) -> None:
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError(f"num_workers must be an integer >= 0; got {num_workers!r}")
+        self.dataset = ShardDataset(path, batch_size, options, **keywords)
         self.num_workers = num_workers
         self.pin_memory = pin_memory and torch.cuda.is_available()
-        self.prefetch = max(1, prefetch)
         self._consumed = 0
+
+    @property
+    def options(self) -> ReadOptions:
+        return self.dataset.options
 
     @property
     def batch_size(self) -> int:
@@ -207,13 +185,13 @@ class ShardLoader:
     @property
     def padding(self) -> int:
         """Samples repeated per epoch (over all ranks) so that every rank gets as many."""
-        return padding(self.dataset.total, self.dataset.world_size, drop_last=self.dataset.drop_last)
+        return padding(self.dataset.total, self.dataset.world_size, drop_last=self.options.drop_last)
 
     @property
     def samples_per_epoch(self) -> int:
         """Samples this rank yields per epoch."""
         ds = self.dataset
-        return samples_per_rank(ds.total, ds.world_size, drop_last=ds.drop_last,
+        return samples_per_rank(ds.total, ds.world_size, drop_last=self.options.drop_last,
                                 batch_size=ds.batch_size)
 
     def __len__(self) -> int:
@@ -226,23 +204,23 @@ class ShardLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """Where this rank stands: enough to resume at the exact next sample."""
-        ds = self.dataset
-        return {"format": STATE_FORMAT, "fingerprint": ds.manifest.fingerprint, "seed": ds.seed,
+        ds, o = self.dataset, self.options
+        return {"format": STATE_FORMAT, "fingerprint": ds.manifest.fingerprint, "seed": o.seed,
                 "epoch": ds.epoch, "samples": ds.start + self._consumed,
-                "world_size": ds.world_size, "shuffle": ds.shuffle, "drop_last": ds.drop_last,
-                "window": ds.window}
+                "world_size": ds.world_size, "shuffle": o.shuffle, "drop_last": o.drop_last,
+                "window": o.window}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`: the next pass yields the rest of its epoch. Raises
         ConfigError when the state belongs to another dataset or another split."""
-        ds = self.dataset
-        if state.get("format") != STATE_FORMAT:
+        ds, o = self.dataset, self.options
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ConfigError(f"not a shardkit loader state: {state!r}")
         if state["fingerprint"] != ds.manifest.fingerprint:
             raise ConfigError("this state was saved for a different dataset (fingerprint "
                               f"{state['fingerprint'][:12]}…, this one {ds.manifest.fingerprint[:12]}…)")
-        mine = {"seed": ds.seed, "world_size": ds.world_size, "shuffle": ds.shuffle,
-                "drop_last": ds.drop_last, "window": ds.window}
+        mine = {"seed": o.seed, "world_size": ds.world_size, "shuffle": o.shuffle,
+                "drop_last": o.drop_last, "window": o.window}
         differs = {k: (state[k], v) for k, v in mine.items() if state[k] != v}
         if differs:
             raise ConfigError(f"this state was saved with other settings (saved, now): {differs}")
@@ -255,12 +233,13 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         ds = self.dataset
         self._consumed = 0
+        prefetch = self.options.prefetch
         if self.num_workers == 0:
-            batches: Any = in_background(iter(ds), depth=self.prefetch)
+            batches: Any = in_background(iter(ds), depth=prefetch) if prefetch else iter(ds)
         else:
             batches = torch.utils.data.DataLoader(
                 ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                prefetch_factor=self.prefetch,
+                prefetch_factor=max(1, prefetch),
             )
         for batch in batches:
             if self.pin_memory and self.num_workers == 0:

@@ -40,10 +40,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from shardkit.conversion.writers.parquet import META_TYPES
 from shardkit.errors import CorruptShardError, DatasetError, UnsafeContentError
 from shardkit.format.files import hash_file
 from shardkit.format.manifest import ERRORS_NAME, INDEX_NAME, Manifest, ShardRecord
+from shardkit.format.samples import META_TYPES
 from shardkit.format.tar import iter_members
 
 __all__ = ["verify_dataset"]

@@ -1,12 +1,7 @@
-"""Parquet shards that pyarrow, pandas, DuckDB and Hugging Face datasets read as they are.
+"""Parquet shard writer: samples → Arrow IPC part files → one Parquet file.
 
-One row per sample. Columns, in order: ``key`` (string), ``image`` (raw fixed-shape:
-``fixed_size_binary(H*W*C)``, C-order uint8; jpeg/png or variable shapes: ``binary``),
-``label`` (int64, labelled datasets only), ``source`` (string, path relative to SRC),
-``orig_width`` / ``orig_height`` (int32, source size after orientation), and ``width`` /
-``height`` (int32) when ``image`` is variable-size binary (jpeg/png, or varying shapes).
-Row groups hold a fixed number of rows, chosen from the config, so they never depend on how
-the work was split.
+The columns are `shardkit.format.samples.arrow_schema`'s. Row groups hold a fixed number of
+rows, chosen from the config, so they never depend on how the work was split.
 
 Parts are Arrow IPC files (uncompressed, memory-mapped when assembled, so joining them costs
 no decode).
@@ -22,35 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shardkit.conversion.writers import EncodedSample
-from shardkit.conversion.writers._common import hash_file
+from shardkit.format.files import hash_file
 
-__all__ = ["ParquetPartWriter", "arrow_schema", "assemble_parquet"]
-
-
-META_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "string": pa.string(),
-              "bool": pa.bool_(), "float32_list": pa.list_(pa.float32())}
-
-
-def arrow_schema(*, pixel_bytes: int | None, labeled: bool,
-                 meta: Sequence[tuple[str, str]] = ()) -> pa.Schema:
-    """The shard schema; `pixel_bytes` is H*W*C for fixed-shape raw images, else None;
-    `meta`: CSV columns (name, type) appended, nullable, after the fixed ones."""
-    fields: list[pa.Field] = [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("image", pa.binary(pixel_bytes) if pixel_bytes else pa.binary(), nullable=False),
-    ]
-    if labeled:
-        fields.append(pa.field("label", pa.int64(), nullable=False))
-    fields += [
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("orig_width", pa.int32(), nullable=False),
-        pa.field("orig_height", pa.int32(), nullable=False),
-    ]
-    if pixel_bytes is None:
-        fields += [pa.field("width", pa.int32(), nullable=False),
-                   pa.field("height", pa.int32(), nullable=False)]
-    fields += [pa.field(name, META_TYPES[kind]) for name, kind in meta]
-    return pa.schema(fields)
+__all__ = ["ParquetPartWriter", "assemble_parquet"]
 
 
 class ParquetPartWriter:

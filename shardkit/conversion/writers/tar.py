@@ -1,123 +1,30 @@
-"""Tar shards that WebDataset reads as they are, laid out so a reader can find pixels by
-arithmetic.
+"""Tar shard writer: encoded samples → part files of members → one shard with the end marker.
 
-Each sample is a run of members sharing a key: ``<key>.npy`` (raw codec; numpy's .npy
-format, never pickled) or ``<key>.jpg`` / ``<key>.png``, then ``<key>.cls`` (label as ASCII
-digits, zero-padded to one width per dataset) when the dataset has labels, then
-``<key>.json`` (metadata). Headers are fixed (mtime 0, uid/gid 0, no user names, mode 0644,
-USTAR) so the same samples give the same bytes.
-
-For fixed-shape raw shards every sample occupies the same number of bytes: the JSON member is
-padded with trailing spaces (valid JSON whitespace) to a whole number of blocks fixed per shard
-from an upper bound computed at plan time. Sample ``i``'s pixels then start at
-``i * stride + offset``; both numbers are written into the shard's manifest record.
+The layout (member order, fixed headers, padded JSON, fixed strides for raw samples) is
+`shardkit.format.tar`'s; this module only writes it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
-import tarfile
-from collections.abc import Iterable, Sequence
-from typing import Any, BinaryIO
-
-import numpy as np
+from collections.abc import Sequence
+from typing import BinaryIO
 
 from shardkit.conversion.writers import EncodedSample
-from shardkit.conversion.writers._common import copy_hashed
+from shardkit.format.files import copy_hashed
+from shardkit.format.samples import IMAGE_MEMBER
+from shardkit.format.tar import (
+    BLOCK,
+    END_OF_ARCHIVE,
+    label_digits,
+    npy_header,
+    padding,
+    sample_json,
+    tar_header,
+)
 
-__all__ = [
-    "BLOCK",
-    "END_OF_ARCHIVE",
-    "TarPartWriter",
-    "assemble_tar",
-    "json_blocks",
-    "label_digits",
-    "npy_header",
-    "raw_layout",
-    "sample_json",
-]
-
-BLOCK = 512
-END_OF_ARCHIVE = bytes(2 * BLOCK)
-#: Placeholder wide enough for any image dimension, used to bound JSON sizes at plan time.
-_WIDEST_INT = 9_999_999_999
-_PAYLOAD_EXT = {"raw": "npy", "jpeg": "jpg", "png": "png"}
-
-
-def tar_header(name: str, size: int) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
-
-
-def _padding(size: int) -> bytes:
-    return bytes(-size % BLOCK)
-
-
-def npy_header(shape: Sequence[int]) -> bytes:
-    """The .npy (version 1.0) header for a C-order uint8 array of `shape`."""
-    import io
-
-    buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buffer, {"descr": "|u1", "fortran_order": False, "shape": tuple(int(s) for s in shape)}
-    )
-    return buffer.getvalue()
-
-
-def sample_json(source: str, class_name: str | None, width: int, height: int,
-                extra: Iterable[tuple[str, Any]] = ()) -> bytes:
-    """The metadata member: source path (relative to SRC), class name, original size, and
-    (CSV inputs) the row's other columns."""
-    import json
-
-    meta: dict[str, object] = {"source": source, "width": width, "height": height}
-    if class_name is not None:
-        meta["class"] = class_name
-    meta.update(extra)
-    return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def json_blocks(items: Iterable[tuple[str, str | None, tuple[tuple[str, Any], ...]]]) -> int:
-    """Blocks every sample's JSON is padded to, from (source, class name, CSV columns) known
-    at plan time."""
-    longest = max((len(sample_json(s, c, _WIDEST_INT, _WIDEST_INT, m)) for s, c, m in items),
-                  default=1)
-    return max(1, math.ceil(longest / BLOCK))
-
-
-def label_digits(classes: int) -> int:
-    """Width of the zero-padded ``.cls`` text: every label of a dataset has the same width, so
-    a reader can parse a shard's labels with array arithmetic (``int("007") == 7``)."""
-    return len(str(max(classes - 1, 0)))
-
-
-def raw_layout(shape: Sequence[int], classes: int | None, blocks: int) -> dict[str, int]:
-    """Where fixed-shape raw samples keep their bytes (see the module docstring).
-
-    Sample ``i`` starts at ``i * stride``; its pixels at ``+ offset``; its label's ASCII
-    digits (``label_digits`` of them) at ``+ label_offset`` when `classes` is not None; its
-    JSON member's header at ``+ meta_offset``.
-    """
-    header = len(npy_header(shape))
-    payload = header + int(np.prod(shape))
-    npy_span = BLOCK + payload + -payload % BLOCK
-    layout = {"offset": BLOCK + header}
-    stride = npy_span
-    if classes is not None:
-        layout["label_offset"] = npy_span + BLOCK
-        layout["label_digits"] = label_digits(classes)
-        stride += 2 * BLOCK
-    layout["meta_offset"] = stride
-    layout["stride"] = stride + BLOCK + blocks * BLOCK
-    return layout
+__all__ = ["TarPartWriter", "assemble_tar"]
 
 
 class TarPartWriter:
@@ -126,7 +33,7 @@ class TarPartWriter:
     def __init__(self, path: str, *, codec: str, json_blocks: int, classes: int | None) -> None:
         self._handle: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
         self._digits = label_digits(classes) if classes is not None else 0
-        self._ext = _PAYLOAD_EXT[codec]
+        self._ext = IMAGE_MEMBER[codec]
         self._json_size = json_blocks * BLOCK
         self._npy_headers: dict[tuple[int, int, int], bytes] = {}
 
@@ -143,11 +50,11 @@ class TarPartWriter:
             size = len(sample.payload)
             write(tar_header(f"{sample.key}.{self._ext}", size))
         write(sample.payload)
-        write(_padding(size))
+        write(padding(size))
         if sample.label is not None:
             text = f"{sample.label:0{self._digits}d}".encode()
             write(tar_header(f"{sample.key}.cls", len(text)))
-            write(text + _padding(len(text)))
+            write(text + padding(len(text)))
         meta = sample_json(sample.source, sample.class_name, *sample.orig_size, sample.meta)
         if len(meta) > self._json_size:
             raise RuntimeError(f"metadata of {sample.key} outgrew its planned size")

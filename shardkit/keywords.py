@@ -1,0 +1,223 @@
+"""The public keyword spellings, mapped onto the config objects (`shardkit.config`).
+
+``shardkit.convert(src, out, size=150, shard_size="64MB", max_errors="1%", ...)`` and
+``ShardLoader(path, 64, shuffle=False, ...)`` take keywords; `ConvertKeywords` and
+`ReadKeywords` type them for editors and mypy (``**options: Unpack[...]``). Their names and
+types are the config fields' (tests/test_options.py holds them to it), plus a few friendly
+forms: ``size=224`` or ``"150x150"``, ``shard_size="256MB"``, ``max_errors="1%"`` or ``5``,
+``label_col="a,b"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any, Literal, TypedDict
+
+from shardkit.config import (
+    Codec,
+    ColorMode,
+    ConvertConfig,
+    CsvOptions,
+    Decode,
+    ErrorBudget,
+    Filter,
+    Format,
+    ImageOptions,
+    ReadOptions,
+    ResizeMode,
+    RunOptions,
+)
+from shardkit.errors import ConfigError
+
+__all__ = [
+    "ConvertKeywords",
+    "ReadKeywords",
+    "configs_from_options",
+    "parse_byte_size",
+    "parse_max_errors",
+    "parse_size",
+    "read_options",
+]
+
+
+class ReadKeywords(TypedDict, total=False):
+    """`ReadOptions`' fields as keywords (see its docstring for what each does)."""
+
+    shuffle: bool
+    seed: int
+    window: int | None
+    drop_last: bool
+    rank: int | None
+    world_size: int | None
+    fields: Sequence[str] | None
+    verify: bool
+    prefetch: int
+    cache_shards: int | None
+    decode: Decode
+    copy_threads: int | None
+
+
+class ConvertKeywords(TypedDict, total=False):
+    """``shardkit.convert``'s keywords: the fields of `ImageOptions`, `ConvertConfig`,
+    `RunOptions` and `CsvOptions`, plus the friendly forms the module docstring lists."""
+
+    size: int | str | tuple[int, int]
+    resize: ResizeMode
+    mode: ColorMode
+    filter: Filter
+    background: tuple[int, int, int]
+    pad_color: tuple[int, int, int]
+    max_pixels: int
+    draft: bool
+    format: Format
+    codec: Codec
+    quality: int
+    compression: Literal["none", "zstd"]
+    shard_bytes: int | None
+    shard_size: int | str
+    samples_per_shard: int | None
+    shuffle: bool
+    seed: int
+    workers: int | None
+    overwrite: bool
+    resume: bool
+    max_errors: ErrorBudget | int | str
+    progress: bool | None
+    image_col: str | None
+    label_col: str | Sequence[str] | None
+    label_cols: Sequence[str]
+    root: str | None
+    columns: str | Sequence[str]
+    exclude: str | Sequence[str]
+    delimiter: str
+    encoding: str
+    header: Literal["auto", "yes", "no"]
+    keep_ints: bool
+    csv: CsvOptions | None
+
+
+def read_options(options: ReadOptions | None, keywords: dict[str, Any]) -> ReadOptions:
+    """`options` (default ReadOptions()) with `keywords` put over it; ConfigError naming any
+    unknown keyword."""
+    unknown = set(keywords) - _READ_FIELDS
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}; valid: "
+                          f"{', '.join(sorted(_READ_FIELDS))}")
+    if keywords.get("fields", ()) is None:
+        keywords = {**keywords, "fields": ()}
+    return dataclasses.replace(options or ReadOptions(), **keywords)
+
+
+_READ_FIELDS = frozenset(f.name for f in dataclasses.fields(ReadOptions))
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:[xX×]\s*(\d+))?\s*$")
+_BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*$")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"150x150"`` → (150, 150) as (width, height); ``"224"`` → (224, 224)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ConfigError(f"--size must look like 224 or 150x100 (width x height); got {text!r}")
+    width = int(match.group(1))
+    height = int(match.group(2)) if match.group(2) else width
+    return width, height
+
+
+def parse_byte_size(text: str) -> int:
+    """``"256MB"`` → 256_000_000, ``"1GiB"`` → 1_073_741_824, ``"4096"`` → 4096."""
+    match = _BYTES_RE.match(text)
+    if not match:
+        raise ConfigError(f"a size in bytes must look like 256MB, 1GiB or 4096; got {text!r}")
+    number, unit, binary = float(match.group(1)), match.group(2).upper(), match.group(3)
+    base = 1024 if binary else 1000
+    power = " KMGT".index(unit) if unit else 0
+    return int(number * base**power)
+
+
+def parse_max_errors(text: str) -> ErrorBudget:
+    """``"5"`` → at most 5 failures; ``"1%"`` → at most 1% of the inputs."""
+    text = text.strip()
+    try:
+        if text.endswith("%"):
+            return ErrorBudget(count=None, fraction=float(text[:-1]) / 100.0)
+        return ErrorBudget(count=int(text))
+    except ValueError:
+        raise ConfigError(f"--max-errors must be a count (5) or a percentage (1%); got {text!r}") from None
+
+
+_IMAGE_FIELDS = frozenset(f.name for f in dataclasses.fields(ImageOptions))
+_CONVERT_FIELDS = frozenset(f.name for f in dataclasses.fields(ConvertConfig)) - {"image"}
+_RUN_FIELDS = frozenset(f.name for f in dataclasses.fields(RunOptions))
+_CSV_FIELDS = frozenset(f.name for f in dataclasses.fields(CsvOptions))
+#: Convenience spellings accepted by `configs_from_options` (and so by ``shardkit.convert``).
+_ALIASES = frozenset({"shard_size", "label_col"}) | _CSV_FIELDS
+
+
+def csv_options(options: dict[str, Any]) -> CsvOptions:
+    """CsvOptions from keywords; ``label_col`` may be ``"a"``, ``"a,b"`` or a list."""
+    kw = {k: v for k, v in options.items() if k in _CSV_FIELDS}
+    label = options.get("label_col", kw.get("label_cols"))
+    if isinstance(label, str):
+        label = [p.strip() for p in label.split(",") if p.strip()]
+    kw["label_cols"] = tuple(label or ())
+    for name in ("columns", "exclude"):
+        value = kw.get(name)
+        if isinstance(value, str):
+            value = [p.strip() for p in value.split(",") if p.strip()]
+        kw[name] = tuple(value or ())
+    if kw.get("root") is not None:
+        kw["root"] = str(kw["root"])
+    return CsvOptions(**kw)
+
+
+def configs_from_options(options: dict[str, Any], config: ConvertConfig | None = None,
+                         run: RunOptions | None = None) -> tuple[ConvertConfig, RunOptions]:
+    """Map ``shardkit.convert(**options)`` keywords onto the config objects.
+
+    Accepts every field of ImageOptions, ConvertConfig, RunOptions and CsvOptions, plus
+    friendly forms: ``size=224`` / ``"150x150"``, ``shard_size="256MB"``, ``max_errors="1%"``
+    or ``5``. Given `config` (or `run`), keywords may not set its fields as well.
+    """
+    run_keys = set(options) & _RUN_FIELDS
+    if (config is not None and set(options) - run_keys) or (run is not None and run_keys):
+        both = sorted(set(options) - run_keys if config is not None else run_keys)
+        raise ConfigError(f"give options either as config objects or as keywords, not both: {both}")
+    built, built_run = _from_keywords(options)
+    return config or built, run or built_run
+
+
+def _from_keywords(options: dict[str, Any]) -> tuple[ConvertConfig, RunOptions]:
+    unknown = set(options) - _IMAGE_FIELDS - _CONVERT_FIELDS - _RUN_FIELDS - _ALIASES
+    if unknown:
+        valid = sorted(_IMAGE_FIELDS | _CONVERT_FIELDS | _RUN_FIELDS | _ALIASES)
+        raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}; valid: {', '.join(valid)}")
+    image_kw = {k: v for k, v in options.items() if k in _IMAGE_FIELDS}
+    size = image_kw.get("size")
+    if isinstance(size, str):
+        image_kw["size"] = parse_size(size)
+    elif isinstance(size, int):
+        image_kw["size"] = (size, size)
+    elif size is not None:
+        image_kw["size"] = tuple(size)
+    for name in ("background", "pad_color"):
+        if name in image_kw:
+            image_kw[name] = tuple(image_kw[name])
+    convert_kw = {k: v for k, v in options.items() if k in _CONVERT_FIELDS}
+    if "csv" not in convert_kw and (_CSV_FIELDS | {"label_col"}) & set(options):
+        convert_kw["csv"] = csv_options(options)
+    if "shard_size" in options:
+        value = options["shard_size"]
+        convert_kw["shard_bytes"] = parse_byte_size(value) if isinstance(value, str) else int(value)
+    if convert_kw.get("samples_per_shard") is not None and "shard_size" not in options:
+        convert_kw.setdefault("shard_bytes", None)
+    run_kw = {k: v for k, v in options.items() if k in _RUN_FIELDS}
+    budget = run_kw.get("max_errors")
+    if isinstance(budget, str):
+        run_kw["max_errors"] = parse_max_errors(budget)
+    elif isinstance(budget, int):
+        run_kw["max_errors"] = ErrorBudget(count=budget)
+    return ConvertConfig(image=ImageOptions(**image_kw), **convert_kw), RunOptions(**run_kw)

@@ -1,0 +1,114 @@
+"""The one reading set-up, shared by the torch loader (`ShardDataset`) and the numpy path
+(`Dataset.batches`): a dataset opened for reading in one process.
+
+``Reading`` turns (epoch, resume point, worker) into the batches' index arrays (`assign`),
+and those into assembled batches: opened shards in an LRU cache that opens the next ones in
+a background thread (kept between passes when asked), reusable batch buffers (kept for the
+reading's life, so no epoch starts by page-faulting fresh ones), and each batch's copies
+split over threads. numpy only; no torch needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from typing import Any
+
+import numpy as np
+
+from shardkit.config import ReadOptions
+from shardkit.errors import ConfigError, DatasetError
+from shardkit.format.manifest import Manifest
+from shardkit.reader.assign import Split, assign, batches_per_rank
+from shardkit.reader.batches import BufferPool, resolve_copy_threads, stream_batches
+from shardkit.reader.handles import ShardCache, check_fields, default_capacity
+from shardkit.reader.table import TableCache, stream_table_batches
+
+__all__ = ["Reading", "open_manifest"]
+
+
+def open_manifest(path: str) -> Manifest:
+    """index.json of the dataset in `path`, which must hold images or a table."""
+    manifest = Manifest.read(path)
+    if manifest.kind not in ("images", "table"):
+        raise DatasetError(f"{path}: holds {manifest.kind!r}, not images or a table")
+    return manifest
+
+
+class Reading:
+    """Dataset `path` read with `options` in batches of `batch_size` as `rank` of `world`.
+
+    Holds only plain values until the first pass; `close` (or the end of a pass without
+    ``keep_open``) closes its shards. Raises ConfigError for options this dataset cannot take.
+    """
+
+    def __init__(self, path: str, manifest: Manifest, options: ReadOptions, batch_size: int, *,
+                 rank: int, world: int) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ConfigError(f"batch_size must be a positive integer; got {batch_size!r}")
+        if not 0 <= rank < world:
+            raise ConfigError(f"rank {rank} is not in a world of {world}")
+        _check_decode(options, manifest, path)
+        self.path, self.manifest, self.options = path, manifest, options
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.fields = check_fields(manifest, options.fields)
+        self.copy_threads = resolve_copy_threads(options.copy_threads)
+        self.capacity = options.cache_shards or default_capacity(manifest, options.window)
+        self.sizes = [s.samples for s in manifest.shards]
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
+        self._cache: ShardCache | TableCache | None = None
+        self._pool = BufferPool()
+
+    @property
+    def total(self) -> int:
+        return int(self.starts[-1])
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch."""
+        return batches_per_rank(self.total, self.world, drop_last=self.options.drop_last,
+                                batch_size=self.batch_size)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cache"] = None  # open files and threads do not travel to worker processes
+        state["_pool"] = BufferPool()
+        return state
+
+    def order(self, *, epoch: int, start: int = 0, worker: int = 0,
+              workers: int = 1) -> list[np.ndarray]:
+        """The index arrays `worker` of `workers` yields in `epoch`, resuming after `start`
+        samples of this rank's run."""
+        o = self.options
+        split = Split(rank=self.rank, world=self.world, worker=worker, workers=workers)
+        return list(assign(self.sizes, split, epoch=epoch, seed=o.seed, batch_size=self.batch_size,
+                           drop_last=o.drop_last, shuffle=o.shuffle, window=o.window, start=start))
+
+    def stream(self, batches: Sequence[np.ndarray], *, keep_open: bool,
+               threads: int | None = None) -> Generator[dict[str, Any], None, None]:
+        """numpy batches of `batches`, in order. `keep_open`: the shards stay open for the
+        next pass (in the training process); `threads`: copying threads (default
+        `copy_threads`)."""
+        if self.manifest.kind == "table":
+            tables = self._cache if isinstance(self._cache, TableCache) else \
+                TableCache(self.path, self.manifest, capacity=self.capacity)
+            self._cache = tables if keep_open else None
+            return stream_table_batches(tables, self.starts, batches, keep_open=keep_open)
+        shards = self._cache if isinstance(self._cache, ShardCache) else ShardCache(
+            self.path, self.manifest, capacity=self.capacity, verify=self.options.verify)
+        self._cache = shards if keep_open else None
+        return stream_batches(shards, self.starts, batches, self.fields, alloc=self._pool,
+                              keep_open=keep_open, encoded=self.options.decode == "device",
+                              threads=self.copy_threads if threads is None else threads)
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+
+
+def _check_decode(options: ReadOptions, manifest: Manifest, path: object) -> None:
+    """``decode="device"`` needs jpeg images of one size (the GPU decodes a batch at once)."""
+    if options.decode == "device" and (manifest.kind != "images" or manifest.codec != "jpeg"
+                                       or manifest.image_shape is None):
+        shape = manifest.schema.get("image", {}).get("shape")
+        raise ConfigError(f"{path}: decode='device' needs images converted with --codec jpeg "
+                          f"to one size (this dataset: codec {manifest.codec}, shape {shape})")
