@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from corpus import hashes
 
-from shardkit.conversion import journal
+from shardkit.conversion import commit
 
 ROWS = 400_000
 ARGS = ["--label-col", "y", "--samples-per-shard", "100000", "--no-progress"]
@@ -58,7 +58,7 @@ def test_killed_tabular_conversion_resumes_byte_identical(big_csv: Path, tmp_pat
     out = tmp_path / "out"
     process = convert(big_csv, out, *ARGS, wait=False)
     deadline = time.monotonic() + 120
-    while len(list((out / journal.JOURNAL_NAME).glob("*.json"))) < 1:
+    while len(list((out / commit.JOURNAL_NAME).glob("*.json"))) < 1:
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.005)

@@ -23,7 +23,7 @@ from corpus import add_bad_files, hashes, image_tree, slow_tree
 from PIL import Image
 
 import shardkit
-from shardkit.conversion import journal
+from shardkit.conversion import commit
 from shardkit.conversion.executors import describe_task_error
 from shardkit.conversion.images import pillow_limits
 from shardkit.errors import EXIT_INTERRUPTED, InputError, MissingExtraError, WorkerError
@@ -118,7 +118,7 @@ def cli(*args: object, wait: bool = True) -> Any:
 
 
 def journal_entries(out: Path) -> int:
-    return len(list((out / journal.JOURNAL_NAME).glob("*.json")))
+    return len(list((out / commit.JOURNAL_NAME).glob("*.json")))
 
 
 def wait_for(process: subprocess.Popen[str] | None, ready: Callable[[], bool]) -> None:

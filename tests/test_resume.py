@@ -17,7 +17,7 @@ import pytest
 from corpus import hashes, slow_tree
 
 import shardkit
-from shardkit.conversion import journal
+from shardkit.conversion import commit
 from shardkit.errors import EXIT_INTERRUPTED, OutputExistsError, WorkerError
 from shardkit.format.manifest import Manifest
 
@@ -61,7 +61,7 @@ def kill_when(process: subprocess.Popen[str], ready: Callable[[], bool], sig: in
 
 
 def journal_entries(out: Path) -> int:
-    return len(list((out / journal.JOURNAL_NAME).glob("*.json")))
+    return len(list((out / commit.JOURNAL_NAME).glob("*.json")))
 
 
 def assert_no_partial_files(out: Path, clean: dict[str, str]) -> None:
@@ -115,7 +115,7 @@ def test_state_with_every_shard_done_but_no_index(src: Path, tmp_path: Path,
     assert cli("convert", src, out, *ARGS).returncode == 0
     manifest = Manifest.read(out)
     for number, record in enumerate(manifest.shards):
-        journal.write(out, manifest.fingerprint, journal.Entry(
+        commit.write_entry(out, manifest.fingerprint, commit.Entry(
             shard=number, record=record,
             failures=tuple(_failures_of(out, number)), label_counts=_counts(out, number)))
     (out / "index.json").unlink()

@@ -1,10 +1,11 @@
-"""Tabular CSV → Parquet shards of typed columns, streamed: memory is bounded by the shard
-size, not the file.
+"""Tabular CSV → Parquet shards of typed columns: the source is `sources.csv` (a streamed CSV),
+the writer is here, the commit is the one image conversions use (`commit.Commit`). Memory is
+bounded by a row group, not the file.
 
-Pass 1 (`shardkit.conversion.sources.csv.infer_columns`) fixes every column's type from the whole file;
-pass 2 converts block by block and cuts the good rows into shards of exactly
+Pass 1 (`shardkit.conversion.sources.csv.infer_columns`) fixes every column's type from the
+whole file; pass 2 converts block by block and cuts the good rows into shards of exactly
 ``rows_per_shard`` rows (the last one shorter), so shard *k* always holds the same rows. Each
-shard is written to ``.shardkit-tmp``, fsynced, renamed into place and journalled, exactly as
+shard is written to the run's temporary folder, fsynced, published and journalled, exactly as
 image shards are; ``errors.jsonl`` and ``index.json`` come last. Bad rows are reported with
 their CSV row number. Column roles, order and statistics go into ``index.json``
 (docs/format.md, "Tabular datasets").
@@ -13,9 +14,7 @@ their CSV row number. Column roles, order and statistics go into ``index.json``
 from __future__ import annotations
 
 import os
-import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shardkit.config import ConvertConfig, CsvOptions, RunOptions
-from shardkit.conversion import journal, outdir
-from shardkit.conversion.report import ConvertSummary, FailureRecord, error_reasons, write_error_report
+from shardkit.config import ConvertConfig, CsvOptions
+from shardkit.conversion.commit import Commit, Entry
+from shardkit.conversion.report import ConvertSummary, FailureRecord
 from shardkit.conversion.sources.csv import (
     BadRow,
     Column,
@@ -36,10 +35,10 @@ from shardkit.conversion.sources.csv import (
     typed_block,
 )
 from shardkit.errors import ConfigError, InputError, WorkerError
-from shardkit.format.files import hash_file, publish
-from shardkit.format.manifest import ERRORS_NAME, Manifest, ShardRecord, fingerprint, shard_name
+from shardkit.format.files import hash_file
+from shardkit.format.manifest import Manifest, ShardRecord, fingerprint, shard_name
 
-__all__ = ["TableLayout", "convert_table"]
+__all__ = ["TableLayout", "TablePlan", "TableWriter", "plan_table", "write_table"]
 
 ROWS_PER_GROUP = 1 << 16
 
@@ -103,82 +102,70 @@ class TableLayout:
         return 8 + 4 * len(self.features) + 8 * max(1, len(self.labels))
 
 
-def convert_table(src: str | os.PathLike[str], out: str | os.PathLike[str],
-                  config: ConvertConfig, run: RunOptions) -> ConvertSummary:
-    """Convert the tabular CSV `src` into Parquet shards in `out` (see the module docstring).
-    The error budget is checked by the caller."""
-    started = time.perf_counter()
-    path, out_dir = Path(src), Path(out)
-    options = config.csv
-    assert options is not None and options.image_col is None
+@dataclass(frozen=True, kw_only=True)
+class TablePlan:
+    """What is known before reading a tabular CSV: its path, the resolved config (what decides
+    the bytes) and the fingerprint of both."""
+
+    path: Path
+    config: ConvertConfig
+    resolved: dict[str, Any]
+    fingerprint: str
+
+
+def plan_table(src: str | os.PathLike[str], config: ConvertConfig) -> TablePlan:
+    """The plan of converting the tabular CSV `src` (nothing is read but its size and mtime)."""
+    assert config.csv is not None and config.csv.image_col is None
     if config.shuffle:
         raise ConfigError("--shuffle applies to images; a tabular CSV keeps its row order "
                           "(ShardLoader(shuffle=True) shuffles when reading)")
-    resolved = _resolved_config(config)
+    path = Path(src)
     try:
         st = path.stat()
     except OSError as exc:
         raise InputError(f"{path}: unreadable CSV: {exc}") from None
-    prints = fingerprint(resolved, None, [(path.name, st.st_size, st.st_mtime_ns)])
-    state = outdir.prepare(out_dir, prints, overwrite=run.overwrite, resume=run.resume)
-    if state is outdir.State.DONE:
-        manifest = Manifest.read(out_dir)
-        return _summary(out_dir, manifest, started, error_reasons(out_dir / ERRORS_NAME),
-                        up_to_date=True, reused=len(manifest.shards))
-    stream = CsvStream(path, options)
-    layout = TableLayout.of(stream.names, infer_columns(stream), options, path)
+    # What decides a table's bytes: the CSV options and the shard size (image options, codec
+    # and format do not apply: tables are always Parquet).
+    resolved = {"format": "parquet", "kind": "table", "shard_bytes": config.shard_bytes,
+                "samples_per_shard": config.samples_per_shard,
+                "csv": ConvertConfig(csv=config.csv).to_json()["csv"]}
+    return TablePlan(path=path, config=config, resolved=resolved,
+                     fingerprint=fingerprint(resolved, None, [(path.name, st.st_size, st.st_mtime_ns)]))
+
+
+def write_table(plan: TablePlan, commit: Commit, started: float) -> ConvertSummary:
+    """Pass 1 fixes every column's type; pass 2 streams the rows into shards published through
+    `commit` (see the module docstring). The error budget is checked by the caller."""
+    options = plan.config.csv
+    assert options is not None
+    stream = CsvStream(plan.path, options)
+    layout = TableLayout.of(stream.names, infer_columns(stream), options, plan.path)
+    config = plan.config
     rows_per_shard = config.samples_per_shard or max(1, (config.shard_bytes or 0) // layout.row_bytes())
-    tmp = out_dir / outdir.TMP_NAME
-    tmp.mkdir(exist_ok=True)
-    try:
-        writer = _ShardWriter(out_dir, tmp, layout, rows_per_shard, prints)
-        bad = writer.run(stream)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    failures = [FailureRecord(source=path.name, stage="parse", reason=b.reason, detail=b.detail,
+    writer = TableWriter(commit, layout, rows_per_shard)
+    bad = writer.run(stream)
+    failures = [FailureRecord(source=plan.path.name, stage="parse", reason=b.reason, detail=b.detail,
                               row=b.row) for b in sorted(bad, key=lambda b: b.row)]
-    write_error_report(out_dir / ERRORS_NAME, failures)
     manifest = Manifest(
         kind="table", schema=writer.schema_json(), classes=layout.classes,
         class_counts=writer.class_counts(), shards=writer.records,
         inputs=writer.rows + len(failures), failed=len(failures),
-        config={**resolved, "rows_per_shard": rows_per_shard}, fingerprint=prints,
+        config={**plan.resolved, "rows_per_shard": rows_per_shard}, fingerprint=plan.fingerprint,
     )
-    manifest.write(out_dir)
-    journal.remove(out_dir)
-    return _summary(out_dir, manifest, started, dict(Counter(f.reason for f in failures)),
-                    reused=writer.reused)
+    return commit.complete(manifest, failures, summary={
+        "seconds": time.perf_counter() - started, "workers": 1, "reused_shards": writer.reused,
+        "unit": "rows"})
 
 
-def _resolved_config(config: ConvertConfig) -> dict[str, Any]:
-    """What decides a table's bytes: the CSV options and the shard size (image options,
-    codec and format do not apply: tables are always Parquet)."""
-    assert config.csv is not None
-    return {"format": "parquet", "kind": "table", "shard_bytes": config.shard_bytes,
-            "samples_per_shard": config.samples_per_shard,
-            "csv": ConvertConfig(csv=config.csv).to_json()["csv"]}
-
-
-def _summary(out: Path, manifest: Manifest, started: float, reasons: dict[str, int], *,
-             up_to_date: bool = False, reused: int = 0) -> ConvertSummary:
-    return ConvertSummary(
-        out=out, inputs=manifest.inputs, samples=manifest.samples, failed=manifest.failed,
-        shards=len(manifest.shards), bytes=manifest.bytes, seconds=time.perf_counter() - started,
-        workers=1, errors_path=out / ERRORS_NAME, reasons=reasons, reused_shards=reused,
-        up_to_date=up_to_date, unit="rows",
-    )
-
-
-class _ShardWriter:
+class TableWriter:
     """Writes good rows into shards of `rows_per_shard` rows, row group by row group (so
     memory holds one row group, whatever the shard size), publishes and journals each shard,
     and keeps per-column statistics of what was stored. On resume, a shard whose journal
     entry matches is passed over (its rows still count in the statistics), not rewritten."""
 
-    def __init__(self, out: Path, tmp: Path, layout: TableLayout, rows_per_shard: int,
-                 prints: str) -> None:
-        self.out, self.tmp, self.layout = out, tmp, layout
-        self.rows_per_shard, self.prints = rows_per_shard, prints
+    def __init__(self, commit: Commit, layout: TableLayout, rows_per_shard: int) -> None:
+        self.commit, self.tmp, self.layout = commit, commit.tmp, layout
+        self.rows_per_shard = rows_per_shard
         self.arrow = layout.schema()
         self.types = {c.name: layout.arrow_type(c) for c in layout.stored()}
         self.required = {c.name: "missing_label" for c in layout.labels}
@@ -190,12 +177,12 @@ class _ShardWriter:
         self.rows = 0
         self.reused = 0
         self.counts = [0] * len(layout.classes or ())
-        self.finished: dict[int, journal.Entry] = {}
+        self.finished: dict[int, Entry] = {}
         self.writer: pq.ParquetWriter | None = None
         self.open = False  # a shard is open (being written, or passed over on resume)
 
     def run(self, stream: CsvStream) -> list[BadRow]:
-        self.finished = journal.load(self.out, self.prints, self._journal_names())
+        self.finished = self.commit.finished(_name)
         bad: list[BadRow] = []
         for table, rows in stream.blocks():
             block = typed_block(table, rows, self.layout.stored(), self.types, self.required)
@@ -210,11 +197,6 @@ class _ShardWriter:
             self._open_shard()
             self._close_shard()
         return bad + stream.malformed
-
-    def _journal_names(self) -> list[str]:
-        """Shard names an interrupted run may have journalled (five digits and more)."""
-        found = list((self.out / journal.JOURNAL_NAME).glob("*.json"))
-        return [shard_name(k, "parquet", 1) for k in range(len(found) + 1)]
 
     def _add(self, table: pa.Table) -> None:
         while table.num_rows:
@@ -244,14 +226,14 @@ class _ShardWriter:
         if len(self.records) in self.finished:
             return  # finished by the interrupted run: pass over its rows
         self.writer = pq.ParquetWriter(
-            self.tmp / shard_name(len(self.records), "parquet", 1), self.arrow,
+            self.tmp / _name(len(self.records)), self.arrow,
             compression="zstd", write_statistics=True, version="2.6",
             use_dictionary=[c.name for c in self.layout.stored() if c.kind == "string"],
         )
 
     def _close_shard(self) -> None:
         number = len(self.records)
-        name = shard_name(number, "parquet", 1)
+        name = _name(number)
         self.open = False
         if self.writer is None:
             record = self.finished[number].record
@@ -268,12 +250,10 @@ class _ShardWriter:
         with open(scratch, "rb+") as handle:
             os.fsync(handle.fileno())
         size, digest = hash_file(scratch)
-        publish(scratch, self.out / name)
         record = ShardRecord(file=name, samples=self.in_shard, bytes=size, sha256=digest)
+        self.commit.publish(scratch, Entry(shard=number, record=record, failures=(), label_counts=()))
         self.records.append(record)
         self.in_shard = 0
-        journal.write(self.out, self.prints, journal.Entry(shard=number, record=record,
-                                                           failures=(), label_counts=()))
 
     def _tally(self, shard: pa.Table) -> None:
         self.rows += shard.num_rows
@@ -312,6 +292,12 @@ class _ShardWriter:
         if column.categories is not None and role != "label":
             out["categories"] = list(column.categories)
         return out
+
+
+def _name(number: int) -> str:
+    """Table shards are named as they are cut (their count is not known up front): five
+    digits and more."""
+    return shard_name(number, "parquet", 1)
 
 
 class _Stats:

@@ -1,0 +1,148 @@
+"""Schedule a plan's tasks on an executor and publish each shard as it is assembled.
+
+Part tasks go out a bounded number at a time; once every part of a shard is back, its
+assembly (`run_shard`) is submitted; an assembled shard is published through the commit
+(`Commit.publish`). A task that raises fails the run with a `WorkerError`; a worker process
+that dies does too, naming the shard.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from tqdm import tqdm
+
+from shardkit.conversion import executors
+from shardkit.conversion.commit import Commit, Entry
+from shardkit.conversion.plan import Plan, rows_per_group
+from shardkit.conversion.report import FailureRecord
+from shardkit.conversion.tasks import PartResult, PartTask, ShardTask, run_part, run_shard
+from shardkit.errors import WorkerError
+from shardkit.format.manifest import ShardRecord
+from shardkit.format.tar import raw_layout
+
+__all__ = ["Scheduler"]
+
+
+class Scheduler:
+    """Feeds part tasks to the executor (a bounded number in flight), submits a shard's
+    assembly once its parts are done, and publishes each assembled shard."""
+
+    def __init__(self, plan: Plan, commit: Commit, executor: cf.Executor, bar: tqdm,
+                 finished: dict[int, Entry], *, limit: int) -> None:
+        self.plan, self.commit, self.executor, self.bar = plan, commit, executor, bar
+        self.tmp = commit.tmp
+        self.limit = limit
+        self.in_flight: dict[cf.Future[Any], tuple[str, int]] = {}
+        self.parts: dict[int, list[PartResult]] = {}
+        self.blocks: dict[int, int] = {}  # tar JSON padding of each shard this run writes
+        self.expected = {k: len(list(plan.parts(k))) for k in range(plan.shard_count)}
+        self.records = {k: e.record for k, e in finished.items()}
+        self.failures = [f for e in finished.values() for f in e.failures]
+        self.counts = [sum(c) for c in zip(*(e.label_counts for e in finished.values()),
+                                           strict=True)] or [0] * len(plan.classes or ())
+        self.cpu_seconds = 0.0
+        bar.update(sum(len(plan.shard_slice(k)) for k in finished))
+
+    def run(self) -> tuple[list[ShardRecord], list[FailureRecord], list[int]]:
+        pending = self._part_tasks()
+        try:
+            while True:
+                while len(self.in_flight) < self.limit and (task := next(pending, None)):
+                    self._submit("part", task.shard, run_part, task)
+                if not self.in_flight:
+                    break
+                done, _ = cf.wait(self.in_flight, return_when=cf.FIRST_COMPLETED)
+                for future in done:
+                    self._finish(future)
+        except BaseException:
+            for future in self.in_flight:
+                future.cancel()
+            raise
+        return [self.records[k] for k in sorted(self.records)], self.failures, self.counts
+
+    def _part_tasks(self) -> Any:
+        plan = self.plan
+        classes = tuple(plan.classes) if plan.classes is not None else None
+        for shard in range(plan.shard_count):
+            if shard in self.records:
+                continue  # finished by an earlier run (journal)
+            whole = plan.shard_slice(shard)
+            records = plan.records[whole.start:whole.stop]  # read once (it may be spilled)
+            blocks = self.blocks[shard] = plan.json_blocks(records) if plan.config.format == "tar" else 0
+            for number, indices in enumerate(plan.parts(shard)):
+                yield PartTask(
+                    shard=shard, part=number, first=indices.start,
+                    records=tuple(records[indices.start - whole.start:indices.stop - whole.start]),
+                    classes=classes,
+                    path=str(self.tmp / f"{shard}.{number}.part"), key_width=plan.key_width,
+                    json_blocks=blocks, config=plan.config, meta_types=plan.meta_types,
+                )
+
+    def _submit(self, kind: str, shard: int, fn: Any, task: Any) -> None:
+        try:
+            future = self.executor.submit(fn, task)
+        except BrokenProcessPool:  # a worker died since the last result came back
+            raise self._died(shard) from None
+        self.in_flight[future] = (kind, shard)
+
+    def _died(self, shard: int) -> WorkerError:
+        return WorkerError(
+            f"a worker process died (killed, or out of memory?) while converting "
+            f"{self.plan.shard_file(shard)}; nothing was published for it"
+        )
+
+    def _finish(self, future: cf.Future[Any]) -> None:
+        kind, shard = self.in_flight.pop(future)
+        try:
+            result = future.result()
+        except BrokenProcessPool:
+            raise self._died(shard) from None
+        except Exception as exc:
+            raise WorkerError(f"converting {self.plan.shard_file(shard)} failed: "
+                              f"{executors.describe_task_error(exc)}") from exc
+        if kind == "part":
+            self._part_done(result)
+        else:
+            self._shard_done(shard, result)
+
+    def _part_done(self, result: PartResult) -> None:
+        self.failures.extend(result.failures)
+        self.cpu_seconds += result.cpu_seconds
+        self.counts = [a + b for a, b in zip(self.counts, result.label_counts, strict=True)]
+        self.bar.update(result.samples + len(result.failures))
+        if self.failures:
+            self.bar.set_postfix(failed=len(self.failures), refresh=False)
+        done = self.parts.setdefault(result.shard, [])
+        done.append(result)
+        if len(done) == self.expected[result.shard]:
+            done.sort(key=lambda r: r.part)
+            plan = self.plan
+            self._submit("shard", result.shard, run_shard, ShardTask(
+                shard=result.shard, parts=tuple(r.path for r in done),
+                tmp_path=str(self.tmp / plan.shard_file(result.shard)), labeled=plan.labeled,
+                rows_per_group=rows_per_group(plan.config, plan.labeled), config=plan.config,
+                meta_types=plan.meta_types,
+            ))
+
+    def _shard_done(self, shard: int, result: tuple[int, str]) -> None:
+        plan = self.plan
+        name = plan.shard_file(shard)
+        parts = self.parts.pop(shard)
+        layout = None
+        shape = plan.config.image.fixed_shape
+        if plan.config.format == "tar" and plan.config.codec == "raw" and shape is not None:
+            classes = len(plan.classes) if plan.classes is not None else None
+            layout = raw_layout(shape, classes, self.blocks[shard])
+        record = ShardRecord(file=name, samples=sum(r.samples for r in parts), bytes=result[0],
+                             sha256=result[1], layout=layout)
+        self.records[shard] = record
+        counts = tuple(sum(c) for c in zip(*(r.label_counts for r in parts), strict=True))
+        self.commit.publish(self.tmp / name, Entry(
+            shard=shard, record=record, failures=tuple(f for r in parts for f in r.failures),
+            label_counts=counts))
+        for part in parts:  # here, not in run_shard: a retried run_shard must find them
+            os.unlink(part.path)
