@@ -3,10 +3,10 @@ into training at memory-copy cost.
 
 Public API::
 
-    shardkit.convert(src, out, **options) -> ConvertSummary
+    shardkit.convert(src, out, [config, run], **options) -> ConvertSummary
     shardkit.open(path) -> Dataset           (numpy reading, no torch needed)
-    shardkit.ShardLoader(path, batch_size, ...)   (torch; needs the [torch] extra)
-    shardkit.ShardDataset(path, batch_size, ...)
+    shardkit.ShardLoader(path, batch_size, [ReadOptions], **options)   (torch; the [torch] extra)
+    shardkit.ShardDataset(path, batch_size, [ReadOptions], **options)
     shardkit.to_device(batch, device, mean=..., std=...)
     shardkit.monitor(loader) -> Monitor       (how long the loop waits for data; needs no torch)
 """
@@ -14,7 +14,7 @@ Public API::
 from typing import Any
 
 from shardkit._version import __version__
-from shardkit.config import ConvertConfig, CsvOptions, ErrorBudget, ImageOptions, RunOptions
+from shardkit.config import ConvertConfig, CsvOptions, ErrorBudget, ImageOptions, ReadOptions, RunOptions
 from shardkit.conversion.report import ConvertSummary
 from shardkit.conversion.run import convert
 from shardkit.errors import (
@@ -46,6 +46,7 @@ __all__ = [
     "InputError",
     "MissingExtraError",
     "OutputExistsError",
+    "ReadOptions",
     "RunOptions",
     "ShardDataset",
     "ShardLoader",

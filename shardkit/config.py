@@ -155,7 +155,7 @@ class ConvertConfig:
 
     format: ``tar`` (WebDataset-compatible) or ``parquet``.
     codec: ``raw`` (uint8 pixels, nothing to decode when training), ``jpeg`` or ``png``.
-    quality: JPEG quality (1-95), used by the jpeg codec only.
+    quality: JPEG quality (1-100; above 95 files grow with little gain), jpeg codec only.
     compression: Parquet compression of the image column (``none`` or ``zstd``).
     shard_bytes / samples_per_shard: give exactly one; shard_bytes is converted to a sample
         count at plan time (exact for raw, an estimate for jpeg/png).

@@ -18,7 +18,8 @@
     KeyboardInterrupt / SIGTERM           exit 130 nothing half-written is published
 
 Per-input failures (a truncated JPEG, a missing file) are *not* exceptions: they are
-:class:`shardkit.conversion.images.SampleFailure` records, written to ``errors.jsonl`` and counted.
+:class:`shardkit.conversion.images.ImageFailure` exceptions inside a task, turned into
+:class:`shardkit.conversion.report.FailureRecord` records, written to ``errors.jsonl`` and counted.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from shardkit.tools.synth import photo_like
 
@@ -77,3 +78,9 @@ def small_dataset(src: Path, out: Path, shard_samples: int, /, **options: object
     options = {"samples_per_shard": shard_samples, **options}
     shardkit.convert(src, out, size=(12, 10), workers=0, **options)  # type: ignore[arg-type]
     return out
+
+
+def to_array(im: Image.Image) -> np.ndarray:
+    """H×W×C uint8 pixels of an RGB or L image (C = 1 for L)."""
+    array = np.asarray(im, dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array

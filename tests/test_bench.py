@@ -21,6 +21,7 @@ RUN_KEYS = {"loader", "workers", "epochs", "samples", "bytes", "seconds", "cpu_s
             "first_batch_seconds", "peak_rss_bytes", "workers_peak_rss_bytes", "epoch_seconds",
             "samples_per_second", "cpu_ms_per_sample", "cores", "mb_per_second"}
 REPORT_KEYS = {"schema", "dataset", "dataset_samples", "image_shape", "baseline", "baseline_samples",
+               "baseline_skipped",
                "cpu_count", "batch_size", "epochs", "shuffle", "target_rate", "runs", "verdict"}
 
 
@@ -131,3 +132,24 @@ def test_a_run_too_short_to_measure_cpu_gets_a_verdict() -> None:
     assert "too little CPU time to measure per core" in verdict
     assert "200 samples/s per core" in verdict  # raw: 20 samples in 0.1 CPU-s
     assert "shards' CPU per sample too small to measure" in verdict
+
+
+def test_baseline_skips_and_counts_files_that_do_not_decode(dataset: tuple[Path, Path],
+                                                            tmp_path: Path) -> None:
+    """The folders people point the baseline at are the ones with broken files: it leaves them
+    out, counts them by reason as convert does, and says so (it used to end in a traceback)."""
+    src, out = dataset
+    broken = tmp_path / "broken"
+    for path in sorted(src.rglob("*.*")):
+        target = broken / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    (broken / "ant" / "zz-not-an-image.jpg").write_text("not an image")
+    good = next((broken / "bee").glob("*.jpg")).read_bytes()
+    (broken / "bee" / "zz-truncated.jpg").write_bytes(good[: len(good) // 2])
+    report = run_bench(out, BenchOptions(batch_size=4, workers=(0,), epochs=1, baseline=str(broken)))
+    raw = report.best("raw")
+    assert raw is not None and raw.samples == SAMPLES  # every good file, none of the broken
+    assert report.baseline_skipped == {"not_an_image": 1, "truncated": 1}
+    assert report.to_json()["baseline_skipped"] == {"not_an_image": 1, "truncated": 1}
+    assert "2 files skipped, as convert would report them (1 not_an_image, 1 truncated)" in report.table()

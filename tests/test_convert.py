@@ -13,17 +13,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from corpus import add_bad_files, image_tree
+from corpus import add_bad_files, image_tree, to_array
 from PIL import Image
 
 import shardkit
 from shardkit.config import ImageOptions
-from shardkit.conversion.images import load_image, pillow_limits, to_array
+from shardkit.conversion.images import load_image, pillow_limits
 
 
 def expected_pixels(path: Path, **options: object) -> np.ndarray:
     opts = ImageOptions(**options)  # type: ignore[arg-type]
-    with pillow_limits(opts):
+    with pillow_limits():
         image, _ = load_image(path, opts)
     return to_array(image)
 
@@ -234,3 +234,20 @@ def test_index_json_is_complete(tree: Path, tmp_path: Path) -> None:
             assert member is not None
             np.testing.assert_array_equal(np.load(io.BytesIO(member.read())).reshape(-1), first)
     assert [r["samples"] for r in data["shards"]] == [6, 6, 3]
+
+
+def test_a_bug_in_shardkit_fails_the_run_instead_of_blaming_the_input(
+        tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only what Pillow or the file system raise about an input is a per-input failure; an
+    exception out of shardkit's own code is a WorkerError (exit 7), never a `decode_error`
+    record for every input."""
+    from shardkit.conversion import images
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("a bug in shardkit")
+
+    monkeypatch.setattr(images, "normalise_mode", broken)
+    with pytest.raises(shardkit.WorkerError, match="a bug in shardkit") as caught:
+        shardkit.convert(tree, tmp_path / "out", size=16, workers=0)
+    assert caught.value.exit_code == 7
+    assert not (tmp_path / "out" / "index.json").exists()

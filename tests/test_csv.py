@@ -11,18 +11,19 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from corpus import to_array
 
 import shardkit
 from shardkit.cli import main
 from shardkit.config import ImageOptions
-from shardkit.conversion.images import load_image, pillow_limits, to_array
+from shardkit.conversion.images import load_image, pillow_limits
 from shardkit.tools.synth import photo_like
 from shardkit.tools.verify import verify_dataset
 
 
 def pixels(path: Path, size: int) -> np.ndarray:
     opts = ImageOptions(size=(size, size))
-    with pillow_limits(opts):
+    with pillow_limits():
         image, _ = load_image(path, opts)
     return to_array(image)
 

@@ -293,19 +293,18 @@ def test_bad_dask_options_are_config_errors(src: Path, tmp_path: Path, args: lis
 def test_pillow_limits_hold_while_any_threaded_task_runs() -> None:
     """Two tasks as threads of one worker: the first to finish must not restore Pillow's
     defaults (its own bomb check) under the one still running."""
-    options = shardkit.ImageOptions()
     default = Image.MAX_IMAGE_PIXELS
     inside, release = threading.Event(), threading.Event()
 
     def long_task() -> None:
-        with pillow_limits(options):
+        with pillow_limits():
             inside.set()
             release.wait(10)
 
     thread = threading.Thread(target=long_task)
     thread.start()
     inside.wait(10)
-    with pillow_limits(options):
+    with pillow_limits():
         assert Image.MAX_IMAGE_PIXELS is None
     assert Image.MAX_IMAGE_PIXELS is None  # the long task still runs
     release.set()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from corpus import to_array
 from PIL import Image, ImageOps
 
 from shardkit.config import ImageOptions
@@ -23,7 +24,6 @@ from shardkit.conversion.images import (
     ImageFailure,
     load_image,
     pillow_limits,
-    to_array,
 )
 from shardkit.tools.synth import photo_like
 
@@ -41,7 +41,7 @@ TL, TR, BL, BR = (230, 20, 20), (20, 200, 20), (20, 20, 230), (240, 220, 20)
 def load(path: Path, **kwargs: object) -> tuple[np.ndarray, tuple[int, int]]:
     """load_image under pillow_limits; returns (H×W×C array, oriented source size)."""
     options = ImageOptions(**kwargs)  # type: ignore[arg-type]
-    with pillow_limits(options):
+    with pillow_limits():
         im, orig = load_image(path, options)
     assert im.mode == options.mode
     return to_array(im), orig
@@ -49,7 +49,7 @@ def load(path: Path, **kwargs: object) -> tuple[np.ndarray, tuple[int, int]]:
 
 def failure(path: Path, **kwargs: object) -> tuple[str, str]:
     options = ImageOptions(**kwargs)  # type: ignore[arg-type]
-    with pillow_limits(options), pytest.raises(ImageFailure) as info:
+    with pillow_limits(), pytest.raises(ImageFailure) as info:
         load_image(path, options)
     return info.value.stage, info.value.reason
 
@@ -673,7 +673,7 @@ def test_pillow_limits_restored() -> None:
     from PIL import ImageFile
 
     saved = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
-    with pillow_limits(ImageOptions(max_pixels=1234)):
+    with pillow_limits():
         assert Image.MAX_IMAGE_PIXELS is None  # our own header check applies the limit
         assert ImageFile.LOAD_TRUNCATED_IMAGES is False
     assert saved == (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)

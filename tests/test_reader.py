@@ -328,3 +328,43 @@ def test_jpeg_files_decoded_by_to_device_match_the_cpu_loader(src: Path, tmp_pat
             torch.testing.assert_close(y, x, rtol=0, atol=0)
     with pytest.raises(shardkit.ConfigError, match="--codec jpeg"):
         ShardLoader(convert(src, tmp_path / "raw"), BATCH, decode="device")
+
+
+def test_metadata_has_the_same_names_for_tar_and_parquet(src: Path, tmp_path: Path) -> None:
+    """Dataset.metadata() used to give width/height/class for tar and key/orig_width/
+    orig_height for Parquet: now both give the batch field names, the label and the class."""
+    tar = shardkit.open(convert(src, tmp_path / "tar"))
+    parquet = shardkit.open(convert(src, tmp_path / "parquet", format="parquet"))
+    for number in range(len(tar.manifest.shards)):
+        rows = tar.metadata(number)
+        assert rows == parquet.metadata(number)
+        assert list(rows[0]) == ["key", "source", "orig_width", "orig_height", "label", "class"]
+        labels = tar.read_shard(number).labels
+        assert labels is not None and [r["label"] for r in rows] == labels.tolist()
+        assert [r["class"] for r in rows] == [r["source"].split("/")[0] for r in rows]
+
+
+def test_window_zero_is_refused_everywhere(tar_ds: Path) -> None:
+    """window=0 meant a window of 1 to the shuffle and a global window to the shard cache:
+    it now has no meaning, and every entry point says so."""
+    with pytest.raises(shardkit.ConfigError, match="window"):
+        ShardLoader(tar_ds, BATCH, window=0)
+    with pytest.raises(shardkit.ConfigError, match="window"):
+        shardkit.open(tar_ds).batches(BATCH, window=0)
+    with pytest.raises(shardkit.ConfigError, match="window"):
+        shardkit.ReadOptions(window=0)
+
+
+def test_batch_buffers_are_kept_for_the_loaders_life(tar_ds: Path) -> None:
+    """The second epoch reuses the first epoch's batch arrays (when nobody holds them) instead
+    of page-faulting fresh ones: the pool lives as long as the loader."""
+    loader = ShardLoader(tar_ds, BATCH, shuffle=False, prefetch=0, copy_threads=1)
+    for _ in loader:
+        pass
+    pool = loader.dataset.reading._pool
+    kept = [id(buffer) for buffer in pool._buffers]
+    assert kept  # the first epoch's batches were drawn from it
+    second = {batch["image"].data_ptr() for batch in loader}
+    assert loader.dataset.reading._pool is pool
+    assert set(kept) <= {id(b) for b in pool._buffers}  # none dropped, at most a few added
+    assert second <= {b.ctypes.data for b in pool._buffers}

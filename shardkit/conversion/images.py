@@ -40,7 +40,6 @@ __all__ = [
         "encode",
     "load_image",
     "pillow_limits",
-    "to_array",
 ]
 
 #: Pillow format names we decode. Anything else is "not_an_image", whatever its extension.
@@ -103,7 +102,7 @@ class _PillowLimits:
         self._stack = contextlib.ExitStack()
 
     @contextlib.contextmanager
-    def hold(self, options: ImageOptions) -> Iterator[None]:
+    def hold(self) -> Iterator[None]:
         with self._lock:
             if self._users == 0:
                 self._stack.enter_context(self._set())
@@ -131,7 +130,7 @@ class _PillowLimits:
             Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
-#: ``with pillow_limits(options): ...`` around a task's decoding (see `_PillowLimits`). One per
+#: ``with pillow_limits(): ...`` around a task's decoding (see `_PillowLimits`). One per
 #: process, like the Pillow globals it guards.
 pillow_limits = _PillowLimits().hold
 
@@ -314,12 +313,6 @@ def _letterbox(im: Image.Image, method: Image.Resampling, source: tuple[int, int
     canvas = Image.new(im.mode, (out_w, out_h), fill)
     canvas.paste(fitted, (round((out_w - size[0]) / 2), round((out_h - size[1]) / 2)))
     return canvas
-
-
-def to_array(im: Image.Image) -> np.ndarray:
-    """H×W×C uint8 pixels of an RGB or L image (C = 1 for L)."""
-    array = np.asarray(im, dtype=np.uint8)
-    return array[:, :, None] if array.ndim == 2 else array
 
 
 def encode(im: Image.Image, codec: str, quality: int) -> bytes:

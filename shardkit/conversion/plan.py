@@ -41,7 +41,6 @@ class Plan:
     records: Sequence[InputRecord]
     classes: list[str] | None
     failures: list[FailureRecord]
-    ignored: int
     samples_per_shard: int
     fingerprint: str
     #: CSV metadata columns (name, type) carried by every sample; empty for folders.
@@ -112,7 +111,6 @@ def make_plan(src: str | os.PathLike[str], config: ConvertConfig, *,
         records=records,
         classes=listing.classes,
         failures=failures,
-        ignored=listing.ignored,
         samples_per_shard=_samples_per_shard(config, listing.classes is not None),
         fingerprint=fingerprint(
             config.to_json(), listing.classes,

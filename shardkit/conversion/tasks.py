@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import PIL
 import pyarrow as pa
 
 from shardkit.config import ConvertConfig
@@ -73,7 +74,7 @@ def run_part(task: PartTask) -> PartResult:
     failures: list[FailureRecord] = []
     counts = [0] * len(task.classes or ())
     written = 0
-    with pillow_limits(task.config.image):
+    with pillow_limits():
         try:
             for offset, record in enumerate(task.records):
                 key = f"{task.first + offset:0{task.key_width}d}"
@@ -145,6 +146,8 @@ def _convert_one(record: InputRecord, key: str, task: PartTask) -> EncodedSample
     except ImageFailure:
         raise
     except Exception as exc:
+        if not _raised_by_pillow(exc):
+            raise  # a bug of ours, not the input's fault: the task fails (WorkerError)
         raise ImageFailure("decode", "decode_error", f"{type(exc).__name__}: {exc}") from None
     channels = 3 if image.mode == "RGB" else 1
     shape = (image.height, image.width, channels)
@@ -159,6 +162,19 @@ def _convert_one(record: InputRecord, key: str, task: PartTask) -> EncodedSample
     return EncodedSample(key=key, label=record.label, class_name=class_name, payload=payload,
                          shape=shape, source=record.source, orig_size=orig_size,
                          meta=record.meta)
+
+
+_PILLOW = os.path.dirname(PIL.__file__) + os.sep
+
+
+def _raised_by_pillow(exc: BaseException) -> bool:
+    """True when `exc` comes out of Pillow's own code (its plugins raise struct.error,
+    TypeError, KeyError... on damaged files as well as OSError): the input is at fault.
+    Raised anywhere else, it is a bug of ours and must not be recorded as a bad input."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PILLOW)
 
 
 def run_shard(task: ShardTask) -> tuple[int, str]:

@@ -63,7 +63,9 @@ def epoch_order(sizes: Sequence[int], *, shuffle: bool, seed: int, epoch: int,
     starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
     rng = np.random.default_rng([seed, epoch])
     shards = rng.permutation(len(sizes))
-    step = len(sizes) if window is None else max(1, window)
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 or None; got {window}")
+    step = len(sizes) if window is None else window
     pieces = []
     for first in range(0, len(sizes), step):
         group = shards[first:first + step]

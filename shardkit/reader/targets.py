@@ -15,16 +15,12 @@ import numpy as np
 
 from shardkit.errors import CorruptShardError
 from shardkit.format.manifest import Manifest, ShardRecord
+from shardkit.format.samples import TARGET_FIELD
 from shardkit.format.tar import iter_members
 from shardkit.reader.parquet import read_parquet_table
 
-__all__ = ["TARGET_FIELD", "has_targets", "read_targets"]
+__all__ = ["read_targets"]
 
-TARGET_FIELD = "target"
-
-
-def has_targets(manifest: Manifest) -> bool:
-    return manifest.kind == "images" and TARGET_FIELD in manifest.schema
 
 
 def read_targets(path: str, record: ShardRecord, manifest: Manifest) -> np.ndarray:

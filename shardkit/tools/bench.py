@@ -115,6 +115,8 @@ class BenchReport:
     baseline: str | None
     baseline_samples: int | None
     options: BenchOptions
+    #: Baseline files left out because they do not decode, per reason (None: no baseline).
+    baseline_skipped: dict[str, int] | None = None
     runs: list[LoaderRun]
     cpu_count: int = field(default_factory=lambda: os.cpu_count() or 1)
 
@@ -152,7 +154,8 @@ class BenchReport:
     def to_json(self) -> dict[str, Any]:
         return {"schema": BENCH_SCHEMA, "dataset": self.dataset, "dataset_samples": self.dataset_samples,
                 "image_shape": self.image_shape, "baseline": self.baseline,
-                "baseline_samples": self.baseline_samples, "cpu_count": self.cpu_count,
+                "baseline_samples": self.baseline_samples,
+                "baseline_skipped": self.baseline_skipped, "cpu_count": self.cpu_count,
                 "batch_size": self.options.batch_size, "epochs": self.options.epochs,
                 "shuffle": self.options.shuffle, "target_rate": self.options.target_rate,
                 "runs": [r.to_json() for r in self.runs], "verdict": self.verdict()}
@@ -173,6 +176,10 @@ class BenchReport:
         if self.baseline is not None:
             lines.append(f"raw = PIL open + convert + ImageOps.fit per sample through DataLoader, "
                          f"{self.baseline_samples:,} samples per epoch of {self.baseline}")
+        if self.baseline_skipped:
+            reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.baseline_skipped.items()))
+            lines.append(f"raw baseline: {sum(self.baseline_skipped.values()):,} files skipped, "
+                         f"as convert would report them ({reasons})")
         return "\n".join([*lines, "", self.verdict()])
 
 
@@ -192,12 +199,13 @@ def run_bench(path: str | os.PathLike[str], options: BenchOptions) -> BenchRepor
     manifest = Manifest.read(path)
     if manifest.kind != "images":
         raise ConfigError(f"{path}: holds {manifest.kind!r}; shardkit bench measures image datasets")
-    shape = manifest.schema.get("image", {}).get("shape")
+    shape = manifest.image_shape
     files: list[tuple[str, int]] = []
+    skipped: dict[str, int] = {}
     if options.baseline is not None:
-        files = _baseline_files(options.baseline, options.baseline_limit)
-        if shape is None or len(shape) != 3:
+        if shape is None:
             raise ConfigError(f"{path}: images have no fixed shape; the raw baseline needs one size")
+        files, skipped = _baseline_files(options.baseline, options.baseline_limit, shape)
     shards = [Path(path) / s.file for s in manifest.shards]
     runs = []
     for workers in options.workers:
@@ -210,19 +218,40 @@ def run_bench(path: str | os.PathLike[str], options: BenchOptions) -> BenchRepor
             runs.append(_measure({**common, "loader": "raw", "files": files, "shape": shape}))
     return BenchReport(dataset=os.fspath(path), dataset_samples=manifest.samples,
                        image_shape=list(shape) if shape else None, baseline=options.baseline,
-                       baseline_samples=len(files) if files else None, options=options, runs=runs)
+                       baseline_samples=len(files) if files else None,
+                       baseline_skipped=skipped if options.baseline is not None else None,
+                       options=options, runs=runs)
 
 
-def _baseline_files(src: str, limit: int | None) -> list[tuple[str, int]]:
-    """(path, label) of the images in `src`, listed as convert lists them, evenly thinned."""
+def _baseline_files(src: str, limit: int | None,
+                    shape: Sequence[int]) -> tuple[list[tuple[str, int]], dict[str, int]]:
+    """(path, label) of the images in `src`, listed as convert lists them, evenly thinned, and
+    the files left out because they do not decode (failures per reason, as convert reports
+    them): a folder with a broken file still gets a baseline."""
+    from shardkit.config import ImageOptions
+    from shardkit.conversion.images import ImageFailure, load_image, pillow_limits
     from shardkit.conversion.sources.imagefolder import list_image_folder
 
-    records = list_image_folder(src).records
-    if not records:
-        raise InputError(f"{src}: no images to read for the baseline")
+    listing = list_image_folder(src)
+    records = listing.records
+    skipped: dict[str, int] = {}
+    for failure in listing.failures:
+        skipped[failure.reason] = skipped.get(failure.reason, 0) + 1
     step = max(1, len(records) // limit) if limit else 1
     chosen = records[::step][:limit] if limit else records
-    return [(r.path, r.label if r.label is not None else -1) for r in chosen]
+    options = ImageOptions(size=(int(shape[1]), int(shape[0])), mode="RGB" if shape[2] == 3 else "L")
+    files = []
+    with pillow_limits():
+        for record in chosen:
+            try:
+                load_image(record.path, options)
+            except ImageFailure as failure:
+                skipped[failure.reason] = skipped.get(failure.reason, 0) + 1
+                continue
+            files.append((record.path, record.label if record.label is not None else -1))
+    if not files:
+        raise InputError(f"{src}: no images that decode to read for the baseline")
+    return files, skipped
 
 
 def _warm(paths: Sequence[Path]) -> None:

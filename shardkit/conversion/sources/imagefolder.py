@@ -6,7 +6,7 @@
   folders has no label: it is reported as a failure (``outside_class_folder``), not dropped.
 * Otherwise SRC is a flat folder of images and the dataset has no label field.
 * Candidates are files whose extension (any case) is in `IMAGE_EXTENSIONS`; hidden files and
-  folders (name starting with ".") are skipped; other files are counted as ignored.
+  folders (name starting with ".") are skipped; other files are not inputs.
 * Order: folders and files sorted by name at every level, so the list never depends on the
   filesystem. Symbolic links are followed; a folder reached twice (a loop) is skipped.
 * FIFOs, sockets and devices named like images are reported (``not_a_file``), never opened.
@@ -31,7 +31,6 @@ class Listing:
     records: RecordSpool
     classes: list[str] | None
     failures: list[PlanFailure] = field(default_factory=list)
-    ignored: int = 0
     #: CSV inputs: the metadata columns and their types (int64, float64, string, bool).
     meta_types: tuple[tuple[str, str], ...] = ()
     #: What fingerprints the source itself beyond the images (the CSV: path, size, mtime).
@@ -63,8 +62,6 @@ def list_image_folder(src: str | os.PathLike[str], *,
                     entry.name, "outside_class_folder",
                     "image lies directly in SRC next to class folders, so it has no label",
                 ))
-            elif not _is_dir(entry):
-                listing.ignored += 1
         for label, entry in enumerate(class_dirs):
             _walk(root, Path(entry.path), label, listing, visited)
     else:
@@ -84,7 +81,7 @@ def _walk(root: Path, folder: Path, label: int | None, listing: Listing,
         if _is_dir(entry):
             _walk(root, Path(entry.path), label, listing, visited)
         elif not _is_candidate(entry.name):
-            listing.ignored += 1
+            continue  # not named like an image
         elif _is_special(entry):
             listing.failures.append(PlanFailure(
                 Path(entry.path).relative_to(root).as_posix(), "not_a_file",
