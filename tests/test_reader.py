@@ -150,7 +150,7 @@ def _ddp_worker(rank: int, world: int, port: int, path: str, result: str) -> Non
         gathered = [torch.zeros_like(mine) for _ in range(world)]
         torch.distributed.all_gather(gathered, mine)  # equal sizes on every rank, or this hangs
         if rank == 0:
-            Path(result).write_text(json.dumps({"rank_of_world": [loader.dataset.rank, world],
+            Path(result).write_text(json.dumps({"rank_of_world": [loader.dataset.reading.rank, world],
                                                 "batches": [int(c) for c in counts],
                                                 "index": [g.tolist() for g in gathered]}))
     finally:
@@ -292,8 +292,8 @@ def test_mapped_raw_shards_all_stay_open_between_epochs(src: Path, tmp_path: Pat
     first = sorted(i for batch in loader for i in batch["index"].tolist())
     assert first == list(range(27))
     cache = loader.dataset.reading._cache
-    assert len(cache._open) == kept == loader.dataset.cache_shards
-    assert ShardLoader(out, 4, window=2, cache_shards=3).dataset.cache_shards == 3
+    assert len(cache._open) == kept == loader.dataset.reading.capacity
+    assert ShardLoader(out, 4, window=2, cache_shards=3).dataset.reading.capacity == 3
 
 
 @pytest.mark.parametrize("fmt", ["tar", "parquet"])

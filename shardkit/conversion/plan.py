@@ -104,8 +104,7 @@ def make_plan(src: str | os.PathLike[str], config: ConvertConfig, *,
     records: Sequence[InputRecord] = listing.records
     if config.shuffle:
         records = Permuted(records, np.random.default_rng(config.seed).permutation(len(records)))
-    failures = [FailureRecord(source=f.source, stage="plan", reason=f.reason, detail=f.detail,
-                              row=f.row) for f in listing.failures]
+    failures = list(listing.failures)
     return Plan(
         config=config,
         records=records,

@@ -46,33 +46,19 @@ class Dataset:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.manifest = open_manifest(str(self.path))
-        starts = np.cumsum([0] + [s.samples for s in self.manifest.shards])
+        self.manifest = manifest = open_manifest(str(self.path))
+        #: Class names (index = label), or None.
+        self.classes: list[str] | None = manifest.classes
+        self.format, self.codec = manifest.format, manifest.codec
+        #: (H, W, C) when every image has that shape, else None.
+        self.shape: tuple[int, int, int] | None = manifest.image_shape
+        #: True for a tabular CSV conversion (features and labels, no images).
+        self.is_table = manifest.kind == "table"
+        starts = np.cumsum([0] + [s.samples for s in manifest.shards])
         self._starts = np.asarray(starts, dtype=np.int64)
 
     def __len__(self) -> int:
         return self.manifest.samples
-
-    @property
-    def classes(self) -> list[str] | None:
-        return self.manifest.classes
-
-    @property
-    def format(self) -> str:
-        return self.manifest.format
-
-    @property
-    def codec(self) -> str:
-        return self.manifest.codec
-
-    @property
-    def shape(self) -> tuple[int, int, int] | None:
-        return self.manifest.image_shape
-
-    @property
-    def is_table(self) -> bool:
-        """True for a tabular CSV conversion (features and labels, no images)."""
-        return self.manifest.kind == "table"
 
     def read_table(self, number: int) -> TableShard:
         """Shard `number` of a table: features float32 [N, F] and labels."""

@@ -63,33 +63,12 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         auto_rank, auto_world = _distributed()
         rank = auto_rank if self.options.rank is None else self.options.rank
         world = auto_world if self.options.world_size is None else self.options.world_size
+        #: The reading set-up: batch size, rank and world, the order, the shards.
         self.reading = Reading(self.path, manifest, self.options, batch_size, rank=rank, world=world)
+        self.manifest: Manifest = manifest
+        self.total = self.reading.total  # samples in the dataset
         self.epoch = 0
         self.start = 0
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.reading.manifest
-
-    @property
-    def batch_size(self) -> int:
-        return self.reading.batch_size
-
-    @property
-    def rank(self) -> int:
-        return self.reading.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.reading.world
-
-    @property
-    def cache_shards(self) -> int:
-        return self.reading.capacity
-
-    @property
-    def total(self) -> int:
-        return self.reading.total
 
     def __len__(self) -> int:
         return len(self.reading)
@@ -166,17 +145,11 @@ class ShardLoader:
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ConfigError(f"num_workers must be an integer >= 0; got {num_workers!r}")
         self.dataset = ShardDataset(path, batch_size, options, **keywords)
+        self.options: ReadOptions = self.dataset.options
+        self.batch_size: int = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self._consumed = 0
-
-    @property
-    def options(self) -> ReadOptions:
-        return self.dataset.options
-
-    @property
-    def batch_size(self) -> int:
-        return self.dataset.batch_size
 
     @property
     def epoch(self) -> int:
@@ -185,14 +158,15 @@ class ShardLoader:
     @property
     def padding(self) -> int:
         """Samples repeated per epoch (over all ranks) so that every rank gets as many."""
-        return padding(self.dataset.total, self.dataset.world_size, drop_last=self.options.drop_last)
+        reading = self.dataset.reading
+        return padding(reading.total, reading.world, drop_last=self.options.drop_last)
 
     @property
     def samples_per_epoch(self) -> int:
         """Samples this rank yields per epoch."""
-        ds = self.dataset
-        return samples_per_rank(ds.total, ds.world_size, drop_last=self.options.drop_last,
-                                batch_size=ds.batch_size)
+        reading = self.dataset.reading
+        return samples_per_rank(reading.total, reading.world, drop_last=self.options.drop_last,
+                                batch_size=reading.batch_size)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -207,7 +181,7 @@ class ShardLoader:
         ds, o = self.dataset, self.options
         return {"format": STATE_FORMAT, "fingerprint": ds.manifest.fingerprint, "seed": o.seed,
                 "epoch": ds.epoch, "samples": ds.start + self._consumed,
-                "world_size": ds.world_size, "shuffle": o.shuffle, "drop_last": o.drop_last,
+                "world_size": ds.reading.world, "shuffle": o.shuffle, "drop_last": o.drop_last,
                 "window": o.window}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -219,7 +193,7 @@ class ShardLoader:
         if state["fingerprint"] != ds.manifest.fingerprint:
             raise ConfigError("this state was saved for a different dataset (fingerprint "
                               f"{state['fingerprint'][:12]}…, this one {ds.manifest.fingerprint[:12]}…)")
-        mine = {"seed": o.seed, "world_size": ds.world_size, "shuffle": o.shuffle,
+        mine = {"seed": o.seed, "world_size": ds.reading.world, "shuffle": o.shuffle,
                 "drop_last": o.drop_last, "window": o.window}
         differs = {k: (state[k], v) for k, v in mine.items() if state[k] != v}
         if differs:

@@ -68,9 +68,9 @@ class EpochStats:
     wait: float
     step: float
     cpu_seconds: float
+    complete: bool = True  # False for a window of a pass, or a pass left early
     gpu_utilization: float | None = None
     gpu_memory_bytes: int | None = None
-    complete: bool = True
 
     @property
     def stall_fraction(self) -> float:

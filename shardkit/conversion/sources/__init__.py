@@ -6,6 +6,6 @@ and tabular CSVs.
 """
 
 from shardkit.conversion.sources.image_csv import list_image_csv
-from shardkit.conversion.sources.imagefolder import InputRecord, Listing, PlanFailure, list_image_folder
+from shardkit.conversion.sources.imagefolder import InputRecord, Listing, list_image_folder
 
-__all__ = ["InputRecord", "Listing", "PlanFailure", "list_image_csv", "list_image_folder"]
+__all__ = ["InputRecord", "Listing", "list_image_csv", "list_image_folder"]

@@ -23,9 +23,10 @@ import numpy as np
 import pyarrow as pa
 
 from shardkit.config import CsvOptions
+from shardkit.conversion.report import FailureRecord
 from shardkit.conversion.sources.csv import Column, CsvStream, check_columns, infer_columns, typed_block
 from shardkit.conversion.sources.imagefolder import Listing
-from shardkit.conversion.sources.records import InputRecord, PlanFailure, RecordSpool
+from shardkit.conversion.sources.records import InputRecord, RecordSpool, plan_failure
 from shardkit.errors import ConfigError, InputError
 
 __all__ = ["RESERVED_COLUMNS", "list_image_csv"]
@@ -76,16 +77,16 @@ def list_image_csv(src: str | os.PathLike[str], options: CsvOptions, *,
     meta_types = tuple((c.name, _META_TYPES[c.kind][0]) for c in meta)
     listing = Listing(records=RecordSpool(spill_dir), classes=classes,
                       meta_types=meta_types + ((("target", "float32_list"),) if targets else ()))
-    failures: list[tuple[int, PlanFailure]] = []
+    failures: list[tuple[int, FailureRecord]] = []
     base = str(root.absolute())
     for table, rows in stream.blocks():
         block = typed_block(table, rows, wanted, types, required)
-        failures += [(b.row, PlanFailure(path.name, b.reason, b.detail, b.row)) for b in block.bad]
+        failures += [(b.row, plan_failure(path.name, b.reason, b.detail, b.row)) for b in block.bad]
         values = {name: array.to_pylist() for name, array in block.columns.items()}
         for i, row in enumerate(block.rows.tolist()):
             listing.records.append(_record(base, values, i, row, options.image_col, label, meta,
                                            targets))
-    failures += [(b.row, PlanFailure(path.name, b.reason, b.detail, b.row)) for b in stream.malformed]
+    failures += [(b.row, plan_failure(path.name, b.reason, b.detail, b.row)) for b in stream.malformed]
     if label is not None and classes is None:
         listing.classes = _integer_classes(listing, failures, path)
     listing.failures = [f for _, f in sorted(failures, key=lambda item: item[0])]
@@ -107,14 +108,14 @@ def _string_classes(column: Column, path: Path) -> list[str] | None:
     return list(column.categories)
 
 
-def _integer_classes(listing: Listing, failures: list[tuple[int, PlanFailure]],
+def _integer_classes(listing: Listing, failures: list[tuple[int, FailureRecord]],
                      path: Path) -> list[str]:
     """Integer labels: drop rows with negative labels (reported); classes "0".."max"."""
     kept = RecordSpool(listing.records.spill_dir)
     top = -1
     for record in listing.records:
         if record.label is not None and record.label < 0:
-            failures.append((record.row or 0, PlanFailure(
+            failures.append((record.row or 0, plan_failure(
                 path.name, "bad_label", f"label {record.label} is negative", record.row)))
         else:
             kept.append(record)

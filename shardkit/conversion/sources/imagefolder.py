@@ -20,17 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardkit.conversion.images import IMAGE_EXTENSIONS
-from shardkit.conversion.sources.records import InputRecord, PlanFailure, RecordSpool
+from shardkit.conversion.report import FailureRecord
+from shardkit.conversion.sources.records import InputRecord, RecordSpool, plan_failure
 from shardkit.errors import InputError
 
-__all__ = ["InputRecord", "Listing", "PlanFailure", "list_image_folder"]
+__all__ = ["InputRecord", "Listing", "list_image_folder"]
 
 
 @dataclass(slots=True)
 class Listing:
     records: RecordSpool
     classes: list[str] | None
-    failures: list[PlanFailure] = field(default_factory=list)
+    failures: list[FailureRecord] = field(default_factory=list)
     #: CSV inputs: the metadata columns and their types (int64, float64, string, bool).
     meta_types: tuple[tuple[str, str], ...] = ()
     #: What fingerprints the source itself beyond the images (the CSV: path, size, mtime).
@@ -58,7 +59,7 @@ def list_image_folder(src: str | os.PathLike[str], *,
     if class_dirs:
         for entry in entries:
             if not _is_dir(entry) and _is_candidate(entry.name):
-                listing.failures.append(PlanFailure(
+                listing.failures.append(plan_failure(
                     entry.name, "outside_class_folder",
                     "image lies directly in SRC next to class folders, so it has no label",
                 ))
@@ -83,7 +84,7 @@ def _walk(root: Path, folder: Path, label: int | None, listing: Listing,
         elif not _is_candidate(entry.name):
             continue  # not named like an image
         elif _is_special(entry):
-            listing.failures.append(PlanFailure(
+            listing.failures.append(plan_failure(
                 Path(entry.path).relative_to(root).as_posix(), "not_a_file",
                 "a FIFO, socket or device named like an image; it is not read",
             ))

@@ -25,7 +25,9 @@ from typing import Any, overload
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["CHUNK", "InputRecord", "Permuted", "PlanFailure", "RecordSpool"]
+from shardkit.conversion.report import FailureRecord
+
+__all__ = ["CHUNK", "InputRecord", "Permuted", "RecordSpool", "plan_failure"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,14 +44,10 @@ class InputRecord:
     meta: tuple[tuple[str, Any], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class PlanFailure:
-    """An input rejected while listing, before any task ran."""
+def plan_failure(source: str, reason: str, detail: str, row: int | None = None) -> FailureRecord:
+    """An input rejected while listing, before any task ran (stage ``plan``)."""
+    return FailureRecord(source=source, stage="plan", reason=reason, detail=detail, row=row)
 
-    source: str
-    reason: str
-    detail: str
-    row: int | None = None
 
 #: Records kept in memory before the spool spills to disk, and rows per spilled batch.
 CHUNK = 1 << 16
@@ -61,7 +59,26 @@ _SCHEMA = pa.schema([
 ])
 
 
-class RecordSpool(Sequence[InputRecord]):
+class _Records(Sequence[InputRecord]):
+    """A plan's input list: an index gives a record, a slice a list of them."""
+
+    @overload
+    def __getitem__(self, index: int) -> InputRecord: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[InputRecord]: ...
+
+    def __getitem__(self, index: int | slice) -> InputRecord | list[InputRecord]:
+        return self._slice(index) if isinstance(index, slice) else self._item(index)
+
+    def _item(self, index: int) -> InputRecord:
+        raise NotImplementedError
+
+    def _slice(self, index: slice) -> list[InputRecord]:
+        raise NotImplementedError
+
+
+class RecordSpool(_Records):
     """An append-only sequence of input records; see the module docstring. Fill it first,
     then read it: the first read of a spilled record seals it against more appends."""
 
@@ -84,15 +101,10 @@ class RecordSpool(Sequence[InputRecord]):
     def __len__(self) -> int:
         return self._spilled + len(self._pending)
 
-    @overload
-    def __getitem__(self, index: int) -> InputRecord: ...
+    def _slice(self, index: slice) -> list[InputRecord]:
+        return [self._item(i) for i in range(*index.indices(len(self)))]
 
-    @overload
-    def __getitem__(self, index: slice) -> list[InputRecord]: ...
-
-    def __getitem__(self, index: int | slice) -> InputRecord | list[InputRecord]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+    def _item(self, index: int) -> InputRecord:
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
@@ -169,7 +181,7 @@ def _record(path: str, source: str, label: int | None, size: int, mtime_ns: int,
                        row=number, meta=tuple((k, v) for k, v in json.loads(meta)))
 
 
-class Permuted(Sequence[InputRecord]):
+class Permuted(_Records):
     """`records` in the order `order` (a permutation of their indices), without copying them."""
 
     def __init__(self, records: Sequence[InputRecord], order: np.ndarray) -> None:
@@ -180,13 +192,8 @@ class Permuted(Sequence[InputRecord]):
     def __len__(self) -> int:
         return len(self.records)
 
-    @overload
-    def __getitem__(self, index: int) -> InputRecord: ...
+    def _slice(self, index: slice) -> list[InputRecord]:
+        return [self.records[int(i)] for i in self.order[index]]
 
-    @overload
-    def __getitem__(self, index: slice) -> list[InputRecord]: ...
-
-    def __getitem__(self, index: int | slice) -> InputRecord | list[InputRecord]:
-        if isinstance(index, slice):
-            return [self.records[int(i)] for i in self.order[index]]
+    def _item(self, index: int) -> InputRecord:
         return self.records[int(self.order[index])]
