@@ -13,7 +13,8 @@ from PIL import Image
 
 import shardkit
 from shardkit.errors import ConfigError, DatasetError, InputError
-from shardkit.tools.bench import BENCH_SCHEMA, BenchOptions, BenchReport, LoaderRun, measure_here, run_bench
+from shardkit.tools.bench import BENCH_SCHEMA, BenchOptions, BenchReport, LoaderRun, run_bench
+from shardkit.tools.bench_run import measure_here
 
 SAMPLES = 18
 

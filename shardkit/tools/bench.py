@@ -21,8 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +28,6 @@ from typing import Any
 
 from shardkit.errors import ConfigError, InputError, ShardkitError, require
 from shardkit.format.manifest import Manifest
-from shardkit.tools.monitor import cpu_seconds
 
 __all__ = ["BENCH_SCHEMA", "BenchOptions", "BenchReport", "LoaderRun", "run_bench"]
 
@@ -265,121 +262,12 @@ def _warm(paths: Sequence[Path]) -> None:
 
 def _measure(spec: dict[str, Any]) -> LoaderRun:
     # The spec goes through stdin: thousands of baseline paths would overflow one argument.
-    result = subprocess.run([sys.executable, "-m", "shardkit.tools.bench"], input=json.dumps(spec),
+    result = subprocess.run([sys.executable, "-m", "shardkit.tools.bench_run"], input=json.dumps(spec),
                             capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise ShardkitError(f"measuring {spec['loader']} with {spec['workers']} workers failed "
                             f"(exit {result.returncode}): {result.stderr.strip()[-1500:]}")
     return LoaderRun(**json.loads(result.stdout.strip().splitlines()[-1]))
-
-
-# ---------------------------------------------------------------- the child: one configuration
-
-class FolderDataset:
-    """The naive baseline: PIL decode + center crop of one image per ``__getitem__``."""
-
-    def __init__(self, files: list[tuple[str, int]], shape: Sequence[int]) -> None:
-        self.files, self.shape = files, tuple(shape)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[Any, int]:
-        import numpy as np
-        import torch
-        from PIL import Image, ImageOps
-
-        height, width, channels = self.shape
-        path, label = self.files[i]
-        with Image.open(path) as im:
-            fitted = ImageOps.fit(im.convert("RGB" if channels == 3 else "L"), (width, height),
-                                  Image.Resampling.BICUBIC)
-        pixels = np.array(fitted).reshape(height, width, channels)
-        return torch.from_numpy(pixels), label
-
-
-class _RssSampler:
-    """Peak summed RSS of this process's descendants (the workers): sampled every 0.1 s, and
-    whenever `sample` is called (at each epoch's first batch, when the workers are alive)."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self.me, self.peak, self._stop = psutil.Process(), 0, threading.Event()
-        self._lock = threading.Lock()  # two threads sample: keep the larger peak
-        self._thread = threading.Thread(target=self._run, name="shardkit-rss", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            self.sample()
-
-    def sample(self) -> None:
-        import psutil
-
-        total = 0
-        for child in self.me.children(recursive=True):
-            try:
-                total += child.memory_info().rss
-            except psutil.Error:
-                continue
-        with self._lock:
-            self.peak = max(self.peak, total)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
-
-
-def _loader(spec: dict[str, Any]) -> Any:
-    import torch
-
-    if spec["loader"] == "shards":
-        from shardkit.reader.torch_dataset import ShardLoader
-
-        return ShardLoader(spec["path"], spec["batch_size"], shuffle=spec["shuffle"], seed=spec["seed"],
-                           num_workers=spec["workers"])
-    files = [(str(f), int(label)) for f, label in spec["files"]]
-    generator = torch.Generator().manual_seed(spec["seed"])
-    dataset: Any = FolderDataset(files, spec["shape"])  # map-style: torch asks for nothing more
-    return torch.utils.data.DataLoader(dataset, batch_size=spec["batch_size"],
-                                       shuffle=spec["shuffle"], num_workers=spec["workers"],
-                                       generator=generator)
-
-
-def measure_here(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one configuration in this process; the figures of a `LoaderRun` as a dict."""
-    import resource
-
-    import torch  # noqa: F401  (imported before the clock starts: its import is not the loader's)
-
-    created = time.perf_counter()
-    loader = _loader(spec)
-    sampler = _RssSampler()
-    first: float | None = None
-    samples = nbytes = 0
-    epoch_seconds = []
-    cpu_before, started = cpu_seconds(), time.perf_counter()
-    for _ in range(spec["epochs"]):
-        began = time.perf_counter()
-        for number, batch in enumerate(loader):
-            images = batch["image"] if isinstance(batch, dict) else batch[0]
-            if first is None:
-                first = time.perf_counter() - created
-            if number == 0:
-                sampler.sample()
-            pieces = images if isinstance(images, list) else [images]
-            samples += len(images)
-            nbytes += sum(p.nelement() * p.element_size() for p in pieces)
-        epoch_seconds.append(time.perf_counter() - began)
-    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_before
-    workers_peak = sampler.stop()
-    return {"loader": spec["loader"], "workers": spec["workers"], "epochs": spec["epochs"],
-            "samples": samples, "bytes": nbytes, "seconds": seconds, "cpu_seconds": cpu,
-            "first_batch_seconds": first if first is not None else seconds,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "workers_peak_rss_bytes": workers_peak, "epoch_seconds": epoch_seconds}
 
 
 def plot(report: BenchReport, path: str | os.PathLike[str]) -> None:
@@ -410,7 +298,3 @@ def plot(report: BenchReport, path: str | os.PathLike[str]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-if __name__ == "__main__":
-    print(json.dumps(measure_here(json.loads(sys.stdin.read()))))
