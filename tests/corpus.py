@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -84,3 +85,16 @@ def to_array(im: Image.Image) -> np.ndarray:
     """H×W×C uint8 pixels of an RGB or L image (C = 1 for L)."""
     array = np.asarray(im, dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
+
+
+def loader(path: Path, batch_size: int, workers: int, **options: object) -> Any:
+    """ShardLoader for `workers` 0, else the DataLoader over a ShardDataset a user builds to
+    read with worker processes (ShardLoader itself reads with threads)."""
+    import torch
+
+    import shardkit
+
+    if workers == 0:
+        return shardkit.ShardLoader(path, batch_size, **options)  # type: ignore[arg-type]
+    dataset = shardkit.ShardDataset(path, batch_size, **options)  # type: ignore[arg-type]
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)

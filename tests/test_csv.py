@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from corpus import to_array
+from corpus import loader, to_array
 
 import shardkit
 from shardkit.cli import main
@@ -182,8 +182,7 @@ def test_tabular_shuffled_loader_covers_every_row_once_with_workers(table_csv: P
     shardkit.convert(table_csv, out, label_col="label", samples_per_shard=2, max_errors=1)
     seen = []
     for workers in (0, 2):
-        loader = shardkit.ShardLoader(out, batch_size=2, shuffle=True, seed=4, num_workers=workers)
-        batches = list(loader)
+        batches = list(loader(out, 2, workers, shuffle=True, seed=4))
         seen.append(np.concatenate([b["index"].numpy() for b in batches]).tolist())
         first = batches[0]
         index = first["index"].numpy()

@@ -12,7 +12,7 @@ from typing import Any
 
 import psutil
 import pytest
-from corpus import image_tree
+from corpus import image_tree, loader
 
 import shardkit
 from shardkit.tools.monitor import cpu_seconds, monitor
@@ -115,7 +115,7 @@ def test_worker_cpu_shows_in_the_epoch(data: Path, tmp_path: Path) -> None:
     image_tree(src, classes=("a", "b"), per_class=24, min_side=300, max_side=400)
     jpeg = tmp_path / "jpeg"
     shardkit.convert(src, jpeg, size=256, codec="jpeg", workers=0, progress=False)
-    mon = monitor(shardkit.ShardLoader(jpeg, 4, num_workers=2), quiet=True)
+    mon = monitor(loader(jpeg, 4, 2), quiet=True)  # a DataLoader with two worker processes
     me = psutil.Process()
     own_before = sum(me.cpu_times()[:2])
     count = sum(len(batch["label"]) for batch in mon)

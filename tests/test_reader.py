@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from corpus import small_dataset, small_tree
+from corpus import loader, small_dataset, small_tree
 
 import shardkit
 from shardkit import CorruptShardError, ShardLoader, UnsafeContentError
@@ -58,8 +58,7 @@ def test_batches_hold_exactly_what_was_written(src: Path, tmp_path: Path, fmt: s
     images, labels = stored(out)
     seen = []
     for workers in (0, 2):
-        loader = ShardLoader(out, BATCH, num_workers=workers, seed=4, fields=["source", "key"])
-        for batch in loader:
+        for batch in loader(out, BATCH, workers, seed=4, fields=["source", "key"]):
             index = batch["index"].numpy()
             assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (10, 12, 3)
             np.testing.assert_array_equal(batch["image"].numpy(), images[index])
@@ -82,8 +81,8 @@ def test_batches_kept_by_the_caller_are_never_overwritten(src: Path, tmp_path: P
 
 
 def test_order_is_the_same_for_any_number_of_workers(tar_ds: Path) -> None:
-    orders = [indices(ShardLoader(tar_ds, BATCH, num_workers=w, seed=9)) for w in (0, 1, 2)]
-    assert orders[0] == orders[1] == orders[2]
+    orders = [indices(loader(tar_ds, BATCH, w, seed=9)) for w in (0, 1, 2, 4)]
+    assert orders[0] == orders[1] == orders[2] == orders[3]
     assert sorted(i for b in orders[0] for i in b) == list(range(27))
     assert orders[0] != sorted(orders[0])  # shuffled
     plain = indices(ShardLoader(tar_ds, BATCH, shuffle=False))
@@ -98,6 +97,7 @@ def test_epochs_reshuffle_and_set_epoch_replays(tar_ds: Path) -> None:
     assert indices(loader) == first
 
 
+@pytest.mark.filterwarnings("ignore:ShardLoader\\(num_workers")  # it reads with threads
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_at_random_cut_points_yields_exactly_the_rest(tar_ds: Path, workers: int) -> None:
     full = indices(ShardLoader(tar_ds, BATCH, seed=5, num_workers=workers))
@@ -313,8 +313,7 @@ def test_jpeg_files_decoded_by_to_device_match_the_cpu_loader(src: Path, tmp_pat
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.5]
     on_cpu = list(ShardLoader(out, BATCH, shuffle=True, seed=4))
     for workers in (0, 2):
-        on_device = list(ShardLoader(out, BATCH, shuffle=True, seed=4, decode="device",
-                                     num_workers=workers))
+        on_device = list(loader(out, BATCH, workers, shuffle=True, seed=4, decode="device"))
         assert len(on_device) == len(on_cpu) == 6
         for a, b in zip(on_cpu, on_device, strict=True):
             assert torch.equal(a["index"], b["index"]) and torch.equal(a["label"], b["label"])
@@ -368,3 +367,11 @@ def test_batch_buffers_are_kept_for_the_loaders_life(tar_ds: Path) -> None:
     assert loader.dataset.reading._pool is pool
     assert set(kept) <= {id(b) for b in pool._buffers}  # none dropped, at most a few added
     assert second <= {b.ctypes.data for b in pool._buffers}
+
+
+def test_shard_loader_reads_with_threads_and_says_why_num_workers_is_not_used(tar_ds: Path) -> None:
+    """num_workers by habit never makes reading slower: ShardLoader keeps to its threads and
+    says so once, naming the reason; the batches are the same."""
+    with pytest.warns(UserWarning, match="second copy of every batch through shared memory"):
+        habit = ShardLoader(tar_ds, BATCH, num_workers=8, seed=2)
+    assert indices(habit) == indices(ShardLoader(tar_ds, BATCH, seed=2))

@@ -12,6 +12,7 @@ no extra copy through shared memory. Worker processes pay off when samples must 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,12 @@ _IterableDataset: Any = torch.utils.data.IterableDataset
 __all__ = ["ShardDataset", "ShardLoader"]
 
 STATE_FORMAT = "shardkit.loader/1"
+_THREADS_NOT_WORKERS = (
+    "ShardLoader(num_workers={}): shardkit assembles batches with threads in this process, so "
+    "num_workers is not used. Raw pixels are memory-mapped and a batch is one copy; a worker "
+    "process would add a second copy of every batch through shared memory (docs/performance.md "
+    "measures it). jpeg/png shards are decoded by a pool of threads, one per core. To use worker "
+    "processes anyway: DataLoader(ShardDataset(...), batch_size=None, num_workers=...).")
 
 
 def _distributed() -> tuple[int, int]:
@@ -118,7 +125,9 @@ class ShardLoader:
 
     Options: a `ReadOptions` and/or its fields as keywords (shuffle, seed, window, drop_last,
     rank, world_size, fields, verify, prefetch, cache_shards, decode, copy_threads: see
-    ReadOptions for each); `num_workers` and `pin_memory` as torch's DataLoader takes them.
+    ReadOptions for each); `pin_memory` as torch's DataLoader takes it. `num_workers` is
+    accepted and not used, with a warning that says why: batches are assembled by threads of
+    this process, which is faster than worker processes for every kind of shard.
 
     ``len(loader)`` is the exact number of batches this rank yields per epoch; every rank
     yields the same number (``drop_last`` drops the tail evenly, otherwise ``padding``
@@ -129,14 +138,13 @@ class ShardLoader:
 
     Memory: at most `cache_shards` shards are open at once (default ``window + 2``; for
     memory-mapped shards — raw tar, and raw Parquet with an uncompressed image column — whose
-    pages are the kernel's page cache, not copies, up to 64). With ``num_workers=0`` they stay
-    open between epochs: a dataset of at most `cache_shards` shards is read from memory from
-    the second epoch on.
+    pages are the kernel's page cache, not copies, up to 64). They stay open between epochs:
+    a dataset of at most `cache_shards` shards is read from memory from the second epoch on.
 
-    Threads: with ``num_workers=0`` a background thread assembles the next `prefetch`
-    batches, and `copy_threads` threads (default 2, or 1 on a single CPU) share each batch's
-    copies (batches of 1 MiB or more): one core copies a batch at about half the speed
-    memory allows. In DataLoader worker processes each worker copies alone.
+    Threads: a background thread assembles the next `prefetch` batches, and `copy_threads`
+    threads (default 2, or 1 on a single CPU) share each batch's copies (batches of 1 MiB or
+    more): one core copies a batch at about half the speed memory allows. In DataLoader worker
+    processes (a ``DataLoader(ShardDataset(...))`` built by hand) each worker copies alone.
     """
 
     def __init__(self, path: str | os.PathLike[str], batch_size: int,
@@ -144,6 +152,8 @@ class ShardLoader:
                  pin_memory: bool = False, **keywords: Unpack[ReadKeywords]) -> None:
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ConfigError(f"num_workers must be an integer >= 0; got {num_workers!r}")
+        if num_workers:
+            warnings.warn(_THREADS_NOT_WORKERS.format(num_workers), UserWarning, stacklevel=2)
         self.dataset = ShardDataset(path, batch_size, options, **keywords)
         self.options: ReadOptions = self.dataset.options
         self.batch_size: int = batch_size
@@ -208,15 +218,9 @@ class ShardLoader:
         ds = self.dataset
         self._consumed = 0
         prefetch = self.options.prefetch
-        if self.num_workers == 0:
-            batches: Any = in_background(iter(ds), depth=prefetch) if prefetch else iter(ds)
-        else:
-            batches = torch.utils.data.DataLoader(
-                ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                prefetch_factor=max(1, prefetch),
-            )
+        batches = in_background(iter(ds), depth=prefetch) if prefetch else iter(ds)
         for batch in batches:
-            if self.pin_memory and self.num_workers == 0:
+            if self.pin_memory:
                 batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v
                          for k, v in batch.items()}
             self._consumed += len(batch["index"])

@@ -213,7 +213,10 @@ class Monitor:
             self._gpu, self._gpu_checked = _nvml_handle(), True
         clock = _Clock(epoch, self._gpu)
         window = _Clock(epoch, None)
-        iterator = iter(self.loader)
+        began = time.perf_counter()
+        iterator = iter(self.loader)  # a DataLoader starts its worker processes here: waiting too
+        for c in (clock, window):
+            c.wait += time.perf_counter() - began
         complete = False
         try:
             while True:
