@@ -16,6 +16,8 @@ import numpy as np
 
 from shardkit.errors import ConfigError, DatasetError, require
 from shardkit.format.manifest import Manifest
+from shardkit.reader.augment import Augment
+from shardkit.reader.augment_params import draw_params, stored_size
 from shardkit.reader.assign import Split, assign, batches_per_rank, padding, samples_per_rank
 from shardkit.reader.batches import in_background, resolve_copy_threads, stream_batches
 from shardkit.reader.handles import ShardCache, check_fields, default_capacity
@@ -49,7 +51,7 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
                  world_size: int | None = None, fields: Sequence[str] | None = None,
                  window: int | None = 4, verify: bool = False,
                  cache_shards: int | None = None, decode: str = "cpu",
-                 copy_threads: int | None = None) -> None:
+                 copy_threads: int | None = None, augment: Augment | None = None) -> None:
         super().__init__()
         self.path = str(path)
         self.manifest = Manifest.read(self.path)
@@ -73,6 +75,9 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         self.cache_shards = cache_shards or default_capacity(self.manifest, window)
         self.epoch = 0
         self.start = 0
+        # Per-sample augmentation rows are drawn here, keyed on (seed, epoch, stored index).
+        self.augment = augment
+        self.stored = stored_size(self.manifest, path) if augment is not None else None
         self.sizes = [s.samples for s in self.manifest.shards]
         self.starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
         # Shards stay open between epochs in the training process (workers start afresh).
@@ -117,11 +122,20 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         self._cache = cache if in_process else None
         try:
             for batch in stream:
-                yield _to_tensors(batch)
+                yield self._augmented(_to_tensors(batch))
         finally:
             # Now, not when a held traceback lets go of this generator: the copying threads
             # stop, and shards are closed unless they are kept for the next epoch.
             stream.close()
+
+
+    def _augmented(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """`batch` with its ``augment`` rows (float32 [B, k]) when augmenting."""
+        if self.augment is not None and self.stored is not None:
+            batch["augment"] = torch.from_numpy(draw_params(
+                self.augment, seed=self.seed, epoch=self.epoch, index=batch["index"].numpy(),
+                stored=self.stored))
+        return batch
 
 
 def _check_decode(decode: str, manifest: Manifest, path: object) -> str:
@@ -176,6 +190,11 @@ class ShardLoader:
     batches, and `copy_threads` threads (default 2, or 1 on a single CPU) share each batch's
     copies (batches of 1 MiB or more): one core copies a batch at about half the speed
     memory allows. In DataLoader worker processes each worker copies alone.
+
+    Augmentation: with ``augment=Augment(...)`` each batch also holds ``augment`` (float32
+    [B, k]), every sample's parameters drawn from (seed, epoch, its stored index) — the same
+    for any worker count, rank count or resume cut, new each epoch; `to_device` applies them
+    on the device. Needs images stored at one size.
     """
 
     def __init__(self, path: str | os.PathLike[str], batch_size: int, *, shuffle: bool = True,
@@ -183,14 +202,15 @@ class ShardLoader:
                  rank: int | None = None, world_size: int | None = None, pin_memory: bool = False,
                  fields: Sequence[str] | None = None, window: int | None = 4,
                  verify: bool = False, prefetch: int = 2, cache_shards: int | None = None,
-                 decode: str = "cpu", copy_threads: int | None = None) -> None:
+                 decode: str = "cpu", copy_threads: int | None = None,
+                 augment: Augment | None = None) -> None:
         if num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0; got {num_workers}")
         self.dataset = ShardDataset(path, batch_size, shuffle=shuffle, seed=seed,
                                     drop_last=drop_last, rank=rank, world_size=world_size,
                                     fields=fields, window=window, verify=verify,
                                     cache_shards=cache_shards, decode=decode,
-                                    copy_threads=copy_threads)
+                                    copy_threads=copy_threads, augment=augment)
         self.num_workers = num_workers
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.prefetch = max(1, prefetch)

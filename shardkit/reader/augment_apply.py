@@ -1,0 +1,151 @@
+"""Apply a batch's augmentation rows on the device: one resampling pass, then colour, then
+normalisation.
+
+Geometry: each row's 2×3 matrix (crop, resize, flips, rotation, translation, zoom, shear,
+already composed by ``augment_params``) goes to one ``affine_grid`` and one bilinear
+``grid_sample`` over the whole batch; ``padding_mode`` gives the fill (``reflection``,
+``border``; a constant is sampled as ``x - c`` with zeros padding, plus ``c``).
+
+Antialiasing: bilinear taps alias once an output pixel spans more than 2 input pixels. The
+loader gives each sample a pyramid level (``augment_params._levels``, decided on the CPU, so
+nothing waits on the device): level L is the batch average-pooled L times by 2. Normalised
+coordinates are the same at every level, so a sample's matrix works unchanged at its level.
+When every sample is at level 0 (ImageNet-style crops from images stored near the training
+size) this is the single pass; otherwise there is one pass per level in use (at most
+``MAX_LEVEL + 1``, never one per sample), each over the samples at that level.
+
+Colour (torchvision's definitions, on the 0-255 scale, each clamped): brightness ``x·b``;
+contrast ``c·x + (1-c)·mean(grey)`` (the sample's mean grey); saturation ``s·x + (1-s)·grey``
+with grey = 0.299 R + 0.587 G + 0.114 B (torchvision's 0.2989/0.587/0.114). All are
+per-sample factors broadcast over the batch. Then ``x·scale`` and ``(x - mean) / std``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from shardkit.errors import ConfigError, require
+from shardkit.reader.augment_params import COL, COLUMNS, FILL_CODES
+
+torch: Any = require("torch", "torch")
+F: Any = torch.nn.functional
+
+__all__ = ["apply_augment"]
+
+_PADDING = {FILL_CODES["reflect"]: "reflection", FILL_CODES["nearest"]: "border",
+            FILL_CODES["constant"]: "zeros", FILL_CODES["constant-hard"]: "border"}
+_GREY = (0.2989, 0.587, 0.114)
+
+
+def apply_augment(images: Any, params: Any, *, scale: float = 1 / 255,
+                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Any:
+    """float32 [B, C, h, w] on `images`' device from uint8 (or float) `images` [B, H, W, C].
+
+    `params` is the batch's ``augment`` entry (float32 [B, len(COLUMNS)], on any device; a
+    CPU copy saves a device sync). The pixels are resampled, colour-jittered, multiplied by
+    the rows' rescale factor (or `scale` where the Augment gave none) and normalised with
+    `mean`/`std` (per channel, on the scaled range). Raises ConfigError when `params` does
+    not belong to images of this shape.
+    """
+    rows = params.detach().to("cpu", torch.float64)
+    _check(images, rows)
+    device = images.device
+    x = images.permute(0, 3, 1, 2).to(torch.float32)  # NCHW view of NHWC memory
+    theta = rows[:, :6].reshape(-1, 2, 3).to(device, torch.float32)
+    out_h, out_w = int(rows[0, COL["out_h"]]), int(rows[0, COL["out_w"]])
+    x = _resample(x, theta, rows, (out_h, out_w))
+    x = _colour(x, rows, device)
+    rescale = float(rows[0, COL["rescale"]])
+    x = x.mul_(scale if math.isnan(rescale) else rescale)
+    if mean is not None:
+        x = x.sub_(torch.as_tensor(mean, dtype=x.dtype, device=device).view(1, -1, 1, 1))
+    if std is not None:
+        x = x.div_(torch.as_tensor(std, dtype=x.dtype, device=device).view(1, -1, 1, 1))
+    return x
+
+
+def _check(images: Any, rows: Any) -> None:
+    if rows.dim() != 2 or rows.shape[1] != len(COLUMNS) or rows.shape[0] != images.shape[0]:
+        raise ConfigError(f"augment parameters have shape {tuple(rows.shape)}; this batch of "
+                          f"{images.shape[0]} images needs [{images.shape[0]}, {len(COLUMNS)}]")
+    if images.dim() != 4:
+        raise ConfigError(f"augmentation takes images [B, H, W, C]; got shape {tuple(images.shape)}")
+    stored = (int(rows[0, COL["in_h"]]), int(rows[0, COL["in_w"]]))
+    if tuple(images.shape[1:3]) != stored:
+        raise ConfigError(f"augment parameters were drawn for {stored[0]}×{stored[1]} images; "
+                          f"this batch holds {images.shape[1]}×{images.shape[2]}")
+    uniform = [COL[c] for c in ("out_h", "out_w", "fill", "fill_value", "rescale")]
+    same = rows[:, uniform].eq(rows[:1, uniform]) | rows[:, uniform].isnan()
+    if not bool(same.all()):
+        raise ConfigError("augment parameters of one batch must share output size, fill and rescale")
+
+
+def _resample(x: Any, theta: Any, rows: Any, size: tuple[int, int]) -> Any:
+    """The geometric pass: [B, C, H, W] → [B, C, h, w]."""
+    fill = int(rows[0, COL["fill"]])
+    padding = _PADDING[fill]
+    value = float(rows[0, COL["fill_value"]])
+    if fill == FILL_CODES["constant"] and value != 0.0:
+        x = x - value  # bilinear is linear: sampling x - c with zero padding, plus c, pads with c
+    grid = F.affine_grid(theta, [x.shape[0], x.shape[1], *size], align_corners=False)
+    levels = rows[:, COL["level"]].to(torch.int64)
+    top = int(levels.max())
+    if top == 0:
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+    else:
+        out = x.new_empty((x.shape[0], x.shape[1], *size))
+        level_image = x
+        for level in range(top + 1):
+            if level:
+                h, w = level_image.shape[-2:]
+                level_image = F.adaptive_avg_pool2d(level_image, (max(1, h // 2), max(1, w // 2)))
+            chosen = (levels == level).nonzero().flatten()
+            if len(chosen) == 0:
+                continue
+            chosen = chosen.to(x.device)
+            out.index_copy_(0, chosen, F.grid_sample(
+                level_image.index_select(0, chosen), grid.index_select(0, chosen), mode="bilinear",
+                padding_mode=padding, align_corners=False))
+    if fill == FILL_CODES["constant"] and value != 0.0:
+        out = out.add_(value)
+    elif fill == FILL_CODES["constant-hard"]:
+        out = _hard_edge(out, grid, x.shape[-2:], value)
+    return out
+
+
+def _hard_edge(out: Any, grid: Any, stored: Any, value: float) -> Any:
+    """scipy's ``mode="constant"`` (Keras' fill): sample points beyond the outermost pixel
+    centres take `value`; inside them the border-padded bilinear result stands."""
+    height, width = stored
+    # Pixel centres span [-1 + 1/n, 1 - 1/n] in normalised coordinates (align_corners=False);
+    # the small slack keeps points that land on a centre inside despite float rounding.
+    slack = 1e-5
+    inside = ((grid[..., 0].abs() <= 1 - 1 / width + slack) & (grid[..., 1].abs() <= 1 - 1 / height + slack))
+    return torch.where(inside.unsqueeze(1), out, torch.full_like(out, value))
+
+
+def _colour(x: Any, rows: Any, device: Any) -> Any:
+    """Brightness, contrast, saturation per sample; skipped where every factor is 1."""
+    factors = rows[:, COL["brightness"]:COL["saturation"] + 1]
+    active = (factors != 1.0).any(dim=0).tolist()
+    if not any(active):
+        return x
+    factors = factors.to(device, torch.float32)
+    b, c, s = (factors[:, i].view(-1, 1, 1, 1) for i in range(3))
+    if active[0]:
+        x = x.mul_(b).clamp_(0.0, 255.0)
+    if active[1]:
+        grey_mean = _grey(x).mean(dim=(1, 2, 3), keepdim=True)
+        x = x.mul_(c).add_((1.0 - c) * grey_mean).clamp_(0.0, 255.0)
+    if active[2] and x.shape[1] == 3:
+        x = x.mul_(s).add_((1.0 - s) * _grey(x)).clamp_(0.0, 255.0)
+    return x
+
+
+def _grey(x: Any) -> Any:
+    if x.shape[1] != 3:
+        return x.mean(dim=1, keepdim=True)
+    weights = torch.tensor(_GREY, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * weights).sum(dim=1, keepdim=True)
