@@ -31,8 +31,8 @@ from shardkit.errors import (
     WorkerError,
 )
 from shardkit.reader import Dataset
-from shardkit.reader.augment import Augment
 from shardkit.reader import open_dataset as open
+from shardkit.reader.augment import Augment
 from shardkit.tools.monitor import monitor
 
 __all__ = [

@@ -22,7 +22,6 @@ per-sample factors broadcast over the batch. Then ``x·scale`` and ``(x - mean) 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,7 +57,7 @@ def apply_augment(images: Any, params: Any, *, scale: float = 1 / 255,
     x = _resample(x, theta, rows, (out_h, out_w))
     x = _colour(x, rows, device)
     rescale = float(rows[0, COL["rescale"]])
-    x = x.mul_(scale if math.isnan(rescale) else rescale)
+    x = x.mul_(rescale or scale)
     if mean is not None:
         x = x.sub_(torch.as_tensor(mean, dtype=x.dtype, device=device).view(1, -1, 1, 1))
     if std is not None:
@@ -77,8 +76,7 @@ def _check(images: Any, rows: Any) -> None:
         raise ConfigError(f"augment parameters were drawn for {stored[0]}×{stored[1]} images; "
                           f"this batch holds {images.shape[1]}×{images.shape[2]}")
     uniform = [COL[c] for c in ("out_h", "out_w", "fill", "fill_value", "rescale")]
-    same = rows[:, uniform].eq(rows[:1, uniform]) | rows[:, uniform].isnan()
-    if not bool(same.all()):
+    if not bool(rows[:, uniform].eq(rows[:1, uniform]).all()):
         raise ConfigError("augment parameters of one batch must share output size, fill and rescale")
 
 
@@ -140,7 +138,8 @@ def _colour(x: Any, rows: Any, device: Any) -> Any:
         grey_mean = _grey(x).mean(dim=(1, 2, 3), keepdim=True)
         x = x.mul_(c).add_((1.0 - c) * grey_mean).clamp_(0.0, 255.0)
     if active[2] and x.shape[1] == 3:
-        x = x.mul_(s).add_((1.0 - s) * _grey(x)).clamp_(0.0, 255.0)
+        grey = _grey(x)
+        x = x.mul_(s).add_((1.0 - s) * grey).clamp_(0.0, 255.0)
     return x
 
 

@@ -10,7 +10,8 @@ The row (``COLUMNS``) carries what `augment_apply` needs without being told the 
 again: the 2×3 matrix mapping output to input in ``affine_grid``'s normalised coordinates
 (``align_corners=False``), the colour factors, the output and expected input sizes, the fill
 mode and value, the rescale factor, the pyramid level for antialiasing, and the flips drawn
-(for inspection; they are already in the matrix).
+(for inspection; they are already in the matrix). A rescale of 0 leaves the factor to
+`to_device`'s ``scale``.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def _mix(z: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser (uint64 arrays wrap silently, as the hash needs)."""
     z = (z ^ (z >> np.uint64(30))) * _M1
     z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
+    out: np.ndarray = z ^ (z >> np.uint64(31))
+    return out
 
 
 def uniforms(seed: int, epoch: int, index: np.ndarray, count: int) -> np.ndarray:
@@ -76,7 +78,7 @@ def uniforms(seed: int, epoch: int, index: np.ndarray, count: int) -> np.ndarray
     per_sample = _mix(key + np.asarray(index, dtype=np.int64).astype(np.uint64) * _GOLDEN)
     slots = np.arange(1, count + 1, dtype=np.uint64) * _GOLDEN
     bits = _mix(_mix(per_sample[:, None] ^ slots[None, :]))
-    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return np.asarray((bits >> np.uint64(11)).astype(np.float64) * 2.0**-53)
 
 
 def _between(u: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
@@ -117,10 +119,10 @@ def crop_boxes(augment: Augment, u: np.ndarray, stored: tuple[int, int]) -> np.n
     if not augment.random_crop:
         out_h, out_w = augment.output_size(stored)
         aspect = out_w / out_h
-        ch, cw = (height, height * aspect) if width / height > aspect else (width / aspect, width)
+        box_h, box_w = (height, height * aspect) if width / height > aspect else (width / aspect, width)
         fraction = 1.0 if augment.center_crop is None else augment.center_crop
-        ch, cw = ch * fraction, cw * fraction
-        box = [(height - ch) / 2, (width - cw) / 2, ch, cw]
+        box_h, box_w = box_h * fraction, box_w * fraction
+        box = [(height - box_h) / 2, (width - box_w) / 2, box_h, box_w]
         return np.tile(np.asarray(box, dtype=np.float64), (n, 1))
     tries = u[:, _CROP:_CROP + 4 * _ATTEMPTS].reshape(n, _ATTEMPTS, 4)
     area = height * width * _between(tries[..., 0], augment.scale)
@@ -192,7 +194,7 @@ def compose(augment: Augment, d: Draws, stored: tuple[int, int]) -> np.ndarray:
     hard = augment.fill == "constant" and augment.convention == "keras"
     rows[:, COL["fill"]] = FILL_CODES["constant-hard" if hard else augment.fill]
     rows[:, COL["fill_value"]] = augment.fill_value
-    rows[:, COL["rescale"]] = np.nan if augment.rescale is None else augment.rescale
+    rows[:, COL["rescale"]] = 0.0 if augment.rescale is None else augment.rescale  # 0: to_device's scale
     rows[:, COL["level"]] = _levels(pixel_linear, min(height, width))
     rows[:, COL["hflip"]], rows[:, COL["vflip"]] = d.hflip, d.vflip
     return rows.astype(np.float32)
@@ -205,7 +207,7 @@ def _levels(pixel_linear: np.ndarray, min_side: int) -> np.ndarray:
     footprint = np.linalg.norm(pixel_linear, axis=1).max(axis=1)  # column norms: per output axis
     level = np.ceil(np.log2(np.maximum(footprint, 1.0))) - 1
     top = min(MAX_LEVEL, int(np.log2(max(min_side, 1))))
-    return np.clip(level, 0, top)
+    return np.asarray(np.clip(level, 0, top))
 
 
 def draw_params(augment: Augment, *, seed: int, epoch: int, index: np.ndarray,

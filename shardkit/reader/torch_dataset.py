@@ -16,9 +16,9 @@ import numpy as np
 
 from shardkit.errors import ConfigError, DatasetError, require
 from shardkit.format.manifest import Manifest
+from shardkit.reader.assign import Split, assign, batches_per_rank, padding, samples_per_rank
 from shardkit.reader.augment import Augment
 from shardkit.reader.augment_params import draw_params, stored_size
-from shardkit.reader.assign import Split, assign, batches_per_rank, padding, samples_per_rank
 from shardkit.reader.batches import in_background, resolve_copy_threads, stream_batches
 from shardkit.reader.handles import ShardCache, check_fields, default_capacity
 from shardkit.reader.table import TableCache, stream_table_batches
