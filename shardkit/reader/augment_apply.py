@@ -36,6 +36,8 @@ __all__ = ["apply_augment"]
 _PADDING = {FILL_CODES["reflect"]: "reflection", FILL_CODES["nearest"]: "border",
             FILL_CODES["constant"]: "zeros", FILL_CODES["constant-hard"]: "border"}
 _GREY = (0.2989, 0.587, 0.114)
+#: Output bytes per chunk on the CPU: a few samples of 224², small enough to stay in cache.
+CPU_CHUNK_BYTES = 4 << 20
 
 
 def apply_augment(images: Any, params: Any, *, scale: float = 1 / 255,
@@ -47,22 +49,45 @@ def apply_augment(images: Any, params: Any, *, scale: float = 1 / 255,
     the rows' rescale factor (or `scale` where the Augment gave none) and normalised with
     `mean`/`std` (per channel, on the scaled range). Raises ConfigError when `params` does
     not belong to images of this shape.
+
+    On an accelerator the whole batch goes through each step at once. On the CPU it goes in
+    chunks of a few samples (`CPU_CHUNK_BYTES` of output each), so that a chunk's passes run
+    in cache rather than streaming the batch through memory a dozen times: about 3× faster
+    with the same arithmetic, and still nothing per sample in Python.
     """
     rows = params.detach().to("cpu", torch.float64)
     _check(images, rows)
     device = images.device
-    x = images.permute(0, 3, 1, 2).to(torch.float32)  # NCHW view of NHWC memory
-    theta = rows[:, :6].reshape(-1, 2, 3).to(device, torch.float32)
-    out_h, out_w = int(rows[0, COL["out_h"]]), int(rows[0, COL["out_w"]])
-    x = _resample(x, theta, rows, (out_h, out_w))
-    x = _colour(x, rows, device)
-    rescale = float(rows[0, COL["rescale"]])
-    x = x.mul_(rescale or scale)
+    size = (int(rows[0, COL["out_h"]]), int(rows[0, COL["out_w"]]))
+    channels = images.shape[3]
+    rescale = float(rows[0, COL["rescale"]]) or scale  # 0: to_device's scale
+    gain = torch.full((channels,), rescale, dtype=torch.float64)
+    offset = torch.zeros(channels, dtype=torch.float64)
     if mean is not None:
-        x = x.sub_(torch.as_tensor(mean, dtype=x.dtype, device=device).view(1, -1, 1, 1))
+        offset = torch.as_tensor(mean, dtype=torch.float64).expand(channels).clone()
     if std is not None:
-        x = x.div_(torch.as_tensor(std, dtype=x.dtype, device=device).view(1, -1, 1, 1))
-    return x
+        divisor = torch.as_tensor(std, dtype=torch.float64).expand(channels)
+        gain, offset = gain / divisor, offset / divisor
+    norm = (gain.to(device, torch.float32).view(1, -1, 1, 1), offset.to(device, torch.float32).view(1, -1, 1, 1))
+    step = len(rows)
+    if device.type == "cpu":
+        step = max(1, CPU_CHUNK_BYTES // (size[0] * size[1] * channels * 4))
+    if step >= len(rows):
+        return _augment_chunk(images, rows, size, norm)
+    out = torch.empty((len(rows), channels, *size), dtype=torch.float32, device=device)
+    for start in range(0, len(rows), step):
+        out[start:start + step] = _augment_chunk(images[start:start + step], rows[start:start + step],
+                                                 size, norm)
+    return out
+
+
+def _augment_chunk(images: Any, rows: Any, size: tuple[int, int], norm: tuple[Any, Any]) -> Any:
+    x = images.permute(0, 3, 1, 2).to(torch.float32)  # NCHW view of NHWC memory
+    theta = rows[:, :6].reshape(-1, 2, 3).to(images.device, torch.float32)
+    x = _resample(x, theta, rows, size)
+    x = _colour(x, rows, images.device)
+    gain, offset = norm
+    return x.mul_(gain).sub_(offset)
 
 
 def _check(images: Any, rows: Any) -> None:
@@ -87,7 +112,7 @@ def _resample(x: Any, theta: Any, rows: Any, size: tuple[int, int]) -> Any:
     value = float(rows[0, COL["fill_value"]])
     if fill == FILL_CODES["constant"] and value != 0.0:
         x = x - value  # bilinear is linear: sampling x - c with zero padding, plus c, pads with c
-    grid = F.affine_grid(theta, [x.shape[0], x.shape[1], *size], align_corners=False)
+    grid = _grid(theta, size)
     levels = rows[:, COL["level"]].to(torch.int64)
     top = int(levels.max())
     if top == 0:
@@ -111,6 +136,21 @@ def _resample(x: Any, theta: Any, rows: Any, size: tuple[int, int]) -> Any:
     elif fill == FILL_CODES["constant-hard"]:
         out = _hard_edge(out, grid, x.shape[-2:], value)
     return out
+
+
+def _grid(theta: Any, size: tuple[int, int]) -> Any:
+    """``affine_grid(theta, size, align_corners=False)``, as two broadcast adds: the same
+    points (to float rounding) in a quarter of the time on the CPU, where affine_grid runs
+    a batched matrix product with an inner dimension of 3."""
+    height, width = size
+    xs = (torch.arange(width, dtype=theta.dtype, device=theta.device) * 2 + 1) / width - 1
+    ys = (torch.arange(height, dtype=theta.dtype, device=theta.device) * 2 + 1) / height - 1
+    grid = theta.new_empty((theta.shape[0], height, width, 2))
+    for k in range(2):
+        along_x = (theta[:, k, 0, None] * xs)[:, None, :]
+        along_y = (theta[:, k, 1, None] * ys + theta[:, k, 2, None])[:, :, None]
+        torch.add(along_x, along_y, out=grid[..., k])
+    return grid
 
 
 def _hard_edge(out: Any, grid: Any, stored: Any, value: float) -> Any:
@@ -138,13 +178,14 @@ def _colour(x: Any, rows: Any, device: Any) -> Any:
         grey_mean = _grey(x).mean(dim=(1, 2, 3), keepdim=True)
         x = x.mul_(c).add_((1.0 - c) * grey_mean).clamp_(0.0, 255.0)
     if active[2] and x.shape[1] == 3:
-        grey = _grey(x)
-        x = x.mul_(s).add_((1.0 - s) * grey).clamp_(0.0, 255.0)
+        grey = _grey(x).mul_(1.0 - s)
+        x = x.mul_(s).add_(grey).clamp_(0.0, 255.0)
     return x
 
 
 def _grey(x: Any) -> Any:
+    """[B, 1, h, w]: 0.2989 R + 0.587 G + 0.114 B (the mean of the channels unless RGB)."""
     if x.shape[1] != 3:
         return x.mean(dim=1, keepdim=True)
-    weights = torch.tensor(_GREY, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * weights).sum(dim=1, keepdim=True)
+    grey = x[:, 0:1] * _GREY[0]
+    return grey.add_(x[:, 1:2], alpha=_GREY[1]).add_(x[:, 2:3], alpha=_GREY[2])
