@@ -16,7 +16,7 @@ contrast, saturation 0.4), Normalize. Prints samples/s and ms per batch (medians
 rounds, with ranges) and the ratios to shardkit.
 
 Usage: python scripts/bench_augment.py [--device cpu|cuda] [--batch 256] [--rounds 5]
-       [--write-doc docs/performance.md]
+       [--threads N] [--write-doc docs/performance.md]
 """
 
 from __future__ import annotations
@@ -91,31 +91,35 @@ def kornia_path(device: torch.device) -> Callable[[Any, int], Any]:
     return run
 
 
-def timed(fn: Callable[[Any, int], Any], images: Any, step: int, device: torch.device) -> float:
+def timed(fn: Callable[[Any, int], Any], images: Any, step: int,
+          device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of one batch."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn(images, step)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert out.shape == (len(images), 3, CROP, CROP), out.shape
-    return seconds
+    return seconds, cpu
 
 
-def report(args: argparse.Namespace, seconds: dict[str, list[float]]) -> str:
+def report(args: argparse.Namespace, seconds: dict[str, list[float]], cpu: dict[str, list[float]]) -> str:
     base = statistics.median(seconds["shardkit"])
-    where = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    where = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU, {threads} torch thread(s)"
     lines = [
         f"### Augmentation, {args.device} (`scripts/bench_augment.py`)",
         "",
         f"One batch of {args.batch} × {args.stored}² uint8 → RandomResizedCrop {CROP} + flip + "
         f"RandomAffine + ColorJitter + Normalize → float32 [{args.batch}, 3, {CROP}, {CROP}], every sample "
         f"its own parameters; {where}; median of {args.rounds} alternated rounds (range). "
-        f"Command: `python scripts/bench_augment.py --device {args.device} --rounds {args.rounds}`.",
+        f"Command: `python scripts/bench_augment.py --device {args.device} --rounds {args.rounds}"
+        + (f" --threads {args.threads}" if args.threads else "") + "`.",
         "",
-        "| path | samples/s | ms per batch | time vs shardkit |",
-        "|---|---:|---:|---:|",
+        "| path | samples/s | ms per batch | time vs shardkit | CPU ms per batch |",
+        "|---|---:|---:|---:|---:|",
     ]
     names = {"shardkit": "shardkit (`Augment`, one `grid_sample` pass)",
              "torchvision": "torchvision.transforms.v2, per sample in a loop",
@@ -124,7 +128,8 @@ def report(args: argparse.Namespace, seconds: dict[str, list[float]]) -> str:
         med = statistics.median(runs)
         lines.append(f"| {names[name]} | {args.batch / med:,.0f} ({args.batch / max(runs):,.0f}–"
                      f"{args.batch / min(runs):,.0f}) | {med * 1e3:,.1f} ({min(runs) * 1e3:,.1f}–"
-                     f"{max(runs) * 1e3:,.1f}) | {med / base:.1f}× |")
+                     f"{max(runs) * 1e3:,.1f}) | {med / base:.1f}× | "
+                     f"{statistics.median(cpu[name]) * 1e3:,.0f} |")
     return "\n".join(lines)
 
 
@@ -135,28 +140,33 @@ def main() -> None:
     parser.add_argument("--stored", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", nargs="*", default=["shardkit", "torchvision", "kornia"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--write-doc", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.integers(0, 256, (args.batch, args.stored, args.stored, 3),
                                            dtype=np.uint8)).to(device)
     paths = {"shardkit": shardkit_path, "torchvision": torchvision_path, "kornia": kornia_path}
     runs = {name: paths[name](device) for name in args.only}
-    for name, fn in runs.items():  # warm-up: kernels, caches, lazy imports
+    for fn in runs.values():  # warm-up: kernels, caches, lazy imports
         timed(fn, images, 0, device)
     seconds: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
     for step in range(1, args.rounds + 1):
         for name, fn in runs.items():
-            seconds[name].append(timed(fn, images, step, device))
-            print(f"round {step} {name}: {seconds[name][-1] * 1e3:.1f} ms", flush=True)
-    block = report(args, seconds)
+            wall, used = timed(fn, images, step, device)
+            seconds[name].append(wall)
+            cpu[name].append(used)
+            print(f"round {step} {name}: {wall * 1e3:.1f} ms, CPU {used * 1e3:.0f} ms", flush=True)
+    block = report(args, seconds, cpu)
     print(block)
     if args.write_doc is not None:
-        write_block(args.write_doc, BEGIN.replace("augment", f"augment-{args.device}"),
-                    END.replace("augment", f"augment-{args.device}"),
-                    f"{BEGIN.replace('augment', f'augment-{args.device}')}\n{block}\n"
-                    f"{END.replace('augment', f'augment-{args.device}')}")
+        # One block per device, so a CPU run and a GPU run both stay in the document.
+        begin, end = (marker.replace("augment", f"augment-{args.device}") for marker in (BEGIN, END))
+        write_block(args.write_doc, begin, end, f"{begin}\n{block}\n{end}")
 
 
 if __name__ == "__main__":

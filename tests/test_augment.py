@@ -119,7 +119,7 @@ def test_quarter_turns_are_exact() -> None:
 
 def shifted_reference(image: np.ndarray, dx: float, dy: float, mode: str, value: float = 0.0) -> np.ndarray:
     """numpy: `image` [H, W, C] moved by (dx, dy) pixels, bilinear, padded as `mode`."""
-    pad = 8
+    pad = 128
     np_mode = {"reflect": "symmetric", "nearest": "edge", "constant": "constant"}[mode]
     extra = {"constant_values": value} if mode == "constant" else {}
     padded = np.pad(image.astype(np.float64), ((pad, pad), (pad, pad), (0, 0)), mode=np_mode, **extra)
@@ -133,10 +133,13 @@ def shifted_reference(image: np.ndarray, dx: float, dy: float, mode: str, value:
     return top * (1 - fy) + bottom * fy
 
 
-@pytest.mark.parametrize("fill,value", [("reflect", 0.0), ("nearest", 0.0), ("constant", 200.0)])
-def test_fill_modes_equal_a_numpy_reference(photo: np.ndarray, fill: str, value: float) -> None:
-    out = run(photo, Augment(fill=fill, fill_value=value), fixed((40, 48), shift=(5.5, -3.25)))[0]
-    ref = shifted_reference(photo[0], 5.5, -3.25, fill, value)
+@pytest.mark.parametrize("fill,value,shift", [
+    ("reflect", 0.0, (5.5, -3.25)), ("nearest", 0.0, (5.5, -3.25)), ("constant", 200.0, (5.5, -3.25)),
+    ("reflect", 0.0, (70.5, -45.25))])  # beyond one mirror image: the periodic fold
+def test_fill_modes_equal_a_numpy_reference(photo: np.ndarray, fill: str, value: float,
+                                            shift: tuple[float, float]) -> None:
+    out = run(photo, Augment(fill=fill, fill_value=value), fixed((40, 48), shift=shift))[0]
+    ref = shifted_reference(photo[0], *shift, fill, value)
     assert np.abs(out.permute(1, 2, 0).numpy() - ref).max() < CLOSE
 
 

@@ -33,7 +33,9 @@ F: Any = torch.nn.functional
 
 __all__ = ["apply_augment"]
 
-_PADDING = {FILL_CODES["reflect"]: "reflection", FILL_CODES["nearest"]: "border",
+# Reflection is done on the grid (`_reflect`), then sampled with border padding: grid_sample's
+# own "reflection" costs twice its "border" on the CPU.
+_PADDING = {FILL_CODES["reflect"]: "border", FILL_CODES["nearest"]: "border",
             FILL_CODES["constant"]: "zeros", FILL_CODES["constant-hard"]: "border"}
 _GREY = (0.2989, 0.587, 0.114)
 #: Output bytes per chunk on the CPU: a few samples of 224², small enough to stay in cache.
@@ -72,22 +74,21 @@ def apply_augment(images: Any, params: Any, *, scale: float = 1 / 255,
     step = len(rows)
     if device.type == "cpu":
         step = max(1, CPU_CHUNK_BYTES // (size[0] * size[1] * channels * 4))
-    if step >= len(rows):
-        return _augment_chunk(images, rows, size, norm)
     out = torch.empty((len(rows), channels, *size), dtype=torch.float32, device=device)
     for start in range(0, len(rows), step):
-        out[start:start + step] = _augment_chunk(images[start:start + step], rows[start:start + step],
-                                                 size, norm)
+        _augment_chunk(images[start:start + step], rows[start:start + step], norm,
+                       out[start:start + step])
     return out
 
 
-def _augment_chunk(images: Any, rows: Any, size: tuple[int, int], norm: tuple[Any, Any]) -> Any:
+def _augment_chunk(images: Any, rows: Any, norm: tuple[Any, Any], out: Any) -> None:
+    """Fill `out` [b, C, h, w] from `images` [b, H, W, C] and their `rows`."""
     x = images.permute(0, 3, 1, 2).to(torch.float32)  # NCHW view of NHWC memory
     theta = rows[:, :6].reshape(-1, 2, 3).to(images.device, torch.float32)
-    x = _resample(x, theta, rows, size)
+    x = _resample(x, theta, rows, tuple(out.shape[2:]))
     x = _colour(x, rows, images.device)
     gain, offset = norm
-    return x.mul_(gain).sub_(offset)
+    torch.addcmul(offset.neg(), x, gain, out=out)  # x·gain - offset, written in place
 
 
 def _check(images: Any, rows: Any) -> None:
@@ -113,6 +114,8 @@ def _resample(x: Any, theta: Any, rows: Any, size: tuple[int, int]) -> Any:
     if fill == FILL_CODES["constant"] and value != 0.0:
         x = x - value  # bilinear is linear: sampling x - c with zero padding, plus c, pads with c
     grid = _grid(theta, size)
+    if fill == FILL_CODES["reflect"]:
+        grid = _reflect(grid, rows)
     levels = rows[:, COL["level"]].to(torch.int64)
     top = int(levels.max())
     if top == 0:
@@ -151,6 +154,19 @@ def _grid(theta: Any, size: tuple[int, int]) -> Any:
         along_y = (theta[:, k, 1, None] * ys + theta[:, k, 2, None])[:, :, None]
         torch.add(along_x, along_y, out=grid[..., k])
     return grid
+
+
+def _reflect(grid: Any, rows: Any) -> Any:
+    """Grid points beyond the image (normalised ±1, the outer pixel edges) mirrored back in,
+    as grid_sample's ``padding_mode="reflection"`` does. One fold, ``2·clamp(g) - g``, covers
+    points up to ±3; a batch whose corners map farther (zooming out by more than 2×) takes
+    the periodic fold."""
+    theta = rows[:, :6].reshape(-1, 2, 3)
+    reach = float((theta[:, :, :2].abs().sum(dim=2) + theta[:, :, 2].abs()).max())
+    if reach <= 3.0:
+        return grid.clamp(-1.0, 1.0).mul_(2.0).sub_(grid)
+    folded = torch.remainder(grid + 1.0, 4.0)
+    return folded.sub_(2.0).abs_().neg_().add_(1.0)
 
 
 def _hard_edge(out: Any, grid: Any, stored: Any, value: float) -> Any:
