@@ -63,14 +63,7 @@ def apply_augment(images: Any, params: Any, *, scale: float = 1 / 255,
     size = (int(rows[0, COL["out_h"]]), int(rows[0, COL["out_w"]]))
     channels = images.shape[3]
     rescale = float(rows[0, COL["rescale"]]) or scale  # 0: to_device's scale
-    gain = torch.full((channels,), rescale, dtype=torch.float64)
-    offset = torch.zeros(channels, dtype=torch.float64)
-    if mean is not None:
-        offset = torch.as_tensor(mean, dtype=torch.float64).expand(channels).clone()
-    if std is not None:
-        divisor = torch.as_tensor(std, dtype=torch.float64).expand(channels)
-        gain, offset = gain / divisor, offset / divisor
-    norm = (gain.to(device, torch.float32).view(1, -1, 1, 1), offset.to(device, torch.float32).view(1, -1, 1, 1))
+    norm = _normaliser(channels, rescale, mean, std, device)
     step = len(rows)
     if device.type == "cpu":
         step = max(1, CPU_CHUNK_BYTES // (size[0] * size[1] * channels * 4))
@@ -79,6 +72,20 @@ def apply_augment(images: Any, params: Any, *, scale: float = 1 / 255,
         _augment_chunk(images[start:start + step], rows[start:start + step], norm,
                        out[start:start + step])
     return out
+
+
+def _normaliser(channels: int, rescale: float, mean: Sequence[float] | None,
+                std: Sequence[float] | None, device: Any) -> tuple[Any, Any]:
+    """(gain, offset), each [1, C, 1, 1]: ``(x·rescale - mean) / std`` is ``x·gain - offset``."""
+    gain = torch.full((channels,), rescale, dtype=torch.float64)
+    offset = torch.zeros(channels, dtype=torch.float64)
+    if mean is not None:
+        offset = torch.as_tensor(mean, dtype=torch.float64).expand(channels).clone()
+    if std is not None:
+        divisor = torch.as_tensor(std, dtype=torch.float64).expand(channels)
+        gain, offset = gain / divisor, offset / divisor
+    return (gain.to(device, torch.float32).view(1, -1, 1, 1),
+            offset.to(device, torch.float32).view(1, -1, 1, 1))
 
 
 def _augment_chunk(images: Any, rows: Any, norm: tuple[Any, Any], out: Any) -> None:
