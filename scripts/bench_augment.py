@@ -110,7 +110,7 @@ def report(args: argparse.Namespace, seconds: dict[str, list[float]], cpu: dict[
     threads = torch.get_num_threads()
     where = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU, {threads} torch thread(s)"
     lines = [
-        f"### Augmentation, {args.device} (`scripts/bench_augment.py`)",
+        f"## Augmentation, {args.device} (`scripts/bench_augment.py`)",
         "",
         f"One batch of {args.batch} × {args.stored}² uint8 → RandomResizedCrop {CROP} + flip + "
         f"RandomAffine + ColorJitter + Normalize → float32 [{args.batch}, 3, {CROP}, {CROP}], every sample "
