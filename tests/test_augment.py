@@ -164,6 +164,13 @@ def test_colour_factors_equal_a_numpy_reference(photo: np.ndarray) -> None:
         assert (out[k] / 255 - tv).abs().max() < 1e-5
 
 
+def test_grey_images_take_contrast_and_ignore_saturation(photo: np.ndarray) -> None:
+    grey = photo[..., :1]
+    out = run(grey, Augment(contrast=(0.5, 1.5)), fixed((40, 48), colour=(1.0, 0.6, 0.3)))[0, 0]
+    x = grey[0, ..., 0].astype(np.float64)
+    np.testing.assert_allclose(out.numpy(), np.clip(0.6 * x + 0.4 * x.mean(), 0, 255), atol=1e-3)
+
+
 def test_parameters_differ_within_a_batch() -> None:
     rows = draw_params(Augment.imagenet(24), seed=0, epoch=0, index=np.arange(64), stored=(32, 32))
     assert len(np.unique(rows[:, :6], axis=0)) == 64
@@ -325,7 +332,8 @@ def test_from_keras_draws_from_keras_ranges() -> None:
     ({"channel_shift_range": 10.0}, "channel_shift_range"), ({"fill_mode": "wrap"}, "wrap"),
     ({"width_shift_range": 10}, "width_shift_range"), ({"height_shift_range": [1, 2]}, "height_shift_range"),
     ({"interpolation_order": 3}, "interpolation_order"), ({"data_format": "channels_first"}, "data_format"),
-    ({"rotaton_range": 10}, "rotaton_range"), ({"zoom_range": 1.5}, "zoom_range")])
+    ({"rotaton_range": 10}, "rotaton_range"), ({"zoom_range": 1.5}, "zoom_range"),
+    ({"rotation_range": 200}, "rotation_range")])
 def test_from_keras_refuses_what_it_cannot_honour(kwargs: dict[str, Any], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         Augment.from_keras(**kwargs)

@@ -184,7 +184,12 @@ class Augment:
         """
         from shardkit.reader.augment_keras import keras_options
 
-        return cls(**keras_options(kwargs))
+        options = keras_options(kwargs)
+        try:
+            return cls(**options)
+        except ConfigError as error:  # name the Keras arguments the bad value came from
+            raise ConfigError(f"Augment.from_keras({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): "
+                              f"{error}") from None
 
 
 def _size(value: object) -> tuple[int, int] | None:
