@@ -153,6 +153,12 @@ def main() -> None:
     runs = {name: paths[name](device) for name in args.only}
     for fn in runs.values():  # warm-up: kernels, caches, lazy imports
         timed(fn, images, 0, device)
+    if device.type != "cpu" and "shardkit" in runs:
+        # The same rows on the CPU and on the device: the two must agree to float tolerance.
+        on_device = runs["shardkit"](images[:16], 0).cpu()
+        on_cpu = shardkit_path(torch.device("cpu"))(images[:16].cpu(), 0)
+        print(f"shardkit {device.type} vs cpu, 16 samples: max |difference| "
+              f"{(on_device - on_cpu).abs().max().item():.2e} (normalised units)")
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     cpu: dict[str, list[float]] = {name: [] for name in runs}
     for step in range(1, args.rounds + 1):
