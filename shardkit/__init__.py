@@ -8,6 +8,7 @@ Public API::
     shardkit.ShardLoader(path, batch_size, [ReadOptions], **options)   (torch; the [torch] extra)
     shardkit.ShardDataset(path, batch_size, [ReadOptions], **options)
     shardkit.to_device(batch, device, mean=..., std=...)
+    shardkit.Augment(...)                      (per-sample augmentation: ShardLoader(..., augment=...))
     shardkit.monitor(loader) -> Monitor       (how long the loop waits for data; needs no torch)
 """
 
@@ -31,9 +32,11 @@ from shardkit.errors import (
 )
 from shardkit.reader import Dataset
 from shardkit.reader import open_dataset as open
+from shardkit.reader.augment import Augment
 from shardkit.tools.monitor import monitor
 
 __all__ = [
+    "Augment",
     "ConfigError",
     "ConvertConfig",
     "ConvertSummary",

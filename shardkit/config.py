@@ -14,9 +14,12 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from shardkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from shardkit.reader.augment import Augment
 
 __all__ = [
     "ConvertConfig",
@@ -286,6 +289,8 @@ class ReadOptions:
     decode: ``cpu`` (batches hold pixels) or ``device`` (a jpeg dataset's batches hold the
         stored files, which ``to_device`` decodes on the accelerator).
     copy_threads: threads sharing each batch's copies (None: 2, or 1 on a single CPU).
+    augment: per-sample augmentation (`shardkit.Augment`): each batch carries its samples'
+        parameters, drawn from (seed, epoch, stored index), which ``to_device`` applies.
     """
 
     shuffle: bool = True
@@ -300,8 +305,13 @@ class ReadOptions:
     cache_shards: int | None = None
     decode: Decode = "cpu"
     copy_threads: int | None = None
+    augment: Augment | None = None
 
     def __post_init__(self) -> None:
+        from shardkit.reader.augment import Augment  # the reader's config; imported when used
+
+        if self.augment is not None and not isinstance(self.augment, Augment):
+            raise ConfigError(f"augment must be a shardkit.Augment or None; got {self.augment!r}")
         object.__setattr__(self, "fields", tuple(self.fields))
         _check_count("seed", self.seed, 0)
         _check_count("prefetch", self.prefetch, 0)

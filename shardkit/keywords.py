@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
-from typing import Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from shardkit.config import (
     Codec,
@@ -30,6 +30,9 @@ from shardkit.config import (
     RunOptions,
 )
 from shardkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from shardkit.reader.augment import Augment
 
 __all__ = [
     "ConvertKeywords",
@@ -57,6 +60,7 @@ class ReadKeywords(TypedDict, total=False):
     cache_shards: int | None
     decode: Decode
     copy_threads: int | None
+    augment: Augment | None
 
 
 class ConvertKeywords(TypedDict, total=False):

@@ -17,14 +17,14 @@ from shardkit.config import ConvertConfig, CsvOptions, ImageOptions, ReadOptions
 
 
 def _hints(cls: type) -> dict[str, object]:
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls, localns={"Augment": shardkit.Augment})
 
 
 def test_read_keywords_are_read_options_fields() -> None:
     fields = {f.name: f.type for f in dataclasses.fields(ReadOptions)}
     hints = _hints(keywords.ReadKeywords)
     assert set(hints) == set(fields)
-    own = typing.get_type_hints(ReadOptions)
+    own = _hints(ReadOptions)
     for name, hint in hints.items():
         if name != "fields":  # a sequence (or None) as a keyword, a tuple once validated
             assert hint == own[name], name

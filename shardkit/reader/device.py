@@ -38,6 +38,11 @@ def to_device(batch: dict[str, Any], device: Any, *, mean: Sequence[float] | Non
     one batched nvJPEG call on the device; otherwise with Pillow on the CPU (the same pixels
     as a ``decode="cpu"`` loader gives, but in the calling thread). nvJPEG and libjpeg may
     differ by a unit or so on some pixels.
+
+    When the batch holds ``augment`` rows (a loader given ``augment=Augment(...)``), the
+    image is resampled, flipped and colour-jittered per sample on the device first (one
+    ``grid_sample`` pass over the batch; see shardkit.reader.augment_apply), giving the
+    Augment's output size; its ``rescale``, when set, replaces `scale`.
     """
     dtype = dtype or torch.float32
     device = torch.device(device)
@@ -50,7 +55,13 @@ def to_device(batch: dict[str, Any], device: Any, *, mean: Sequence[float] | Non
     image = out.get("image")
     if _encoded(image):
         image = _decode(image, device)
-    if isinstance(image, torch.Tensor):
+    if isinstance(image, torch.Tensor) and isinstance(batch.get("augment"), torch.Tensor):
+        from shardkit.reader.augment_apply import apply_augment
+
+        # The rows stay on the CPU copy: reading their sizes and levels there needs no sync.
+        x = apply_augment(image, batch["augment"], scale=scale, mean=mean, std=std).to(dtype)
+        out["image"] = x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+    elif isinstance(image, torch.Tensor):
         x = image.permute(0, 3, 1, 2).to(dtype)  # an NCHW view of NHWC memory: channels_last
         x = x.mul_(scale)
         if mean is not None:

@@ -103,7 +103,7 @@ class Dataset:
         chosen = read_options(options, dict(keywords))
         reading = Reading(str(self.path), self.manifest, chosen, batch_size,
                           rank=chosen.rank or 0, world=chosen.world_size or 1)
-        stream = reading.stream(reading.order(epoch=epoch, start=start), keep_open=False)
+        stream = reading.stream(reading.order(epoch=epoch, start=start), epoch=epoch, keep_open=False)
         return in_background(stream, depth=chosen.prefetch) if chosen.prefetch else stream
 
     def metadata(self, number: int) -> list[dict[str, Any]]:

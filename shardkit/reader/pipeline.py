@@ -19,6 +19,7 @@ from shardkit.config import ReadOptions
 from shardkit.errors import ConfigError, DatasetError
 from shardkit.format.manifest import Manifest
 from shardkit.reader.assign import Split, assign, batches_per_rank
+from shardkit.reader.augment_params import draw_params, stored_size
 from shardkit.reader.batches import BufferPool, resolve_copy_threads, stream_batches
 from shardkit.reader.handles import ShardCache, check_fields, default_capacity
 from shardkit.reader.table import TableCache, stream_table_batches
@@ -57,6 +58,8 @@ class Reading:
         self.starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
         self._cache: ShardCache | TableCache | None = None
         self._pool = BufferPool()
+        #: (height, width) of the stored images, when batches carry augmentation rows.
+        self.stored = stored_size(manifest, path) if options.augment is not None else None
 
     @property
     def total(self) -> int:
@@ -82,11 +85,31 @@ class Reading:
         return list(assign(self.sizes, split, epoch=epoch, seed=o.seed, batch_size=self.batch_size,
                            drop_last=o.drop_last, shuffle=o.shuffle, window=o.window, start=start))
 
-    def stream(self, batches: Sequence[np.ndarray], *, keep_open: bool,
+    def stream(self, batches: Sequence[np.ndarray], *, epoch: int, keep_open: bool,
                threads: int | None = None) -> Generator[dict[str, Any], None, None]:
-        """numpy batches of `batches`, in order. `keep_open`: the shards stay open for the
-        next pass (in the training process); `threads`: copying threads (default
-        `copy_threads`)."""
+        """numpy batches of `batches` (of `epoch`), in order. `keep_open`: the shards stay
+        open for the next pass (in the training process); `threads`: copying threads (default
+        `copy_threads`). With augmentation, each batch also holds ``augment`` float32 [B, k]:
+        its samples' parameters, drawn from (seed, epoch, stored index)."""
+        stream = self._assembled(batches, keep_open=keep_open, threads=threads)
+        if self.stored is None:
+            return stream
+        return self._augmented(stream, epoch)
+
+    def _augmented(self, stream: Generator[dict[str, Any], None, None],
+                   epoch: int) -> Generator[dict[str, Any], None, None]:
+        augment, stored = self.options.augment, self.stored
+        assert augment is not None and stored is not None
+        try:
+            for batch in stream:
+                batch["augment"] = draw_params(augment, seed=self.options.seed, epoch=epoch,
+                                               index=batch["index"], stored=stored)
+                yield batch
+        finally:
+            stream.close()
+
+    def _assembled(self, batches: Sequence[np.ndarray], *, keep_open: bool,
+                   threads: int | None) -> Generator[dict[str, Any], None, None]:
         if self.manifest.kind == "table":
             tables = self._cache if isinstance(self._cache, TableCache) else \
                 TableCache(self.path, self.manifest, capacity=self.capacity)

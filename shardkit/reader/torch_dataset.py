@@ -90,8 +90,8 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         in_process = info is None  # shards stay open between epochs only in this process
         # Worker processes already copy in parallel; in the training process the copies of a
         # batch are split over threads.
-        stream = self.reading.stream(self.batches(worker, workers), keep_open=in_process,
-                                     threads=None if in_process else 1)
+        stream = self.reading.stream(self.batches(worker, workers), epoch=self.epoch,
+                                     keep_open=in_process, threads=None if in_process else 1)
         try:
             for batch in stream:
                 yield _to_tensors(batch)
@@ -145,6 +145,11 @@ class ShardLoader:
     threads (default 2, or 1 on a single CPU) share each batch's copies (batches of 1 MiB or
     more): one core copies a batch at about half the speed memory allows. In DataLoader worker
     processes (a ``DataLoader(ShardDataset(...))`` built by hand) each worker copies alone.
+
+    Augmentation: with ``augment=Augment(...)`` each batch also holds ``augment`` (float32
+    [B, k]), every sample's parameters drawn from (seed, epoch, its stored index) — the same
+    for any worker count, rank count or resume cut, new each epoch; `to_device` applies them
+    on the device. Needs images stored at one size.
     """
 
     def __init__(self, path: str | os.PathLike[str], batch_size: int,

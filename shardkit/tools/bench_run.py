@@ -79,10 +79,16 @@ def _loader(spec: dict[str, Any]) -> Any:
     import torch
 
     if spec["loader"] == "shards":
-        from shardkit.reader.torch_dataset import ShardLoader
+        from shardkit.reader.torch_dataset import ShardDataset, ShardLoader
 
-        return ShardLoader(spec["path"], spec["batch_size"], shuffle=spec["shuffle"], seed=spec["seed"],
-                           num_workers=spec["workers"])
+        if not spec["workers"]:
+            return ShardLoader(spec["path"], spec["batch_size"], shuffle=spec["shuffle"],
+                               seed=spec["seed"])
+        # ShardLoader reads with threads whatever num_workers says: worker processes are a
+        # DataLoader over a ShardDataset, as a user builds it by hand.
+        dataset = ShardDataset(spec["path"], spec["batch_size"], shuffle=spec["shuffle"],
+                               seed=spec["seed"])
+        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=spec["workers"])
     files = [(str(f), int(label)) for f, label in spec["files"]]
     generator = torch.Generator().manual_seed(spec["seed"])
     dataset: Any = FolderDataset(files, spec["shape"])  # map-style: torch asks for nothing more
