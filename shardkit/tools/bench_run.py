@@ -86,9 +86,9 @@ def _loader(spec: dict[str, Any]) -> Any:
                                seed=spec["seed"])
         # ShardLoader reads with threads whatever num_workers says: worker processes are a
         # DataLoader over a ShardDataset, as a user builds it by hand.
-        dataset = ShardDataset(spec["path"], spec["batch_size"], shuffle=spec["shuffle"],
-                               seed=spec["seed"])
-        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=spec["workers"])
+        shards = ShardDataset(spec["path"], spec["batch_size"], shuffle=spec["shuffle"],
+                              seed=spec["seed"])
+        return torch.utils.data.DataLoader(shards, batch_size=None, num_workers=spec["workers"])
     files = [(str(f), int(label)) for f, label in spec["files"]]
     generator = torch.Generator().manual_seed(spec["seed"])
     dataset: Any = FolderDataset(files, spec["shape"])  # map-style: torch asks for nothing more

@@ -45,14 +45,14 @@ def cpu_seconds() -> float:
     own = me.cpu_times()
     # This process's own time from the scheduler's exact clock (psutil's figures come in
     # 10 ms ticks, which a short in-process run may not reach).
-    total = time.process_time() + own.children_user + own.children_system
+    total = time.process_time() + float(own.children_user + own.children_system)
     for process in me.children(recursive=True):
         try:
             times = process.cpu_times()
         except psutil.Error:  # it exited between listing and reading
             continue
         total += times.user + times.system + times.children_user + times.children_system
-    return total
+    return float(total)
 
 
 @dataclass(frozen=True, kw_only=True)
