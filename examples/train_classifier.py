@@ -1,11 +1,13 @@
 """Train a small CNN from a converted dataset, and see whether it waits for data.
 
-    shardkit convert data/train shards --size 64 --shuffle
-    python examples/train_classifier.py shards --epochs 5
+    shardkit convert data/train shards --size 72 --shuffle     # stored a little larger than the crop
+    python examples/train_classifier.py shards --crop 64 --epochs 5
     python examples/train_classifier.py shards --steps 3          # a smoke run, as CI does
 
 The loop is the whole recipe: `ShardLoader` yields uint8 batches (no decoding, no per-sample
-Python), `to_device` sends them over the bus as uint8 and normalises on the device, and
+Python) with every sample's augmentation drawn (`Augment.imagenet`: RandomResizedCrop to
+`--crop` and a horizontal flip, new each epoch), `to_device` sends them over the bus as uint8,
+crops, flips and normalises them on the device in one pass, and
 `shardkit.monitor` measures how much of the wall time the loop spent waiting for the next
 batch. It uses CUDA when available, the CPU otherwise, and prints the loss and, at the end,
 the stall fraction. ``--metrics FILE`` writes the figures as JSON (atomically, so a Makefile
@@ -50,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="stop after this many steps in all")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--workers", type=int, default=0, help="loader worker processes (0: a thread)")
+    parser.add_argument("--crop", type=int, default=None,
+                        help="training crop (default: the stored size); 0: no augmentation")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=10, help="print the loss every N steps")
@@ -71,10 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    manifest = shardkit.open(args.data).manifest
+    shape = manifest.image_shape
+    crop = args.crop if args.crop is not None else (shape[0] if shape else 0)
+    augment = shardkit.Augment.imagenet(crop) if crop and shape else None
     loader = shardkit.ShardLoader(args.data, args.batch_size, shuffle=True, seed=args.seed,
-                                  num_workers=args.workers, pin_memory=device.type == "cuda")
-    classes = loader.dataset.manifest.classes
-    shape = loader.dataset.manifest.schema["image"].get("shape")
+                                  pin_memory=device.type == "cuda", augment=augment)
+    classes = manifest.classes
     if not classes:
         print(f"{args.data}: no classes; convert a class-per-folder tree to train a classifier",
               file=sys.stderr)
@@ -83,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
     model = small_cnn(channels, len(classes)).to(device, memory_format=torch.channels_last)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    print(f"{args.data}: {len(loader.dataset.manifest.shards)} shards, {loader.dataset.total:,} samples, "
-          f"{len(classes)} classes; training on {device}", flush=True)
+    print(f"{args.data}: {len(manifest.shards)} shards, {manifest.samples:,} samples, "
+          f"{len(classes)} classes; training on {device}"
+          + (f", random {crop}x{crop} crops and flips" if augment else ""), flush=True)
 
     monitor = shardkit.monitor(loader, tensorboard=args.tensorboard)
     step, loss_value, started = 0, float("nan"), time.perf_counter()

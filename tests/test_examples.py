@@ -31,12 +31,13 @@ def test_train_classifier_prints_loss_and_stall_fraction(src: Path, tmp_path: Pa
     metrics = tmp_path / "metrics.json"
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "train_classifier.py"), str(out), "--steps", "3",
-         "--batch-size", "8", "--log-every", "1", "--metrics", str(metrics)],
+         "--batch-size", "8", "--log-every", "1", "--metrics", str(metrics), "--crop", "24"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     losses = [float(v) for v in re.findall(r"step \d+: loss (\d+\.\d+)", result.stdout)]
     assert len(losses) == 3 and all(0 < v < 10 for v in losses)
     assert "training on cpu" in result.stdout or "training on cuda" in result.stdout
+    assert "random 24x24 crops and flips" in result.stdout
     stall = re.search(r"stall fraction: (\d+\.\d)% of the time waiting for data", result.stdout)
     assert stall is not None, result.stdout
     data = json.loads(metrics.read_text())
