@@ -106,7 +106,10 @@ def test_loader_batches_are_right_with_one_or_two_copy_threads(tmp_path: Path, f
                              for i in range(len(ds.manifest.shards))])
     for threads in (1, 2):
         for shuffle in (False, True):
-            loader = shardkit.ShardLoader(out, 32, shuffle=shuffle, seed=3, copy_threads=threads)
+            # prefetch=0: assembled in this thread, which always takes the helpers (with a
+            # background thread they help only while the loop waits: see the next test).
+            loader = shardkit.ShardLoader(out, 32, shuffle=shuffle, seed=3, copy_threads=threads,
+                                          prefetch=0)
             seen, helpers = [], set()
             for batch in loader:
                 helpers |= {t.name for t in threading.enumerate() if t.name.startswith("shardkit-copy")}
@@ -118,6 +121,32 @@ def test_loader_batches_are_right_with_one_or_two_copy_threads(tmp_path: Path, f
     assert not [t for t in threading.enumerate() if t.name.startswith("shardkit-copy")]
     with pytest.raises(shardkit.ConfigError, match="copy_threads"):
         shardkit.ShardLoader(out, 4, copy_threads=0)
+
+
+def test_copy_helpers_work_only_while_the_consumer_waits() -> None:
+    """A loop busy with the last batch (copying it to the device) has a core in use: the
+    helpers would only compete with it, so they copy only while the loop waits."""
+    source = np.random.default_rng(0).integers(0, 255, (64, 128, 128, 3), dtype=np.uint8)
+    demand = threading.Event()
+    copier = Copier(2, demand=demand)
+    seen: set[str] = set()
+
+    def copies() -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        out = np.empty_like(source)
+        return [(source, np.arange(64), out)]
+
+    try:
+        for waiting in (False, True, False):
+            (demand.set if waiting else demand.clear)()
+            job = copies()
+            copier(job)
+            np.testing.assert_array_equal(job[0][2], source)
+            helpers = {t.name for t in threading.enumerate() if t.name.startswith("shardkit-copy")}
+            assert bool(helpers) == (waiting or bool(seen))  # started only once it was waited for
+            seen |= helpers
+    finally:
+        copier.close()
+    assert seen
 
 
 def test_copy_threads_leave_torch_threads_of_other_threads_alone(tmp_path: Path) -> None:

@@ -93,16 +93,23 @@ class Copier:
     non-temporal stores only above its x86_non_temporal_threshold, 181.5 MiB on the machine
     measured). Two threads copying halves of a 150 px batch deliver ~1.7x; the CPU time is
     the same.
+
+    `demand`, when given, is set while the consumer of the batches waits for one: the helpers
+    are used only then. A training loop that is busy with the last batch (copying it to the
+    device, say) has a core of its own in use, and a helper would only compete with it.
     """
 
-    def __init__(self, threads: int, *, min_bytes: int = 1 << 20) -> None:
+    def __init__(self, threads: int, *, min_bytes: int = 1 << 20,
+                 demand: threading.Event | None = None) -> None:
         self.threads = max(1, threads)
         self.min_bytes = min_bytes  # smaller batches are copied by the calling thread alone
+        self.demand = demand
         self._pool: ThreadPoolExecutor | None = None
 
     def __call__(self, copies: Sequence[Copy]) -> None:
         size = sum(out.nbytes for _, _, out in copies)
-        if self.threads == 1 or size < self.min_bytes:
+        if self.threads == 1 or size < self.min_bytes or (
+                self.demand is not None and not self.demand.is_set()):
             gather_all(copies)
             return
         if self._pool is None:
@@ -187,13 +194,14 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
 def stream_batches(cache: ShardCache, starts: np.ndarray, batches: Sequence[np.ndarray],
                    fields: Sequence[str], *, alloc: Allocator | None = None,
                    lookahead: int = 2, keep_open: bool = False, encoded: bool = False,
-                   threads: int = 1) -> Generator[dict[str, Any], None, None]:
+                   threads: int = 1,
+                   demand: threading.Event | None = None) -> Generator[dict[str, Any], None, None]:
     """Assemble `batches` in order, asking the cache to open the shards of the next
     `lookahead` batches in the background, each batch's copies spread over `threads`
-    threads. The cache is closed at the end unless `keep_open` (a later epoch in the same
-    process then finds its shards mapped)."""
+    threads (while `demand` is set, when given: see `Copier`). The cache is closed at the
+    end unless `keep_open` (a later epoch in the same process then finds its shards mapped)."""
     pool = alloc or BufferPool()
-    copier = Copier(threads)
+    copier = Copier(threads, demand=demand)
     try:
         yield from read_ahead(
             cache, starts, batches,
@@ -206,9 +214,11 @@ def stream_batches(cache: ShardCache, starts: np.ndarray, batches: Sequence[np.n
 _DONE = object()
 
 
-def in_background(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+def in_background(items: Iterable[Any], depth: int = 2,
+                  demand: threading.Event | None = None) -> Iterator[Any]:
     """Run `items` in a thread, `depth` items ahead of the consumer. Exceptions are re-raised
-    in the consumer; stopping early stops the thread."""
+    in the consumer; stopping early stops the thread. `demand` is set while the consumer
+    waits for an item that is not there yet (see `Copier`)."""
     slots: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
 
@@ -231,7 +241,11 @@ def in_background(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
     thread.start()
     try:
         while True:
+            if demand is not None and slots.empty():
+                demand.set()
             item = slots.get()
+            if demand is not None:
+                demand.clear()
             if item is _DONE:
                 return
             if isinstance(item, BaseException):

@@ -7,6 +7,7 @@ Shards are opened exactly as the torch loader opens them (`handles.open_shard`),
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,8 +104,12 @@ class Dataset:
         chosen = read_options(options, dict(keywords))
         reading = Reading(str(self.path), self.manifest, chosen, batch_size,
                           rank=chosen.rank or 0, world=chosen.world_size or 1)
-        stream = reading.stream(reading.order(epoch=epoch, start=start), epoch=epoch, keep_open=False)
-        return in_background(stream, depth=chosen.prefetch) if chosen.prefetch else stream
+        if not chosen.prefetch:
+            return reading.stream(reading.order(epoch=epoch, start=start), epoch=epoch, keep_open=False)
+        demand = threading.Event()
+        stream = reading.stream(reading.order(epoch=epoch, start=start), epoch=epoch,
+                                keep_open=False, demand=demand)
+        return in_background(stream, depth=chosen.prefetch, demand=demand)
 
     def metadata(self, number: int) -> list[dict[str, Any]]:
         """Per-sample metadata of shard `number`, the same names for tar and Parquet: key,

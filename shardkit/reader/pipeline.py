@@ -10,6 +10,7 @@ split over threads. numpy only; no torch needed.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Generator, Sequence
 from typing import Any
 
@@ -86,12 +87,14 @@ class Reading:
                            drop_last=o.drop_last, shuffle=o.shuffle, window=o.window, start=start))
 
     def stream(self, batches: Sequence[np.ndarray], *, epoch: int, keep_open: bool,
-               threads: int | None = None) -> Generator[dict[str, Any], None, None]:
+               threads: int | None = None,
+               demand: threading.Event | None = None) -> Generator[dict[str, Any], None, None]:
         """numpy batches of `batches` (of `epoch`), in order. `keep_open`: the shards stay
         open for the next pass (in the training process); `threads`: copying threads (default
-        `copy_threads`). With augmentation, each batch also holds ``augment`` float32 [B, k]:
-        its samples' parameters, drawn from (seed, epoch, stored index)."""
-        stream = self._assembled(batches, keep_open=keep_open, threads=threads)
+        `copy_threads`), used while `demand` is set when it is given (`batches.Copier`). With
+        augmentation, each batch also holds ``augment`` float32 [B, k]: its samples'
+        parameters, drawn from (seed, epoch, stored index)."""
+        stream = self._assembled(batches, keep_open=keep_open, threads=threads, demand=demand)
         if self.stored is None:
             return stream
         return self._augmented(stream, epoch)
@@ -108,8 +111,8 @@ class Reading:
         finally:
             stream.close()
 
-    def _assembled(self, batches: Sequence[np.ndarray], *, keep_open: bool,
-                   threads: int | None) -> Generator[dict[str, Any], None, None]:
+    def _assembled(self, batches: Sequence[np.ndarray], *, keep_open: bool, threads: int | None,
+                   demand: threading.Event | None) -> Generator[dict[str, Any], None, None]:
         if self.manifest.kind == "table":
             tables = self._cache if isinstance(self._cache, TableCache) else \
                 TableCache(self.path, self.manifest, capacity=self.capacity)
@@ -120,7 +123,8 @@ class Reading:
         self._cache = shards if keep_open else None
         return stream_batches(shards, self.starts, batches, self.fields, alloc=self._pool,
                               keep_open=keep_open, encoded=self.options.decode == "device",
-                              threads=self.copy_threads if threads is None else threads)
+                              threads=self.copy_threads if threads is None else threads,
+                              demand=demand)
 
     def close(self) -> None:
         if self._cache is not None:

@@ -12,6 +12,7 @@ no extra copy through shared memory. Worker processes pay off when samples must 
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -76,6 +77,11 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         self.total = self.reading.total  # samples in the dataset
         self.epoch = 0
         self.start = 0
+        #: Set by ShardLoader while its loop waits for a batch (copying threads help only then).
+        self.demand: threading.Event | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "demand": None}  # an Event does not travel to worker processes
 
     def __len__(self) -> int:
         return len(self.reading)
@@ -91,7 +97,8 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         # Worker processes already copy in parallel; in the training process the copies of a
         # batch are split over threads.
         stream = self.reading.stream(self.batches(worker, workers), epoch=self.epoch,
-                                     keep_open=in_process, threads=None if in_process else 1)
+                                     keep_open=in_process, threads=None if in_process else 1,
+                                     demand=self.demand if in_process else None)
         try:
             for batch in stream:
                 yield _to_tensors(batch)
@@ -223,7 +230,8 @@ class ShardLoader:
         ds = self.dataset
         self._consumed = 0
         prefetch = self.options.prefetch
-        batches = in_background(iter(ds), depth=prefetch) if prefetch else iter(ds)
+        ds.demand = threading.Event() if prefetch else None
+        batches = in_background(iter(ds), depth=prefetch, demand=ds.demand) if prefetch else iter(ds)
         for batch in batches:
             if self.pin_memory:
                 batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v
