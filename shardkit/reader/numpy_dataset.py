@@ -154,7 +154,8 @@ class Dataset:
         capacity = default_capacity(self.manifest, window)
         stream: Iterator[dict[str, Any]]
         if self.is_table:
-            stream = stream_table_batches(TableCache(str(self.path), self.manifest, capacity=capacity),
+            stream = stream_table_batches(TableCache(str(self.path), self.manifest, capacity=capacity,
+                                                     verify=verify),
                                           starts, batches)
         else:
             cache = ShardCache(str(self.path), self.manifest, capacity=capacity, verify=verify)

@@ -77,18 +77,19 @@ def read_table_shard(path: str, samples: int, manifest: Manifest) -> TableShard:
 
 
 class TableCache(OpenAhead[TableShard]):
-    """Opened table shards (see `OpenAhead`)."""
+    """Opened table shards (see `OpenAhead`); with `verify`, each one's sha256 is checked
+    against index.json when it is opened."""
 
     thread_name = "shardkit-table"
 
-    def __init__(self, folder: str, manifest: Manifest, *, capacity: int) -> None:
+    def __init__(self, folder: str, manifest: Manifest, *, capacity: int, verify: bool = False) -> None:
         super().__init__(capacity)
-        self.folder, self.manifest = folder, manifest
+        self.folder, self.manifest, self.verify = folder, manifest, verify
 
     def _load(self, number: int) -> TableShard:
         record = self.manifest.shards[number]
         path = os.path.join(self.folder, record.file)
-        check_size(path, record, verify=False)
+        check_size(path, record, self.verify)
         return read_table_shard(path, record.samples, self.manifest)
 
 

@@ -104,7 +104,8 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         in_process = info is None  # shards stay open between epochs only in this process
         batches = self.batches(worker, workers)
         if self.table:
-            cache = self._cache or TableCache(self.path, self.manifest, capacity=self.cache_shards)
+            cache = self._cache or TableCache(self.path, self.manifest, capacity=self.cache_shards,
+                                             verify=self.verify)
             stream = stream_table_batches(cache, self.starts, batches, keep_open=in_process)
         else:
             cache = self._cache or ShardCache(self.path, self.manifest, verify=self.verify,
