@@ -53,3 +53,39 @@ def test_verify_true_checks_the_sha256_of_table_shards(table: Path, tmp_path: Pa
     assert first["features"].shape == (7, 3)
     np.testing.assert_array_equal(first["label"], np.arange(7) % 2)
     assert json.loads((out / "index.json").read_text())["kind"] == "table"
+
+
+@pytest.fixture(scope="module")
+def raw_parquet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from corpus import small_dataset, small_tree
+
+    root = tmp_path_factory.mktemp("parquet")
+    return small_dataset(small_tree(root / "src", 3), root / "out", 4, format="parquet")
+
+
+def _copy(dataset: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    out = tmp_path / dataset.name
+    shutil.copytree(dataset, out)
+    return out
+
+
+def test_a_footer_column_name_that_is_not_utf8(raw_parquet: Path, tmp_path: Path) -> None:
+    """pyarrow raises UnicodeDecodeError (a ValueError) for it, not an ArrowException."""
+    from shardkit.tools.verify import verify_dataset
+
+    out = _copy(raw_parquet, tmp_path)
+    shard = out / "shard-00001.parquet"
+    data = shard.read_bytes()
+    footer = len(data) - 8 - int.from_bytes(data[-8:-4], "little")
+    at = data.index(b"\x18\x05image", footer) + 2  # the schema element's name
+    shard.write_bytes(data[:at] + b"\xe9" + data[at + 1:])
+    with pytest.raises(CorruptShardError, match=r"shard-00001\.parquet: not a readable Parquet file"):
+        list(ShardLoader(out, 4, shuffle=False))
+    with pytest.raises(CorruptShardError, match=r"shard-00001\.parquet: sha256 differs"):
+        list(ShardLoader(out, 4, shuffle=False, verify=True))
+    with pytest.raises(CorruptShardError, match=r"shard-00001\.parquet: not a readable Parquet file"):
+        shardkit.open(out).read_shard(1)
+    problems = verify_dataset(out, quick=True)
+    assert len(problems) == 1 and problems[0].startswith("shard-00001.parquet: not a readable Parquet file")

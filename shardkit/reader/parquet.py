@@ -26,7 +26,12 @@ from shardkit.errors import CorruptShardError
 from shardkit.format.manifest import ShardRecord
 from shardkit.reader.open_ahead import map_shard
 
-__all__ = ["fixed_images", "int64_values", "map_images", "read_parquet_shard", "read_parquet_table"]
+__all__ = ["PARQUET_ERRORS", "fixed_images", "int64_values", "map_images", "read_parquet_shard",
+           "read_parquet_table"]
+
+#: What pyarrow raises for a damaged file: its own errors, OSError, and ValueError
+#: (UnicodeDecodeError for a column name in the footer that is not UTF-8).
+PARQUET_ERRORS = (OSError, ValueError, pa.ArrowException)
 
 
 def read_parquet_table(path: str | os.PathLike[str], columns: Sequence[str],
@@ -37,7 +42,7 @@ def read_parquet_table(path: str | os.PathLike[str], columns: Sequence[str],
         with pq.ParquetFile(path, memory_map=True) as handle:
             missing = [name for name in columns if name not in handle.schema_arrow.names]
             table = handle.read(columns=list(columns), use_threads=False)
-    except (OSError, pa.ArrowException) as exc:
+    except PARQUET_ERRORS as exc:
         raise CorruptShardError(f"{path}: not a readable Parquet file: {exc}") from None
     if missing:
         raise CorruptShardError(f"{path}: no column {', '.join(missing)}")
@@ -94,7 +99,7 @@ def map_images(path: str, record: ShardRecord, shape: Sequence[int]) -> list[np.
     width = int(np.prod(shape))
     try:
         meta = pq.read_metadata(path)
-    except (OSError, pa.ArrowException) as exc:
+    except PARQUET_ERRORS as exc:
         raise CorruptShardError(f"{path}: not a readable Parquet file: {exc}") from None
     names = [meta.schema.column(i).path for i in range(meta.num_columns)]
     if "image" not in names:

@@ -45,6 +45,7 @@ from shardkit.errors import CorruptShardError, DatasetError, UnsafeContentError
 from shardkit.format.files import hash_file
 from shardkit.format.manifest import ERRORS_NAME, INDEX_NAME, Manifest, ShardRecord
 from shardkit.format.tar import iter_members
+from shardkit.reader.parquet import PARQUET_ERRORS
 
 __all__ = ["verify_dataset"]
 
@@ -399,7 +400,7 @@ def _walk_parquet(path: Path, spec: _Spec, tally: _Tally, *, decode: bool) -> in
                     raise _Problem(f"column {nulls[0]} holds nulls")
                 _check_rows(batch.to_pydict(), spec, tally, decode=decode)
             return int(handle.metadata.num_rows)
-    except (OSError, pa.ArrowException) as exc:
+    except PARQUET_ERRORS as exc:
         raise _Problem(f"not a readable Parquet file: {exc}") from None
 
 
