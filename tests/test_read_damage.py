@@ -89,3 +89,26 @@ def test_a_footer_column_name_that_is_not_utf8(raw_parquet: Path, tmp_path: Path
         shardkit.open(out).read_shard(1)
     problems = verify_dataset(out, quick=True)
     assert len(problems) == 1 and problems[0].startswith("shard-00001.parquet: not a readable Parquet file")
+
+
+def test_an_unknown_compression_codec_in_the_footer(raw_parquet: Path, tmp_path: Path) -> None:
+    """pyarrow's ColumnChunkMetaData.compression aborts the process (an uncaught C++
+    exception) on a codec value it does not know: the page walk must not ask it."""
+    import subprocess
+    import sys
+
+    out = _copy(raw_parquet, tmp_path)
+    shard = out / "shard-00000.parquet"
+    data = shard.read_bytes()
+    footer = len(data) - 8 - int.from_bytes(data[-8:-4], "little")
+    # The image column's ColumnMetaData: type, encodings, path ["image"], then codec (i32 0).
+    at = data.index(b"\x19\x18\x05image\x15\x00", footer) + 9
+    shard.write_bytes(data[:at] + b"\x47" + data[at + 1:])  # zigzag 0x47: codec -36
+    script = ("import sys, shardkit\n"
+              "try:\n"
+              f"    list(shardkit.ShardLoader({str(out)!r}, 4, shuffle=False))\n"
+              "except shardkit.CorruptShardError as exc:\n"
+              "    print(exc)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(f"{shard}: not a readable Parquet file"), result.stdout

@@ -114,10 +114,11 @@ def map_images(path: str, record: ShardRecord, shape: Sequence[int]) -> list[np.
     if meta.num_rows != record.samples:
         raise CorruptShardError(f"{path}: {meta.num_rows} rows, index.json says {record.samples}")
     chunks = [meta.row_group(g).column(column) for g in range(meta.num_row_groups)]
-    if any(chunk.compression != "UNCOMPRESSED" or chunk.has_dictionary_page
-           or _DICTIONARY_ENCODINGS & set(chunk.encodings) or chunk.file_path for chunk in chunks):
-        return None
     mapped = map_shard(path)
+    if not _uncompressed(mapped, column, len(chunks)) or any(
+            chunk.has_dictionary_page or _DICTIONARY_ENCODINGS & set(chunk.encodings)
+            or chunk.file_path for chunk in chunks):
+        return None
     size = len(mapped)
     pixels = np.frombuffer(mapped, dtype=np.uint8)
     images: list[np.ndarray] = []
@@ -185,6 +186,24 @@ def _data_pages(data: Any, begin: int, end: int, width: int,
     return pages
 
 
+def _uncompressed(data: Any, column: int, groups: int) -> bool:
+    """Whether leaf column `column` is stored UNCOMPRESSED in each of the `groups` row groups,
+    read from the footer's Thrift (FileMetaData.row_groups[g].columns[column].meta_data.codec)
+    rather than from pyarrow, whose ColumnChunkMetaData.compression aborts the process (an
+    uncaught C++ exception) on a codec value it does not know. False when the footer cannot
+    be read this way: pyarrow then reads the file, and reports damage as an error."""
+    size = len(data)
+    begin = size - 8 - int.from_bytes(data[size - 8:size - 4], "little")
+    if begin < 4:
+        return False
+    try:
+        footer = _Compact(data, begin, size - 8, lists=True).struct()
+        codecs = [group[1][column][3][4] for group in footer[4]]
+    except (ValueError, LookupError, TypeError):
+        return False
+    return codecs == [0] * groups
+
+
 def _field(struct: dict[int, Any], number: int, kind: type) -> Any:
     value = struct.get(number)
     if type(value) is not kind:
@@ -194,17 +213,19 @@ def _field(struct: dict[int, Any], number: int, kind: type) -> Any:
 
 class _Compact:
     """A Thrift compact-protocol reader over data[position:end] (bytes, mmap). `struct` keeps
-    integer, boolean and struct fields by id and skips the others; damage (a read past `end`,
-    an unknown type, runaway nesting or list lengths) is ValueError."""
+    integer, boolean and struct fields by id (and with `lists`, lists and sets of them) and
+    skips the others; damage (a read past `end`, an unknown type, runaway nesting or list
+    lengths) is ValueError."""
 
     _NESTING = 32
     _ITEMS = 1 << 16  # list, set and map elements in all (a page header has none)
 
-    def __init__(self, data: Any, position: int, end: int) -> None:
+    def __init__(self, data: Any, position: int, end: int, *, lists: bool = False) -> None:
         self.data = data
         self.position = position
         self.end = end
         self.items = 0
+        self.lists = lists
 
     def byte(self) -> int:
         if self.position >= self.end:
@@ -265,8 +286,8 @@ class _Compact:
         elif kind in (9, 10):  # list, set
             head = self.byte()
             count = self.count(head >> 4 if head >> 4 != 15 else self.varint())
-            for _ in range(count):
-                self.element(head & 0x0F, depth)
+            items = [self.element(head & 0x0F, depth) for _ in range(count)]
+            return items if self.lists else None
         elif kind == 11:  # map
             count = self.count(self.varint())
             if count:
@@ -287,9 +308,10 @@ class _Compact:
             raise ValueError("more list elements than a page header holds")
         return items
 
-    def element(self, kind: int, depth: int) -> None:
-        """Skip one list, set or map element (a boolean element is one byte)."""
+    def element(self, kind: int, depth: int) -> Any:
+        """One list, set or map element, read as `value` reads a field (a boolean element is
+        one byte, skipped)."""
         if kind in (1, 2):
             self.skip(1)
-        else:
-            self.value(kind, depth + 1)
+            return None
+        return self.value(kind, depth + 1)
