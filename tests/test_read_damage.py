@@ -112,3 +112,92 @@ def test_an_unknown_compression_codec_in_the_footer(raw_parquet: Path, tmp_path:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith(f"{shard}: not a readable Parquet file"), result.stdout
+
+
+@pytest.fixture(scope="module")
+def jpeg_datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from corpus import small_dataset, small_tree
+
+    root = tmp_path_factory.mktemp("jpeg")
+    src = small_tree(root / "src", 3)
+    return {"tar": small_dataset(src, root / "tar", 4, codec="jpeg"),
+            "raw": small_dataset(src, root / "raw", 4),
+            "parquet": small_dataset(src, root / "parquet", 4, format="parquet", codec="jpeg")}
+
+
+def _member_data(data: bytes, name: bytes) -> int:
+    """Where the data of the tar member `name` starts."""
+    return data.index(name + b"\0") + 512
+
+
+def _reads_fail(out: Path, shard: str, message: str, **options: object) -> None:
+    """Every reader of `out` ends in CorruptShardError naming `shard` and saying `message`."""
+    pattern = rf"{shard.replace('.', chr(92) + '.')}: .*{message}"
+    with pytest.raises(CorruptShardError, match=pattern):
+        list(ShardLoader(out, 4, shuffle=False, **options))
+    with pytest.raises(CorruptShardError, match=pattern):
+        list(shardkit.open(out).batches(4, **options))  # type: ignore[arg-type]
+    if not options:
+        with pytest.raises(CorruptShardError, match=pattern):
+            shardkit.open(out).read_shard(0)
+
+
+def test_a_cls_member_that_is_not_digits(jpeg_datasets: dict[str, Path], tmp_path: Path) -> None:
+    out = _copy(jpeg_datasets["tar"], tmp_path)
+    shard = out / "shard-00000.tar"
+    data = bytearray(shard.read_bytes())
+    data[_member_data(data, b"000001.cls")] = 0
+    shard.write_bytes(bytes(data))
+    _reads_fail(out, shard.name, r"sample 000001: \.cls b'\\x00' is not ASCII digits")
+
+
+@pytest.mark.parametrize(("kind", "damage", "message"), [
+    ("tar", (b"{", b"x"), r"sample 000001: \.json is not valid JSON"),
+    ("tar", (b'"source"', b'"sourcf"'), r"sample 000001: \.json lacks source, width or height"),
+    ("raw", (b"{", b"x"), r"sample 000001: \.json is not valid JSON"),
+    ("raw", (b'"height"', b'"heighu"'), r"sample 000001: \.json lacks source, width or height"),
+])
+def test_a_json_member_that_is_damaged(jpeg_datasets: dict[str, Path], tmp_path: Path, kind: str,
+                                       damage: tuple[bytes, bytes], message: str) -> None:
+    out = _copy(jpeg_datasets[kind], tmp_path)
+    shard = out / "shard-00000.tar"
+    data = bytearray(shard.read_bytes())
+    at = data.index(damage[0], _member_data(data, b"000001.json"))
+    data[at:at + len(damage[0])] = damage[1]
+    shard.write_bytes(bytes(data))
+    fields = ("key", "source")
+    pattern = rf"shard-00000\.tar: {message}"
+    with pytest.raises(CorruptShardError, match=pattern):
+        list(ShardLoader(out, 4, shuffle=False, fields=fields))
+    with pytest.raises(CorruptShardError, match=pattern):
+        list(shardkit.open(out).batches(4, fields=fields))
+    with pytest.raises(CorruptShardError, match=pattern):
+        shardkit.open(out).metadata(0)
+
+
+def _first_jpeg(data: bytes) -> int:
+    return data.index(b"\xff\xd8\xff")
+
+
+@pytest.mark.parametrize("kind", ["tar", "parquet"])
+def test_a_stored_image_that_does_not_decode(jpeg_datasets: dict[str, Path], tmp_path: Path,
+                                             kind: str) -> None:
+    out = _copy(jpeg_datasets[kind], tmp_path)
+    shard = out / f"shard-00000.{kind}"
+    data = bytearray(shard.read_bytes())
+    at = _first_jpeg(data)
+    data[at:at + 4] = bytes(4)
+    shard.write_bytes(bytes(data))
+    _reads_fail(out, shard.name, "a stored image does not decode")
+
+
+@pytest.mark.parametrize("kind", ["tar", "parquet"])
+def test_a_stored_image_of_another_size(jpeg_datasets: dict[str, Path], tmp_path: Path, kind: str) -> None:
+    out = _copy(jpeg_datasets[kind], tmp_path)
+    shard = out / f"shard-00000.{kind}"
+    data = bytearray(shard.read_bytes())
+    frame = data.index(b"\xff\xc0", _first_jpeg(data))  # SOF0: length, precision, height, width
+    assert data[frame + 5:frame + 9] == b"\x00\x0a\x00\x0c"  # 10 rows of 12 pixels
+    data[frame + 6] = 11
+    shard.write_bytes(bytes(data))
+    _reads_fail(out, shard.name, r"a stored image is 11×12(×3)?, index\.json says 10×12")

@@ -246,6 +246,8 @@ def _check_table(data: dict[str, Any]) -> None:
         if (column["dtype"] == "dictionary") != ("categories" in column):
             raise _Bad(f"schema.columns[{j}]", "has categories without dtype 'dictionary', or "
                                                "the other way round")
+        if column.get("categories", []) != sorted(set(column.get("categories", []))):
+            raise _Bad(f"schema.columns[{j}].categories", "are not sorted distinct values")
         columns[column["name"]] = column
     features, label = schema["features"], schema.get("label")
     label_cols = data["config"]["csv"]["label_cols"]

@@ -3,16 +3,18 @@ walk for everything else. Nothing is ever unpickled; unsafe members are refused.
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from shardkit.errors import CorruptShardError, UnsafeContentError
 from shardkit.format.manifest import ShardRecord
 
-__all__ = ["iter_members", "read_raw_shard"]
+__all__ = ["iter_members", "member_label", "member_meta", "read_raw_shard"]
 
 #: The member extensions a shardkit tar shard may hold.
 KNOWN_FIELDS = frozenset({"npy", "jpg", "png", "cls", "json"})
@@ -82,3 +84,22 @@ def iter_members(path: str | os.PathLike[str]) -> Iterator[tuple[str, str, bytes
                 yield key, field, handle.read()
     except tarfile.TarError as exc:
         raise CorruptShardError(f"{path}: not a readable tar file: {exc}") from None
+
+
+def member_label(path: str | os.PathLike[str], key: str, data: bytes) -> int:
+    """The label a ``.cls`` member holds: ASCII digits. Raises CorruptShardError naming the file."""
+    if not (data.isascii() and data.isdigit()):
+        raise CorruptShardError(f"{path}: sample {key}: .cls {data[:20]!r} is not ASCII digits")
+    return int(data)
+
+
+def member_meta(path: str | os.PathLike[str], key: str, data: bytes) -> dict[str, Any]:
+    """The metadata a ``.json`` member holds: an object with (at least) ``source``, ``width``
+    and ``height``. Raises CorruptShardError naming the file."""
+    try:
+        meta = json.loads(data)
+    except ValueError:
+        raise CorruptShardError(f"{path}: sample {key}: .json is not valid JSON") from None
+    if not (isinstance(meta, dict) and all(name in meta for name in ("source", "width", "height"))):
+        raise CorruptShardError(f"{path}: sample {key}: .json lacks source, width or height")
+    return meta

@@ -153,7 +153,7 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
             for slot, i in enumerate(local.tolist(), start=slots.start):
                 data = handle.payloads[i]
                 images[slot] = np.frombuffer(bytearray(data), np.uint8) if encoded \
-                    else decode_payload(data, cache.codec, channels)
+                    else decode_payload(data, cache.codec, channels, where=handle.path, shape=fixed)
         if labels is not None:
             assert handle.labels is not None
             labels[slots] = handle.labels[local]

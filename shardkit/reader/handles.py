@@ -29,7 +29,7 @@ from PIL import Image
 
 from shardkit.errors import ConfigError, CorruptShardError
 from shardkit.format.manifest import Manifest, ShardRecord
-from shardkit.format.tar import iter_members
+from shardkit.format.tar import iter_members, member_label, member_meta
 from shardkit.reader.open_ahead import OpenAhead, check_size, map_shard
 from shardkit.reader.parquet import int64_values, map_images, read_parquet_shard, read_parquet_table
 from shardkit.reader.targets import has_targets, read_targets
@@ -113,8 +113,8 @@ def open_raw_tar(path: str, record: ShardRecord, shape: Sequence[int],
 
     def metadata() -> dict[str, list[Any]]:
         begin = json_header + 512
-        metas = [json.loads(bytes(row[begin:])) for row in rows]
-        keys = [bytes(row[:100]).split(b".", 1)[0].decode() for row in rows]
+        keys = [bytes(row[:100]).split(b".", 1)[0].decode(errors="replace") for row in rows]
+        metas = [member_meta(path, key, bytes(row[begin:])) for key, row in zip(keys, rows, strict=True)]
         return {"key": keys, "source": [m["source"] for m in metas],
                 "orig_width": [m["width"] for m in metas], "orig_height": [m["height"] for m in metas],
                 **{name: [m.get(name) for m in metas] for name in extra}}
@@ -150,9 +150,9 @@ def open_encoded(path: str, record: ShardRecord, fmt: str, labeled: bool,
     if fmt == "tar":
         for key, field, data in iter_members(path):
             if field == "cls":
-                labels.append(int(data))
+                labels.append(member_label(path, key, data))
             elif field == "json":
-                item = json.loads(data)
+                item = member_meta(path, key, data)
                 meta["key"].append(key)
                 meta["source"].append(item["source"])
                 meta["orig_width"].append(item["width"])
@@ -173,10 +173,25 @@ def open_encoded(path: str, record: ShardRecord, fmt: str, labeled: bool,
                        labels=np.asarray(labels, dtype=np.int64) if labeled else None, metadata=meta)
 
 
-def decode_payload(data: bytes, codec: str, channels: int) -> np.ndarray:
-    """H×W×C uint8 from a stored jpeg/png payload."""
-    with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as im:
-        array = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+#: What Pillow raises for damaged image bytes (as the converter's load_image counts them).
+PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, Image.DecompressionBombError)
+
+
+def decode_payload(data: bytes, codec: str, channels: int, *, where: str = "stored image",
+                   shape: Sequence[int] | None = None) -> np.ndarray:
+    """H×W×C uint8 from a stored jpeg/png payload. Raises CorruptShardError naming `where`
+    when it does not decode, or (given the dataset's fixed `shape`) its header gives
+    another size (checked before decoding)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as im:
+            height, width = im.height, im.width
+            if shape is None or (height, width) == tuple(shape[:2]):
+                array = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    except PILLOW_ERRORS as exc:
+        raise CorruptShardError(f"{where}: a stored image does not decode: {exc}") from None
+    if shape is not None and (height, width) != tuple(shape[:2]):
+        raise CorruptShardError(f"{where}: a stored image is {height}×{width}, index.json says "
+                                f"{shape[0]}×{shape[1]}")
     return array[:, :, None] if array.ndim == 2 else array
 
 

@@ -15,10 +15,10 @@ from PIL import Image
 
 from shardkit.errors import CorruptShardError, DatasetError
 from shardkit.format.manifest import Manifest
-from shardkit.format.tar import iter_members, read_raw_shard
+from shardkit.format.tar import iter_members, member_label, member_meta, read_raw_shard
 from shardkit.reader.assign import Split, assign
 from shardkit.reader.batches import in_background, resolve_copy_threads, stream_batches
-from shardkit.reader.handles import ShardCache, check_fields, default_capacity
+from shardkit.reader.handles import PILLOW_ERRORS, ShardCache, check_fields, default_capacity
 from shardkit.reader.parquet import read_parquet_shard, read_parquet_table
 from shardkit.reader.table import TableCache, TableShard, read_table_shard, stream_table_batches
 
@@ -104,23 +104,36 @@ class Dataset:
         images: list[np.ndarray] = []
         labels: list[int] = []
         if self.format == "tar":
-            for _key, field, data in iter_members(path):
+            for key, field, data in iter_members(path):
                 if field == "cls":
-                    labels.append(int(data))
+                    labels.append(member_label(path, key, data))
                 elif field != "json":
-                    images.append(_decode_payload(data, field, self.shape))
+                    images.append(self._decoded(path, data, field))
         else:
             columns = ["image", "label"] if labeled else ["image"]
             if self.codec == "raw":
                 columns += ["height", "width"]
             table = read_parquet_table(path, columns, samples)
             for row in table.to_pylist():
-                images.append(_decode_payload(row["image"], self.codec, self.shape, row))
+                images.append(self._decoded(path, row["image"], self.codec, row))
                 if labeled:
                     labels.append(row["label"])
         if len(images) != samples or (labeled and len(labels) != samples):
             raise CorruptShardError(f"{path}: {len(images)} samples, index.json says {samples}")
         return images, labels
+
+    def _decoded(self, path: Path, data: bytes, field: str,
+                 row: dict[str, Any] | None = None) -> np.ndarray:
+        """One stored image, decoded; CorruptShardError naming `path` when it does not decode
+        or is not the dataset's shape."""
+        try:
+            image = _decode_payload(data, field, self.shape, row)
+        except PILLOW_ERRORS as exc:  # numpy's .npy reader raises the same kinds
+            raise CorruptShardError(f"{path}: a stored image does not decode: {exc}") from None
+        if self.shape is not None and image.shape != self.shape:
+            raise CorruptShardError(f"{path}: a stored image is {'×'.join(map(str, image.shape))}, "
+                                    f"index.json says {'×'.join(map(str, self.shape))}")
+        return image
 
     def samples(self) -> Iterator[dict[str, Any]]:
         """Every sample in stored order: {"image", "label" (if any), "index"}."""
@@ -167,7 +180,7 @@ class Dataset:
         """Per-sample metadata of one shard (source path, original size, class)."""
         path = self.path / self.manifest.shards[number].file
         if self.format == "tar":
-            return [dict(json.loads(data)) for _key, field, data in iter_members(path) if field == "json"]
+            return [member_meta(path, key, data) for key, field, data in iter_members(path) if field == "json"]
         table = read_parquet_table(path, ["key", "source", "orig_width", "orig_height"],
                                    self.manifest.shards[number].samples)
         rows: list[dict[str, Any]] = table.to_pylist()
