@@ -129,7 +129,7 @@ def test_every_field_a_reader_uses_is_required_and_typed(datasets: dict[str, Pat
     ("tar", lambda d: d["shards"][1]["layout"].update(label_offset=-3),
      "shards[1].layout.label_offset is not a non-negative integer"),
     ("tar", lambda d: d["shards"][1].update(file="shard-00000.tar"),
-     "shards[1].file 'shard-00000.tar' is listed twice"),
+     "shards[1].file is 'shard-00000.tar', not 'shard-00001.tar'"),
     ("tar", lambda d: d["shards"][1].update(file="../x.tar"), "shards[1].file is not a plain file name"),
     ("tar", lambda d: d["schema"]["image"].update(shape=[10, 13, 3]),
      "schema.image.shape is [10, 13, 3], config.image makes [10, 12, 3]"),

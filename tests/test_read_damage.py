@@ -201,3 +201,117 @@ def test_a_stored_image_of_another_size(jpeg_datasets: dict[str, Path], tmp_path
     data[frame + 6] = 11
     shard.write_bytes(bytes(data))
     _reads_fail(out, shard.name, r"a stored image is 11×12(×3)?, index\.json says 10×12")
+
+
+def _edit_index(out: Path, edit: Any) -> None:
+    data = json.loads((out / "index.json").read_text())
+    edit(data)
+    (out / "index.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(("edit", "name"), [
+    (lambda d: d["shards"][1]["layout"].update(offset=639), "offset"),  # pixels one byte early
+    (lambda d: d["shards"][1]["layout"].update(label_offset=1024), "label_offset"),  # the .cls header
+    (lambda d: d["shards"][1]["layout"].update(meta_offset=1536), "meta_offset"),
+])
+def test_a_layout_that_is_not_the_formats(jpeg_datasets: dict[str, Path], tmp_path: Path,
+                                          edit: Any, name: str) -> None:
+    """Each of these reads plausible bytes from the intact shard (the first character of the
+    .cls member's name is a digit); only the layout's own arithmetic tells."""
+    out = _copy(jpeg_datasets["raw"], tmp_path)
+    _edit_index(out, edit)
+    for options in ({}, {"verify": True}):
+        _reads_fail_at(out, "shard-00001.tar", rf"index\.json's layout .*{name}", **options)
+
+
+def _reads_fail_at(out: Path, shard: str, message: str, *, read_shard: bool = True,
+                   **options: Any) -> None:
+    """ShardLoader, Dataset.batches and (`read_shard`) Dataset.read_shard(1) end in
+    CorruptShardError naming `shard` and saying `message`."""
+    pattern = rf"{shard.replace('.', chr(92) + '.')}: {message}"
+    with pytest.raises(CorruptShardError, match=pattern):
+        list(ShardLoader(out, 4, shuffle=False, **options))
+    with pytest.raises(CorruptShardError, match=pattern):
+        list(shardkit.open(out).batches(4, **options))
+    if read_shard:
+        with pytest.raises(CorruptShardError, match=pattern):
+            shardkit.open(out).read_shard(1)
+
+
+def test_shards_listed_out_of_order(jpeg_datasets: dict[str, Path], tmp_path: Path) -> None:
+    """Records swapped whole (file, size, hash) still describe real files: only their names
+    say that the order changed."""
+    from shardkit.errors import DatasetError
+
+    out = _copy(jpeg_datasets["tar"], tmp_path)
+    _edit_index(out, lambda d: d.update(shards=list(reversed(d["shards"]))))
+    with pytest.raises(DatasetError, match=r"index\.json: shards\[0\]\.file is 'shard-00002\.tar', "
+                                           r"not 'shard-00000\.tar'"):
+        ShardLoader(out, 4)
+
+
+def test_a_label_that_names_no_class(jpeg_datasets: dict[str, Path], tmp_path: Path) -> None:
+    out = _copy(jpeg_datasets["raw"], tmp_path)
+    shard = out / "shard-00001.tar"
+    data = bytearray(shard.read_bytes())
+    data[_member_data(data, b"000005.cls")] = ord("8")  # three classes
+    shard.write_bytes(bytes(data))
+    _reads_fail_at(out, shard.name, r"label 8 names no class \(3 classes\)")
+
+
+def test_fewer_json_members_than_samples(jpeg_datasets: dict[str, Path], tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    out = _copy(jpeg_datasets["tar"], tmp_path)
+    shard = out / "shard-00001.tar"
+    kept = io.BytesIO()
+    with tarfile.open(shard) as source, tarfile.open(fileobj=kept, mode="w", format=tarfile.USTAR_FORMAT) as copy:
+        for member in source:
+            if member.name != "000005.json":
+                copy.addfile(member, source.extractfile(member))
+    shard.write_bytes(kept.getvalue())
+    _edit_index(out, lambda d: d["shards"][1].update(bytes=len(kept.getvalue())))
+    _reads_fail_at(out, shard.name, r"3 \.json members for 4 samples", read_shard=False,
+                   fields=("source",))
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_an_image_column_of_another_width(src_tree: Path, tmp_path: Path, compression: str) -> None:
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from corpus import small_dataset
+
+    out = small_dataset(src_tree, tmp_path / "out", 4, format="parquet", compression=compression)
+    shard = out / "shard-00001.parquet"
+    table = pq.read_table(shard)
+    narrow = pa.array([bytes(104)] * table.num_rows, pa.binary(104))
+    pq.write_table(table.set_column(1, pa.field("image", pa.binary(104), nullable=False), narrow), shard)
+    data = shard.read_bytes()
+    _edit_index(out, lambda d: d["shards"][1].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
+    _reads_fail_at(out, shard.name, r"the image column is not fixed_size_binary\(360\)")
+
+
+@pytest.fixture(scope="module")
+def src_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from corpus import small_tree
+
+    return small_tree(tmp_path_factory.mktemp("src"), 3)
+
+
+def test_an_npy_header_cut_short_is_a_verify_finding(jpeg_datasets: dict[str, Path], tmp_path: Path) -> None:
+    """numpy's header parser raises tokenize.TokenError (not a ValueError) for an unclosed
+    bracket."""
+    from shardkit.tools.verify import verify_dataset
+
+    out = _copy(jpeg_datasets["raw"], tmp_path)
+    shard = out / "shard-00000.tar"
+    data = bytearray(shard.read_bytes())
+    at = data.index(b"(10, 12, 3)") + 4
+    data[at:at + 8] = bytes(8)
+    shard.write_bytes(bytes(data))
+    problems = verify_dataset(out, quick=True)
+    assert len(problems) == 1 and problems[0].startswith("shard-00000.tar: sample 000000: .npy header "
+                                                         "unreadable"), problems

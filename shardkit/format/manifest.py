@@ -155,6 +155,10 @@ class Manifest:
                 f"({FORMAT_VERSION}); upgrade shardkit"
             )
         check_manifest(data, where)
+        for i, raw in enumerate(data["shards"]):  # shard k is always the same inputs
+            expected = shard_name(i, data["config"]["format"], len(data["shards"]))
+            if raw["file"] != expected:
+                raise DatasetError(f"{where}: shards[{i}].file is {raw['file']!r}, not {expected!r}")
         shards = [ShardRecord(file=raw["file"], samples=raw["samples"], bytes=raw["bytes"],
                               sha256=raw["sha256"], layout=raw.get("layout")) for raw in data["shards"]]
         manifest = cls(

@@ -132,7 +132,7 @@ def check_manifest(data: dict[str, Any], where: str) -> None:
         images = data["kind"] == "images"
         _check(data["schema"], IMAGE_SCHEMA if images else TABLE_SCHEMA, "schema")
         _check(data["config"], IMAGE_CONFIG if images else TABLE_CONFIG, "config")
-        _check_shards(data)
+        _check_counts(data)
         if images:
             _check_images(data)
         else:
@@ -165,12 +165,7 @@ def _check(value: Any, rule: Any, at: str) -> None:
         raise _Bad(at, f"is not {rule.what}")
 
 
-def _check_shards(data: dict[str, Any]) -> None:
-    seen: set[str] = set()
-    for i, record in enumerate(data["shards"]):
-        if record["file"] in seen:
-            raise _Bad(f"shards[{i}].file", f"{record['file']!r} is listed twice")
-        seen.add(record["file"])
+def _check_counts(data: dict[str, Any]) -> None:
     classes, counts = data["classes"], data["class_counts"]
     if counts is not None and (classes is None or len(counts) != len(classes)):
         raise _Bad("class_counts", "does not give one count per class")

@@ -1,5 +1,7 @@
-"""Read tar shards: whole-shard strided arrays for fixed-shape raw data, a checked member
-walk for everything else. Nothing is ever unpickled; unsafe members are refused."""
+"""Tar shards: where a fixed-shape raw sample keeps its members (`raw_layout`, which the
+writer lays out and the reader checks index.json's layouts against), and reading them:
+whole-shard strided arrays for fixed-shape raw data, a checked member walk for everything
+else. Nothing is ever unpickled; unsafe members are refused."""
 
 from __future__ import annotations
 
@@ -14,12 +16,70 @@ import numpy as np
 from shardkit.errors import CorruptShardError, UnsafeContentError
 from shardkit.format.manifest import ShardRecord
 
-__all__ = ["iter_members", "member_label", "member_meta", "read_raw_shard"]
+__all__ = ["BLOCK", "check_raw_layout", "iter_members", "label_digits", "member_label", "member_meta",
+           "npy_header", "raw_layout", "read_raw_shard"]
 
 #: The member extensions a shardkit tar shard may hold.
 KNOWN_FIELDS = frozenset({"npy", "jpg", "png", "cls", "json"})
 _NPY_MAGIC = np.frombuffer(b"\x93NUMPY", dtype=np.uint8)
-_END = 1024
+BLOCK = 512
+_END = 2 * BLOCK
+
+
+def npy_header(shape: Sequence[int]) -> bytes:
+    """The .npy (version 1.0) header for a C-order uint8 array of `shape`."""
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": "|u1", "fortran_order": False, "shape": tuple(int(s) for s in shape)}
+    )
+    return buffer.getvalue()
+
+
+def label_digits(classes: int) -> int:
+    """Width of the zero-padded ``.cls`` text: every label of a dataset has the same width, so
+    a reader can parse a shard's labels with array arithmetic (``int("007") == 7``)."""
+    return len(str(max(classes - 1, 0)))
+
+
+def raw_layout(shape: Sequence[int], classes: int | None, blocks: int) -> dict[str, int]:
+    """Where fixed-shape raw samples keep their bytes (docs/format.md, "Fixed layout").
+
+    Sample ``i`` starts at ``i * stride``; its pixels at ``+ offset``; its label's ASCII
+    digits (``label_digits`` of them) at ``+ label_offset`` when `classes` is not None; its
+    JSON member's header at ``+ meta_offset``.
+    """
+    header = len(npy_header(shape))
+    payload = header + int(np.prod(shape))
+    npy_span = BLOCK + payload + -payload % BLOCK
+    layout = {"offset": BLOCK + header}
+    stride = npy_span
+    if classes is not None:
+        layout["label_offset"] = npy_span + BLOCK
+        layout["label_digits"] = label_digits(classes)
+        stride += 2 * BLOCK
+    layout["meta_offset"] = stride
+    layout["stride"] = stride + BLOCK + blocks * BLOCK
+    return layout
+
+
+def check_raw_layout(path: str | os.PathLike[str], record: ShardRecord, shape: Sequence[int],
+                     classes: int | None) -> dict[str, int]:
+    """`record`'s layout, when it is the one `raw_layout` gives samples of `shape` with
+    `classes` classes (None: unlabelled); else CorruptShardError naming the file. An intact
+    shard read through a changed layout would give plausible wrong bytes (pixels one byte
+    off, a .cls member's name for its digits): only this arithmetic tells."""
+    layout = record.layout
+    if layout is None:
+        raise CorruptShardError(f"{path}: index.json gives no fixed layout for this shard")
+    blocks = (layout.get("stride", 0) - layout.get("meta_offset", 0)) // BLOCK - 1
+    expected = raw_layout(shape, classes, blocks)
+    if blocks < 1 or layout != expected:
+        wrong = sorted(k for k in {*layout, *expected} if layout.get(k) != expected.get(k))
+        raise CorruptShardError(f"{path}: index.json's layout is not where samples of shape "
+                                f"{tuple(shape)} keep their members ({', '.join(wrong)})")
+    return layout
 
 
 def read_raw_shard(path: str | os.PathLike[str], record: ShardRecord,

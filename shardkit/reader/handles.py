@@ -29,8 +29,8 @@ from PIL import Image
 
 from shardkit.errors import ConfigError, CorruptShardError
 from shardkit.format.manifest import Manifest, ShardRecord
-from shardkit.format.tar import iter_members, member_label, member_meta
-from shardkit.reader.open_ahead import OpenAhead, check_size, map_shard
+from shardkit.format.tar import check_raw_layout, iter_members, member_label, member_meta
+from shardkit.reader.open_ahead import OpenAhead, check_labels, check_size, map_shard
 from shardkit.reader.parquet import int64_values, map_images, read_parquet_shard, read_parquet_table
 from shardkit.reader.targets import has_targets, read_targets
 
@@ -169,6 +169,8 @@ def open_encoded(path: str, record: ShardRecord, fmt: str, labeled: bool,
         meta = {name: table.column(name).to_pylist() for name in (*_METADATA, *extra)}
     if len(payloads) != record.samples or (labeled and len(labels) != record.samples):
         raise CorruptShardError(f"{path}: {len(payloads)} samples, index.json says {record.samples}")
+    if len(meta["key"]) != record.samples:
+        raise CorruptShardError(f"{path}: {len(meta['key'])} .json members for {record.samples} samples")
     return ShardHandle(path=path, images=None, payloads=payloads,
                        labels=np.asarray(labels, dtype=np.int64) if labeled else None, metadata=meta)
 
@@ -350,6 +352,8 @@ class ShardCache(OpenAhead[ShardHandle]):
         check_size(path, record, self.verify)
         if self.codec == "raw" and self.shape is not None:
             if self.format == "tar":
+                classes = self.manifest.classes
+                check_raw_layout(path, record, self.shape, None if classes is None else len(classes))
                 handle = open_raw_tar(path, record, self.shape, self.extra)
             else:
                 handle = open_parquet_raw(path, record, self.shape, self.labeled, self.extra)
@@ -357,4 +361,5 @@ class ShardCache(OpenAhead[ShardHandle]):
             handle = open_encoded(path, record, self.format, self.labeled, self.extra)
         if self.targets:
             handle.labels = read_targets(path, record, self.manifest)
+        check_labels(path, handle.labels, self.manifest.classes)
         return handle

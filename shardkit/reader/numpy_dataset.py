@@ -15,10 +15,11 @@ from PIL import Image
 
 from shardkit.errors import CorruptShardError, DatasetError
 from shardkit.format.manifest import Manifest
-from shardkit.format.tar import iter_members, member_label, member_meta, read_raw_shard
+from shardkit.format.tar import check_raw_layout, iter_members, member_label, member_meta, read_raw_shard
 from shardkit.reader.assign import Split, assign
 from shardkit.reader.batches import in_background, resolve_copy_threads, stream_batches
 from shardkit.reader.handles import PILLOW_ERRORS, ShardCache, check_fields, default_capacity
+from shardkit.reader.open_ahead import check_labels
 from shardkit.reader.parquet import read_parquet_shard, read_parquet_table
 from shardkit.reader.table import TableCache, TableShard, read_table_shard, stream_table_batches
 
@@ -91,12 +92,16 @@ class Dataset:
             raise CorruptShardError(f"{path}: missing (index.json lists it)")
         if self.codec == "raw" and self.shape is not None:
             if self.format == "tar":
+                classes = self.manifest.classes
+                check_raw_layout(path, record, self.shape, None if classes is None else len(classes))
                 images, labels = read_raw_shard(path, record, self.shape)
             else:
                 images, labels = read_parquet_shard(path, record.samples, self.shape, labeled)
+            check_labels(path, labels, self.manifest.classes)
             return ShardData(images=images, labels=labels, index=index)
         decoded, labels_list = self._decode_shard(path, record.samples, labeled)
         labels_array = np.asarray(labels_list, dtype=np.int64) if labeled else None
+        check_labels(path, labels_array, self.manifest.classes)
         return ShardData(images=decoded, labels=labels_array, index=index)
 
     def _decode_shard(self, path: Path, samples: int,

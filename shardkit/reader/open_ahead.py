@@ -18,7 +18,7 @@ from shardkit.errors import CorruptShardError
 from shardkit.format.files import hash_file
 from shardkit.format.manifest import ShardRecord
 
-__all__ = ["OpenAhead", "check_size", "map_shard", "read_ahead"]
+__all__ = ["OpenAhead", "check_labels", "check_size", "map_shard", "read_ahead"]
 
 T = TypeVar("T")
 B = TypeVar("B")
@@ -36,6 +36,18 @@ def check_size(path: str, record: ShardRecord, verify: bool) -> None:
                                 "(truncated or replaced?)")
     if verify and hash_file(path)[1] != record.sha256:
         raise CorruptShardError(f"{path}: sha256 differs from index.json (corrupted)")
+
+
+def check_labels(path: str | os.PathLike[str], labels: np.ndarray | None,
+                 classes: list[str] | None) -> None:
+    """Raise CorruptShardError, naming the file, when an integer label names no class: a
+    damaged digit is still a number, and a loss function fed it fails far from the cause."""
+    if labels is None or classes is None or not len(labels) or labels.dtype.kind not in "iu":
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= len(classes):
+        raise CorruptShardError(f"{path}: label {low if low < 0 else high} names no class "
+                                f"({len(classes)} classes)")
 
 
 def map_shard(path: str) -> mmap.mmap:

@@ -74,7 +74,12 @@ def read_parquet_shard(path: str | os.PathLike[str], samples: int, shape: Sequen
     """(images [N,H,W,C] uint8, labels [N] int64 or None) of a fixed-shape raw Parquet shard."""
     columns = ["image", "label"] if labeled else ["image"]
     table = read_parquet_table(path, columns, samples)
-    images = fixed_images(table.column("image"), shape)
+    column = table.column("image")
+    width = int(np.prod(shape))
+    if column.type != pa.binary(width) or column.null_count:
+        raise CorruptShardError(f"{path}: the image column is not fixed_size_binary({width}) "
+                                "as index.json's shape says")
+    images = fixed_images(column, shape)
     labels = int64_values(table.column("label")) if labeled else None
     return images, labels
 

@@ -22,7 +22,7 @@ from shardkit.errors import CorruptShardError
 from shardkit.format.files import hash_file
 from shardkit.format.manifest import Manifest
 from shardkit.reader.assign import shard_runs
-from shardkit.reader.open_ahead import OpenAhead, check_size, read_ahead
+from shardkit.reader.open_ahead import OpenAhead, check_labels, check_size, read_ahead
 from shardkit.reader.parquet import read_parquet_table
 
 __all__ = ["TableCache", "TableShard", "assemble_table", "read_table_shard",
@@ -73,6 +73,7 @@ def read_table_shard(path: str, samples: int, manifest: Manifest) -> TableShard:
     if label:
         parts = [table.column(n).to_numpy() for n in label_names]
         labels = (np.stack(parts, axis=1) if label["shape"] else parts[0]).astype(label["dtype"])
+        check_labels(path, labels, manifest.classes)
     return TableShard(features=features, labels=labels)
 
 

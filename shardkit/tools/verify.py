@@ -29,6 +29,7 @@ import io
 import json
 import math
 import os
+import tokenize
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -319,7 +320,7 @@ def _check_npy(key: str, data: bytes, shape: Sequence[int | None]) -> int:
             got, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
         else:
             raise ValueError(f"format version {version[0]}.{version[1]}")
-    except ValueError as exc:
+    except (ValueError, SyntaxError, tokenize.TokenError) as exc:  # numpy parses it as Python
         raise _Problem(f"sample {key}: .npy header unreadable: {exc}") from None
     if dtype != np.uint8 or fortran or not _shape_ok(got, shape):
         order = "Fortran-order " if fortran else ""

@@ -26,6 +26,7 @@ import numpy as np
 
 from shardkit.conversion.writers import EncodedSample
 from shardkit.conversion.writers._common import copy_hashed
+from shardkit.format.tar import BLOCK, label_digits, npy_header, raw_layout
 
 __all__ = [
     "BLOCK",
@@ -39,7 +40,6 @@ __all__ = [
     "sample_json",
 ]
 
-BLOCK = 512
 END_OF_ARCHIVE = bytes(2 * BLOCK)
 #: Placeholder wide enough for any image dimension, used to bound JSON sizes at plan time.
 _WIDEST_INT = 9_999_999_999
@@ -61,17 +61,6 @@ def _padding(size: int) -> bytes:
     return bytes(-size % BLOCK)
 
 
-def npy_header(shape: Sequence[int]) -> bytes:
-    """The .npy (version 1.0) header for a C-order uint8 array of `shape`."""
-    import io
-
-    buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buffer, {"descr": "|u1", "fortran_order": False, "shape": tuple(int(s) for s in shape)}
-    )
-    return buffer.getvalue()
-
-
 def sample_json(source: str, class_name: str | None, width: int, height: int,
                 extra: Iterable[tuple[str, Any]] = ()) -> bytes:
     """The metadata member: source path (relative to SRC), class name, original size, and
@@ -91,33 +80,6 @@ def json_blocks(items: Iterable[tuple[str, str | None, tuple[tuple[str, Any], ..
     longest = max((len(sample_json(s, c, _WIDEST_INT, _WIDEST_INT, m)) for s, c, m in items),
                   default=1)
     return max(1, math.ceil(longest / BLOCK))
-
-
-def label_digits(classes: int) -> int:
-    """Width of the zero-padded ``.cls`` text: every label of a dataset has the same width, so
-    a reader can parse a shard's labels with array arithmetic (``int("007") == 7``)."""
-    return len(str(max(classes - 1, 0)))
-
-
-def raw_layout(shape: Sequence[int], classes: int | None, blocks: int) -> dict[str, int]:
-    """Where fixed-shape raw samples keep their bytes (see the module docstring).
-
-    Sample ``i`` starts at ``i * stride``; its pixels at ``+ offset``; its label's ASCII
-    digits (``label_digits`` of them) at ``+ label_offset`` when `classes` is not None; its
-    JSON member's header at ``+ meta_offset``.
-    """
-    header = len(npy_header(shape))
-    payload = header + int(np.prod(shape))
-    npy_span = BLOCK + payload + -payload % BLOCK
-    layout = {"offset": BLOCK + header}
-    stride = npy_span
-    if classes is not None:
-        layout["label_offset"] = npy_span + BLOCK
-        layout["label_digits"] = label_digits(classes)
-        stride += 2 * BLOCK
-    layout["meta_offset"] = stride
-    layout["stride"] = stride + BLOCK + blocks * BLOCK
-    return layout
 
 
 class TarPartWriter:
