@@ -74,8 +74,9 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def build_datasets(root: Path) -> dict[str, Path]:
     """One small dataset of each of `KINDS` in `root`, each with 3 failed inputs."""
-    import shardkit
     from corpus import add_bad_files, small_dataset, small_tree
+
+    import shardkit
 
     src = small_tree(root / "src", 3)
     add_bad_files(src / "b")  # errors.jsonl holds three lines
@@ -269,7 +270,8 @@ def _field_mismatch(name: str, a: Any, b: Any, *, strict: bool, pixels: bool,
     if not isinstance(b, dict):  # metadata lists
         return None if a == b or not strict else f"{str(a)[:80]}, expected {str(b)[:80]}"
     if not isinstance(a, dict) or (a["dtype"], a["shape"]) != (b["dtype"], b["shape"]):
-        return f"{a if not isinstance(a, dict) else (a['dtype'], a['shape'])}, expected {(b['dtype'], b['shape'])}"
+        found = (a["dtype"], a["shape"]) if isinstance(a, dict) else a
+        return f"{found}, expected {(b['dtype'], b['shape'])}"
     exact = name == "index" or (name == "label" and strict) or (name in ("image", "features") and pixels)
     if exact and a["sha"] != b["sha"]:
         return "values differ"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -266,7 +267,8 @@ def test_fewer_json_members_than_samples(jpeg_datasets: dict[str, Path], tmp_pat
     out = _copy(jpeg_datasets["tar"], tmp_path)
     shard = out / "shard-00001.tar"
     kept = io.BytesIO()
-    with tarfile.open(shard) as source, tarfile.open(fileobj=kept, mode="w", format=tarfile.USTAR_FORMAT) as copy:
+    with tarfile.open(shard) as source, \
+            tarfile.open(fileobj=kept, mode="w", format=tarfile.USTAR_FORMAT) as copy:
         for member in source:
             if member.name != "000005.json":
                 copy.addfile(member, source.extractfile(member))
@@ -290,7 +292,8 @@ def test_an_image_column_of_another_width(src_tree: Path, tmp_path: Path, compre
     narrow = pa.array([bytes(104)] * table.num_rows, pa.binary(104))
     pq.write_table(table.set_column(1, pa.field("image", pa.binary(104), nullable=False), narrow), shard)
     data = shard.read_bytes()
-    _edit_index(out, lambda d: d["shards"][1].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
+    digest = hashlib.sha256(data).hexdigest()
+    _edit_index(out, lambda d: d["shards"][1].update(bytes=len(data), sha256=digest))
     _reads_fail_at(out, shard.name, r"the image column is not fixed_size_binary\(360\)")
 
 
@@ -315,3 +318,29 @@ def test_an_npy_header_cut_short_is_a_verify_finding(jpeg_datasets: dict[str, Pa
     problems = verify_dataset(out, quick=True)
     assert len(problems) == 1 and problems[0].startswith("shard-00000.tar: sample 000000: .npy header "
                                                          "unreadable"), problems
+
+
+def test_a_string_that_is_not_utf8(src_tree: Path, tmp_path: Path) -> None:
+    """pyarrow reads a string column's bytes as they are; converting them to Python raises
+    UnicodeDecodeError later, far from the read."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from corpus import small_dataset
+
+    out = small_dataset(src_tree, tmp_path / "out", 4, format="parquet", codec="jpeg")
+    shard = out / "shard-00001.parquet"
+    table = pq.read_table(shard)
+    sources = table.column("source").combine_chunks()
+    offsets, data = sources.buffers()[1:]
+    damaged = bytearray(data.to_pybytes())
+    damaged[0] = 0xB0
+    broken = pa.StringArray.from_buffers(len(sources), offsets, pa.py_buffer(bytes(damaged)))
+    index = table.schema.get_field_index("source")
+    pq.write_table(table.set_column(index, table.schema.field("source"), broken), shard)
+    data_ = shard.read_bytes()
+    digest = hashlib.sha256(data_).hexdigest()
+    _edit_index(out, lambda d: d["shards"][1].update(bytes=len(data_), sha256=digest))
+    _reads_fail_at(out, shard.name, "not a readable Parquet file: .*Invalid UTF8", read_shard=False,
+                   fields=("source",))

@@ -165,7 +165,7 @@ class Manifest:
             kind=data["kind"], schema=data["schema"], classes=data["classes"],
             class_counts=data["class_counts"], shards=shards, inputs=data["inputs"],
             failed=data["failed"], config=data["config"], fingerprint=data["fingerprint"],
-            shardkit_version=data["shardkit_version"], format_version=version,
+            shardkit_version=data["shardkit_version"], format_version=data["format_version"],
             extra=data.get("extra") or {},
         )
         if data["samples"] != manifest.samples:

@@ -14,11 +14,12 @@ shard's layout against the image size, a table's feature and label names against
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shardkit.config import COLOR_MODES, CODECS, COMPRESSIONS, FILTERS, FORMATS, RESIZE_MODES
+from shardkit.config import CODECS, COLOR_MODES, COMPRESSIONS, FILTERS, FORMATS, RESIZE_MODES
 from shardkit.errors import DatasetError
 
 __all__ = ["check_manifest", "valid_image_shape"]
@@ -204,7 +205,7 @@ def _check_images(data: dict[str, Any]) -> None:
             raise _Bad("classes", f"is {'null' if count == 1 else 'there'}, but "
                                   f"config.csv.label_cols names {count} columns")
     if tar and config["codec"] == "raw" and None not in shape:
-        pixels = shape[0] * shape[1] * shape[2]
+        pixels = math.prod(image["shape"])
         for i, record in enumerate(data["shards"]):
             _check_layout(record.get("layout"), f"shards[{i}].layout", pixels, labelled)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -136,8 +135,8 @@ class Dataset:
         except PILLOW_ERRORS as exc:  # numpy's .npy reader raises the same kinds
             raise CorruptShardError(f"{path}: a stored image does not decode: {exc}") from None
         if self.shape is not None and image.shape != self.shape:
-            raise CorruptShardError(f"{path}: a stored image is {'×'.join(map(str, image.shape))}, "
-                                    f"index.json says {'×'.join(map(str, self.shape))}")
+            got, want = ("×".join(map(str, s)) for s in (image.shape, self.shape))
+            raise CorruptShardError(f"{path}: a stored image is {got}, index.json says {want}")
         return image
 
     def samples(self) -> Iterator[dict[str, Any]]:
@@ -185,7 +184,8 @@ class Dataset:
         """Per-sample metadata of one shard (source path, original size, class)."""
         path = self.path / self.manifest.shards[number].file
         if self.format == "tar":
-            return [member_meta(path, key, data) for key, field, data in iter_members(path) if field == "json"]
+            return [member_meta(path, key, data) for key, field, data in iter_members(path)
+                    if field == "json"]
         table = read_parquet_table(path, ["key", "source", "orig_width", "orig_height"],
                                    self.manifest.shards[number].samples)
         rows: list[dict[str, Any]] = table.to_pylist()

@@ -42,6 +42,7 @@ def read_parquet_table(path: str | os.PathLike[str], columns: Sequence[str],
         with pq.ParquetFile(path, memory_map=True) as handle:
             missing = [name for name in columns if name not in handle.schema_arrow.names]
             table = handle.read(columns=list(columns), use_threads=False)
+            table.validate(full=True)  # pyarrow reads strings that are not UTF-8 as they are
     except PARQUET_ERRORS as exc:
         raise CorruptShardError(f"{path}: not a readable Parquet file: {exc}") from None
     if missing:

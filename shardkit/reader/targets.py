@@ -8,7 +8,6 @@ targets are read into a [N, K] array when the shard is opened, and kept with it.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np

@@ -22,8 +22,6 @@ import tarfile
 from collections.abc import Iterable, Sequence
 from typing import Any, BinaryIO
 
-import numpy as np
-
 from shardkit.conversion.writers import EncodedSample
 from shardkit.conversion.writers._common import copy_hashed
 from shardkit.format.tar import BLOCK, label_digits, npy_header, raw_layout
