@@ -17,8 +17,8 @@ in the undamaged dataset's values, never another exception, a crash or a hang:
 Cases run in subprocesses, one per dataset kind, each running its cases in turn and printing
 one JSON line per case, so that a crash or hang (the subprocess dies, or outlives its timeout)
 is itself a finding, pinned to the case it was running; the rest of the cases are then rerun.
-Run this file as a script (``python tests/test_damage_fuzz.py KIND DATASET CASES.json``) to
-rerun a kind's cases by hand.
+``python tests/test_damage_fuzz.py campaign [SCALE [KIND,...]]`` runs a longer campaign (SCALE
+times the cases, over `EXTRA_KINDS` too) and prints its findings.
 """
 
 from __future__ import annotations
@@ -57,56 +57,73 @@ Case = dict[str, Any]
 # --- the datasets ------------------------------------------------------------------------
 
 
-KINDS: dict[str, dict[str, Any]] = {
-    "tar-raw": {},
-    "tar-jpeg": {"codec": "jpeg"},
-    "parquet-raw": {"format": "parquet"},
-    "parquet-jpeg": {"format": "parquet", "codec": "jpeg"},
-    "parquet-zstd": {"format": "parquet", "compression": "zstd"},
-    "table": {},
+#: kind -> (source, convert options). Sources: "tree" (3 class folders, 3 bad files), "table"
+#: (a tabular CSV, 1 bad row). `make test` runs these; `EXTRA_KINDS` are for longer campaigns
+#: (``python tests/test_damage_fuzz.py campaign``).
+KINDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tar-raw": ("tree", {}),
+    "tar-jpeg": ("tree", {"codec": "jpeg"}),
+    "parquet-raw": ("tree", {"format": "parquet"}),
+    "parquet-jpeg": ("tree", {"format": "parquet", "codec": "jpeg"}),
+    "parquet-zstd": ("tree", {"format": "parquet", "compression": "zstd"}),
+    "table": ("table", {"label_col": "y"}),
+}
+EXTRA_KINDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tar-png": ("tree", {"codec": "png"}),
+    "tar-varying": ("tree", {"resize": "shorter-side", "size": 12}),
+    "parquet-varying": ("tree", {"format": "parquet", "resize": "shorter-side", "size": 12}),
+    "tar-flat": ("flat", {}),
+    "tar-csv": ("images.csv", {"image_col": "path", "label_col": "dx,dy"}),
+    "parquet-csv": ("images.csv", {"format": "parquet", "image_col": "path", "label_col": "n"}),
+    "table-regression": ("table", {"label_col": "a,b"}),
 }
 
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_datasets(tmp_path_factory.mktemp("fuzz"))
+    return build_datasets(tmp_path_factory.mktemp("fuzz"), KINDS)
 
 
-def build_datasets(root: Path) -> dict[str, Path]:
-    """One small dataset of each of `KINDS` in `root`, each with 3 failed inputs."""
-    from corpus import add_bad_files, small_dataset, small_tree
+def build_datasets(root: Path, kinds: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Path]:
+    """One small dataset of each of `kinds` in `root` (shards of 4 images or 6 rows)."""
+    from corpus import add_bad_files, image_tree, small_tree
 
     import shardkit
 
-    src = small_tree(root / "src", 3)
-    add_bad_files(src / "b")  # errors.jsonl holds three lines
+    sources = {"tree": small_tree(root / "src", 3), "flat": root / "flat", "table": root / "table.csv",
+               "images.csv": root / "images.csv"}
+    add_bad_files(root / "src" / "b")  # errors.jsonl holds three lines
+    image_tree(root / "flat", classes=(), per_class=7, min_side=20, max_side=40)
+    sources["table"].write_text("a,b,c,y\n" + "".join(
+        f"{i},{i / 4},{'xyz'[i % 3]},{'pqr'[i % 3]}\n" for i in range(17)) + "oops,1,x,p\n")
+    images = sorted((root / "flat").iterdir())
+    sources["images.csv"].write_text("path,dx,dy,note,n\n" + "".join(
+        f"flat/{p.name},{i / 10},{i / 5},w{i},{i % 3}\n" for i, p in enumerate(images)))
     out = {}
-    for kind, options in KINDS.items():
-        if kind != "table":
-            out[kind] = small_dataset(src, root / kind, 4, max_errors=3, **options)
-    csv = root / "table.csv"
-    csv.write_text("a,b,c,y\n" + "".join(f"{i},{i / 4},{'xyz'[i % 3]},{'pqr'[i % 3]}\n"
-                                         for i in range(17)) + "oops,1,x,p\n")
-    out["table"] = root / "table"
-    shardkit.convert(csv, out["table"], label_col="y", samples_per_shard=6, workers=0,
-                     max_errors=1)
+    for kind, (source, options) in kinds.items():
+        out[kind] = root / kind
+        rows = source == "table"
+        shape = {} if rows or "size" in options else {"size": (12, 10)}
+        shardkit.convert(sources[source], out[kind], workers=0, max_errors=3,  # type: ignore[arg-type]
+                         samples_per_shard=6 if rows else 4, **shape, **options)
     return out
 
 
 # --- the damage --------------------------------------------------------------------------
 
 
-def plan_cases(dataset: Path, kind: str) -> list[Case]:
-    """The seeded cases for one dataset: (file, damage, seed), a bounded number per file."""
+def plan_cases(dataset: Path, kind: str, scale: int = 1) -> list[Case]:
+    """The seeded cases for one dataset: (file, damage, seed), `scale` times a bounded number
+    per file."""
     cases: list[Case] = []
     for path in sorted(dataset.iterdir()):
         count = {"index.json": INDEX_CASES, "errors.jsonl": ERRORS_CASES}.get(path.name, SHARD_CASES)
-        for n in range(count):
+        for n in range(count * scale):
             damage = ("flip", "truncate", "zeros", "append")[n % 4]
             cases.append({"file": path.name, "damage": damage, "seed": f"{kind}:{path.name}:{n}"})
         if path.name == "index.json":
             cases += [{"file": path.name, "damage": "edit", "seed": f"{kind}:edit:{n}"}
-                      for n in range(INDEX_EDITS)]
+                      for n in range(INDEX_EDITS * scale)]
     return cases
 
 
@@ -286,8 +303,12 @@ def run_cases(kind: str, dataset: Path, cases: list[Case], scratch: Path) -> Ite
     {"case": i, "outcomes": {read: "ok" | error class}, "failures": [...]}."""
     from shardkit.errors import ShardkitError
 
-    table = kind == "table"
-    pristine = {name: read() for name, read in _reads(dataset, table)}
+    table = kind.startswith("table")
+    try:
+        pristine = {name: read() for name, read in _reads(dataset, table)}
+    except Exception:
+        yield {"fatal": f"the undamaged dataset does not read: {traceback.format_exc(limit=-3)}"}
+        return
     classes = json.loads((dataset / "index.json").read_text())["classes"]
     for number, case in enumerate(cases):
         yield {"start": number}
@@ -325,6 +346,7 @@ def run_cases(kind: str, dataset: Path, cases: list[Case], scratch: Path) -> Ite
 
 
 def _worker(argv: list[str]) -> int:
+    """``worker KIND DATASET CASES.json``: run the cases, one JSON line per case."""
     kind, dataset, cases_file = argv
     cases = json.loads(Path(cases_file).read_text())
     with tempfile.TemporaryDirectory() as scratch:
@@ -336,7 +358,8 @@ def _worker(argv: list[str]) -> int:
 # --- the test ----------------------------------------------------------------------------
 
 
-def _run_kind(kind: str, dataset: Path, cases: list[Case], workdir: Path) -> list[str]:
+def _run_kind(kind: str, dataset: Path, cases: list[Case], workdir: Path,
+              timeout: float = TIMEOUT) -> list[str]:
     """Run `cases` in subprocesses; the findings as lines. A subprocess that dies or hangs is
     a finding for the case it was running, and the cases after it are run again."""
     findings: list[str] = []
@@ -345,16 +368,18 @@ def _run_kind(kind: str, dataset: Path, cases: list[Case], workdir: Path) -> lis
         spec = workdir / f"{kind}-{todo[0]}.json"
         spec.write_text(json.dumps([cases[i] for i in todo]))
         try:
-            result = subprocess.run([sys.executable, __file__, kind, str(dataset), str(spec)],
-                                    capture_output=True, text=True, timeout=TIMEOUT)
+            result = subprocess.run([sys.executable, __file__, "worker", kind, str(dataset), str(spec)],
+                                    capture_output=True, text=True, timeout=timeout)
             stdout, died = result.stdout, f"exit status {result.returncode}: {result.stderr[-1500:]}"
         except subprocess.TimeoutExpired as exc:
             out = exc.stdout or b""
             stdout = out.decode() if isinstance(out, bytes) else out
-            died = f"no end after {TIMEOUT} s (a hang)"
+            died = f"no end after {timeout} s (a hang)"
         started, finished = None, set()
         for line in stdout.splitlines():
             report = json.loads(line)
+            if "fatal" in report:
+                return [*findings, f"{kind}: {report['fatal']}"]
             if "start" in report:
                 started = report["start"]
                 continue
@@ -393,5 +418,24 @@ def test_the_damage_is_what_it_says() -> None:
     assert len(edits) > 5 and json.dumps(index, sort_keys=True).encode() not in edits
 
 
+def _campaign(argv: list[str]) -> int:
+    """``campaign [SCALE [KIND,...]]``: SCALE times the cases (default 5) over the given kinds
+    (default: KINDS and EXTRA_KINDS), in a temporary folder; prints the findings."""
+    scale = int(argv[0]) if argv else 5
+    every = {**KINDS, **EXTRA_KINDS}
+    names = argv[1].split(",") if len(argv) > 1 else list(every)
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        found = build_datasets(root / "data", {name: every[name] for name in names})
+        with ThreadPoolExecutor(2) as pool:
+            results = pool.map(lambda kind: _run_kind(kind, found[kind], plan_cases(found[kind], kind, scale),
+                                                      root, TIMEOUT * scale), found)
+            findings = [line for lines in results for line in lines]
+    print("\n".join(findings) or f"no findings ({', '.join(names)}, scale {scale})")
+    return 1 if findings else 0
+
+
 if __name__ == "__main__":
-    sys.exit(_worker(sys.argv[1:]))
+    sys.path.insert(0, str(Path(__file__).parent))  # corpus.py
+    command, *rest = sys.argv[1:]
+    sys.exit(_worker(rest) if command == "worker" else _campaign(rest))

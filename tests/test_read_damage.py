@@ -344,3 +344,18 @@ def test_a_string_that_is_not_utf8(src_tree: Path, tmp_path: Path) -> None:
     _edit_index(out, lambda d: d["shards"][1].update(bytes=len(data_), sha256=digest))
     _reads_fail_at(out, shard.name, "not a readable Parquet file: .*Invalid UTF8", read_shard=False,
                    fields=("source",))
+
+
+def test_a_csv_column_of_unknown_dtype(src_tree: Path, tmp_path: Path) -> None:
+    from corpus import small_dataset
+
+    from shardkit.tools.verify import verify_dataset
+
+    images = sorted(src_tree.rglob("*.jpg"))
+    csv = tmp_path / "images.csv"
+    csv.write_text("path,note\n" + "".join(f"{p},w{i}\n" for i, p in enumerate(images)))
+    out = small_dataset(csv, tmp_path / "out", 4, format="parquet", image_col="path")
+    _edit_index(out, lambda d: d["schema"]["note"].update(dtype="text"))
+    problems = verify_dataset(out)
+    assert problems == ["index.json: schema 'note' has dtype 'text', not one of int64, float64, string, "
+                        "bool, float32_list"]

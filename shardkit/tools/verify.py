@@ -150,6 +150,10 @@ class _Spec:
         csv_columns = tuple((str(k), str(v["dtype"])) for k, v in sorted(
             ((k, v) for k, v in schema.items() if isinstance(v, dict) and "csv_column" in v),
             key=lambda item: int(item[1]["csv_column"])))
+        for name, kind in csv_columns:
+            if kind not in META_TYPES:
+                raise DatasetError(f"{INDEX_NAME}: schema {name!r} has dtype {kind!r}, not one of "
+                                   f"{', '.join(META_TYPES)}")
         return cls(format=str(fmt), codec=str(codec), shape=tuple(cast(list[int | None], shape)),
                    classes=classes, rows_per_group=rows, csv_columns=csv_columns)
 
