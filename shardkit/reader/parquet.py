@@ -121,12 +121,11 @@ def map_images(path: str, record: ShardRecord, shape: Sequence[int]) -> list[np.
         raise CorruptShardError(f"{path}: {meta.num_rows} rows, index.json says {record.samples}")
     chunks = [meta.row_group(g).column(column) for g in range(meta.num_row_groups)]
     mapped = map_shard(path)
-    if not _uncompressed(mapped, column, len(chunks)) or any(
-            chunk.has_dictionary_page or _DICTIONARY_ENCODINGS & set(chunk.encodings)
-            or chunk.file_path for chunk in chunks):
+    if not _uncompressed(mapped, column, len(chunks)) or any(chunk.has_dictionary_page or chunk.file_path
+                                                             or _DICTIONARY_ENCODINGS & set(chunk.encodings)
+                                                             for chunk in chunks):
         return None
-    size = len(mapped)
-    pixels = np.frombuffer(mapped, dtype=np.uint8)
+    size, pixels = len(mapped), np.frombuffer(mapped, dtype=np.uint8)
     images: list[np.ndarray] = []
     rows = 0
     for group, chunk in enumerate(chunks):
