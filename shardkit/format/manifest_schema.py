@@ -131,8 +131,8 @@ def check_manifest(data: dict[str, Any], where: str) -> None:
     try:
         _check(data, TOP, "")
         images = data["kind"] == "images"
-        _check(data["schema"], IMAGE_SCHEMA if images else TABLE_SCHEMA, "schema")
-        _check(data["config"], IMAGE_CONFIG if images else TABLE_CONFIG, "config")
+        _check(data["schema"], IMAGE_SCHEMA if images else TABLE_SCHEMA, "", "schema")
+        _check(data["config"], IMAGE_CONFIG if images else TABLE_CONFIG, "", "config")
         _check_counts(data)
         if images:
             _check_images(data)
@@ -142,23 +142,30 @@ def check_manifest(data: dict[str, Any], where: str) -> None:
         raise DatasetError(f"{where}: {exc}") from None
 
 
-def _check(value: Any, rule: Any, at: str) -> None:
+def _check(value: Any, rule: Any, at: str, key: str | int | None = None) -> None:
+    """Check `value` (field `key` of the one at `at`; the path is only spelt out on error)."""
+    if key is not None:
+        at = f"{at}[{key}]" if isinstance(key, int) else f"{at}.{key}" if at else key
     if isinstance(rule, dict):
         if not isinstance(value, dict):
             raise _Bad(at, "is not an object")
-        for key, item in rule.items():
-            name = key.removesuffix("?")
-            if name in value:
-                _check(value[name], item, f"{at}.{name}" if at else name)
-            elif name == key:
-                raise _Bad(f"{at}.{name}" if at else name, "is missing")
+        for name, item in rule.items():
+            field = name.removesuffix("?")
+            if field in value:
+                if isinstance(item, Is):  # the common case, checked here without a call
+                    if not item.test(value[field]):
+                        raise _Bad(f"{at}.{field}" if at else field, f"is not {item.what}")
+                else:
+                    _check(value[field], item, at, field)
+            elif field == name:
+                raise _Bad(f"{at}.{field}" if at else field, "is missing")
     elif isinstance(rule, ListOf):
         if not isinstance(value, list):
             raise _Bad(at, "is not a list")
         if rule.size is not None and len(value) != rule.size:
             raise _Bad(at, f"has {len(value)} entries, not {rule.size}")
         for i, item in enumerate(value):
-            _check(item, rule.item, f"{at}[{i}]")
+            _check(item, rule.item, at, i)
     elif isinstance(rule, Maybe):
         if value is not None:
             _check(value, rule.rule, at)
@@ -179,7 +186,7 @@ def _check_images(data: dict[str, Any]) -> None:
         if not isinstance(entry, dict):
             raise _Bad(f"schema.{name}", "is not an object")
         if "csv_column" in entry:
-            _check(entry, CSV_FIELD, f"schema.{name}")
+            _check(entry, CSV_FIELD, "schema", name)
     if image["codec"] != config["codec"]:
         raise _Bad("schema.image.codec", f"is {image['codec']!r}, config.codec {config['codec']!r}")
     width, height = options["size"]
