@@ -17,6 +17,7 @@ from typing import Any
 from shardkit._version import __version__
 from shardkit.errors import DatasetError
 from shardkit.format.files import atomic_write_bytes
+from shardkit.format.manifest_schema import check_manifest
 from shardkit.format.samples import TARGET_FIELD
 
 __all__ = [
@@ -190,44 +191,32 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: Any, *, where: str = INDEX_NAME) -> Manifest:
-        def need(obj: Any, key: str, kind: type | tuple[type, ...]) -> Any:
-            if not isinstance(obj, dict) or key not in obj or not isinstance(obj[key], kind):
-                raise DatasetError(f"{where}: field {key!r} missing or not {_kind_name(kind)}")
-            return obj[key]
-
-        if need(data, "format", str) != FORMAT_NAME:
-            raise DatasetError(f"{where}: not a shardkit index (format {data['format']!r})")
-        version = need(data, "format_version", int)
-        if version > FORMAT_VERSION:
+        """The manifest in the parsed index.json `data`. Raises DatasetError naming `where`
+        and the first field that is missing, mistyped or inconsistent (`check_manifest`)."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            found = data.get("format") if isinstance(data, dict) else data
+            raise DatasetError(f"{where}: not a shardkit index (format {found!r})")
+        version = data.get("format_version")
+        if type(version) is int and version > FORMAT_VERSION:
             raise DatasetError(
                 f"{where}: format version {version} is newer than this shardkit reads "
                 f"({FORMAT_VERSION}); upgrade shardkit"
             )
-        shards = []
-        for i, raw in enumerate(need(data, "shards", list)):
-            layout = raw.get("layout") if isinstance(raw, dict) else None
-            record = ShardRecord(
-                file=need(raw, "file", str), samples=need(raw, "samples", int),
-                bytes=need(raw, "bytes", int), sha256=need(raw, "sha256", str), layout=layout,
-            )
-            if "/" in record.file or record.file.startswith(".") or record.samples < 0:
-                raise DatasetError(f"{where}: shard {i} has an invalid record {raw!r}")
-            shards.append(record)
-        classes = data.get("classes")
+        check_manifest(data, where)
+        for i, raw in enumerate(data["shards"]):  # shard k is always the same inputs
+            expected = shard_name(i, data["config"]["format"], len(data["shards"]))
+            if raw["file"] != expected:
+                raise DatasetError(f"{where}: shards[{i}].file is {raw['file']!r}, not {expected!r}")
+        shards = [ShardRecord(file=raw["file"], samples=raw["samples"], bytes=raw["bytes"],
+                              sha256=raw["sha256"], layout=raw.get("layout")) for raw in data["shards"]]
         manifest = cls(
-            kind=need(data, "kind", str), schema=need(data, "schema", dict), classes=classes,
-            class_counts=data.get("class_counts"), shards=shards, inputs=need(data, "inputs", int),
-            failed=need(data, "failed", int), config=need(data, "config", dict),
-            fingerprint=need(data, "fingerprint", str),
-            shardkit_version=need(data, "shardkit_version", str), format_version=version,
+            kind=data["kind"], schema=data["schema"], classes=data["classes"],
+            class_counts=data["class_counts"], shards=shards, inputs=data["inputs"],
+            failed=data["failed"], config=data["config"], fingerprint=data["fingerprint"],
+            shardkit_version=data["shardkit_version"], format_version=data["format_version"],
             extra=data.get("extra") or {},
         )
-        if need(data, "samples", int) != manifest.samples:
+        if data["samples"] != manifest.samples:
             raise DatasetError(f"{where}: 'samples' is {data['samples']} but the shards hold "
                                f"{manifest.samples}")
         return manifest
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(k.__name__ for k in kinds)

@@ -15,10 +15,14 @@ columns (typed, in CSV order; several label columns are the float32 list ``targe
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+
+from shardkit.errors import CorruptShardError
 
 __all__ = [
     "IMAGE_MEMBER",
@@ -27,6 +31,7 @@ __all__ = [
     "META_TYPES",
     "TARGET_FIELD",
     "arrow_schema",
+    "check_labels",
     "fields_from_json",
     "image_schema",
 ]
@@ -92,12 +97,21 @@ def arrow_schema(*, pixel_bytes: int | None, labeled: bool,
 
 
 def fields_from_json(key: str, meta: dict[str, Any], extra: Sequence[str]) -> dict[str, Any]:
-    """A tar sample's metadata fields from its parsed ``.json`` member: the standard fields,
-    then `extra` (CSV columns; None where the member lacks them). Raises ValueError when the
-    member lacks a standard field."""
-    if not isinstance(meta, dict) or not all(k in meta for k in JSON_KEYS.values()):
-        raise ValueError(f"sample {key}: .json lacks {', '.join(JSON_KEYS.values())}")
+    """A tar sample's metadata fields from its ``.json`` member (as `tar.member_meta` reads
+    it): the standard fields, then `extra` (CSV columns; None where the member lacks them)."""
     fields: dict[str, Any] = {"key": key}
     fields.update({name: meta[stored] for name, stored in JSON_KEYS.items()})
     fields.update({name: meta.get(name) for name in extra})
     return fields
+
+
+def check_labels(path: str | os.PathLike[str], labels: np.ndarray | None,
+                 classes: list[str] | None) -> None:
+    """CorruptShardError, naming the file, when an integer label names no class: a damaged
+    digit is still a number, and a loss function fed it fails far from the cause."""
+    if labels is None or classes is None or not len(labels) or labels.dtype.kind not in "iu":
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= len(classes):
+        raise CorruptShardError(f"{path}: label {low if low < 0 else high} names no class "
+                                f"({len(classes)} classes)")

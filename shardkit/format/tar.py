@@ -40,6 +40,8 @@ __all__ = [
     "iter_members",
     "json_blocks",
     "label_digits",
+    "member_label",
+    "member_meta",
     "npy_header",
     "padding",
     "raw_layout",
@@ -131,6 +133,24 @@ def raw_layout(shape: Sequence[int], classes: int | None, blocks: int) -> dict[s
     return layout
 
 
+def check_raw_layout(path: str | os.PathLike[str], record: ShardRecord, shape: Sequence[int],
+                     classes: int | None) -> dict[str, int]:
+    """`record`'s layout, when it is the one `raw_layout` gives samples of `shape` with
+    `classes` classes (None: unlabelled); else CorruptShardError naming the file. An intact
+    shard read through a changed layout would give plausible wrong bytes (pixels one byte
+    off, a .cls member's name for its digits): only this arithmetic tells."""
+    layout = record.layout
+    if layout is None:
+        raise CorruptShardError(f"{path}: index.json gives no fixed layout for this shard")
+    blocks = (layout.get("stride", 0) - layout.get("meta_offset", 0)) // BLOCK - 1
+    expected = raw_layout(shape, classes, blocks)
+    if blocks < 1 or layout != expected:
+        wrong = sorted(k for k in {*layout, *expected} if layout.get(k) != expected.get(k))
+        raise CorruptShardError(f"{path}: index.json's layout is not where samples of shape "
+                                f"{tuple(shape)} keep their members ({', '.join(wrong)})")
+    return layout
+
+
 class RawView:
     """The one raw-tar opener: a fixed-shape raw shard located in `buffer` (a memory map or
     the bytes of the whole file) by its record's layout, and checked structurally (every
@@ -142,10 +162,8 @@ class RawView:
     """
 
     def __init__(self, path: str | os.PathLike[str], buffer: Any, record: ShardRecord,
-                 shape: Sequence[int]) -> None:
-        layout = record.layout
-        if layout is None:
-            raise CorruptShardError(f"{path}: index.json gives no layout for this raw shard")
+                 shape: Sequence[int], classes: int | None) -> None:
+        layout = check_raw_layout(path, record, shape, classes)
         n, stride = record.samples, layout["stride"]
         if record.bytes != n * stride + len(END_OF_ARCHIVE):
             raise CorruptShardError(f"{path}: {n} samples of {stride} bytes do not make "
@@ -183,11 +201,9 @@ class RawView:
     def metadata(self) -> list[tuple[str, dict[str, Any]]]:
         """(key, parsed JSON member) of every sample. Raises CorruptShardError."""
         begin = self.layout["meta_offset"] + BLOCK
-        try:
-            return [(bytes(row[:100]).split(b".", 1)[0].decode(), json.loads(bytes(row[begin:])))
-                    for row in self.rows]
-        except ValueError as exc:
-            raise CorruptShardError(f"{self.path}: a .json member is not JSON: {exc}") from None
+        keys = [bytes(row[:100]).split(b".", 1)[0].decode(errors="replace") for row in self.rows]
+        return [(key, member_meta(self.path, key, bytes(row[begin:])))
+                for key, row in zip(keys, self.rows, strict=True)]
 
 
 def iter_members(path: str | os.PathLike[str]) -> Iterator[tuple[str, str, bytes]]:
@@ -211,3 +227,22 @@ def iter_members(path: str | os.PathLike[str]) -> Iterator[tuple[str, str, bytes
                 yield key, field, handle.read()
     except tarfile.TarError as exc:
         raise CorruptShardError(f"{path}: not a readable tar file: {exc}") from None
+
+
+def member_label(path: str | os.PathLike[str], key: str, data: bytes) -> int:
+    """The label a ``.cls`` member holds: ASCII digits. Raises CorruptShardError naming the file."""
+    if not (data.isascii() and data.isdigit()):
+        raise CorruptShardError(f"{path}: sample {key}: .cls {data[:20]!r} is not ASCII digits")
+    return int(data)
+
+
+def member_meta(path: str | os.PathLike[str], key: str, data: bytes) -> dict[str, Any]:
+    """The metadata a ``.json`` member holds: an object with (at least) ``source``, ``width``
+    and ``height``. Raises CorruptShardError naming the file."""
+    try:
+        meta = json.loads(data)
+    except ValueError:
+        raise CorruptShardError(f"{path}: sample {key}: .json is not valid JSON") from None
+    if not (isinstance(meta, dict) and all(name in meta for name in ("source", "width", "height"))):
+        raise CorruptShardError(f"{path}: sample {key}: .json lacks source, width or height")
+    return meta

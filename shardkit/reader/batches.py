@@ -167,7 +167,7 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
             for slot, i in enumerate(local.tolist(), start=slots.start):
                 data = handle.payloads[i]
                 images[slot] = np.frombuffer(bytearray(data), np.uint8) if encoded \
-                    else decode_image(data, manifest.channels)
+                    else decode_image(data, manifest.channels, where=handle.path, shape=fixed)
         if labels is not None:
             assert handle.labels is not None
             labels[slots] = handle.labels[local]
@@ -181,13 +181,25 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
     return batch
 
 
-def decode_image(data: bytes, channels: int) -> np.ndarray:
-    """H×W×C uint8 from a stored jpeg/png file (C = `channels`). Raises CorruptShardError."""
+#: What Pillow raises for damaged image bytes (as the converter's load_image counts them).
+PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, Image.DecompressionBombError)
+
+
+def decode_image(data: bytes, channels: int, *, where: str = "stored image",
+                 shape: Sequence[int] | None = None) -> np.ndarray:
+    """H×W×C uint8 from a stored jpeg/png file (C = `channels`). Raises CorruptShardError
+    naming `where` when it does not decode, or (given the dataset's fixed `shape`) its header
+    gives another size (checked before decoding)."""
     try:
         with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as im:
-            array = np.asarray(im.convert("L" if channels == 1 else "RGB"))
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise CorruptShardError(f"a stored image does not decode: {exc}") from None
+            height, width = im.height, im.width
+            if shape is None or (height, width) == tuple(shape[:2]):
+                array = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    except PILLOW_ERRORS as exc:
+        raise CorruptShardError(f"{where}: a stored image does not decode: {exc}") from None
+    if shape is not None and (height, width) != tuple(shape[:2]):
+        raise CorruptShardError(f"{where}: a stored image is {height}×{width}, index.json says "
+                                f"{shape[0]}×{shape[1]}")
     return array[:, :, None] if array.ndim == 2 else array
 
 

@@ -16,7 +16,6 @@ background thread, so a batch rarely waits for a shard.
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -26,8 +25,8 @@ import numpy as np
 from shardkit.errors import ConfigError, CorruptShardError
 from shardkit.format.files import check_shard
 from shardkit.format.manifest import Manifest, ShardRecord
-from shardkit.format.samples import METADATA_FIELDS, TARGET_FIELD, fields_from_json
-from shardkit.format.tar import RawView, iter_members
+from shardkit.format.samples import METADATA_FIELDS, TARGET_FIELD, check_labels, fields_from_json
+from shardkit.format.tar import RawView, iter_members, member_label, member_meta
 from shardkit.reader.gather import Pieces
 from shardkit.reader.open_ahead import OpenAhead, map_shard
 from shardkit.reader.parquet import int64_values, map_images, read_parquet_shard, read_parquet_table
@@ -75,17 +74,13 @@ def _columns(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, 
     return {name: [row[name] for row in rows] for name in names}
 
 
-def open_raw_tar(path: str, record: ShardRecord, shape: Sequence[int],
+def open_raw_tar(path: str, record: ShardRecord, shape: Sequence[int], classes: int | None,
                  fields: Sequence[str] = METADATA_FIELDS) -> ShardHandle:
-    view = RawView(path, map_shard(path) if record.samples else b"", record, shape)
+    view = RawView(path, map_shard(path) if record.samples else b"", record, shape, classes)
     extra = fields[len(METADATA_FIELDS):]
 
     def metadata() -> dict[str, list[Any]]:
-        try:
-            rows = [fields_from_json(key, meta, extra) for key, meta in view.metadata()]
-        except ValueError as exc:
-            raise CorruptShardError(f"{path}: {exc}") from None
-        return _columns(rows, fields)
+        return _columns([fields_from_json(key, meta, extra) for key, meta in view.metadata()], fields)
 
     return ShardHandle(path=path, images=view.images, payloads=None, labels=view.labels,
                        metadata=metadata)
@@ -121,11 +116,14 @@ def open_encoded(path: str, record: ShardRecord, manifest: Manifest,
         rows: list[dict[str, Any]] = []
         for key, field, data in iter_members(path):
             if field == "cls":
-                labels.append(_integer(path, data))
+                labels.append(member_label(path, key, data))
             elif field == "json":
-                rows.append(_json_fields(path, key, data, fields[len(METADATA_FIELDS):]))
+                rows.append(fields_from_json(key, member_meta(path, key, data),
+                                             fields[len(METADATA_FIELDS):]))
             else:
                 stored.append(_npy(path, data) if raw else data)
+        if len(rows) != record.samples:
+            raise CorruptShardError(f"{path}: {len(rows)} .json members for {record.samples} samples")
         meta = _columns(rows, fields)
     else:
         columns = ["image", *fields, *(["label"] if labeled else []),
@@ -142,20 +140,6 @@ def open_encoded(path: str, record: ShardRecord, manifest: Manifest,
         raise CorruptShardError(f"{path}: {len(stored)} samples, index.json says {record.samples}")
     return ShardHandle(path=path, images=stored if raw else None, payloads=None if raw else stored,
                        labels=np.asarray(labels, dtype=np.int64) if labeled else None, metadata=meta)
-
-
-def _integer(path: str, data: bytes) -> int:
-    try:
-        return int(data)
-    except ValueError:
-        raise CorruptShardError(f"{path}: a .cls member does not hold a number") from None
-
-
-def _json_fields(path: str, key: str, data: bytes, extra: Sequence[str]) -> dict[str, Any]:
-    try:
-        return fields_from_json(key, json.loads(data), extra)
-    except ValueError as exc:
-        raise CorruptShardError(f"{path}: sample {key}: bad .json member: {exc}") from None
 
 
 def _npy(path: str, data: bytes) -> np.ndarray:
@@ -205,11 +189,13 @@ def open_shard(folder: str, manifest: Manifest, number: int, *, verify: bool,
     if manifest.codec != "raw" or shape is None:
         handle = open_encoded(path, record, manifest, fields)
     elif manifest.format == "tar":
-        handle = open_raw_tar(path, record, shape, fields)
+        classes = len(manifest.classes) if manifest.classes is not None else None
+        handle = open_raw_tar(path, record, shape, classes, fields)
     else:
         handle = open_parquet_raw(path, record, shape, manifest.labeled, fields)
     if manifest.targets:
         handle.labels = read_targets(path, record, manifest)
+    check_labels(path, handle.labels, manifest.classes)
     return handle
 
 

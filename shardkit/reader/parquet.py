@@ -26,7 +26,12 @@ from shardkit.errors import CorruptShardError
 from shardkit.format.manifest import ShardRecord
 from shardkit.reader.open_ahead import map_shard
 
-__all__ = ["fixed_images", "int64_values", "map_images", "read_parquet_shard", "read_parquet_table"]
+__all__ = ["PARQUET_ERRORS", "fixed_images", "int64_values", "map_images", "read_parquet_shard",
+           "read_parquet_table"]
+
+#: What pyarrow raises for a damaged file: its own errors, OSError, and ValueError
+#: (UnicodeDecodeError for a column name in the footer that is not UTF-8).
+PARQUET_ERRORS = (OSError, ValueError, pa.ArrowException)
 
 
 def read_parquet_table(path: str | os.PathLike[str], columns: Sequence[str],
@@ -37,7 +42,8 @@ def read_parquet_table(path: str | os.PathLike[str], columns: Sequence[str],
         with pq.ParquetFile(path, memory_map=True) as handle:
             missing = [name for name in columns if name not in handle.schema_arrow.names]
             table = handle.read(columns=list(columns), use_threads=False)
-    except (OSError, pa.ArrowException) as exc:
+            table.validate(full=True)  # pyarrow reads strings that are not UTF-8 as they are
+    except PARQUET_ERRORS as exc:
         raise CorruptShardError(f"{path}: not a readable Parquet file: {exc}") from None
     if missing:
         raise CorruptShardError(f"{path}: no column {', '.join(missing)}")
@@ -69,7 +75,12 @@ def read_parquet_shard(path: str | os.PathLike[str], samples: int, shape: Sequen
     """(images [N,H,W,C] uint8, labels [N] int64 or None) of a fixed-shape raw Parquet shard."""
     columns = ["image", "label"] if labeled else ["image"]
     table = read_parquet_table(path, columns, samples)
-    images = fixed_images(table.column("image"), shape)
+    column = table.column("image")
+    width = int(np.prod(shape))
+    if column.type != pa.binary(width) or column.null_count:
+        raise CorruptShardError(f"{path}: the image column is not fixed_size_binary({width}) "
+                                "as index.json's shape says")
+    images = fixed_images(column, shape)
     labels = int64_values(table.column("label")) if labeled else None
     return images, labels
 
@@ -94,7 +105,7 @@ def map_images(path: str, record: ShardRecord, shape: Sequence[int]) -> list[np.
     width = int(np.prod(shape))
     try:
         meta = pq.read_metadata(path)
-    except (OSError, pa.ArrowException) as exc:
+    except PARQUET_ERRORS as exc:
         raise CorruptShardError(f"{path}: not a readable Parquet file: {exc}") from None
     names = [meta.schema.column(i).path for i in range(meta.num_columns)]
     if "image" not in names:
@@ -109,12 +120,12 @@ def map_images(path: str, record: ShardRecord, shape: Sequence[int]) -> list[np.
     if meta.num_rows != record.samples:
         raise CorruptShardError(f"{path}: {meta.num_rows} rows, index.json says {record.samples}")
     chunks = [meta.row_group(g).column(column) for g in range(meta.num_row_groups)]
-    if any(chunk.compression != "UNCOMPRESSED" or chunk.has_dictionary_page
-           or _DICTIONARY_ENCODINGS & set(chunk.encodings) or chunk.file_path for chunk in chunks):
-        return None
     mapped = map_shard(path)
-    size = len(mapped)
-    pixels = np.frombuffer(mapped, dtype=np.uint8)
+    if not _uncompressed(mapped, column, len(chunks)) or any(chunk.has_dictionary_page or chunk.file_path
+                                                             or _DICTIONARY_ENCODINGS & set(chunk.encodings)
+                                                             for chunk in chunks):
+        return None
+    size, pixels = len(mapped), np.frombuffer(mapped, dtype=np.uint8)
     images: list[np.ndarray] = []
     rows = 0
     for group, chunk in enumerate(chunks):
@@ -180,6 +191,24 @@ def _data_pages(data: Any, begin: int, end: int, width: int,
     return pages
 
 
+def _uncompressed(data: Any, column: int, groups: int) -> bool:
+    """Whether leaf column `column` is stored UNCOMPRESSED in each of the `groups` row groups,
+    read from the footer's Thrift (FileMetaData.row_groups[g].columns[column].meta_data.codec)
+    rather than from pyarrow, whose ColumnChunkMetaData.compression aborts the process (an
+    uncaught C++ exception) on a codec value it does not know. False when the footer cannot
+    be read this way: pyarrow then reads the file, and reports damage as an error."""
+    size = len(data)
+    begin = size - 8 - int.from_bytes(data[size - 8:size - 4], "little")
+    if begin < 4:
+        return False
+    try:
+        footer = _Compact(data, begin, size - 8, lists=True).struct()
+        codecs = [group[1][column][3][4] for group in footer[4]]
+    except (ValueError, LookupError, TypeError):
+        return False
+    return codecs == [0] * groups
+
+
 def _field(struct: dict[int, Any], number: int, kind: type) -> Any:
     value = struct.get(number)
     if type(value) is not kind:
@@ -189,17 +218,19 @@ def _field(struct: dict[int, Any], number: int, kind: type) -> Any:
 
 class _Compact:
     """A Thrift compact-protocol reader over data[position:end] (bytes, mmap). `struct` keeps
-    integer, boolean and struct fields by id and skips the others; damage (a read past `end`,
-    an unknown type, runaway nesting or list lengths) is ValueError."""
+    integer, boolean and struct fields by id (and with `lists`, lists and sets of them) and
+    skips the others; damage (a read past `end`, an unknown type, runaway nesting or list
+    lengths) is ValueError."""
 
     _NESTING = 32
     _ITEMS = 1 << 16  # list, set and map elements in all (a page header has none)
 
-    def __init__(self, data: Any, position: int, end: int) -> None:
+    def __init__(self, data: Any, position: int, end: int, *, lists: bool = False) -> None:
         self.data = data
         self.position = position
         self.end = end
         self.items = 0
+        self.lists = lists
 
     def byte(self) -> int:
         if self.position >= self.end:
@@ -260,8 +291,8 @@ class _Compact:
         elif kind in (9, 10):  # list, set
             head = self.byte()
             count = self.count(head >> 4 if head >> 4 != 15 else self.varint())
-            for _ in range(count):
-                self.element(head & 0x0F, depth)
+            items = [self.element(head & 0x0F, depth) for _ in range(count)]
+            return items if self.lists else None
         elif kind == 11:  # map
             count = self.count(self.varint())
             if count:
@@ -282,9 +313,10 @@ class _Compact:
             raise ValueError("more list elements than a page header holds")
         return items
 
-    def element(self, kind: int, depth: int) -> None:
-        """Skip one list, set or map element (a boolean element is one byte)."""
+    def element(self, kind: int, depth: int) -> Any:
+        """One list, set or map element, read as `value` reads a field (a boolean element is
+        one byte, skipped)."""
         if kind in (1, 2):
             self.skip(1)
-        else:
-            self.value(kind, depth + 1)
+            return None
+        return self.value(kind, depth + 1)

@@ -115,7 +115,8 @@ class Reading:
                    demand: threading.Event | None) -> Generator[dict[str, Any], None, None]:
         if self.manifest.kind == "table":
             tables = self._cache if isinstance(self._cache, TableCache) else \
-                TableCache(self.path, self.manifest, capacity=self.capacity)
+                TableCache(self.path, self.manifest, capacity=self.capacity,
+                           verify=self.options.verify)
             self._cache = tables if keep_open else None
             return stream_table_batches(tables, self.starts, batches, keep_open=keep_open)
         shards = self._cache if isinstance(self._cache, ShardCache) else ShardCache(

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from shardkit.errors import CorruptShardError
 from shardkit.format.files import check_shard, hash_file
 from shardkit.format.manifest import Manifest
+from shardkit.format.samples import check_labels
 from shardkit.reader.assign import shard_runs
 from shardkit.reader.open_ahead import OpenAhead, read_ahead
 from shardkit.reader.parquet import read_parquet_table
@@ -73,22 +74,24 @@ def read_table_shard(path: str, samples: int, manifest: Manifest) -> TableShard:
     if label:
         parts = [table.column(n).to_numpy() for n in label_names]
         labels = (np.stack(parts, axis=1) if label["shape"] else parts[0]).astype(label["dtype"])
+        check_labels(path, labels, manifest.classes)
     return TableShard(features=features, labels=labels)
 
 
 class TableCache(OpenAhead[TableShard]):
-    """Opened table shards (see `OpenAhead`)."""
+    """Opened table shards (see `OpenAhead`); with `verify`, each one's sha256 is checked
+    against index.json when it is opened."""
 
     thread_name = "shardkit-table"
 
-    def __init__(self, folder: str, manifest: Manifest, *, capacity: int) -> None:
+    def __init__(self, folder: str, manifest: Manifest, *, capacity: int, verify: bool) -> None:
         super().__init__(capacity)
-        self.folder, self.manifest = folder, manifest
+        self.folder, self.manifest, self.verify = folder, manifest, verify
 
     def _load(self, number: int) -> TableShard:
         record = self.manifest.shards[number]
         path = os.path.join(self.folder, record.file)
-        check_shard(path, record, verify=False)
+        check_shard(path, record, verify=self.verify)
         return read_table_shard(path, record.samples, self.manifest)
 
 

@@ -8,7 +8,6 @@ targets are read into a [N, K] array when the shard is opened, and kept with it.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -16,7 +15,7 @@ import numpy as np
 from shardkit.errors import CorruptShardError
 from shardkit.format.manifest import Manifest, ShardRecord
 from shardkit.format.samples import TARGET_FIELD
-from shardkit.format.tar import iter_members
+from shardkit.format.tar import iter_members, member_meta
 from shardkit.reader.parquet import read_parquet_table
 
 __all__ = ["read_targets"]
@@ -31,9 +30,12 @@ def read_targets(path: str, record: ShardRecord, manifest: Manifest) -> np.ndarr
         column = read_parquet_table(path, [TARGET_FIELD], record.samples).column(TARGET_FIELD)
         values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
     else:
-        values = [json.loads(data)[TARGET_FIELD] for _key, field, data in iter_members(path)
-                  if field == "json"]
-    array = np.asarray(values, dtype=np.float32)
+        values = [member_meta(path, key, data).get(TARGET_FIELD)
+                  for key, field, data in iter_members(path) if field == "json"]
+    try:
+        array = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError):  # a .json member's target is missing or not numbers
+        raise CorruptShardError(f"{path}: targets are not lists of {width} numbers") from None
     if array.size != record.samples * width:
         raise CorruptShardError(f"{path}: {array.size} target values, expected "
                                 f"{record.samples} samples × {width}")
