@@ -6,6 +6,7 @@ import itertools
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +169,25 @@ def test_copy_threads_leave_torch_threads_of_other_threads_alone(tmp_path: Path)
     after = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code, str(tmp_path / "d")],
                            capture_output=True, text=True, check=True).stdout.split()
     assert after == fresh * 2
+
+
+def test_a_loader_dropped_mid_pass_lets_its_thread_go(tmp_path: Path) -> None:
+    """A pass left without closing it (a `next(iter(loader))`, a held traceback) and then the
+    loader dropped: its background thread ends instead of waiting forever for the consumer."""
+    import gc
+
+    image_tree(tmp_path / "src", classes=("a", "b"), per_class=20, min_side=30, max_side=40)
+    shardkit.convert(tmp_path / "src", tmp_path / "d", size=16, samples_per_shard=8, workers=0)
+    before = {t.ident for t in threading.enumerate()}
+    loader = shardkit.ShardLoader(tmp_path / "d", 2, prefetch=1)
+    kept = iter(loader)
+    assert len(next(kept)["index"]) == 2
+    prefetcher = loader._prefetcher
+    deadline = time.monotonic() + 10
+    while not prefetcher._slots.full() and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the thread waits to hand over more
+    del loader
+    gc.collect()
+    prefetcher.close()  # what the loader's finaliser does at the latest, at exit
+    assert not [t for t in threading.enumerate() if t.ident not in before and t.name == "shardkit-batches"]
+    kept.close()

@@ -25,7 +25,8 @@ from shardkit.reader.gather import gather
 from shardkit.reader.handles import ShardCache
 from shardkit.reader.open_ahead import read_ahead
 
-__all__ = ["BufferPool", "Copier", "assemble", "decode_image", "in_background", "resolve_copy_threads",
+__all__ = ["BufferPool", "Copier", "Prefetcher", "assemble", "decode_image", "in_background",
+           "resolve_copy_threads",
            "stream_batches"]
 
 Allocator = Callable[[tuple[int, ...]], np.ndarray]
@@ -206,70 +207,117 @@ def decode_image(data: bytes, channels: int, *, where: str = "stored image",
 def stream_batches(cache: ShardCache, starts: np.ndarray, batches: Sequence[np.ndarray],
                    fields: Sequence[str], *, alloc: Allocator | None = None,
                    lookahead: int = 2, keep_open: bool = False, encoded: bool = False,
-                   threads: int = 1,
-                   demand: threading.Event | None = None) -> Generator[dict[str, Any], None, None]:
+                   copier: Copier | None = None) -> Generator[dict[str, Any], None, None]:
     """Assemble `batches` in order, asking the cache to open the shards of the next
-    `lookahead` batches in the background, each batch's copies spread over `threads`
-    threads (while `demand` is set, when given: see `Copier`). The cache is closed at the
-    end unless `keep_open` (a later epoch in the same process then finds its shards mapped)."""
+    `lookahead` batches in the background, each batch's copies made by `copier` (default:
+    this thread alone). The cache is closed at the end unless `keep_open` (a later epoch in
+    the same process then finds its shards mapped)."""
     pool = alloc or BufferPool()
-    copier = Copier(threads, demand=demand)
-    try:
-        yield from read_ahead(
-            cache, starts, batches,
-            lambda index: assemble(cache, starts, index, fields, pool, encoded=encoded, copier=copier),
-            lookahead=lookahead, keep_open=keep_open)
-    finally:
-        copier.close()
+    return read_ahead(
+        cache, starts, batches,
+        lambda index: assemble(cache, starts, index, fields, pool, encoded=encoded, copier=copier),
+        lookahead=lookahead, keep_open=keep_open)
 
 
 _DONE = object()
+_STOPPED = object()
+
+
+class Prefetcher:
+    """One background thread for the life of a loader, running one pass after another
+    `depth` items ahead of the consumer: no thread is started per epoch (a new thread can
+    take milliseconds to be scheduled on a busy machine, which a short epoch feels), and
+    threads that keep per-thread state (torch's thread count) keep it.
+
+    `run(items)` yields what iterating `items` in the thread gives; exceptions are re-raised
+    in the consumer; leaving the loop early stops the pass. `demand` is set while the
+    consumer waits for an item that is not there yet (see `Copier`). `close` ends the thread.
+    """
+
+    def __init__(self, depth: int = 2, demand: threading.Event | None = None) -> None:
+        self.depth, self.demand = max(1, depth), demand
+        self._jobs: queue.Queue[Any] = queue.Queue()
+        self._slots: queue.Queue[Any] = queue.Queue(maxsize=self.depth)
+        self._stop = threading.Event()  # the consumer left this pass
+        self._closing = threading.Event()  # nobody consumes any more: the thread ends
+        self._thread: threading.Thread | None = None
+
+    def _work(self) -> None:
+        while (items := self._jobs.get()) is not None:
+            try:
+                for item in items:
+                    if not self._put(item):
+                        break
+                else:
+                    self._put(_DONE)
+            except BaseException as exc:  # handed to the consumer
+                self._put(exc)
+            self._put(_STOPPED, final=True)  # the pass is over: `items` is no longer iterated
+
+    def _put(self, item: Any, *, final: bool = False) -> bool:
+        """Hand `item` over; False when the consumer left (or, for the `final` item that it
+        waits for even then, when nobody consumes any more)."""
+        while not self._closing.is_set() and (final or not self._stop.is_set()):
+            try:
+                self._slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run(self, items: Iterable[Any]) -> Iterator[Any]:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="shardkit-batches", daemon=True)
+            self._thread.start()
+        self._stop.clear()
+        self._jobs.put(items)
+        ended = False
+        try:
+            while True:
+                if self.demand is not None and self._slots.empty():
+                    self.demand.set()
+                item = self._slots.get()
+                if self.demand is not None:
+                    self.demand.clear()
+                if item is _STOPPED:
+                    ended = True
+                    return
+                if item is _DONE:
+                    continue  # _STOPPED follows
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not ended:
+                self._stop.set()
+                self._drain()
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    def _drain(self) -> None:
+        """Wait for the thread to leave the pass (it says so with _STOPPED), unless it ended."""
+        while not self._closing.is_set():
+            try:
+                if self._slots.get(timeout=0.1) is _STOPPED:
+                    return
+            except queue.Empty:
+                continue
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._closing.set()
+            self._stop.set()
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
 
 
 def in_background(items: Iterable[Any], depth: int = 2,
                   demand: threading.Event | None = None) -> Iterator[Any]:
-    """Run `items` in a thread, `depth` items ahead of the consumer. Exceptions are re-raised
-    in the consumer; stopping early stops the thread. `demand` is set while the consumer
-    waits for an item that is not there yet (see `Copier`)."""
-    slots: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        slots.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            slots.put(_DONE)
-        except BaseException as exc:
-            slots.put(exc)
-
-    thread = threading.Thread(target=produce, name="shardkit-batches", daemon=True)
-    thread.start()
+    """Run `items` in a thread of its own (see `Prefetcher`), ended with the pass."""
+    prefetcher = Prefetcher(depth, demand)
     try:
-        while True:
-            if demand is not None and slots.empty():
-                demand.set()
-            item = slots.get()
-            if demand is not None:
-                demand.clear()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        yield from prefetcher.run(items)
     finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                slots.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
-        close = getattr(items, "close", None)
-        if close is not None:
-            close()
+        prefetcher.close()

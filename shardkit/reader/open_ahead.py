@@ -91,11 +91,19 @@ def read_ahead(cache: OpenAhead[Any], starts: np.ndarray, batches: Sequence[np.n
     """`assemble(index)` for each of `batches` in order, first asking `cache` to open the
     shards of that batch and the next `lookahead` ones in the background. The cache is closed
     at the end unless `keep_open` (a later epoch in this process then finds its shards open)."""
-    shard_lists = [np.unique(np.searchsorted(starts, b, side="right") - 1).tolist() for b in batches]
+    def shards_of(number: int) -> list[int]:
+        shard_of = np.searchsorted(starts, batches[number], side="right") - 1
+        # A batch is sorted: its shards are the values where shard_of changes.
+        return shard_of[np.r_[True, shard_of[1:] != shard_of[:-1]]].tolist() if len(shard_of) else []
+
+    ahead: dict[int, list[int]] = {}  # the shards of the batches within the look-ahead
     try:
         for number, index in enumerate(batches):
-            upcoming = [s for later in shard_lists[number:number + 1 + lookahead] for s in later]
-            cache.prefetch(list(dict.fromkeys(upcoming)))
+            ahead.pop(number - 1, None)
+            for later in range(number, min(number + 1 + lookahead, len(batches))):
+                if later not in ahead:
+                    ahead[later] = shards_of(later)
+            cache.prefetch(list(dict.fromkeys(s for later in sorted(ahead) for s in ahead[later])))
             yield assemble(index)
     finally:
         if not keep_open:

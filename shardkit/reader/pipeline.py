@@ -21,7 +21,7 @@ from shardkit.errors import ConfigError, DatasetError
 from shardkit.format.manifest import Manifest
 from shardkit.reader.assign import Split, assign, batches_per_rank
 from shardkit.reader.augment_params import draw_params, stored_size
-from shardkit.reader.batches import BufferPool, resolve_copy_threads, stream_batches
+from shardkit.reader.batches import BufferPool, Copier, resolve_copy_threads, stream_batches
 from shardkit.reader.handles import ShardCache, check_fields, default_capacity
 from shardkit.reader.table import TableCache, stream_table_batches
 
@@ -59,6 +59,7 @@ class Reading:
         self.starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
         self._cache: ShardCache | TableCache | None = None
         self._pool = BufferPool()
+        self._copiers: dict[int, Copier] = {}  # by thread count: their threads live as long
         #: (height, width) of the stored images, when batches carry augmentation rows.
         self.stored = stored_size(manifest, path) if options.augment is not None else None
 
@@ -75,6 +76,7 @@ class Reading:
         state = dict(self.__dict__)
         state["_cache"] = None  # open files and threads do not travel to worker processes
         state["_pool"] = BufferPool()
+        state["_copiers"] = {}
         return state
 
     def order(self, *, epoch: int, start: int = 0, worker: int = 0,
@@ -122,15 +124,21 @@ class Reading:
         shards = self._cache if isinstance(self._cache, ShardCache) else ShardCache(
             self.path, self.manifest, capacity=self.capacity, verify=self.options.verify)
         self._cache = shards if keep_open else None
+        count = self.copy_threads if threads is None else threads
+        copier = self._copiers.get(count) or self._copiers.setdefault(count, Copier(count))
+        copier.demand = demand
         return stream_batches(shards, self.starts, batches, self.fields, alloc=self._pool,
                               keep_open=keep_open, encoded=self.options.decode == "device",
-                              threads=self.copy_threads if threads is None else threads,
-                              demand=demand)
+                              copier=copier)
 
     def close(self) -> None:
+        """Close the shards kept open and stop the copying threads."""
         if self._cache is not None:
             self._cache.close()
             self._cache = None
+        for copier in self._copiers.values():
+            copier.close()
+        self._copiers.clear()
 
 
 def _check_decode(options: ReadOptions, manifest: Manifest, path: object) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ from shardkit.config import ReadOptions
 from shardkit.errors import ConfigError, require
 from shardkit.keywords import read_options
 from shardkit.reader.assign import padding, samples_per_rank
-from shardkit.reader.batches import in_background
+from shardkit.reader.batches import Prefetcher
 from shardkit.reader.pipeline import Reading, open_manifest
 
 if TYPE_CHECKING:
@@ -122,6 +123,12 @@ def _to_tensors(batch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _close(prefetcher: Prefetcher, reading: Reading) -> None:
+    """A ShardLoader's threads end with it (its finaliser)."""
+    prefetcher.close()
+    reading.close()
+
+
 class ShardLoader:
     """Iterate a converted dataset in whole batches: dicts with ``image`` uint8 [B,H,W,C],
     ``label`` int64 [B] (labelled datasets), ``index`` int64 [B] (position in stored order),
@@ -172,6 +179,11 @@ class ShardLoader:
         self.num_workers = num_workers
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self._consumed = 0
+        # One background thread for the loader's life (not one per epoch), and the event that
+        # tells the copying threads when the loop waits for a batch.
+        self.dataset.demand = threading.Event() if self.options.prefetch else None
+        self._prefetcher = Prefetcher(self.options.prefetch, self.dataset.demand)
+        weakref.finalize(self, _close, self._prefetcher, self.dataset.reading)
 
     @property
     def epoch(self) -> int:
@@ -229,9 +241,7 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         ds = self.dataset
         self._consumed = 0
-        prefetch = self.options.prefetch
-        ds.demand = threading.Event() if prefetch else None
-        batches = in_background(iter(ds), depth=prefetch, demand=ds.demand) if prefetch else iter(ds)
+        batches = self._prefetcher.run(iter(ds)) if self.options.prefetch else iter(ds)
         for batch in batches:
             if self.pin_memory:
                 batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v
