@@ -2,7 +2,8 @@
 
 A batch is a sorted array of sample indices (see `assign`); its samples from one shard are
 therefore contiguous in the batch, and each such run costs one gather into the batch array.
-No Python runs per sample for raw data; jpeg/png payloads are decoded one by one.
+No Python runs per sample for raw data; jpeg/png payloads are decoded straight into the
+batch array by a `DecodePool` (one thread per core in the training process).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 from shardkit.config import usable_cpus
 from shardkit.errors import ConfigError
 from shardkit.reader.assign import shard_runs
-from shardkit.reader.handles import ShardCache, decode_payload, gather
+from shardkit.reader.decode import DecodePool
+from shardkit.reader.handles import ShardCache, gather
 from shardkit.reader.open_ahead import read_ahead
 
 __all__ = ["Copier", "assemble", "in_background", "resolve_copy_threads", "stream_batches"]
@@ -131,11 +133,12 @@ def resolve_copy_threads(value: int | None) -> int:
 
 def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: Sequence[str],
              alloc: Allocator = _empty, *, encoded: bool = False,
-             copier: Copier | None = None) -> dict[str, Any]:
+             copier: Copier | None = None, decoder: DecodePool | None = None) -> dict[str, Any]:
     """The batch holding samples `index` (sorted): image, label (if any), index, and any
     metadata `fields`. Images are one [B,H,W,C] uint8 array when shapes are fixed, else a list;
     with `encoded` (jpeg/png shards) a list of the stored files as 1-D uint8 arrays, for the
-    caller to decode (on the GPU: see `to_device`)."""
+    caller to decode (on the GPU: see `to_device`). jpeg/png payloads are otherwise decoded
+    by `decoder` (default: in this thread) into the batch array."""
     size = len(index)
     fixed = None if encoded else cache.shape
     images: Any = alloc((size, *fixed)) if fixed is not None else [None] * size
@@ -144,22 +147,36 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
     meta: dict[str, list[Any]] = {f: [] for f in fields}
     channels = int(cache.manifest.schema["image"]["shape"][2])
     copies: list[Copy] = []
+    payloads: list[Any] = []
+    targets: list[int] = []  # the batch slot of each of `payloads`
+    where: list[str] = []
     for number, slots, local in shard_runs(starts, index):
         handle = cache.get(number)
         if handle.images is not None:
             copies.append((handle.images, local, images[slots]))
         else:
             assert handle.payloads is not None
-            for slot, i in enumerate(local.tolist(), start=slots.start):
-                data = handle.payloads[i]
-                images[slot] = np.frombuffer(bytearray(data), np.uint8) if encoded \
-                    else decode_payload(data, cache.codec, channels)
+            rows = local.tolist()
+            if encoded:
+                for slot, i in enumerate(rows, start=slots.start):
+                    images[slot] = np.frombuffer(bytearray(handle.payloads[i]), np.uint8)
+            else:
+                payloads.extend(handle.payloads[i] for i in rows)
+                targets.extend(range(slots.start, slots.stop))
+                where.extend(f"{handle.path}: sample {i}" for i in rows)
         if labels is not None:
             assert handle.labels is not None
             labels[slots] = handle.labels[local]
         for field in fields:
             meta[field].extend(handle.metadata(local, field))
     (copier or gather_all)(copies)
+    if payloads:
+        decoder = decoder or DecodePool(1)
+        if fixed is not None:
+            decoder.decode_batch(payloads, [images[slot] for slot in targets], channels, where)
+        else:
+            for slot, array in zip(targets, decoder.decode_list(payloads, channels, where), strict=True):
+                images[slot] = array
     batch: dict[str, Any] = {"image": images, "index": index}
     if labels is not None:
         batch["label"] = labels
@@ -170,20 +187,25 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
 def stream_batches(cache: ShardCache, starts: np.ndarray, batches: Sequence[np.ndarray],
                    fields: Sequence[str], *, alloc: Allocator | None = None,
                    lookahead: int = 2, keep_open: bool = False, encoded: bool = False,
-                   threads: int = 1) -> Generator[dict[str, Any], None, None]:
+                   threads: int = 1, decode_threads: int | None = None,
+                   ) -> Generator[dict[str, Any], None, None]:
     """Assemble `batches` in order, asking the cache to open the shards of the next
     `lookahead` batches in the background, each batch's copies spread over `threads`
-    threads. The cache is closed at the end unless `keep_open` (a later epoch in the same
-    process then finds its shards mapped)."""
+    threads and its jpeg/png payloads decoded on `decode_threads` threads (None: one per
+    usable CPU). The cache is closed at the end unless `keep_open` (a later epoch in the
+    same process then finds its shards mapped)."""
     pool = alloc or BufferPool()
     copier = Copier(threads)
+    decoder = DecodePool(decode_threads)
     try:
         yield from read_ahead(
             cache, starts, batches,
-            lambda index: assemble(cache, starts, index, fields, pool, encoded=encoded, copier=copier),
+            lambda index: assemble(cache, starts, index, fields, pool, encoded=encoded, copier=copier,
+                                   decoder=decoder),
             lookahead=lookahead, keep_open=keep_open)
     finally:
         copier.close()
+        decoder.close()
 
 
 _DONE = object()

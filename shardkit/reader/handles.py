@@ -7,7 +7,8 @@
   data page (`Pieces`), found by walking the page headers and checked against the footer and
   index.json on open (see `parquet.map_images`). A column stored any other way than bare
   (compressed, dictionary-encoded...) is read once by pyarrow into an [N,H,W,C] array.
-* jpeg/png shards keep their encoded payloads; a batch decodes the samples it needs.
+* jpeg/png shards keep their encoded payloads; a batch decodes the samples it needs
+  (`shardkit.reader.decode`).
 
 Handles are cached (least recently used first out) and the next ones are opened in a
 background thread, so a batch rarely waits for a shard.
@@ -15,7 +16,6 @@ background thread, so a batch rarely waits for a shard.
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import os
@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from shardkit.errors import ConfigError, CorruptShardError
 from shardkit.format.manifest import Manifest, ShardRecord
@@ -171,13 +170,6 @@ def open_encoded(path: str, record: ShardRecord, fmt: str, labeled: bool,
         raise CorruptShardError(f"{path}: {len(payloads)} samples, index.json says {record.samples}")
     return ShardHandle(path=path, images=None, payloads=payloads,
                        labels=np.asarray(labels, dtype=np.int64) if labeled else None, metadata=meta)
-
-
-def decode_payload(data: bytes, codec: str, channels: int) -> np.ndarray:
-    """H×W×C uint8 from a stored jpeg/png payload."""
-    with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as im:
-        array = np.asarray(im.convert("L" if channels == 1 else "RGB"))
-    return array[:, :, None] if array.ndim == 2 else array
 
 
 _THREAD = threading.local()

@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from shardkit.errors import CorruptShardError, DatasetError
 from shardkit.format.manifest import Manifest
 from shardkit.format.tar import iter_members, read_raw_shard
 from shardkit.reader.assign import Split, assign
 from shardkit.reader.batches import in_background, resolve_copy_threads, stream_batches
+from shardkit.reader.decode import decode
 from shardkit.reader.handles import ShardCache, check_fields, default_capacity
 from shardkit.reader.parquet import read_parquet_shard, read_parquet_table
 from shardkit.reader.table import TableCache, TableShard, read_table_shard, stream_table_batches
@@ -182,9 +182,7 @@ def _decode_payload(data: bytes, field: str, shape: tuple[int, int, int] | None,
             assert row is not None
             array = np.frombuffer(data, dtype=np.uint8).reshape(row["height"], row["width"], -1)
         return array
-    with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as im:
-        array = np.asarray(im.convert("L" if im.mode == "L" else "RGB"))
-    return array[:, :, None] if array.ndim == 2 else array
+    return decode(data)  # as stored: L stays one channel, anything else becomes RGB
 
 
 def open_dataset(path: str | os.PathLike[str]) -> Dataset:

@@ -18,6 +18,7 @@ from shardkit.errors import ConfigError, DatasetError, require
 from shardkit.format.manifest import Manifest
 from shardkit.reader.assign import Split, assign, batches_per_rank, padding, samples_per_rank
 from shardkit.reader.batches import in_background, resolve_copy_threads, stream_batches
+from shardkit.reader.decode import resolve_decode_threads
 from shardkit.reader.handles import ShardCache, check_fields, default_capacity
 from shardkit.reader.table import TableCache, stream_table_batches
 
@@ -49,7 +50,7 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
                  world_size: int | None = None, fields: Sequence[str] | None = None,
                  window: int | None = 4, verify: bool = False,
                  cache_shards: int | None = None, decode: str = "cpu",
-                 copy_threads: int | None = None) -> None:
+                 copy_threads: int | None = None, decode_threads: int | None = None) -> None:
         super().__init__()
         self.path = str(path)
         self.manifest = Manifest.read(self.path)
@@ -70,6 +71,7 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         self.fields = check_fields(self.manifest, fields or ())
         self.window, self.verify = window, verify
         self.copy_threads = resolve_copy_threads(copy_threads)
+        self.decode_threads = resolve_decode_threads(decode_threads)
         self.cache_shards = cache_shards or default_capacity(self.manifest, window)
         self.epoch = 0
         self.start = 0
@@ -109,11 +111,12 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         else:
             cache = self._cache or ShardCache(self.path, self.manifest, verify=self.verify,
                                               capacity=self.cache_shards)
-            # Worker processes already copy in parallel; in the training process the copies
-            # of a batch are split over threads.
+            # Worker processes already copy and decode in parallel; in the training process a
+            # batch's copies and decoding are split over threads.
             stream = stream_batches(cache, self.starts, batches, self.fields, keep_open=in_process,
                                     encoded=self.decode == "device",
-                                    threads=self.copy_threads if in_process else 1)
+                                    threads=self.copy_threads if in_process else 1,
+                                    decode_threads=self.decode_threads if in_process else 1)
         self._cache = cache if in_process else None
         try:
             for batch in stream:
@@ -175,7 +178,10 @@ class ShardLoader:
     Threads: with ``num_workers=0`` a background thread assembles the next `prefetch`
     batches, and `copy_threads` threads (default 2, or 1 on a single CPU) share each batch's
     copies (batches of 1 MiB or more): one core copies a batch at about half the speed
-    memory allows. In DataLoader worker processes each worker copies alone.
+    memory allows. jpeg/png payloads are decoded straight into the batch by
+    `decode_threads` threads (default one per CPU; libjpeg-turbo runs without the GIL), so
+    ``num_workers=0`` uses every core. In DataLoader worker processes each worker copies and
+    decodes alone.
     """
 
     def __init__(self, path: str | os.PathLike[str], batch_size: int, *, shuffle: bool = True,
@@ -183,14 +189,15 @@ class ShardLoader:
                  rank: int | None = None, world_size: int | None = None, pin_memory: bool = False,
                  fields: Sequence[str] | None = None, window: int | None = 4,
                  verify: bool = False, prefetch: int = 2, cache_shards: int | None = None,
-                 decode: str = "cpu", copy_threads: int | None = None) -> None:
+                 decode: str = "cpu", copy_threads: int | None = None,
+                 decode_threads: int | None = None) -> None:
         if num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0; got {num_workers}")
         self.dataset = ShardDataset(path, batch_size, shuffle=shuffle, seed=seed,
                                     drop_last=drop_last, rank=rank, world_size=world_size,
                                     fields=fields, window=window, verify=verify,
                                     cache_shards=cache_shards, decode=decode,
-                                    copy_threads=copy_threads)
+                                    copy_threads=copy_threads, decode_threads=decode_threads)
         self.num_workers = num_workers
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.prefetch = max(1, prefetch)
