@@ -195,7 +195,10 @@ def _decode(handle: io.BufferedReader, options: ImageOptions,
         if need is not None:
             im.draft(None, (need[1], need[0]) if swap else need)
     try:
-        im = (_turbo_jpeg(im, handle) if fast else None) or _loaded(im)
+        decoded = _turbo_jpeg(im, handle) if fast else None
+        if decoded is None:
+            im.load()
+            decoded = im
     except Image.DecompressionBombError as exc:
         raise ImageFailure("decode", "too_many_pixels", str(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
@@ -203,15 +206,10 @@ def _decode(handle: io.BufferedReader, options: ImageOptions,
     except MemoryError:
         raise ImageFailure("decode", "out_of_memory", "ran out of memory decoding") from None
     try:
-        upright: Image.Image = im.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else im
+        upright = decoded.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else decoded
         return resize(normalise_mode(upright, options), options, source_size=oriented), oriented
     except (OSError, ValueError) as exc:
         raise ImageFailure("transform", "transform_error", _describe(exc)) from None
-
-
-def _loaded(im: Image.Image) -> Image.Image:
-    im.load()
-    return im
 
 
 def _turbo_jpeg(im: Image.Image, handle: io.BufferedReader) -> Image.Image | None:
