@@ -300,3 +300,23 @@ def test_turbo_jpeg_decodes_at_pillows_draft_scale(tmp_path: Path, scale: int, s
         fast = turbo_jpeg(im, handle)
     assert fast is not None and fast.mode == ("L" if source == "grey" else "RGB")
     np.testing.assert_array_equal(np.asarray(fast), expected)
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "png", "raw"])
+def test_conversion_fast_path_gives_the_same_output_bytes(tmp_path: Path, codec: str) -> None:
+    # The source's ICC profile and comment travel with Pillow's image into what encode()
+    # writes (PNG: iCCP, JPEG: COM): the fast path's image must carry them as well.
+    from PIL import ImageCms
+
+    from shardkit.conversion.images import encode
+
+    path = tmp_path / "tagged.jpg"
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    picture(500, 400, seed=12).save(path, quality=90, icc_profile=icc, comment=b"shot on a phone")
+    options = ImageOptions(size=(96, 96))
+    outputs = []
+    for fast in (True, False):
+        with pillow_limits(options):
+            image, _ = load_image(path, options, fast=fast)
+        outputs.append(image.tobytes() if codec == "raw" else encode(image, codec, 90))
+    assert outputs[0] == outputs[1]

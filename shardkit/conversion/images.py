@@ -238,7 +238,11 @@ def _turbo_jpeg(im: Image.Image, handle: io.BufferedReader) -> Image.Image | Non
         return None
     if pixels.shape[:2] != (height, width):
         return None
-    return Image.fromarray(pixels[:, :, 0] if im.mode == "L" else pixels)
+    decoded = Image.fromarray(pixels[:, :, 0] if im.mode == "L" else pixels)
+    # What Pillow's loaded image carries on: encoding writes some of it (a PNG takes the
+    # ICC profile, a JPEG the comment), so the output bytes stay the same.
+    decoded.info = dict(im.info)
+    return decoded
 
 
 def _decode_reason(exc: BaseException) -> str:
