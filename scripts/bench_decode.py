@@ -82,29 +82,34 @@ def cpu_ms_each(items: list[object], work: Callable[[object], object]) -> Callab
 # --------------------------------------------------------------------------- the floor
 
 
-def draft_size(data: bytes, size: int) -> tuple[int, int]:
-    """(width, height) Pillow's draft decodes `data` at for a size×size center-crop (what
-    `load_image` asks for; EXIF orientation does not change it for a square output)."""
+def draft_sizes(data: bytes, size: int) -> tuple[tuple[int, int] | None, tuple[int, int]]:
+    """(what `load_image` asks Pillow's draft for, the (width, height) it decodes at) for a
+    size×size centre crop (EXIF orientation does not change them for a square output)."""
     with Image.open(io.BytesIO(data)) as im:
         need = _needed_size(im.size, ImageOptions(size=(size, size)))
         if need is not None:
             im.draft(None, need)
-        return im.size
+        return need, im.size
+
+
+def draft_size(data: bytes, size: int) -> tuple[int, int]:
+    return draft_sizes(data, size)[1]
 
 
 def floor_rows(datas: list[bytes], repeats: int) -> tuple[list[str], dict[int, float]]:
     rows, floors = [], {}
     for size in SIZES:
-        jobs = [(d, draft_size(d, size)) for d in datas]
+        jobs = [(d, *draft_sizes(d, size)) for d in datas]
 
         def turbo(job: object) -> None:
-            data, (w, h) = job  # type: ignore[misc]
+            data, _, (w, h) = job  # type: ignore[misc]
             simplejpeg.decode_jpeg(data, min_height=h, min_width=w)
 
         def pil(job: object) -> None:
-            data, (w, h) = job  # type: ignore[misc]
+            data, need, _ = job  # type: ignore[misc]
             with Image.open(io.BytesIO(data)) as im:
-                im.draft(None, (w, h))
+                if need is not None:
+                    im.draft(None, need)
                 im.load()
 
         got = alternate({"simplejpeg": cpu_ms_each(jobs, turbo), "pillow": cpu_ms_each(jobs, pil)},
