@@ -32,6 +32,7 @@ lint: $(STAMP) ## ruff and mypy
 
 bench: $(STAMP) ## conversion, reading, CSV, Dask and augmentation benchmarks (~27 min); write docs/performance.md
 	$(PY) scripts/bench_convert.py --out bench-out --write-doc docs/performance.md
+	$(PY) scripts/bench_decode.py --out bench-out --write-doc docs/performance.md
 	$(PY) scripts/bench_read.py --out bench-out/read --write-doc docs/performance.md
 	$(PY) scripts/bench_csv.py --out bench-out/csv --write-doc docs/performance.md
 	$(PY) scripts/bench_dask.py --out bench-out --write-doc docs/performance.md

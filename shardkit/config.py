@@ -289,6 +289,8 @@ class ReadOptions:
     decode: ``cpu`` (batches hold pixels) or ``device`` (a jpeg dataset's batches hold the
         stored files, which ``to_device`` decodes on the accelerator).
     copy_threads: threads sharing each batch's copies (None: 2, or 1 on a single CPU).
+    decode_threads: threads decoding a jpeg/png batch (None: one per CPU; libjpeg-turbo runs
+        without the GIL, so one loader uses every core).
     augment: per-sample augmentation (`shardkit.Augment`): each batch carries its samples'
         parameters, drawn from (seed, epoch, stored index), which ``to_device`` applies.
     """
@@ -305,6 +307,7 @@ class ReadOptions:
     cache_shards: int | None = None
     decode: Decode = "cpu"
     copy_threads: int | None = None
+    decode_threads: int | None = None
     augment: Augment | None = None
 
     def __post_init__(self) -> None:
@@ -315,8 +318,8 @@ class ReadOptions:
         object.__setattr__(self, "fields", tuple(self.fields))
         _check_count("seed", self.seed, 0)
         _check_count("prefetch", self.prefetch, 0)
-        for name, low in (("window", 1), ("cache_shards", 1), ("copy_threads", 1), ("rank", 0),
-                          ("world_size", 1)):
+        for name, low in (("window", 1), ("cache_shards", 1), ("copy_threads", 1),
+                          ("decode_threads", 1), ("rank", 0), ("world_size", 1)):
             if getattr(self, name) is not None:
                 _check_count(name, getattr(self, name), low)
         _check_choice("decode", self.decode, DECODES)

@@ -60,6 +60,7 @@ class ReadKeywords(TypedDict, total=False):
     cache_shards: int | None
     decode: Decode
     copy_threads: int | None
+    decode_threads: int | None
     augment: Augment | None
 
 

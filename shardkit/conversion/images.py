@@ -7,6 +7,11 @@ Policy (docs/format.md repeats it for users):
 * The pixel limit is checked from the header, before any pixel is decoded.
 * JPEG ``draft()`` decodes at 1/2, 1/4 or 1/8 scale when the output is at least that much
   smaller, then one antialiased resize finishes the job.
+* Baseline and progressive RGB/L JPEGs are decoded by libjpeg-turbo through `simplejpeg`
+  (Pillow still reads the header: size, mode, EXIF, and picks the draft scale), which gives
+  Pillow's own pixels with less overhead (the two bundle the same libjpeg-turbo, with the
+  same IDCT and upsampling); anything else, or anything simplejpeg refuses, goes through
+  Pillow as before. Output bytes do not depend on which of the two decoded.
 * EXIF orientation is applied before resizing. Animated images use their first frame.
 * Modes: 1, L, P, RGB, CMYK, YCbCr, LAB, HSV → RGB; anything with alpha (RGBA, LA, PA, P with
   transparency) is composited on ``ImageOptions.background`` (white by default); 16-bit
@@ -29,6 +34,7 @@ from collections.abc import Iterator
 from typing import Final
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from shardkit.config import ImageOptions
@@ -37,7 +43,7 @@ __all__ = [
     "ALLOWED_FORMATS",
     "IMAGE_EXTENSIONS",
     "ImageFailure",
-        "encode",
+    "encode",
     "load_image",
     "pillow_limits",
 ]
@@ -135,10 +141,13 @@ class _PillowLimits:
 pillow_limits = _PillowLimits().hold
 
 
-def load_image(path: str | os.PathLike[str], options: ImageOptions) -> tuple[Image.Image, tuple[int, int]]:
+def load_image(path: str | os.PathLike[str], options: ImageOptions, *,
+               fast: bool = True) -> tuple[Image.Image, tuple[int, int]]:
     """Decode `path` into a resized RGB or L image.
 
     Returns (image, (width, height) of the source after orientation). Raises `ImageFailure`.
+    fast: decode what it can with libjpeg-turbo directly (see the module docstring); False
+    decodes everything with Pillow (the same pixels, for comparisons).
     """
     try:
         handle = open(path, "rb")  # noqa: SIM115 - closed in the finally below
@@ -151,12 +160,13 @@ def load_image(path: str | os.PathLike[str], options: ImageOptions) -> tuple[Ima
     try:
         if os.fstat(handle.fileno()).st_size == 0:
             raise ImageFailure("read", "empty_file", "file is empty (0 bytes)")
-        return _decode(handle, options)
+        return _decode(handle, options, fast)
     finally:
         handle.close()
 
 
-def _decode(handle: io.BufferedReader, options: ImageOptions) -> tuple[Image.Image, tuple[int, int]]:
+def _decode(handle: io.BufferedReader, options: ImageOptions,
+            fast: bool) -> tuple[Image.Image, tuple[int, int]]:
     try:
         im = Image.open(handle, formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
@@ -184,7 +194,10 @@ def _decode(handle: io.BufferedReader, options: ImageOptions) -> tuple[Image.Ima
         if need is not None:
             im.draft(None, (need[1], need[0]) if swap else need)
     try:
-        im.load()
+        decoded = _turbo_jpeg(im, handle) if fast else None
+        if decoded is None:
+            im.load()
+            decoded = im
     except Image.DecompressionBombError as exc:
         raise ImageFailure("decode", "too_many_pixels", str(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
@@ -192,10 +205,43 @@ def _decode(handle: io.BufferedReader, options: ImageOptions) -> tuple[Image.Ima
     except MemoryError:
         raise ImageFailure("decode", "out_of_memory", "ran out of memory decoding") from None
     try:
-        upright: Image.Image = im.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else im
+        upright = decoded.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else decoded
         return resize(normalise_mode(upright, options), options, source_size=oriented), oriented
     except (OSError, ValueError) as exc:
         raise ImageFailure("transform", "transform_error", _describe(exc)) from None
+
+
+def _turbo_jpeg(im: Image.Image, handle: io.BufferedReader) -> Image.Image | None:
+    """`im` (opened, drafted, not loaded) decoded by libjpeg-turbo at its drafted size, or
+    None when Pillow must decode it: not a plain JPEG (MPO, CMYK, YCCK), or refused by
+    simplejpeg's strict mode (Pillow then decides, with its own error, as before).
+
+    The draft scale 1/s is the only n/8 factor giving im.size once the image is 8 pixels or
+    more on a side (a smaller factor is short by a pixel), so libjpeg-turbo scales exactly as
+    Pillow's draft does.
+    """
+    if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+        return None
+    width, height = im.size
+    handle.seek(0)
+    data = handle.read()
+    try:
+        full_h, full_w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in ("YCbCr", "Gray", "RGB") or (colorspace == "Gray") != (im.mode == "L"):
+            return None
+        if (full_w, full_h) != (width, height) and max(full_w, full_h) < 8:
+            return None
+        pixels = simplejpeg.decode_jpeg(data, colorspace="gray" if im.mode == "L" else "rgb",
+                                        min_height=height, min_width=width)
+    except ValueError:
+        return None
+    if pixels.shape[:2] != (height, width):
+        return None
+    decoded = Image.fromarray(pixels[:, :, 0] if im.mode == "L" else pixels)
+    # What Pillow's loaded image carries on: encoding writes some of it (a PNG takes the
+    # ICC profile, a JPEG the comment), so the output bytes stay the same.
+    decoded.info = dict(im.info)
+    return decoded
 
 
 def _decode_reason(exc: BaseException) -> str:

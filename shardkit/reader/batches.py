@@ -2,12 +2,12 @@
 
 A batch is a sorted array of sample indices (see `assign`); its samples from one shard are
 therefore contiguous in the batch, and each such run costs one gather into the batch array.
-No Python runs per sample for raw data; jpeg/png payloads are decoded one by one.
+No Python runs per sample for raw data; jpeg/png payloads are decoded straight into the
+batch array by a `DecodePool` (one thread per core in the training process).
 """
 
 from __future__ import annotations
 
-import io
 import queue
 import sys
 import threading
@@ -16,16 +16,16 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from shardkit.config import usable_cpus
-from shardkit.errors import ConfigError, CorruptShardError
+from shardkit.errors import ConfigError
 from shardkit.reader.assign import shard_runs
+from shardkit.reader.decode import DecodePool
 from shardkit.reader.gather import gather
 from shardkit.reader.handles import ShardCache
 from shardkit.reader.open_ahead import read_ahead
 
-__all__ = ["BufferPool", "Copier", "Prefetcher", "assemble", "decode_image", "in_background",
+__all__ = ["BufferPool", "Copier", "Prefetcher", "assemble", "in_background",
            "resolve_copy_threads",
            "stream_batches"]
 
@@ -142,12 +142,13 @@ def resolve_copy_threads(value: int | None) -> int:
 
 
 def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: Sequence[str],
-             alloc: Allocator = _empty, *, encoded: bool = False,
-             copier: Copier | None = None) -> dict[str, Any]:
+             alloc: Allocator = _empty, *, encoded: bool = False, copier: Copier | None = None,
+             decoder: DecodePool | None = None) -> dict[str, Any]:
     """The batch holding samples `index` (sorted): image, label (if any), index, and any
     metadata `fields`. Images are one [B,H,W,C] uint8 array when shapes are fixed, else a list;
     with `encoded` (jpeg/png shards) a list of the stored files as 1-D uint8 arrays, for the
-    caller to decode (on the GPU: see `to_device`)."""
+    caller to decode (on the GPU: see `to_device`). jpeg/png payloads are otherwise decoded
+    by `decoder` (default: in this thread) straight into the batch array."""
     manifest = cache.manifest
     size = len(index)
     fixed = None if encoded else manifest.image_shape
@@ -156,25 +157,35 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
         else np.empty(size, dtype=np.int64) if manifest.labeled else None
     meta: dict[str, list[Any]] = {f: [] for f in fields}
     copies: list[Copy] = []
+    payloads: list[Any] = []
+    targets: list[int] = []  # the batch slot of each of `payloads`
+    where: list[str] = []
     for number, slots, local in shard_runs(starts, index):
         handle = cache.get(number)
+        rows = local.tolist()
         if isinstance(handle.images, list):  # raw images of varying shapes
-            for slot, i in enumerate(local.tolist(), start=slots.start):
+            for slot, i in enumerate(rows, start=slots.start):
                 images[slot] = handle.images[i]
         elif handle.images is not None:
             copies.append((handle.images, local, images[slots]))
+        elif encoded:
+            assert handle.payloads is not None
+            for slot, i in enumerate(rows, start=slots.start):
+                images[slot] = np.frombuffer(bytearray(handle.payloads[i]), np.uint8)
         else:
             assert handle.payloads is not None
-            for slot, i in enumerate(local.tolist(), start=slots.start):
-                data = handle.payloads[i]
-                images[slot] = np.frombuffer(bytearray(data), np.uint8) if encoded \
-                    else decode_image(data, manifest.channels, where=handle.path, shape=fixed)
+            payloads.extend(handle.payloads[i] for i in rows)
+            targets.extend(range(slots.start, slots.stop))
+            where.extend(f"{handle.path}: sample {i}" for i in rows)
         if labels is not None:
             assert handle.labels is not None
             labels[slots] = handle.labels[local]
         for field in fields:
             meta[field].extend(handle.metadata(local, field))
     (copier or gather_all)(copies)
+    if payloads:
+        _decode(decoder or DecodePool(1), payloads, images, targets, where, manifest.channels,
+                fixed is not None)
     batch: dict[str, Any] = {"image": images, "index": index}
     if labels is not None:
         batch["label"] = labels
@@ -182,40 +193,32 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
     return batch
 
 
-#: What Pillow raises for damaged image bytes (as the converter's load_image counts them).
-PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, Image.DecompressionBombError)
-
-
-def decode_image(data: bytes, channels: int, *, where: str = "stored image",
-                 shape: Sequence[int] | None = None) -> np.ndarray:
-    """H×W×C uint8 from a stored jpeg/png file (C = `channels`). Raises CorruptShardError
-    naming `where` when it does not decode, or (given the dataset's fixed `shape`) its header
-    gives another size (checked before decoding)."""
-    try:
-        with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as im:
-            height, width = im.height, im.width
-            if shape is None or (height, width) == tuple(shape[:2]):
-                array = np.asarray(im.convert("L" if channels == 1 else "RGB"))
-    except PILLOW_ERRORS as exc:
-        raise CorruptShardError(f"{where}: a stored image does not decode: {exc}") from None
-    if shape is not None and (height, width) != tuple(shape[:2]):
-        raise CorruptShardError(f"{where}: a stored image is {height}×{width}, index.json says "
-                                f"{shape[0]}×{shape[1]}")
-    return array[:, :, None] if array.ndim == 2 else array
+def _decode(decoder: DecodePool, payloads: list[Any], images: Any, targets: list[int],
+            where: list[str], channels: int, fixed: bool) -> None:
+    """Decode `payloads` into their batch slots (`targets`): straight into the batch array
+    when shapes are fixed, else as one array each."""
+    if fixed:
+        decoder.decode_batch(payloads, [images[slot] for slot in targets], channels, where)
+        return
+    for slot, array in zip(targets, decoder.decode_list(payloads, channels, where), strict=True):
+        images[slot] = array
 
 
 def stream_batches(cache: ShardCache, starts: np.ndarray, batches: Sequence[np.ndarray],
                    fields: Sequence[str], *, alloc: Allocator | None = None,
                    lookahead: int = 2, keep_open: bool = False, encoded: bool = False,
-                   copier: Copier | None = None) -> Generator[dict[str, Any], None, None]:
+                   copier: Copier | None = None,
+                   decoder: DecodePool | None = None) -> Generator[dict[str, Any], None, None]:
     """Assemble `batches` in order, asking the cache to open the shards of the next
-    `lookahead` batches in the background, each batch's copies made by `copier` (default:
-    this thread alone). The cache is closed at the end unless `keep_open` (a later epoch in
-    the same process then finds its shards mapped)."""
+    `lookahead` batches in the background, each batch's copies made by `copier` and its
+    jpeg/png payloads decoded by `decoder` (default: this thread alone). The cache is closed
+    at the end unless `keep_open` (a later epoch in the same process then finds its shards
+    mapped)."""
     pool = alloc or BufferPool()
     return read_ahead(
         cache, starts, batches,
-        lambda index: assemble(cache, starts, index, fields, pool, encoded=encoded, copier=copier),
+        lambda index: assemble(cache, starts, index, fields, pool, encoded=encoded, copier=copier,
+                               decoder=decoder),
         lookahead=lookahead, keep_open=keep_open)
 
 

@@ -3,19 +3,19 @@
 The CPU only copies bytes: the uint8 NHWC batch crosses the bus (4× fewer bytes than
 float32), and the float conversion, scaling, mean/std normalisation and the NCHW view happen
 on the device. A batch of stored JPEG files (``ShardLoader(..., decode="device")``) is decoded
-there too: by nvJPEG through torchvision on a CUDA device, else by Pillow on the CPU.
+there too: by nvJPEG through torchvision on a CUDA device, else on the CPU
+(`shardkit.reader.decode`).
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from typing import Any, TypeGuard
 
 import numpy as np
-from PIL import Image
 
 from shardkit.errors import require
+from shardkit.reader.decode import decode
 
 torch: Any = require("torch", "torch")
 
@@ -35,8 +35,8 @@ def to_device(batch: dict[str, Any], device: Any, *, mean: Sequence[float] | Non
 
     When ``image`` is a list of 1-D uint8 tensors (the JPEG files of a
     ``decode="device"`` loader), they are decoded first: with torchvision on a CUDA device, in
-    one batched nvJPEG call on the device; otherwise with Pillow on the CPU (the same pixels
-    as a ``decode="cpu"`` loader gives, but in the calling thread). nvJPEG and libjpeg may
+    one batched nvJPEG call on the device; otherwise on the CPU by `shardkit.reader.decode`
+    (the same pixels as a ``decode="cpu"`` loader gives, but in the calling thread). nvJPEG and libjpeg may
     differ by a unit or so on some pixels.
 
     When the batch holds ``augment`` rows (a loader given ``augment=Augment(...)``), the
@@ -88,9 +88,5 @@ def _decode(files: list[Any], device: Any) -> Any:
             decoded = decode_jpeg([t.cpu() for t in files], mode=ImageReadMode.UNCHANGED,
                                   device=device)  # a list of [C,H,W]
             return torch.stack(decoded).permute(0, 2, 3, 1)
-    arrays = []
-    for data in files:
-        with Image.open(io.BytesIO(data.cpu().numpy().tobytes()), formats=("JPEG",)) as im:
-            array = np.asarray(im)
-        arrays.append(array[:, :, None] if array.ndim == 2 else array)
+    arrays = [decode(data.cpu().numpy()) for data in files]
     return torch.from_numpy(np.stack(arrays)).to(device, non_blocking=True)

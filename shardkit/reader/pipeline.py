@@ -22,6 +22,7 @@ from shardkit.format.manifest import Manifest
 from shardkit.reader.assign import Split, assign, batches_per_rank
 from shardkit.reader.augment_params import draw_params, stored_size
 from shardkit.reader.batches import BufferPool, Copier, resolve_copy_threads, stream_batches
+from shardkit.reader.decode import DecodePool, resolve_decode_threads
 from shardkit.reader.handles import ShardCache, check_fields, default_capacity
 from shardkit.reader.table import TableCache, stream_table_batches
 
@@ -54,12 +55,14 @@ class Reading:
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.fields = check_fields(manifest, options.fields)
         self.copy_threads = resolve_copy_threads(options.copy_threads)
+        self.decode_threads = resolve_decode_threads(options.decode_threads)
         self.capacity = options.cache_shards or default_capacity(manifest, options.window)
         self.sizes = [s.samples for s in manifest.shards]
         self.starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
         self._cache: ShardCache | TableCache | None = None
         self._pool = BufferPool()
         self._copiers: dict[int, Copier] = {}  # by thread count: their threads live as long
+        self._decoders: dict[int, DecodePool] = {}
         #: (height, width) of the stored images, when batches carry augmentation rows.
         self.stored = stored_size(manifest, path) if options.augment is not None else None
 
@@ -76,7 +79,7 @@ class Reading:
         state = dict(self.__dict__)
         state["_cache"] = None  # open files and threads do not travel to worker processes
         state["_pool"] = BufferPool()
-        state["_copiers"] = {}
+        state["_copiers"], state["_decoders"] = {}, {}
         return state
 
     def order(self, *, epoch: int, start: int = 0, worker: int = 0,
@@ -124,12 +127,16 @@ class Reading:
         shards = self._cache if isinstance(self._cache, ShardCache) else ShardCache(
             self.path, self.manifest, capacity=self.capacity, verify=self.options.verify)
         self._cache = shards if keep_open else None
-        count = self.copy_threads if threads is None else threads
+        # `threads` (1 in DataLoader worker processes, which already run in parallel) caps
+        # both the copying and the decoding threads.
+        count = self.copy_threads if threads is None else min(threads, self.copy_threads)
         copier = self._copiers.get(count) or self._copiers.setdefault(count, Copier(count))
         copier.demand = demand
+        decoding = self.decode_threads if threads is None else min(threads, self.decode_threads)
+        decoder = self._decoders.get(decoding) or self._decoders.setdefault(decoding, DecodePool(decoding))
         return stream_batches(shards, self.starts, batches, self.fields, alloc=self._pool,
                               keep_open=keep_open, encoded=self.options.decode == "device",
-                              copier=copier)
+                              copier=copier, decoder=decoder)
 
     def close(self) -> None:
         """Close the shards kept open and stop the copying threads."""
@@ -138,7 +145,10 @@ class Reading:
             self._cache = None
         for copier in self._copiers.values():
             copier.close()
+        for decoder in self._decoders.values():
+            decoder.close()
         self._copiers.clear()
+        self._decoders.clear()
 
 
 def _check_decode(options: ReadOptions, manifest: Manifest, path: object) -> None:

@@ -1,0 +1,218 @@
+"""Decode stored jpeg/png payloads to H×W×C uint8, on a pool of threads in the reading process.
+
+* JPEG goes through libjpeg-turbo by way of `simplejpeg`: it decodes with the GIL released,
+  straight into a caller's buffer (a slot of the reusable batch array), with no Python per
+  row or tile. Its wheels carry libjpeg-turbo statically (no system library to install),
+  and it decodes the same pixels as Pillow, which bundles libjpeg-turbo too (both use the
+  accurate integer IDCT and fancy chroma upsampling; tests/test_decode.py checks it).
+* Pillow decodes PNG, and every JPEG simplejpeg refuses or would decode differently:
+  CMYK/YCCK (simplejpeg's own CMYK→RGB formula is not Pillow's), and anything it rejects
+  in strict mode (a warning such as "extraneous bytes" that Pillow tolerates).
+* A raw dataset of variable-size images (``--resize shorter-side``) stores ``.npy`` files:
+  they are read with numpy (``allow_pickle=False``), never decoded by an image library.
+* Modes: ``channels=1`` gives L (Pillow's ITU-R 601-2 luma of a colour image), ``3`` gives
+  RGB, ``None`` keeps what is stored (L stays one channel, anything else becomes RGB).
+
+`DecodePool` spreads a batch's payloads over threads: the calling one and ``threads - 1``
+helpers, each decoding a contiguous run of slots, so a single loader uses every core
+without worker processes. Bad payloads raise `CorruptShardError` naming the sample.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, Final
+
+import numpy as np
+import simplejpeg
+from PIL import Image, UnidentifiedImageError
+
+from shardkit.config import usable_cpus
+from shardkit.errors import ConfigError, CorruptShardError
+
+__all__ = ["DecodePool", "decode", "decode_into", "resolve_decode_threads"]
+
+#: A stored file: bytes from a tar member or a Parquet cell, or a 1-D uint8 array.
+Payload = bytes | bytearray | memoryview | np.ndarray
+
+_JPEG_MAGIC: Final = b"\xff\xd8\xff"
+_NPY_MAGIC: Final = b"\x93NUMPY"
+#: Colour spaces of a JPEG header (simplejpeg's names) that libjpeg-turbo turns into the same
+#: RGB or L pixels as Pillow does.
+_EXACT_COLORSPACES: Final = frozenset({"YCbCr", "Gray", "RGB"})
+_PILLOW_ERRORS: Final = (OSError, SyntaxError, ValueError, EOFError, IndexError,
+                         UnidentifiedImageError, Image.DecompressionBombError)
+
+
+def _fast_shape(data: Payload, channels: int | None) -> tuple[int, int, int] | None:
+    """(H, W, C) that simplejpeg decodes `data` to exactly as Pillow would, or None when
+    Pillow must do it (not a JPEG, CMYK/YCCK, a header libjpeg-turbo refuses)."""
+    if bytes(data[:3]) != _JPEG_MAGIC:
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace not in _EXACT_COLORSPACES or (channels == 1 and colorspace != "Gray"):
+        # L of a colour JPEG is Pillow's luma of the RGB pixels, not the stored Y channel.
+        return None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and height * width > 2 * limit:
+        return None  # Pillow refuses it as a decompression bomb, before allocating
+    if channels is None:
+        channels = 1 if colorspace == "Gray" else 3
+    return int(height), int(width), channels
+
+
+def decode_into(data: Payload, out: np.ndarray, channels: int | None = None) -> None:
+    """Decode a stored jpeg/png payload into `out` (a writable, C-contiguous H×W×C uint8
+    array: a slot of a batch). Raises CorruptShardError when the payload does not decode or
+    its size or channel count is not `out`'s. `channels` None: as many as `out` has."""
+    if channels is None:
+        channels = int(out.shape[2])
+    shape = _fast_shape(data, channels)
+    if shape is not None and shape == out.shape and out.flags.c_contiguous:
+        try:
+            simplejpeg.decode_jpeg(data, colorspace="gray" if shape[2] == 1 else "rgb",
+                                   buffer=out)
+            return
+        except ValueError:
+            pass  # strict mode refused it: Pillow decides, as it always did
+    decoded = _decode_pillow(data, channels)
+    if decoded.shape != out.shape:
+        raise CorruptShardError(f"a stored image is {_shape_text(decoded.shape)}, "
+                                f"index.json says {_shape_text(out.shape)}")
+    out[...] = decoded
+
+
+def decode(data: Payload, channels: int | None = None) -> np.ndarray:
+    """H×W×C uint8 pixels of a stored jpeg/png payload (see the module docstring for
+    `channels`). Raises CorruptShardError when it does not decode."""
+    shape = _fast_shape(data, channels)
+    if shape is not None:
+        out = np.empty(shape, dtype=np.uint8)
+        try:
+            simplejpeg.decode_jpeg(data, colorspace="gray" if shape[2] == 1 else "rgb",
+                                   buffer=out)
+            return out
+        except ValueError:
+            pass
+    return _decode_pillow(data, channels)
+
+
+def _decode_pillow(data: Payload, channels: int | None) -> np.ndarray:
+    if bytes(data[:6]) == _NPY_MAGIC:
+        return _load_npy(data)
+    try:
+        with Image.open(io.BytesIO(bytes(data)), formats=("JPEG", "PNG")) as im:
+            mode = ("L" if im.mode == "L" else "RGB") if channels is None \
+                else "L" if channels == 1 else "RGB"
+            array = np.asarray(im.convert(mode))
+    except _PILLOW_ERRORS as exc:
+        raise CorruptShardError(f"a stored image does not decode: {exc}") from None
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def _load_npy(data: Payload) -> np.ndarray:
+    try:
+        array: np.ndarray = np.load(io.BytesIO(bytes(data)), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise CorruptShardError(f"stored .npy does not load: {exc}") from None
+    if array.dtype != np.uint8 or array.ndim != 3:
+        raise CorruptShardError(f"stored .npy holds {array.dtype} {_shape_text(array.shape)}, "
+                                "not H×W×C uint8")
+    return array
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "×".join(str(v) for v in shape)
+
+
+def resolve_decode_threads(value: int | None) -> int:
+    """The number of decoding threads for a `decode_threads` option: None means one per CPU
+    this process may use. Raises ConfigError below 1."""
+    if value is None:
+        return usable_cpus()
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"decode_threads must be an integer >= 1; got {value!r}")
+    return value
+
+
+Job = Callable[[int], None]  # decode item i
+
+
+class DecodePool:
+    """Decodes a batch's payloads on `threads` threads (None: one per usable CPU): the
+    calling thread and ``threads - 1`` helpers started on first use. `close` stops them.
+
+    libjpeg-turbo runs with the GIL released; what holds it is a few microseconds of call
+    overhead per image, so threads scale with cores. Each thread takes one contiguous run of
+    slots, so the result never depends on the thread count.
+    """
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = resolve_decode_threads(threads)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def decode_batch(self, payloads: Sequence[Any], out: Sequence[np.ndarray] | np.ndarray,
+                     channels: int | None = None, where: Sequence[str] | None = None) -> None:
+        """Decode ``payloads[i]`` into ``out[i]`` for every i (`out`: a [B,H,W,C] array or a
+        list of slot views). `where` names each sample in errors (say, its shard and index).
+        Raises CorruptShardError naming the first bad sample."""
+        if len(payloads) != len(out):
+            raise ValueError(f"{len(payloads)} payloads for {len(out)} slots")
+
+        def one(i: int) -> None:
+            decode_into(payloads[i], out[i], channels)
+
+        self._run(len(payloads), one, where)
+
+    def decode_list(self, payloads: Sequence[Any], channels: int | None = None,
+                    where: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Each payload decoded to its own H×W×C array (images of different sizes)."""
+        results: list[np.ndarray] = [np.empty(0, np.uint8)] * len(payloads)
+
+        def one(i: int) -> None:
+            results[i] = decode(payloads[i], channels)
+
+        self._run(len(payloads), one, where)
+        return results
+
+    def _run(self, count: int, job: Job, where: Sequence[str] | None) -> None:
+        def span(start: int, stop: int) -> None:
+            for i in range(start, stop):
+                try:
+                    job(i)
+                except CorruptShardError as exc:
+                    name = where[i] if where is not None else f"batch item {i}"
+                    raise CorruptShardError(f"{name}: {exc}") from None
+
+        parts = min(self.threads, count)
+        if parts <= 1:
+            span(0, count)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="shardkit-decode")
+        cuts = [count * k // parts for k in range(parts + 1)]
+        futures = [self._pool.submit(span, cuts[k], cuts[k + 1]) for k in range(1, parts)]
+        try:
+            span(cuts[0], cuts[1])
+        finally:
+            # Every helper is done before the batch buffer is handed on (or reused after an
+            # error).
+            wait(futures)
+        for future in futures:
+            future.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

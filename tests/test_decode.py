@@ -1,0 +1,322 @@
+"""shardkit.reader.decode and the conversion's JPEG fast path, against Pillow.
+
+Tolerance: none. simplejpeg and Pillow both bundle libjpeg-turbo and decode with the same
+accurate integer IDCT and fancy chroma upsampling, so every comparison below is exact
+(max abs diff 0); the fast path is used only where that holds, and Pillow decodes the rest.
+Each case also checks which decoder took it, so a comparison never passes by comparing Pillow
+with itself.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from corpus import loader, small_dataset, small_tree, to_array
+from PIL import Image
+from test_images import BL, BR, TL, TR, close, quadrant_centres, quadrants, save_oriented
+
+from shardkit import ConfigError, CorruptShardError, ShardLoader
+from shardkit.config import ImageOptions
+from shardkit.conversion.images import ImageFailure, load_image, pillow_limits
+from shardkit.conversion.images import _turbo_jpeg as turbo_jpeg
+from shardkit.reader.decode import DecodePool, _fast_shape, decode, decode_into
+from shardkit.tools.synth import photo_like
+
+
+def picture(width: int = 67, height: int = 45, seed: int = 0) -> Image.Image:
+    return photo_like(width, height, np.random.default_rng(seed))
+
+
+def encoded(im: Image.Image, fmt: str, **save: object) -> bytes:
+    buffer = io.BytesIO()
+    im.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def pillow(data: bytes, mode: str) -> np.ndarray:
+    """What the reader decoded before shardkit.reader.decode: Pillow, converted to `mode`."""
+    with Image.open(io.BytesIO(data)) as im:
+        array = np.asarray(im.convert(mode))
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+# Stored payloads of every codec and mode a dataset can hold, plus JPEG variants.
+PAYLOADS = {
+    "jpeg-rgb-420": lambda: encoded(picture(), "JPEG", quality=90),
+    "jpeg-rgb-444": lambda: encoded(picture(seed=1), "JPEG", quality=95, subsampling=0),
+    "jpeg-rgb-progressive": lambda: encoded(picture(seed=2), "JPEG", quality=85, progressive=True),
+    "jpeg-l": lambda: encoded(picture(seed=3).convert("L"), "JPEG", quality=90),
+    "png-rgb": lambda: encoded(picture(seed=4), "PNG"),
+    "png-l": lambda: encoded(picture(seed=5).convert("L"), "PNG"),
+    "jpeg-cmyk": lambda: encoded(picture(seed=6).convert("CMYK"), "JPEG", quality=95),
+}
+FAST = {"jpeg-rgb-420", "jpeg-rgb-444", "jpeg-rgb-progressive", "jpeg-l"}
+
+
+@pytest.mark.parametrize("name", sorted(PAYLOADS))
+@pytest.mark.parametrize("channels", [1, 3, None])
+def test_decode_gives_pillows_pixels(name: str, channels: int | None) -> None:
+    data = PAYLOADS[name]()
+    stored_grey = name.endswith("-l")
+    mode = {1: "L", 3: "RGB", None: "L" if stored_grey else "RGB"}[channels]
+    expected = pillow(data, mode)
+    # libjpeg-turbo gives L only for a grey JPEG: L of a colour image is Pillow's luma of its
+    # RGB pixels, not the stored Y channel, so Pillow decodes that case.
+    uses_fast = name in FAST and (channels != 1 or stored_grey)
+    assert (_fast_shape(data, channels) is not None) == uses_fast
+
+    out = decode(data, channels)
+    assert out.dtype == np.uint8 and out.shape == expected.shape
+    np.testing.assert_array_equal(out, expected)
+
+    batch = np.full((3, *expected.shape), 7, dtype=np.uint8)
+    decode_into(data, batch[1], channels)
+    np.testing.assert_array_equal(batch[1], expected)
+    assert (batch[0] == 7).all() and (batch[2] == 7).all()  # neighbouring slots untouched
+
+
+def test_decode_into_rejects_a_payload_of_another_size() -> None:
+    data = PAYLOADS["jpeg-rgb-420"]()  # 67x45
+    for shape in [(45, 66, 3), (46, 67, 3), (45, 67, 1)]:
+        with pytest.raises(CorruptShardError, match=r"stored image is 45×67×3, index.json says"):
+            decode_into(data, np.empty(shape, np.uint8), 3)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"", "does not decode"),
+        (b"not an image at all", "does not decode"),
+        (PAYLOADS["jpeg-rgb-420"]()[:300], "does not decode"),  # cut in the entropy data
+        (PAYLOADS["png-rgb"]()[:200], "does not decode"),
+        (b"\x93NUMPY garbage", "does not load"),
+    ],
+)
+def test_bad_payloads_raise_corrupt_shard_error(payload: bytes, reason: str) -> None:
+    with pytest.raises(CorruptShardError, match=reason):
+        decode(payload, 3)
+    with pytest.raises(CorruptShardError, match=reason):
+        decode_into(payload, np.empty((45, 67, 3), np.uint8), 3)
+
+
+def test_header_claiming_billions_of_pixels_is_refused_not_allocated() -> None:
+    data = bytearray(PAYLOADS["jpeg-rgb-420"]())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5: sof + 9] = struct.pack(">HH", 60000, 60000)  # height, width
+    assert _fast_shape(bytes(data), 3) is None  # left to Pillow's bomb check
+    with pytest.raises(CorruptShardError, match="does not decode"):
+        decode(bytes(data), 3)
+
+
+def test_npy_payload_loads_without_pickle() -> None:
+    array = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    np.testing.assert_array_equal(decode(buffer.getvalue()), array)
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((2, 3), np.float32))
+    with pytest.raises(CorruptShardError, match="not H×W×C uint8"):
+        decode(buffer.getvalue())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_pool_decodes_every_slot_like_one_thread(threads: int) -> None:
+    pictures = [picture(40, 30, seed=s) for s in range(11)]
+    payloads = [encoded(p, "JPEG" if s % 3 else "PNG", quality=90) for s, p in enumerate(pictures)]
+    expected = np.stack([pillow(d, "RGB") for d in payloads])
+    out = np.zeros_like(expected)
+    with DecodePool(threads) as pool:
+        pool.decode_batch(payloads, out, 3)
+        np.testing.assert_array_equal(out, expected)
+        listed = pool.decode_list(payloads, 3)
+    assert len(listed) == 11
+    np.testing.assert_array_equal(np.stack(listed), expected)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_pool_names_the_bad_sample(threads: int) -> None:
+    payloads = [encoded(picture(40, 30, seed=s), "JPEG") for s in range(6)]
+    payloads[4] = b"broken"
+    where = [f"shard-00007.tar: sample {i}" for i in range(6)]
+    with DecodePool(threads) as pool, pytest.raises(CorruptShardError,
+                                                     match=r"shard-00007\.tar: sample 4: a stored image"):
+        pool.decode_batch(payloads, np.empty((6, 30, 40, 3), np.uint8), 3, where)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_decode_threads_must_be_a_positive_integer(bad: object) -> None:
+    with pytest.raises(ConfigError, match="decode_threads"):
+        DecodePool(bad)  # type: ignore[arg-type]
+
+
+# --- through a real ShardLoader ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def jpeg_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    src = small_tree(tmp_path_factory.mktemp("src"), 9)
+    return small_dataset(src, tmp_path_factory.mktemp("d") / "jpeg", 6, codec="jpeg")
+
+
+def stored_files(path: Path) -> dict[int, bytes]:
+    """Every stored JPEG by sample position, read with tarfile (no shardkit code)."""
+    files: dict[int, bytes] = {}
+    for shard in sorted(path.glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".jpg"):
+                    handle = tar.extractfile(member)
+                    assert handle is not None
+                    files[len(files)] = handle.read()
+    return files
+
+
+def epoch(path: Path, workers: int = 0, **options: object) -> list[dict[str, torch.Tensor]]:
+    batches = loader(path, 4, workers, shuffle=True, seed=3, **options)
+    return [{k: v.clone() for k, v in b.items() if isinstance(v, torch.Tensor)} for b in batches]
+
+
+def test_loader_batches_do_not_depend_on_decode_threads(jpeg_ds: Path) -> None:
+    files = stored_files(jpeg_ds)
+    assert len(files) == 27
+    runs = {threads: epoch(jpeg_ds, decode_threads=threads) for threads in (1, 2, 3)}
+    runs["workers"] = epoch(jpeg_ds, 2)  # DataLoader worker processes, one decoding thread each
+    reference = runs[1]
+    assert sorted(i for b in reference for i in b["index"].tolist()) == list(range(27))
+    for batch in reference:
+        expected = np.stack([pillow(files[i], "RGB") for i in batch["index"].tolist()])
+        np.testing.assert_array_equal(batch["image"].numpy(), expected)
+    for name, run in runs.items():
+        assert len(run) == len(reference), name
+        for got, want in zip(run, reference, strict=True):
+            assert got.keys() == want.keys()
+            for key in want:
+                assert torch.equal(got[key], want[key]), (name, key)
+
+
+def test_loader_names_a_corrupt_payload(jpeg_ds: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = Path(shutil.copytree(jpeg_ds, tmp_path / "copy"))
+    shard = copy / "shard-00001.tar"
+    data = bytearray(shard.read_bytes())
+    first = stored_files(jpeg_ds)[6]  # the first sample of shard 1
+    start = data.index(first)
+    data[start + 2: start + 2 + 64] = bytes(64)  # wreck its headers, keep every size
+    shard.write_bytes(bytes(data))
+    loader = ShardLoader(copy, 4, shuffle=False, decode_threads=2)
+    with pytest.raises(CorruptShardError, match=r"shard-00001\.tar: sample 0: a stored image"):
+        list(loader)
+
+
+# --- conversion: the fast path against Pillow ----------------------------------------------
+
+
+def convert_both(path: Path, **kwargs: object) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(fast path output, Pillow-only output, whether libjpeg-turbo decoded it)."""
+    options = ImageOptions(**kwargs)  # type: ignore[arg-type]
+    with pillow_limits():
+        fast, orig_fast = load_image(path, options)
+        slow, orig_slow = load_image(path, options, fast=False)
+    assert orig_fast == orig_slow
+    with Image.open(path) as im, open(path, "rb") as handle:
+        taken = turbo_jpeg(im, handle) is not None  # undrafted: whether this file qualifies
+    return to_array(fast), to_array(slow), taken
+
+
+SOURCES = {
+    "baseline": (lambda im, p: im.save(p, quality=90), True),
+    "baseline-444": (lambda im, p: im.save(p, quality=95, subsampling=0), True),
+    "progressive": (lambda im, p: im.save(p, quality=90, progressive=True), True),
+    "grey": (lambda im, p: im.convert("L").save(p, quality=90), True),
+    "cmyk": (lambda im, p: im.convert("CMYK").save(p, quality=95), False),
+    "mpo": (lambda im, p: im.save(p, format="MPO", save_all=True, quality=90,
+                                  append_images=[Image.new("RGB", im.size, (0, 0, 255))]), False),
+    "png": (lambda im, p: im.save(p, format="PNG"), False),
+}
+
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
+@pytest.mark.parametrize(("resize", "size"), [("center-crop", (150, 150)), ("center-crop", (64, 48)),
+                                              ("pad", (100, 100)), ("shorter-side", (120, 120)),
+                                              ("stretch", (700, 100))])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_conversion_fast_path_gives_pillows_pixels(
+    tmp_path: Path, source: str, resize: str, size: tuple[int, int], mode: str,
+) -> None:
+    save, qualifies = SOURCES[source]
+    path = tmp_path / "in.jpg"
+    save(picture(640, 480, seed=9), path)  # drafts 1/2, 1/4 and 1/8 across the sizes above
+    fast, slow, taken = convert_both(path, resize=resize, size=size, mode=mode)
+    assert taken == qualifies
+    assert fast.shape == slow.shape
+    np.testing.assert_array_equal(fast, slow)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_conversion_fast_path_keeps_exif_orientation(tmp_path: Path, orientation: int) -> None:
+    path = tmp_path / "oriented.jpg"
+    save_oriented(quadrants(960, 640), orientation, path, quality=95)
+    for resize, size in [("stretch", (120, 80)), ("center-crop", (60, 60)), ("stretch", (960, 640))]:
+        fast, slow, taken = convert_both(path, resize=resize, size=size)
+        assert taken
+        np.testing.assert_array_equal(fast, slow)
+        assert fast.shape == (size[1], size[0], 3)
+        for got, want in zip(quadrant_centres(fast), [TL, TR, BL, BR], strict=True):
+            assert close(got, want, 12), (orientation, resize, got, want)
+
+
+def test_conversion_fast_path_failures_match_pillow(tmp_path: Path) -> None:
+    path = tmp_path / "cut.jpg"
+    picture(400, 300).save(path, quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    for fast in (True, False):
+        options = ImageOptions(size=(100, 100))
+        with pillow_limits(), pytest.raises(ImageFailure) as info:
+            load_image(path, options, fast=fast)
+        assert (info.value.stage, info.value.reason) == ("decode", "truncated")
+
+
+@pytest.mark.parametrize("scale", [1, 2, 4, 8])
+@pytest.mark.parametrize("source", ["baseline", "progressive", "grey"])
+def test_turbo_jpeg_decodes_at_pillows_draft_scale(tmp_path: Path, scale: int, source: str) -> None:
+    path = tmp_path / "in.jpg"
+    SOURCES[source][0](picture(643, 481, seed=11), path)
+    ask = (643 // scale, 481 // scale)
+    with Image.open(path) as reference:
+        reference.draft(None, ask)
+        assert reference.size == (-(-643 // scale), -(-481 // scale))  # rounded up
+        reference.load()
+        expected = np.asarray(reference)
+    with Image.open(path) as im, open(path, "rb") as handle:
+        im.draft(None, ask)
+        fast = turbo_jpeg(im, handle)
+    assert fast is not None and fast.mode == ("L" if source == "grey" else "RGB")
+    np.testing.assert_array_equal(np.asarray(fast), expected)
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "png", "raw"])
+def test_conversion_fast_path_gives_the_same_output_bytes(tmp_path: Path, codec: str) -> None:
+    # The source's ICC profile and comment travel with Pillow's image into what encode()
+    # writes (PNG: iCCP, JPEG: COM): the fast path's image must carry them as well.
+    from PIL import ImageCms
+
+    from shardkit.conversion.images import encode
+
+    path = tmp_path / "tagged.jpg"
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    picture(500, 400, seed=12).save(path, quality=90, icc_profile=icc, comment=b"shot on a phone")
+    options = ImageOptions(size=(96, 96))
+    outputs = []
+    for fast in (True, False):
+        with pillow_limits():
+            image, _ = load_image(path, options, fast=fast)
+        outputs.append(image.tobytes() if codec == "raw" else encode(image, codec, 90))
+    assert outputs[0] == outputs[1]
