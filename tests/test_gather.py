@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -129,23 +128,20 @@ def test_loader_batches_are_right_with_one_or_two_copy_threads(tmp_path: Path, f
 
 
 def _count_submissions(copier: Copier, job: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> int:
-    """Run `copier(job)`, counting the parts handed to its helper threads."""
+    """Run `copier(job)`, counting the jobs handed to its helper threads."""
     count = 0
-    pool = copier._pool
-    if pool is None:
-        copier._pool = pool = ThreadPoolExecutor(copier.threads - 1, thread_name_prefix="shardkit-copy")
-    submit = pool.submit
+    run = copier.helpers.run
 
-    def counting(*args: object, **kwargs: object) -> object:
+    def counting(jobs: list[object]) -> None:
         nonlocal count
-        count += 1
-        return submit(*args, **kwargs)  # type: ignore[arg-type]
+        count += len(jobs) - 1  # the first runs in the calling thread
+        run(jobs)  # type: ignore[arg-type]
 
-    pool.submit = counting  # type: ignore[method-assign]
+    copier.helpers.run = counting  # type: ignore[method-assign,assignment]
     try:
         copier(job)
     finally:
-        pool.submit = submit  # type: ignore[method-assign]
+        copier.helpers.run = run  # type: ignore[method-assign]
     return count
 
 

@@ -8,11 +8,11 @@ batch array by a `DecodePool` (one thread per core in the training process).
 
 from __future__ import annotations
 
+import functools
 import queue
 import sys
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ from shardkit.reader.assign import shard_runs
 from shardkit.reader.decode import DecodePool
 from shardkit.reader.gather import gather
 from shardkit.reader.handles import ShardCache
+from shardkit.reader.helpers import Helpers
 from shardkit.reader.open_ahead import read_ahead
 
 __all__ = ["BufferPool", "Copier", "Prefetcher", "assemble", "in_background",
@@ -105,7 +106,7 @@ class Copier:
         self.threads = max(1, threads)
         self.min_bytes = min_bytes  # smaller batches are copied by the calling thread alone
         self.demand = demand
-        self._pool: ThreadPoolExecutor | None = None
+        self.helpers = Helpers(self.threads, "shardkit-copy")
 
     def __call__(self, copies: Sequence[Copy]) -> None:
         size = sum(out.nbytes for _, _, out in copies)
@@ -113,22 +114,11 @@ class Copier:
                 self.demand is not None and not self.demand.is_set()):
             gather_all(copies)
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="shardkit-copy")
-        mine, *theirs = split_copies(copies, self.threads)
-        futures = [self._pool.submit(gather_all, part) for part in theirs]
-        try:
-            gather_all(mine)
-        finally:
-            # Every helper is done before the batch (or its buffer, after an error) moves on.
-            wait(futures)
-        for future in futures:
-            future.result()
+        self.helpers.run([functools.partial(gather_all, part)
+                          for part in split_copies(copies, self.threads)])
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        self.helpers.close()
 
 
 def resolve_copy_threads(value: int | None) -> int:

@@ -20,9 +20,9 @@ without worker processes. Bad payloads raise `CorruptShardError` naming the samp
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Final
 
 import numpy as np
@@ -31,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from shardkit.config import usable_cpus
 from shardkit.errors import ConfigError, CorruptShardError
+from shardkit.reader.helpers import Helpers
 
 __all__ = ["DecodePool", "decode", "decode_into", "resolve_decode_threads"]
 
@@ -154,7 +155,7 @@ class DecodePool:
 
     def __init__(self, threads: int | None = None) -> None:
         self.threads = resolve_decode_threads(threads)
-        self._pool: ThreadPoolExecutor | None = None
+        self._helpers = Helpers(self.threads, "shardkit-decode")
 
     def decode_batch(self, payloads: Sequence[Any], out: Sequence[np.ndarray] | np.ndarray,
                      channels: int | None = None, where: Sequence[str] | None = None) -> None:
@@ -189,27 +190,12 @@ class DecodePool:
                     name = where[i] if where is not None else f"batch item {i}"
                     raise CorruptShardError(f"{name}: {exc}") from None
 
-        parts = min(self.threads, count)
-        if parts <= 1:
-            span(0, count)
-            return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="shardkit-decode")
+        parts = max(1, min(self.threads, count))
         cuts = [count * k // parts for k in range(parts + 1)]
-        futures = [self._pool.submit(span, cuts[k], cuts[k + 1]) for k in range(1, parts)]
-        try:
-            span(cuts[0], cuts[1])
-        finally:
-            # Every helper is done before the batch buffer is handed on (or reused after an
-            # error).
-            wait(futures)
-        for future in futures:
-            future.result()
+        self._helpers.run([functools.partial(span, cuts[k], cuts[k + 1]) for k in range(parts)])
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        self._helpers.close()
 
     def __enter__(self) -> DecodePool:
         return self
