@@ -43,7 +43,7 @@ class _Server:
         self.lock = threading.Lock()
         self.gets: Counter[str] = Counter()
         self.requests: Counter[tuple[str, str]] = Counter()
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
     @property

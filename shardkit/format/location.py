@@ -66,7 +66,13 @@ def parse_location(where: str | os.PathLike[str]) -> Location:
     ``s3:bucket`` without the slashes, a chained URL (``a::b``), a URL with a query or fragment
     and an empty bucket are refused with ConfigError; anything else is a local path."""
     text = os.fspath(where)
+    if "::" in text and "://" in text:
+        raise ConfigError(f"{text!r}: chained fsspec URLs are not supported (shardkit keeps its "
+                          "own verified cache; give the dataset's URL alone)")
     match = _URL.match(text)
+    if match is None and "://" in text:
+        raise ConfigError(f"{text!r}: not a URL (the scheme must come first) and not a path "
+                          "shardkit will create")
     if match is None:
         bare = _BARE.match(text)
         if bare and bare.group(1).lower() in (_EXTRAS.keys() | {"file"}):
@@ -74,9 +80,6 @@ def parse_location(where: str | os.PathLike[str]) -> Location:
                               f"(did you mean {bare.group(1)}://{text[bare.end():].lstrip('/')}?)")
         return Location("file", os.path.abspath(text))
     scheme, rest = match.group(1).lower(), match.group(2)
-    if "::" in text:
-        raise ConfigError(f"{text!r}: chained fsspec URLs are not supported (shardkit keeps its "
-                          "own verified cache; give the dataset's URL alone)")
     if scheme in _LOCAL_SCHEMES:
         return Location("file", os.path.abspath(rest or "/"))
     if "?" in rest or "#" in rest:

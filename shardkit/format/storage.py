@@ -49,6 +49,7 @@ T = TypeVar("T")
 #: Bytes per ranged GET when streaming a file: large enough that a request's latency is small
 #: beside its transfer time, small enough that a retry after a dropped connection repeats little.
 CHUNK_BYTES = 16 * 1024 * 1024
+_S3_MIN_PART = 5 * 1024 * 1024
 
 
 
@@ -276,7 +277,10 @@ class FsspecStorage(Storage):
         completes (s3fs aborts the upload on failure, so no parts linger)."""
         path = self.location.child(name)
         size = os.path.getsize(local_path)
-        self._call("PUT", name, lambda fs, kw: fs.put_file(os.fspath(local_path), path, **kw),
+        extra: dict[str, Any] = {}
+        if self.location.protocol in ("s3", "s3a"):  # parts of chunk_bytes (S3's least is 5 MiB)
+            extra["chunksize"] = max(self.chunk_bytes, _S3_MIN_PART)
+        self._call("PUT", name, lambda fs, kw: fs.put_file(os.fspath(local_path), path, **extra, **kw),
                    scale=1 + size // self.chunk_bytes)
 
     def delete(self, names: Iterable[str]) -> None:
