@@ -212,7 +212,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             data = data[fault.after:]
         self.wfile.write(data)
 
-    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+    def _serve(self) -> None:
+        try:
+            self._forward()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up (a timeout we provoked)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _serve
 
 
 class FaultProxy(_Server):

@@ -172,6 +172,20 @@ class CacheFolder:
         except OSError as exc:
             raise ConfigError(f"cache_dir {self.root}: cannot be used: {exc}") from None
 
+    def sweep(self) -> int:
+        """Delete the .part files of downloaders that died (no process holds their .get
+        lock); the bytes freed."""
+        freed = 0
+        with self._whole_cache():
+            for entry in _entries(self.root):
+                if entry.partial and (fd := _try_exclusive(entry.lock)) is not None:
+                    try:
+                        Path(entry.path).unlink(missing_ok=True)
+                        freed += entry.size
+                    finally:
+                        unlock_fd(fd)
+        return freed
+
     def path(self, record: ShardRecord) -> str:
         return os.path.join(self.shards, record.file)
 

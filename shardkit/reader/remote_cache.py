@@ -87,6 +87,7 @@ class RemoteCache:
                               "prefetch_shards")
         self.limit, self.prefetch_shards, self.held = limit, ahead, held
         self.store = CacheFolder(root, storage.url, index_bytes, limit)
+        self.store.sweep()
         self.downloads = 0
         self.downloaded_bytes = 0
         self._reset_process_state()
@@ -113,6 +114,7 @@ class RemoteCache:
         self._sequence: list[int] = []
         self._cursor = 0
         self._wanted: frozenset[int] = frozenset()
+        self._demanded: dict[int, int] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
 
@@ -148,7 +150,15 @@ class RemoteCache:
                 pin.prefetched = False
             self._schedule_locked()
         if pin is None:
-            fd = self._acquire(number, demand=True)
+            with self._lock:
+                self._demanded[number] = self._demanded.get(number, 0) + 1
+            try:
+                fd = self._acquire(number, demand=True)
+            finally:
+                with self._lock:
+                    self._demanded[number] -= 1
+                    if not self._demanded[number]:
+                        del self._demanded[number]
             assert fd is not None  # a demand download either succeeds or raises
             with self._lock:
                 pin = self._pins.get(number)
@@ -282,7 +292,9 @@ class RemoteCache:
     # --- look-ahead ------------------------------------------------------------------------
 
     def _still_wanted(self, number: int) -> bool:
-        return not self._closed and number in self._wanted
+        """Whether a background download of `number` should go on: it is ahead of the reader,
+        or the reader is waiting for it right now."""
+        return not self._closed and (number in self._wanted or number in self._demanded)
 
     def _advance_locked(self, number: int) -> None:
         # Not in the announced order: fetched on demand, the look-ahead stays put.
