@@ -275,3 +275,42 @@ def test_http_faults_end_in_the_right_bytes_or_a_remote_error(http_folder: Any,
     proxy.add(Fault("status", "/s.bin", status=503, times=100))
     with pytest.raises(RemoteError, match=r"http://127\.0\.0\.1:\d+/s\.bin failed 4 times; last: HTTP 503"):
         b"".join(storage.iter_chunks("s.bin", 3000))
+
+
+# --- synchronous fsspec implementations -----------------------------------------------------
+
+def test_a_synchronous_fsspec_filesystem_works_the_same() -> None:
+    storage = open_storage("memory://shardkit-test/ds", writable=True, retry=FAST, chunk_bytes=4)
+    storage.write_bytes("a", b"0123456789")
+    assert storage.list_names() == ["a"]
+    assert list(storage.iter_chunks("a", 10)) == [b"0123", b"4567", b"89"]
+    storage.delete(["a"])
+    assert storage.list_names() == []
+
+
+@pytest.mark.timeout(30)
+def test_a_synchronous_filesystem_that_never_answers_is_bounded() -> None:
+    import threading
+
+    import fsspec
+    from fsspec.spec import AbstractFileSystem
+
+    released = threading.Event()
+
+    class Silent(AbstractFileSystem):  # a real fsspec implementation whose server never answers
+        protocol = "shardkit-silent"
+
+        def cat_file(self, path: str, start: int | None = None, end: int | None = None,
+                     **kwargs: Any) -> bytes:
+            released.wait(20)
+            return b""
+
+    fsspec.register_implementation("shardkit-silent", Silent, clobber=True)
+    try:
+        storage = open_storage("shardkit-silent://b/d",
+                               retry=RetryPolicy(attempts=2, first_delay=0.01, timeout=0.2))
+        with pytest.raises(RemoteError, match=r"shardkit-silent://b/d/index\.json failed 2 times; "
+                                              r"last: TimeoutError: no answer within 0\.2 s"):
+            storage.read_bytes(INDEX_NAME)
+    finally:
+        released.set()

@@ -99,7 +99,7 @@ def filesystem_class(location: Location) -> Any:
     except ImportError as exc:  # a core dependency, but installs can be trimmed
         raise MissingExtraError("fsspec is not installed; install it with: pip install fsspec") from exc
     protocol = location.protocol
-    if protocol not in fsspec.available_protocols():
+    if protocol not in fsspec.available_protocols() and protocol not in fsspec.registry:
         raise ConfigError(f"{location.url}: unsupported URL scheme {protocol!r} (shardkit reads "
                           "local paths, s3://, gs://, http(s):// and other fsspec protocols)")
     try:

@@ -22,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -208,10 +209,11 @@ class FsspecStorage(Storage):
             if attempt:
                 time.sleep(self.retry.delay(attempt, self._rng))
             fs = self._filesystem()
-            # An async filesystem's sync wrapper takes `timeout`: a hard bound on the request.
-            bound = {"timeout": timeout} if getattr(fs, "async_impl", False) else {}
             try:
-                return request(fs, bound)
+                if getattr(fs, "async_impl", False):
+                    # fsspec's sync wrapper takes `timeout`: a hard bound on the request.
+                    return request(fs, {"timeout": timeout})
+                return _bounded(request, fs, timeout)
             except FileNotFoundError:
                 raise FileNotFoundError(f"{url}: not found") from None
             except Exception as exc:
@@ -288,6 +290,29 @@ class FsspecStorage(Storage):
             path = self.location.child(name)
             with contextlib.suppress(FileNotFoundError):
                 self._call("DELETE", name, _removal(path))
+
+
+def _bounded(request: Callable[[Any, dict[str, Any]], T], fs: Any, timeout: float) -> T:
+    """`request(fs, {})` in a daemon thread, TimeoutError past `timeout` seconds: a synchronous
+    fsspec implementation has no timeout of its own to rely on. A request that never returns
+    leaves its thread behind, not the caller."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, request(fs, {})))
+        except BaseException as exc:
+            outcome.append((False, exc))
+
+    worker = threading.Thread(target=run, name="shardkit-request", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not outcome:
+        raise TimeoutError(f"no answer within {timeout:g} s")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
 
 
 def _ranged(path: str, start: int, end: int) -> Callable[[Any, dict[str, Any]], bytes]:

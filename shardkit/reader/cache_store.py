@@ -30,8 +30,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
-from shardkit.errors import ConfigError, CorruptShardError
+from shardkit.errors import ConfigError
 from shardkit.format.files import atomic_write_bytes, fsync_dir, publish
 from shardkit.format.manifest import INDEX_NAME, ShardRecord
 from shardkit.format.storage import Storage
@@ -42,6 +43,8 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["CacheFolder", "cache_key", "cache_usage", "user_cache_dir"]
+
+T = TypeVar("T")
 
 _KEY = re.compile(r"^[0-9a-f]{32}$")
 
@@ -233,8 +236,14 @@ class CacheFolder:
                     unlock_fd(fd)
             if used + record.bytes > self.limit:
                 return None
-            fd = os.open(self.part(record), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.ftruncate(fd, record.bytes)
+            part = self.part(record)
+            fd = _local(os.open, part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, where=part)
+            try:
+                _local(os.ftruncate, fd, record.bytes, where=part)
+            except BaseException:
+                os.close(fd)
+                Path(part).unlink(missing_ok=True)
+                raise
             return fd
 
     def download(self, storage: Storage, record: ShardRecord, fd: int,
@@ -252,11 +261,11 @@ class CacheFolder:
                         Path(part).unlink(missing_ok=True)
                         return "cancelled"
                     digest.update(chunk)
-                    out.write(chunk)
+                    _local(out.write, chunk, where=part)
                     got += len(chunk)
                 if got == record.bytes and digest.hexdigest() == record.sha256:
-                    out.flush()
-                    os.fsync(out.fileno())
+                    _local(out.flush, where=part)
+                    _local(os.fsync, out.fileno(), where=part)
         except BaseException:
             Path(part).unlink(missing_ok=True)
             raise
@@ -266,7 +275,7 @@ class CacheFolder:
         if digest.hexdigest() != record.sha256:
             Path(part).unlink(missing_ok=True)
             return "sha256 of the bytes that arrived differs from index.json"
-        publish(part, self.path(record))
+        _local(publish, part, self.path(record), where=part)
         return None
 
     def discard(self, record: ShardRecord) -> None:
@@ -276,5 +285,11 @@ class CacheFolder:
         fsync_dir(self.shards)
 
 
-def refuse_missing(storage: Storage, record: ShardRecord) -> CorruptShardError:
-    return CorruptShardError(f"{storage.url_of(record.file)}: missing (index.json lists it)")
+def _local(call: Callable[..., T], *args: Any, where: str) -> T:
+    """`call(*args)`; an OSError of the cache's own disk (full, read-only, gone) becomes a
+    ConfigError naming the file: the cache_dir cannot hold what it must."""
+    try:
+        return call(*args)
+    except OSError as exc:
+        raise ConfigError(f"cache_dir: cannot write {where}: {exc.strerror or exc}") from exc
+

@@ -115,6 +115,7 @@ class RemoteCache:
         self._cursor = 0
         self._wanted: frozenset[int] = frozenset()
         self._demanded: dict[int, int] = {}
+        self._failed: dict[int, Exception] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
 
@@ -151,6 +152,9 @@ class RemoteCache:
             self._schedule_locked()
         if pin is None:
             with self._lock:
+                failure = self._failed.pop(number, None)
+                if failure is not None:
+                    raise failure
                 self._demanded[number] = self._demanded.get(number, 0) + 1
             try:
                 fd = self._acquire(number, demand=True)
@@ -324,7 +328,7 @@ class RemoteCache:
 
     def _prefetch(self, number: int) -> None:
         """Background: download shard `number` and hold it pinned until the reader takes it.
-        A failure is left for `path` to meet again: it downloads on demand and raises."""
+        A failure (past the retry budget) is raised by `path(number)`, once."""
         pause = 0.02
         try:
             while self._still_wanted(number):
@@ -338,8 +342,9 @@ class RemoteCache:
                     return
                 time.sleep(pause)  # no room until the reader releases a shard
                 pause = min(pause * 2, 0.5)
-        except Exception:  # not swallowed: path() downloads it again and raises what it meets
-            pass
+        except Exception as exc:  # the retry budget is spent: path() raises it
+            with self._lock:
+                self._failed[number] = exc
         finally:
             with self._lock:
                 self._inflight.pop(number, None)
