@@ -111,9 +111,10 @@ def test_s3_shards_arrive_verified_and_are_served_from_the_cache_after(
                           cache_dir=tmp_path / "c") as cache:
         cache.announce(list(range(n)))
         assert read_all(cache, list(range(n))) == expected(local_ds)
-        assert (cache.downloads, cache.downloaded_bytes) == (n, sum(p.stat().st_size for p in
-                                                                   shard_files(local_ds)))
-        assert sorted(os.listdir(cache.folder)) == sorted(p.name for p in shard_files(local_ds))
+    # (counted once the look-ahead threads are joined: one may still be counting its download)
+    assert (cache.downloads, cache.downloaded_bytes) == (n, sum(p.stat().st_size for p in
+                                                               shard_files(local_ds)))
+    assert sorted(os.listdir(cache.folder)) == sorted(p.name for p in shard_files(local_ds))
     assert all(proxy.gets[f"/test/ds/{p.name}"] == 1 for p in shard_files(local_ds))
     with RemoteCache.open("s3://test/ds", storage_options=options, retry=FAST,
                           cache_dir=tmp_path / "c", verify=True) as again:
@@ -313,7 +314,7 @@ def test_faults_end_in_the_right_bytes(fault: Fault, local_ds: Path, http_ds: tu
     proxy = fault_proxy(server.url)
     times = fault.times
     proxy.add(fault)
-    retry = RetryPolicy(attempts=4, first_delay=0.01, max_delay=0.05, timeout=1)
+    retry = RetryPolicy(attempts=6, first_delay=0.01, max_delay=0.05, timeout=2)
     with RemoteCache.open(f"{proxy.url}/ds", retry=retry, cache_dir=tmp_path / "c") as cache:
         assert read_all(cache, [1]) == {1: expected(local_ds)[1]}
         assert cache.downloads == 1

@@ -160,7 +160,7 @@ def test_s3_faults_are_retried_to_the_right_bytes(fault: Fault, s3: Any, fault_p
     expected_gets = 3 + fault.times  # three 2000-byte ranges, each faulted one asked again
     proxy.add(fault)
     storage = open_storage("s3://test/d", storage_options=s3.options(proxy.url), chunk_bytes=2000,
-                           retry=RetryPolicy(attempts=4, first_delay=0.01, max_delay=0.05, timeout=1))
+                           retry=RetryPolicy(attempts=6, first_delay=0.01, max_delay=0.05, timeout=2))
     assert b"".join(storage.iter_chunks("big", 5000)) == data
     assert proxy.gets["/test/d/big"] == expected_gets
 
