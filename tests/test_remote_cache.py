@@ -22,7 +22,7 @@ from servers import Fault, wait_until
 from shardkit.errors import ConfigError, CorruptShardError, RemoteError
 from shardkit.format.manifest import INDEX_NAME, Manifest
 from shardkit.format.storage import RetryPolicy, open_storage
-from shardkit.reader.cache_store import cache_usage
+from shardkit.reader.cache_store import _try_exclusive, cache_usage, unlock_fd
 from shardkit.reader.remote_cache import RemoteCache
 
 FAST = RetryPolicy(attempts=4, first_delay=0.01, max_delay=0.05, timeout=3)
@@ -136,6 +136,31 @@ def test_look_ahead_downloads_the_announced_next_shards(http_ds: tuple[str, Any]
         assert wait_until(lambda: all(server.gets[f"/ds/{n}"] == 1 for n in names[:4]))
         assert [server.gets[f"/ds/{n}"] for n in names[4:]] == [0, 0, 0]
         cache.release(order[0])
+
+
+def test_pins_follow_the_reader(http_ds: tuple[str, Any], tmp_path: Path) -> None:
+    url, server = http_ds
+    order = [0, 1, 0, 2, 3, 4]
+    with RemoteCache.open(url, retry=FAST, cache_dir=tmp_path / "c", prefetch_shards=2) as cache:
+        cache.announce(order)
+        records = cache.manifest.shards
+
+        def free(k: int) -> bool:  # no process (this one included) holds shard k pinned
+            fd = _try_exclusive(cache.store.pin_lock(records[k]))
+            if fd is not None:
+                unlock_fd(fd)
+            return fd is not None
+
+        first = cache.path(0)
+        cache.release(0)
+        assert not free(0)  # wanted again two steps ahead: kept as look-ahead
+        cache.announce([1, 2, 3, 4])  # ... until the order changes (a new epoch)
+        for k in [1, 2, 3, 4]:
+            assert cache.path(k) != ""
+            cache.release(k)
+        assert wait_until(lambda: all(free(k) for k in range(5)))  # the reader moved past them all
+        assert Path(first).exists() and cache.downloads == 5
+        assert server.gets[f"/ds/{records[0].file}"] == 1
 
 
 def test_the_default_cache_folder_is_the_users_cache(http_ds: tuple[str, Any], tmp_path: Path,

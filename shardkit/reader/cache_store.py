@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from shardkit.errors import ConfigError
 from shardkit.format.files import atomic_write_bytes, fsync_dir, publish
@@ -124,9 +124,20 @@ def _try_exclusive(lock_path: str) -> int | None:
     return fd
 
 
-def lock_fd(lock_path: str, mode: int, deadline: float | None = None) -> int:
-    """An fd holding `lock_path` in `mode` (LOCK_SH/LOCK_EX); with a `deadline` (monotonic
-    seconds) it polls and raises TimeoutError past it rather than wait for ever."""
+@overload
+def lock_fd(lock_path: str, mode: int) -> int: ...
+
+
+@overload
+def lock_fd(lock_path: str, mode: int, deadline: float,
+            cancelled: Callable[[], bool] | None = None) -> int | None: ...
+
+
+def lock_fd(lock_path: str, mode: int, deadline: float | None = None,
+            cancelled: Callable[[], bool] | None = None) -> int | None:
+    """An fd holding `lock_path` in `mode` (LOCK_SH/LOCK_EX). With a `deadline` (monotonic
+    seconds) it polls: TimeoutError past the deadline rather than wait for ever, None as soon
+    as `cancelled()` says so."""
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         if deadline is None:
@@ -138,6 +149,9 @@ def lock_fd(lock_path: str, mode: int, deadline: float | None = None) -> int:
                 fcntl.flock(fd, mode | fcntl.LOCK_NB)
                 return fd
             except BlockingIOError:
+                if cancelled is not None and cancelled():
+                    os.close(fd)
+                    return None
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{lock_path}: still locked by another process") from None
                 time.sleep(pause)

@@ -137,6 +137,7 @@ class RemoteCache:
             self._record(number)
         with self._lock:
             self._sequence, self._cursor = [int(n) for n in sequence], 0
+            self._failed.clear()  # a new epoch tries again what failed in the last one
             self._schedule_locked()
 
     def path(self, number: int) -> str:
@@ -183,9 +184,12 @@ class RemoteCache:
             if pin is None or pin.readers == 0:
                 raise ValueError(f"shard {number} is not held")
             pin.readers -= 1
-            if pin.readers == 0 and number not in self._wanted:
-                del self._pins[number]
-                unlock_fd(pin.fd)
+            if pin.readers == 0:
+                if number in self._wanted:  # read again soon: stays pinned as look-ahead
+                    pin.prefetched = True
+                else:
+                    del self._pins[number]
+                    unlock_fd(pin.fd)
 
     def close(self) -> None:
         """Stop the downloads and release every pin."""
@@ -239,10 +243,16 @@ class RemoteCache:
     def _fetch(self, number: int, *, demand: bool) -> bool:
         record = self.manifest.shards[number]
         url = self.storage.url_of(record.file)
+        def cancelled() -> bool:
+            return not demand and not self._still_wanted(number)
+
         try:
-            get = lock_fd(self.store.get_lock(record), _fcntl().LOCK_EX, self._lock_deadline(record))
+            get = lock_fd(self.store.get_lock(record), _fcntl().LOCK_EX, self._lock_deadline(record),
+                          cancelled)
         except TimeoutError:
             raise RemoteError(f"{url}: another process has been downloading it for too long") from None
+        if get is None:
+            return False
         try:
             if self._intact(number):
                 return True  # downloaded by another process while we waited
@@ -253,8 +263,7 @@ class RemoteCache:
                 if fd is None:
                     return False
                 try:
-                    problem = self.store.download(self.storage, record, fd,
-                                                  lambda: not demand and not self._still_wanted(number))
+                    problem = self.store.download(self.storage, record, fd, cancelled)
                 except FileNotFoundError:
                     raise CorruptShardError(f"{url}: missing (index.json lists it)") from None
                 if problem is None:
