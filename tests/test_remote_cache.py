@@ -27,30 +27,8 @@ from shardkit.reader.remote_cache import RemoteCache
 
 FAST = RetryPolicy(attempts=4, first_delay=0.01, max_delay=0.05, timeout=3)
 
-#: A reader in another process: waits for GO, reads the shards listed, prints their sha256,
-#: holds the last one pinned until HOLD exists (if given).
-READER = """
-import hashlib, json, os, sys, time
-from shardkit.format.storage import RetryPolicy
-from shardkit.reader.remote_cache import RemoteCache
-args = json.loads(sys.argv[1])
-while not os.path.exists(args["go"]):
-    time.sleep(0.005)
-cache = RemoteCache.open(args["url"], cache_dir=args["cache"], prefetch_shards=args["prefetch"],
-                         retry=RetryPolicy(attempts=4, first_delay=0.01, timeout=3))
-cache.announce(args["shards"])
-out = {}
-for k in args["shards"]:
-    with open(cache.path(k), "rb") as handle:
-        out[k] = hashlib.sha256(handle.read()).hexdigest()
-    if args.get("hold") and k == args["shards"][-1]:
-        print(json.dumps(out), flush=True)
-        while not os.path.exists(args["hold"]):
-            time.sleep(0.01)
-    cache.release(k)
-print(json.dumps(out), flush=True)
-cache.close()
-"""
+#: A reader in another process (tests/cache_reader.py).
+READER = str(Path(__file__).with_name("cache_reader.py"))
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +199,7 @@ def test_a_dataset_overwritten_at_the_same_url_is_read_fresh(local_ds: Path, s3:
 def run_readers(count: int, url: str, cache: Path, shards: list[int], tmp_path: Path,
                 hold: Path | None = None, prefetch: int = 3) -> list[subprocess.Popen[str]]:
     go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", READER, json.dumps(
+    procs = [subprocess.Popen([sys.executable, READER, json.dumps(
         {"url": url, "cache": str(cache), "shards": shards, "go": str(go), "prefetch": prefetch,
          "hold": str(hold) if hold else None})], stdout=subprocess.PIPE, text=True)
         for _ in range(count)]
