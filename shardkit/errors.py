@@ -13,7 +13,9 @@
     ├── UnsafeContentError (ValueError)   exit 6  a shard holds links, unsafe names or unknown fields
     ├── WorkerError                       exit 7  a conversion task crashed (not a bad input: a bug,
     │                                             a killed worker, a full disk)
-    └── MissingExtraError (ImportError)   exit 8  an optional dependency is not installed
+    ├── MissingExtraError (ImportError)   exit 8  an optional dependency is not installed
+    └── RemoteError                       exit 9  object storage / HTTP failed past the retry
+                                                  budget (names the URL and the last cause)
 
     KeyboardInterrupt / SIGTERM           exit 130 nothing half-written is published
 
@@ -32,6 +34,7 @@ __all__ = [
     "InputError",
     "MissingExtraError",
     "OutputExistsError",
+    "RemoteError",
     "ShardkitError",
     "TooManyFailuresError",
     "UnsafeContentError",
@@ -104,6 +107,14 @@ class MissingExtraError(ShardkitError, ImportError):
     """An optional dependency is needed; the message names the extra to install."""
 
     exit_code = 8
+
+
+class RemoteError(ShardkitError):
+    """A request to object storage or an HTTP server kept failing (connection errors, timeouts,
+    429/5xx answers) past the retry budget, or failed in a way no retry mends (403, a bucket
+    that does not exist). The message names the URL and the last cause."""
+
+    exit_code = 9
 
 
 def require(module: str, extra: str) -> object:
