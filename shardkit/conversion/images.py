@@ -37,8 +37,9 @@ __all__ = [
     "ALLOWED_FORMATS",
     "IMAGE_EXTENSIONS",
     "ImageFailure",
-        "encode",
+    "encode",
     "load_image",
+    "load_image_bytes",
     "pillow_limits",
 ]
 
@@ -156,7 +157,14 @@ def load_image(path: str | os.PathLike[str], options: ImageOptions) -> tuple[Ima
         handle.close()
 
 
-def _decode(handle: io.BufferedReader, options: ImageOptions) -> tuple[Image.Image, tuple[int, int]]:
+def load_image_bytes(data: bytes, options: ImageOptions) -> tuple[Image.Image, tuple[int, int]]:
+    """`load_image` for an image held in memory (a Hugging Face dataset's bytes)."""
+    if not data:
+        raise ImageFailure("read", "empty_file", "the image bytes are empty")
+    return _decode(io.BytesIO(data), options)
+
+
+def _decode(handle: io.BufferedIOBase, options: ImageOptions) -> tuple[Image.Image, tuple[int, int]]:
     try:
         im = Image.open(handle, formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:

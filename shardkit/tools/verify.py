@@ -43,7 +43,7 @@ from PIL import Image
 from shardkit.errors import CorruptShardError, DatasetError, UnsafeContentError
 from shardkit.format.files import hash_file
 from shardkit.format.manifest import ERRORS_NAME, INDEX_NAME, Manifest, ShardRecord
-from shardkit.format.samples import META_TYPES
+from shardkit.format.samples import ENCODED_IMAGE, META_TYPES
 from shardkit.format.tar import iter_members
 
 __all__ = ["verify_dataset"]
@@ -405,6 +405,8 @@ def _walk_parquet(path: Path, spec: _Spec, tally: _Tally, *, decode: bool) -> in
 
 def _check_columns(schema: pa.Schema, spec: _Spec) -> None:
     image = pa.binary(spec.pixel_bytes) if spec.raw_fixed else pa.binary()
+    if spec.codec != "raw" and "image" in schema.names and schema.field("image").type == ENCODED_IMAGE:
+        image = ENCODED_IMAGE  # jpeg/png as Hugging Face's Image (earlier shards: binary)
     expected: list[tuple[str, pa.DataType]] = [("key", pa.string()), ("image", image)]
     if spec.classes is not None:
         expected.append(("label", pa.int64()))
@@ -439,6 +441,8 @@ def _check_rows(rows: dict[str, list[Any]], spec: _Spec, tally: _Tally, *, decod
         if "image" not in rows or spec.raw_fixed:
             continue  # fixed_size_binary already guarantees the size
         image: bytes = rows["image"][i]
+        if isinstance(image, dict):  # jpeg/png as Hugging Face's Image: {bytes, path}
+            image = image["bytes"]
         if spec.codec == "raw":
             height, width = rows["height"][i], rows["width"][i]
             if not (height > 0 and width > 0 and len(image) == height * width * spec.channels):
