@@ -90,8 +90,8 @@ class KerasBatches(torch.utils.data.IterableDataset):  # type: ignore[misc]
         super().__init__()
         manifest = loader.dataset.manifest
         names = [x] if isinstance(x, str) else list(x)
-        fields = ({"image", "label", "features"} & set(manifest.schema)) | {"index"} \
-            | set(loader.options.fields)
+        schema = set(manifest.schema) | ({"label"} if "target" in manifest.schema else set())
+        fields = ({"image", "label", "features"} & schema) | {"index"} | set(loader.options.fields)
         missing = [n for n in [*names, *([y] if y is not None else [])] if n not in fields]
         if not names or missing:
             raise ConfigError(f"{loader.dataset.path}: no field {', '.join(map(repr, missing)) or 'x'}"
