@@ -29,10 +29,10 @@ from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "torch")  # Keras' own setting; the example's choice
 
-import keras  # noqa: E402  (after choosing the backend)
+import keras
 
-import shardkit  # noqa: E402
-import shardkit.keras  # noqa: E402
+import shardkit
+import shardkit.keras
 
 
 def small_convnet(size: int, classes: int) -> keras.Model:

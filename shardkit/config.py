@@ -178,9 +178,8 @@ class SplitOptions:
         parts = tuple((str(n), float(f)) for n, f in self.parts)
         object.__setattr__(self, "parts", parts)
         _check_choice("split method", self.method, SPLIT_METHODS)
-        names = [n for n, _ in parts]
-        if len(parts) < 2 or len(set(names)) != len(names):
-            raise ConfigError(f"split needs two or more parts with distinct names; got {names}")
+        if len(parts) < 2 or len({n for n, _ in parts}) != len(parts):
+            raise ConfigError(f"split needs two or more parts with distinct names; got {self.names}")
         for name, fraction in parts:
             if not _SPLIT_NAME.match(name):
                 raise ConfigError(f"split part name {name!r}: use letters, digits, _ and -")
@@ -188,7 +187,7 @@ class SplitOptions:
                 raise ConfigError(f"split part {name!r}: fraction must be between 0 and 1; got {fraction}")
         if abs(sum(f for _, f in parts) - 1.0) > 1e-6:
             raise ConfigError(f"split fractions must add up to 1; got {sum(f for _, f in parts):g}")
-        if self.method == "keras" and names != ["train", "val"]:
+        if self.method == "keras" and self.names != ("train", "val"):
             raise ConfigError("a Keras split has the parts train and val (SplitOptions.keras)")
 
     @classmethod
@@ -206,11 +205,8 @@ class SplitOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class HfOptions:
-    """A Hugging Face dataset on disk as SRC (shardkit.conversion.sources.hf).
-
-    image_col: the image column (None: ``image``). label_col: the label column (None:
-    ``label`` when there is one, else no labels).
-    """
+    """A Hugging Face SRC (conversion.sources.hf): its image column (None: ``image``) and
+    label column (None: ``label`` when there is one)."""
 
     image_col: str | None = None
     label_col: str | None = None

@@ -108,7 +108,7 @@ def test_named_columns_string_labels_shuffle_and_bad_rows(tree: Path, tmp_path: 
 def test_a_dataset_dict_names_its_splits(tree: Path, tmp_path: Path) -> None:
     ds = build(tree, embed=True)
     datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "dd"))
-    with pytest.raises(shardkit.InputError, match="DatasetDict.*train"):
+    with pytest.raises(shardkit.InputError, match=r"DatasetDict.*train"):
         shardkit.convert(tmp_path / "dd", tmp_path / "out", workers=0)
     out = convert(tmp_path / "dd" / "train", tmp_path / "out")
     assert len(shardkit.open(out)) == len(CLASSES) * PER_CLASS
@@ -148,7 +148,8 @@ def test_pyarrow_pandas_and_duckdb_read_the_jpeg_parquet(tree: Path, tmp_path: P
     assert all(b[:2] == b"\xff\xd8" for b in flat)
     frame = pq.read_table(files[0]).to_pandas()
     assert frame["image"][0]["bytes"] == flat[0] and frame["image"][0]["path"] is None
-    rows = duckdb.sql(f"SELECT image.bytes, label FROM read_parquet('{out}/*.parquet') ORDER BY key").fetchall()
+    query = f"SELECT image.bytes, label FROM read_parquet('{out}/*.parquet') ORDER BY key"
+    rows = duckdb.sql(query).fetchall()
     assert [r[0] for r in rows] == flat
     from PIL import Image
 

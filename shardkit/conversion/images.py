@@ -26,7 +26,7 @@ import os
 import threading
 import warnings
 from collections.abc import Iterator
-from typing import Final
+from typing import BinaryIO, Final
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -164,7 +164,7 @@ def load_image_bytes(data: bytes, options: ImageOptions) -> tuple[Image.Image, t
     return _decode(io.BytesIO(data), options)
 
 
-def _decode(handle: io.BufferedIOBase, options: ImageOptions) -> tuple[Image.Image, tuple[int, int]]:
+def _decode(handle: BinaryIO, options: ImageOptions) -> tuple[Image.Image, tuple[int, int]]:
     try:
         im = Image.open(handle, formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:

@@ -21,8 +21,7 @@ import numpy as np
 from shardkit.config import ConvertConfig
 from shardkit.conversion.report import FailureRecord
 from shardkit.conversion.sources.image_csv import list_image_csv
-from shardkit.conversion.sources.imagefolder import list_image_folder
-from shardkit.conversion.sources.imagefolder import Listing
+from shardkit.conversion.sources.imagefolder import Listing, list_image_folder
 from shardkit.conversion.sources.records import InputRecord, Permuted, RecordSpool, Selected
 from shardkit.format import tar
 from shardkit.format.manifest import fingerprint, shard_name

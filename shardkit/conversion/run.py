@@ -43,7 +43,8 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str],
             config: ConvertConfig | None = None, run: RunOptions | None = None, *,
             executor: cf.Executor | None = None,
             **options: Unpack[ConvertKeywords]) -> ConvertSummary:
-    """Convert the image folder or CSV file `src` into a shardkit dataset in `out`.
+    """Convert the image folder, CSV file or Hugging Face dataset `src` into a shardkit
+    dataset in `out` (or, with ``split=``/``validation_split=``, one per part in OUT/<part>/).
 
     Options come as config objects (`config`: what decides the bytes; `run`: how the run
     goes) or as keywords (`shardkit.keywords.ConvertKeywords`): any field of `ImageOptions`,
@@ -51,7 +52,10 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str],
     or samples_per_shard, shuffle, seed, workers, overwrite, max_errors, ...), and for a
     ``.csv`` SRC any field of `CsvOptions` (image_col, label_col="a" or "a,b", root, columns,
     exclude, delimiter, encoding, header, keep_ints): with image_col an image CSV, else a
-    tabular CSV (Parquet of typed columns).
+    tabular CSV (Parquet of typed columns); a Hugging Face SRC takes image_col and label_col.
+    split="train=0.8,val=0.2" (or a dict, or a `SplitOptions`): a stratified split drawn by
+    seed; validation_split=0.2: Keras' own cut (shardkit.conversion.split). The summary of a
+    split is a `SplitSummary` (``.splits``: each part's).
     executor: run tasks there instead of a local process pool (image inputs).
 
     Returns a `ConvertSummary`. Raises ConfigError, InputError, OutputExistsError,

@@ -95,5 +95,5 @@ def keras_rows(exists: np.ndarray, validation: float) -> np.ndarray:
 def keras_table(n: int, validation: float) -> np.ndarray:
     """model.fit(validation_split=v)'s cut (0 = train, 1 = val) of `n` rows."""
     part = np.ones(n, dtype=np.int64)
-    part[:int(math.floor(n * (1.0 - validation)))] = 0
+    part[:math.floor(n * (1.0 - validation))] = 0
     return part

@@ -21,21 +21,20 @@ columns (typed, in CSV order; several label columns are the float32 list ``targe
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
-
-import json
 
 import pyarrow as pa
 
 __all__ = [
+    "ENCODED_IMAGE",
+    "HF_METADATA_KEY",
     "IMAGE_MEMBER",
     "JSON_KEYS",
     "METADATA_FIELDS",
     "META_TYPES",
     "TARGET_FIELD",
-    "ENCODED_IMAGE",
-    "HF_METADATA_KEY",
     "arrow_schema",
     "fields_from_json",
     "hf_features",
