@@ -10,6 +10,7 @@ Public API::
     shardkit.to_device(batch, device, mean=..., std=...)
     shardkit.Augment(...)                      (per-sample augmentation: ShardLoader(..., augment=...))
     shardkit.monitor(loader) -> Monitor       (how long the loop waits for data; needs no torch)
+    shardkit.keras.dataset(path, batch_size, ...)  (Keras 3 model.fit; the [keras] extra)
 """
 
 from typing import Any
@@ -74,4 +75,8 @@ def __getattr__(name: str) -> Any:
 
         module = importlib.import_module(f"shardkit.reader.{_TORCH_NAMES[name]}")
         return getattr(module, name)
+    if name == "keras":  # a submodule, imported when used (it needs torch)
+        import importlib
+
+        return importlib.import_module("shardkit.keras")
     raise AttributeError(f"module 'shardkit' has no attribute {name!r}")

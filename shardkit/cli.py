@@ -62,8 +62,8 @@ def _parser() -> argparse.ArgumentParser:
 
     conv = commands.add_parser(
         "convert", help="convert an image folder into shards",
-        description="Convert SRC (class-per-folder tree, or a flat folder of images) into a "
-                    "sharded dataset in OUT.",
+        description="Convert SRC (class-per-folder tree, a flat folder of images, a CSV, or a "
+                    "Hugging Face dataset on disk) into a sharded dataset in OUT.",
     )
     conv.add_argument("src", metavar="SRC")
     conv.add_argument("out", metavar="OUT")
@@ -89,12 +89,21 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument("--shard-size", default=None, help="target shard size (default 256MB)")
     size.add_argument("--samples-per-shard", type=int, default=None)
     out.add_argument("--shuffle", action="store_true", help="seeded global shuffle of the inputs")
-    out.add_argument("--seed", type=int, default=0)
-    table = conv.add_argument_group("CSV inputs (SRC ending in .csv)")
+    out.add_argument("--seed", type=int, default=0, help="seed of --shuffle and --split")
+    split = out.add_mutually_exclusive_group()
+    split.add_argument("--split", default=None, metavar="NAME=F,...",
+                       help="write OUT/NAME/ per part, e.g. train=0.8,val=0.2: stratified per "
+                            "class, drawn by --seed")
+    split.add_argument("--validation-split", type=float, default=None, metavar="V",
+                       help="OUT/train/ and OUT/val/ cut as Keras' ImageDataGenerator("
+                            "validation_split=V) cuts them")
+    table = conv.add_argument_group("CSV inputs (SRC ending in .csv) and Hugging Face datasets")
     table.add_argument("--image-col", default=None,
-                       help="column of image paths (an image CSV); omit for a tabular CSV")
+                       help="column of image paths (an image CSV; omit for a tabular CSV), or a "
+                            "Hugging Face dataset's image column (default image)")
     table.add_argument("--label-col", default=None,
-                       help="label column, or several comma-separated (float32 targets)")
+                       help="label column, or several comma-separated (float32 targets); a "
+                            "Hugging Face dataset's label column (default label)")
     table.add_argument("--root", default=None,
                        help="folder relative image paths start from (default: the CSV's folder)")
     table.add_argument("--columns", default=None, help="comma-separated feature columns to keep")
@@ -174,6 +183,7 @@ def _convert(args: argparse.Namespace) -> int:
         "max_pixels": args.max_pixels, "draft": not args.no_draft, "format": args.format,
         "codec": args.codec, "quality": args.quality, "compression": args.compression,
         "samples_per_shard": args.samples_per_shard, "shuffle": args.shuffle, "seed": args.seed,
+        "split": args.split, "validation_split": args.validation_split,
         "workers": args.workers, "overwrite": args.overwrite, "resume": args.resume,
         "max_errors": args.max_errors,
         "image_col": args.image_col, "label_col": args.label_col, "root": args.root,

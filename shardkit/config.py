@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -25,9 +26,11 @@ __all__ = [
     "ConvertConfig",
     "CsvOptions",
     "ErrorBudget",
+    "HfOptions",
     "ImageOptions",
     "ReadOptions",
     "RunOptions",
+    "SplitOptions",
     "usable_cpus",
 ]
 
@@ -152,6 +155,63 @@ class CsvOptions:
                               "or label columns")
 
 
+SPLIT_METHODS: tuple[str, ...] = ("stratified", "keras")
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitOptions:
+    """A split at conversion: OUT/<name>/ for each part, each a complete dataset (own
+    index.json, the same classes in the same order); every input is in exactly one part.
+
+    parts: (name, fraction) pairs: at least two, names unique (letters, digits, _ and -),
+        fractions > 0 adding up to 1.
+    method: ``stratified`` (per class, a seeded random choice: ConvertConfig.seed) or
+        ``keras`` (Keras' own cut, two parts ``train`` and ``val``; `keras` builds it): see
+        shardkit.conversion.split.
+    """
+
+    parts: tuple[tuple[str, float], ...] = (("train", 0.8), ("val", 0.2))
+    method: Literal["stratified", "keras"] = "stratified"
+
+    def __post_init__(self) -> None:
+        parts = tuple((str(n), float(f)) for n, f in self.parts)
+        object.__setattr__(self, "parts", parts)
+        _check_choice("split method", self.method, SPLIT_METHODS)
+        if len(parts) < 2 or len({n for n, _ in parts}) != len(parts):
+            raise ConfigError(f"split needs two or more parts with distinct names; got {self.names}")
+        for name, fraction in parts:
+            if not _SPLIT_NAME.match(name):
+                raise ConfigError(f"split part name {name!r}: use letters, digits, _ and -")
+            if not 0.0 < fraction < 1.0:
+                raise ConfigError(f"split part {name!r}: fraction must be between 0 and 1; got {fraction}")
+        if abs(sum(f for _, f in parts) - 1.0) > 1e-6:
+            raise ConfigError(f"split fractions must add up to 1; got {sum(f for _, f in parts):g}")
+        if self.method == "keras" and self.names != ("train", "val"):
+            raise ConfigError("a Keras split has the parts train and val (SplitOptions.keras)")
+
+    @classmethod
+    def keras(cls, validation_split: float) -> SplitOptions:
+        """``ImageDataGenerator(validation_split=v)``'s cut: val is v of each class."""
+        if isinstance(validation_split, bool) or not 0.0 < float(validation_split) < 1.0:
+            raise ConfigError(f"validation_split must be between 0 and 1; got {validation_split!r}")
+        v = float(validation_split)
+        return cls(parts=(("train", 1.0 - v), ("val", v)), method="keras")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.parts)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HfOptions:
+    """A Hugging Face SRC (conversion.sources.hf): its image column (None: ``image``) and
+    label column (None: ``label`` when there is one)."""
+
+    image_col: str | None = None
+    label_col: str | None = None
+
+
 @dataclass(frozen=True, kw_only=True)
 class ConvertConfig:
     """Every option that decides the bytes of a converted dataset.
@@ -162,7 +222,9 @@ class ConvertConfig:
     compression: Parquet compression of the image column (``none`` or ``zstd``).
     shard_bytes / samples_per_shard: give exactly one; shard_bytes is converted to a sample
         count at plan time (exact for raw, an estimate for jpeg/png).
-    shuffle / seed: a seeded global shuffle of the input order at plan time.
+    shuffle / seed: a seeded global shuffle of the input order at plan time (the seed
+        also draws a stratified split).
+    split: OUT/<part>/ per part of a `SplitOptions`; hf: the columns of a Hugging Face SRC.
     """
 
     image: ImageOptions = field(default_factory=ImageOptions)
@@ -176,6 +238,10 @@ class ConvertConfig:
     seed: int = 0
     #: Set when SRC is a CSV file (image or tabular CSV); None for image folders.
     csv: CsvOptions | None = None
+    #: A train/validation split: OUT/<part>/ per part (None: OUT is one dataset).
+    split: SplitOptions | None = None
+    #: Set when SRC is a Hugging Face dataset on disk.
+    hf: HfOptions | None = None
 
     def __post_init__(self) -> None:
         _check_choice("format", self.format, FORMATS)
@@ -197,8 +263,9 @@ class ConvertConfig:
     def to_json(self) -> dict[str, Any]:
         """The resolved configuration as JSON-ready values (tuples become lists)."""
         resolved: dict[str, Any] = _jsonable(dataclasses.asdict(self))
-        if self.csv is None:
-            del resolved["csv"]  # folder conversions keep the manifest they always had
+        for name in ("csv", "split", "hf"):
+            if getattr(self, name) is None:
+                del resolved[name]  # folder conversions keep the manifest they always had
         return resolved
 
 

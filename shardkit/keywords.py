@@ -5,14 +5,14 @@
 `ReadKeywords` type them for editors and mypy (``**options: Unpack[...]``). Their names and
 types are the config fields' (tests/test_options.py holds them to it), plus a few friendly
 forms: ``size=224`` or ``"150x150"``, ``shard_size="256MB"``, ``max_errors="1%"`` or ``5``,
-``label_col="a,b"``.
+``label_col="a,b"``, ``split="train=0.8,val=0.2"``, ``validation_split=0.2``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from shardkit.config import (
@@ -24,10 +24,12 @@ from shardkit.config import (
     ErrorBudget,
     Filter,
     Format,
+    HfOptions,
     ImageOptions,
     ReadOptions,
     ResizeMode,
     RunOptions,
+    SplitOptions,
 )
 from shardkit.errors import ConfigError
 
@@ -41,6 +43,7 @@ __all__ = [
     "parse_byte_size",
     "parse_max_errors",
     "parse_size",
+    "parse_split",
     "read_options",
 ]
 
@@ -101,6 +104,9 @@ class ConvertKeywords(TypedDict, total=False):
     header: Literal["auto", "yes", "no"]
     keep_ints: bool
     csv: CsvOptions | None
+    split: str | Mapping[str, float] | SplitOptions | None
+    validation_split: float | None
+    hf: HfOptions | None
 
 
 def read_options(options: ReadOptions | None, keywords: dict[str, Any]) -> ReadOptions:
@@ -143,6 +149,23 @@ def parse_byte_size(text: str) -> int:
     return int(number * base**power)
 
 
+def parse_split(value: str | Mapping[str, float]) -> SplitOptions:
+    """``"train=0.8,val=0.2"`` or ``{"train": 0.8, "val": 0.2}`` → a stratified split."""
+    if isinstance(value, str):
+        parts = []
+        for item in value.split(","):
+            name, sep, fraction = item.partition("=")
+            try:
+                parts.append((name.strip(), float(fraction)))
+            except ValueError:
+                sep = ""
+            if not sep:
+                raise ConfigError(f"--split takes name=fraction pairs like train=0.8,val=0.2; "
+                                  f"got {value!r}") from None
+        return SplitOptions(parts=tuple(parts))
+    return SplitOptions(parts=tuple(value.items()))
+
+
 def parse_max_errors(text: str) -> ErrorBudget:
     """``"5"`` → at most 5 failures; ``"1%"`` → at most 1% of the inputs."""
     text = text.strip()
@@ -159,7 +182,7 @@ _CONVERT_FIELDS = frozenset(f.name for f in dataclasses.fields(ConvertConfig)) -
 _RUN_FIELDS = frozenset(f.name for f in dataclasses.fields(RunOptions))
 _CSV_FIELDS = frozenset(f.name for f in dataclasses.fields(CsvOptions))
 #: Convenience spellings accepted by `configs_from_options` (and so by ``shardkit.convert``).
-_ALIASES = frozenset({"shard_size", "label_col"}) | _CSV_FIELDS
+_ALIASES = frozenset({"shard_size", "label_col", "validation_split"}) | _CSV_FIELDS
 
 
 def csv_options(options: dict[str, Any]) -> CsvOptions:
@@ -214,6 +237,13 @@ def _from_keywords(options: dict[str, Any]) -> tuple[ConvertConfig, RunOptions]:
     convert_kw = {k: v for k, v in options.items() if k in _CONVERT_FIELDS}
     if "csv" not in convert_kw and (_CSV_FIELDS | {"label_col"}) & set(options):
         convert_kw["csv"] = csv_options(options)
+    split = convert_kw.get("split")
+    if isinstance(split, (str, Mapping)):
+        convert_kw["split"] = parse_split(split)
+    if options.get("validation_split") is not None:
+        if split is not None:
+            raise ConfigError("give --split or --validation-split, not both")
+        convert_kw["split"] = SplitOptions.keras(options["validation_split"])
     if "shard_size" in options:
         value = options["shard_size"]
         convert_kw["shard_bytes"] = parse_byte_size(value) if isinstance(value, str) else int(value)

@@ -1,9 +1,10 @@
-"""The examples run end to end: the training script, and the Makefile pipeline with reruns."""
+"""The examples run end to end: the training scripts, and the Makefile pipeline with reruns."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -94,3 +95,22 @@ def test_makefile_pipeline_reruns_nothing_when_up_to_date(src: Path, tmp_path: P
     assert third.returncode == 0, third.stderr
     assert len(shardkit.open(work / "shards")) == 3 * PER_CLASS + 1
     assert make("-q", src=raw, work=work).returncode == 0
+
+
+def test_keras_fit_trains_from_a_keras_split_of_the_class_folders(src: Path, tmp_path: Path) -> None:
+    history = tmp_path / "history.json"
+    env = {**os.environ, "KERAS_BACKEND": "torch"}  # Keras' own setting: the backend this test uses
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "keras_fit.py"), str(src), "--out", str(tmp_path / "shards"),
+         "--size", "32", "--epochs", "2", "--batch-size", "8", "--workers", "0",
+         "--history", str(history)], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(history.read_text())
+    val_per_class = int(0.2 * PER_CLASS)  # ImageDataGenerator(validation_split=0.2)'s cut
+    assert len(shardkit.open(tmp_path / "shards" / "val")) == 3 * val_per_class
+    assert len(shardkit.open(tmp_path / "shards" / "train")) == 3 * (PER_CLASS - val_per_class)
+    assert data["steps"] == math.ceil(3 * (PER_CLASS - val_per_class) / 8)
+    assert data["val_steps"] == math.ceil(3 * val_per_class / 8)
+    assert len(data["history"]["loss"]) == len(data["history"]["val_accuracy"]) == 2
+    assert data["classes"] == ["class_0", "class_1", "class_2"]
+    assert "validation: loss" in result.stdout

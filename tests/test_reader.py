@@ -307,7 +307,9 @@ def test_jpeg_files_decoded_by_to_device_match_the_cpu_loader(src: Path, tmp_pat
         if fmt == "tar":
             files = [data for _key, field, data in iter_members(out / record.file) if field == "jpg"]
         else:
-            files = pq.read_table(out / record.file, columns=["image"]).column("image").to_pylist()
+            # jpeg/png Parquet images are Hugging Face's Image storage: {bytes, path}
+            image = pq.read_table(out / record.file, columns=["image"]).column("image")
+            files = image.combine_chunks().field("bytes").to_pylist()
         first = number * 8
         stored.update({first + i: data for i, data in enumerate(files)})
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.5]

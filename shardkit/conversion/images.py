@@ -31,7 +31,7 @@ import os
 import threading
 import warnings
 from collections.abc import Iterator
-from typing import Final
+from typing import BinaryIO, Final
 
 import numpy as np
 import simplejpeg
@@ -45,6 +45,7 @@ __all__ = [
     "ImageFailure",
     "encode",
     "load_image",
+    "load_image_bytes",
     "pillow_limits",
 ]
 
@@ -165,7 +166,14 @@ def load_image(path: str | os.PathLike[str], options: ImageOptions, *,
         handle.close()
 
 
-def _decode(handle: io.BufferedReader, options: ImageOptions,
+def load_image_bytes(data: bytes, options: ImageOptions) -> tuple[Image.Image, tuple[int, int]]:
+    """`load_image` for an image held in memory (a Hugging Face dataset's bytes)."""
+    if not data:
+        raise ImageFailure("read", "empty_file", "the image bytes are empty")
+    return _decode(io.BytesIO(data), options, True)
+
+
+def _decode(handle: BinaryIO, options: ImageOptions,
             fast: bool) -> tuple[Image.Image, tuple[int, int]]:
     try:
         im = Image.open(handle, formats=ALLOWED_FORMATS)
@@ -211,7 +219,7 @@ def _decode(handle: io.BufferedReader, options: ImageOptions,
         raise ImageFailure("transform", "transform_error", _describe(exc)) from None
 
 
-def _turbo_jpeg(im: Image.Image, handle: io.BufferedReader) -> Image.Image | None:
+def _turbo_jpeg(im: Image.Image, handle: BinaryIO) -> Image.Image | None:
     """`im` (opened, drafted, not loaded) decoded by libjpeg-turbo at its drafted size, or
     None when Pillow must decode it: not a plain JPEG (MPO, CMYK, YCCK), or refused by
     simplejpeg's strict mode (Pillow then decides, with its own error, as before).

@@ -8,23 +8,25 @@ every worker busy and the progress bar moves.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from shardkit.config import ConvertConfig
 from shardkit.conversion.report import FailureRecord
 from shardkit.conversion.sources.image_csv import list_image_csv
-from shardkit.conversion.sources.imagefolder import list_image_folder
-from shardkit.conversion.sources.records import InputRecord, Permuted, RecordSpool
+from shardkit.conversion.sources.imagefolder import Listing, list_image_folder
+from shardkit.conversion.sources.records import InputRecord, Permuted, RecordSpool, Selected
 from shardkit.format import tar
 from shardkit.format.manifest import fingerprint, shard_name
 
-__all__ = ["PART_SAMPLES", "Plan", "make_plan", "rows_per_group"]
+__all__ = ["PART_SAMPLES", "Plan", "list_inputs", "make_plan", "plan_of", "rows_per_group"]
 
 PART_SAMPLES = 64
 #: Target bytes of image data per Parquet row group: large enough for whole-batch reads.
@@ -45,6 +47,16 @@ class Plan:
     fingerprint: str
     #: CSV metadata columns (name, type) carried by every sample; empty for folders.
     meta_types: tuple[tuple[str, str], ...] = ()
+    #: The part of a split this plan converts (None: the whole source).
+    subset: str | None = None
+    #: A Hugging Face source: the column of the images inside its data files.
+    image_col: str | None = None
+
+    @property
+    def resolved(self) -> dict[str, Any]:
+        """The config as index.json records it (and the fingerprint hashes it)."""
+        resolved = self.config.to_json()
+        return resolved if self.subset is None else {**resolved, "subset": self.subset}
 
     @property
     def labeled(self) -> bool:
@@ -96,28 +108,41 @@ def make_plan(src: str | os.PathLike[str], config: ConvertConfig, *,
               spill_dir: str | os.PathLike[str] | None = None) -> Plan:
     """List `src`, apply the optional seeded shuffle and size the shards. A long input list
     spills to an unnamed file in `spill_dir` (default: the system's temporary folder)."""
+    return plan_of(list_inputs(src, config, spill_dir=spill_dir), config)
+
+
+def list_inputs(src: str | os.PathLike[str], config: ConvertConfig, *,
+                spill_dir: str | os.PathLike[str] | None = None) -> Listing:
+    """The inputs of `src`, in listing order (the source the config names)."""
+    if config.hf is not None:
+        from shardkit.conversion.sources.hf import list_hf_dataset
+
+        return list_hf_dataset(src, config.hf, spill_dir=spill_dir)
     if config.csv is not None:
         assert config.csv.image_col is not None  # tabular CSVs are converted by shardkit.conversion.tabular
-        listing = list_image_csv(src, config.csv, spill_dir=spill_dir)
-    else:
-        listing = list_image_folder(src, spill_dir=spill_dir)
-    records: Sequence[InputRecord] = listing.records
+        return list_image_csv(src, config.csv, spill_dir=spill_dir)
+    return list_image_folder(src, spill_dir=spill_dir)
+
+
+def plan_of(listing: Listing, config: ConvertConfig, *, select: np.ndarray | None = None,
+            failures: Sequence[FailureRecord] | None = None, subset: str | None = None) -> Plan:
+    """The plan of `listing`'s inputs, or of those at `select` (a split's part `subset`,
+    carrying `failures` instead of the listing's)."""
+    # The fingerprint hashes the inputs in listing order, before the shuffle.
+    listed: Sequence[InputRecord] = listing.records if select is None else Selected(listing.records, select)
+    records = listed
     if config.shuffle:
-        records = Permuted(records, np.random.default_rng(config.seed).permutation(len(records)))
-    failures = list(listing.failures)
-    return Plan(
-        config=config,
-        records=records,
-        classes=listing.classes,
-        failures=failures,
+        order = np.random.default_rng(config.seed).permutation(len(listed))
+        records = Permuted(listed, order) if select is None else Selected(listing.records, select[order])
+    plan = Plan(
+        config=config, records=records, classes=listing.classes,
+        failures=list(listing.failures if failures is None else failures),
         samples_per_shard=_samples_per_shard(config, listing.classes is not None),
-        fingerprint=fingerprint(
-            config.to_json(), listing.classes,
-            itertools.chain(listing.extra_inputs,
-                            ((r.source, r.size, r.mtime_ns) for r in listing.records)),
-        ),
-        meta_types=listing.meta_types,
+        fingerprint="", meta_types=listing.meta_types, subset=subset, image_col=listing.image_col,
     )
+    digest = fingerprint(plan.resolved, listing.classes, itertools.chain(
+        listing.extra_inputs, ((r.source, r.size, r.mtime_ns) for r in listed)))
+    return dataclasses.replace(plan, fingerprint=digest)
 
 
 def sample_bytes_estimate(config: ConvertConfig, labeled: bool) -> int:

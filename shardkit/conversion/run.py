@@ -24,8 +24,8 @@ from shardkit.conversion.executors import InlineExecutor, local_pool
 from shardkit.conversion.plan import Plan, make_plan, rows_per_group
 from shardkit.conversion.report import ConvertSummary
 from shardkit.conversion.scheduler import Scheduler
-from shardkit.conversion.sources.csv import source_config
-from shardkit.conversion.tabular import plan_table, write_table
+from shardkit.conversion.sources.hf import resolve_source
+from shardkit.conversion.tabular import TablePlan, plan_table, write_table
 from shardkit.errors import ConfigError, TooManyFailuresError
 from shardkit.format.manifest import Manifest
 from shardkit.format.samples import image_schema
@@ -36,14 +36,15 @@ if TYPE_CHECKING:
 
     from shardkit.keywords import ConvertKeywords
 
-__all__ = ["convert", "run_conversion"]
+__all__ = ["convert", "convert_images", "convert_table", "run_conversion"]
 
 
 def convert(src: str | os.PathLike[str], out: str | os.PathLike[str],
             config: ConvertConfig | None = None, run: RunOptions | None = None, *,
             executor: cf.Executor | None = None,
             **options: Unpack[ConvertKeywords]) -> ConvertSummary:
-    """Convert the image folder or CSV file `src` into a shardkit dataset in `out`.
+    """Convert the image folder, CSV file or Hugging Face dataset `src` into a shardkit
+    dataset in `out` (or, with ``split=``/``validation_split=``, one per part in OUT/<part>/).
 
     Options come as config objects (`config`: what decides the bytes; `run`: how the run
     goes) or as keywords (`shardkit.keywords.ConvertKeywords`): any field of `ImageOptions`,
@@ -51,7 +52,10 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str],
     or samples_per_shard, shuffle, seed, workers, overwrite, max_errors, ...), and for a
     ``.csv`` SRC any field of `CsvOptions` (image_col, label_col="a" or "a,b", root, columns,
     exclude, delimiter, encoding, header, keep_ints): with image_col an image CSV, else a
-    tabular CSV (Parquet of typed columns).
+    tabular CSV (Parquet of typed columns); a Hugging Face SRC takes image_col and label_col.
+    split="train=0.8,val=0.2" (or a dict, or a `SplitOptions`): a stratified split drawn by
+    seed; validation_split=0.2: Keras' own cut (shardkit.conversion.split). The summary of a
+    split is a `SplitSummary` (``.splits``: each part's).
     executor: run tasks there instead of a local process pool (image inputs).
 
     Returns a `ConvertSummary`. Raises ConfigError, InputError, OutputExistsError,
@@ -67,32 +71,53 @@ def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
                    executor: cf.Executor | None = None) -> ConvertSummary:
     """Plan, execute and commit (see the module docstring); `convert` with config objects."""
     started = time.perf_counter()
-    config = source_config(src, config)
+    config = resolve_source(src, config)
+    if config.split is not None:
+        from shardkit.conversion.split_run import run_split
+
+        return _check_budget(run_split(src, out, config, run, executor=executor), run)
     if config.csv is not None and config.csv.image_col is None:  # a tabular CSV
-        if executor is not None:
-            raise ConfigError(
-                f"{src}: a tabular CSV converts in this process (pyarrow parses it with its own "
-                "threads and Parquet is written as the file streams by); --dask-scheduler and "
-                "executor= apply to image inputs"
-            )
-        table = plan_table(src, config)
-        with Commit(Path(out), table.fingerprint, overwrite=run.overwrite, resume=run.resume) as commit:
-            if commit.state is State.DONE:
-                return _check_budget(commit.up_to_date(seconds=time.perf_counter() - started,
-                                                       workers=1, unit="rows"), run)
-            return _check_budget(write_table(table, commit, started), run)
-    # Absolute paths: tasks may run in processes with another working directory (Dask workers).
-    # A long input list spills beside OUT (same filesystem, not a RAM-backed /tmp).
-    parent = Path(out).absolute().parent
-    plan = make_plan(os.path.abspath(src), config, spill_dir=parent if parent.is_dir() else None)
+        _no_executor_for_tables(src, executor)
+        return _check_budget(convert_table(plan_table(src, config), Path(out), run, started), run)
+    plan = make_plan(os.path.abspath(src), config, spill_dir=spill_dir(out))
     try:
-        with Commit(Path(out), plan.fingerprint, overwrite=run.overwrite, resume=run.resume) as commit:
-            if commit.state is State.DONE:
-                return _check_budget(commit.up_to_date(seconds=time.perf_counter() - started,
-                                                       workers=run.resolved_workers), run)
-            return _check_budget(_run_images(plan, commit, run, executor, started), run)
+        return _check_budget(convert_images(plan, Path(out), run, executor, started), run)
     finally:
         plan.close()  # the spilled input list, if any: its disk space is freed now
+
+
+def spill_dir(out: str | os.PathLike[str]) -> Path | None:
+    """Where a long input list spills: beside OUT (same filesystem, not a RAM-backed /tmp)."""
+    parent = Path(out).absolute().parent
+    return parent if parent.is_dir() else None
+
+
+def _no_executor_for_tables(src: str | os.PathLike[str], executor: cf.Executor | None) -> None:
+    if executor is not None:
+        raise ConfigError(
+            f"{src}: a tabular CSV converts in this process (pyarrow parses it with its own "
+            "threads and Parquet is written as the file streams by); --dask-scheduler and "
+            "executor= apply to image inputs"
+        )
+
+
+def convert_table(table: TablePlan, out: Path, run: RunOptions, started: float) -> ConvertSummary:
+    """Write the tabular plan `table` into `out` through the commit (no error budget check)."""
+    with Commit(out, table.fingerprint, overwrite=run.overwrite, resume=run.resume) as commit:
+        if commit.state is State.DONE:
+            return commit.up_to_date(seconds=time.perf_counter() - started, workers=1, unit="rows")
+        return write_table(table, commit, started)
+
+
+def convert_images(plan: Plan, out: Path, run: RunOptions, executor: cf.Executor | None,
+                   started: float) -> ConvertSummary:
+    """Execute and commit `plan` into `out` (no error budget check). Absolute paths in the
+    plan: tasks may run in processes with another working directory (Dask workers)."""
+    with Commit(out, plan.fingerprint, overwrite=run.overwrite, resume=run.resume) as commit:
+        if commit.state is State.DONE:
+            return commit.up_to_date(seconds=time.perf_counter() - started,
+                                     workers=run.resolved_workers)
+        return _run_images(plan, commit, run, executor, started)
 
 
 def _run_images(plan: Plan, commit: Commit, run: RunOptions, executor: cf.Executor | None,
@@ -129,7 +154,7 @@ def _run_images(plan: Plan, commit: Commit, run: RunOptions, executor: cf.Execut
     manifest = Manifest(
         kind="images", schema=schema, classes=plan.classes,
         class_counts=counts if plan.labeled else None, shards=shards, inputs=plan.inputs,
-        failed=len(all_failures), config=config.to_json(), fingerprint=plan.fingerprint,
+        failed=len(all_failures), config=plan.resolved, fingerprint=plan.fingerprint,
     )
     return commit.complete(manifest, all_failures, summary={
         "seconds": time.perf_counter() - started, "workers": workers,

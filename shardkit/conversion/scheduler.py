@@ -80,6 +80,7 @@ class Scheduler:
                     classes=classes,
                     path=str(self.tmp / f"{shard}.{number}.part"), key_width=plan.key_width,
                     json_blocks=blocks, config=plan.config, meta_types=plan.meta_types,
+                    image_col=plan.image_col,
                 )
 
     def _submit(self, kind: str, shard: int, fn: Any, task: Any) -> None:
@@ -126,6 +127,7 @@ class Scheduler:
                 tmp_path=str(self.tmp / plan.shard_file(result.shard)), labeled=plan.labeled,
                 rows_per_group=rows_per_group(plan.config, plan.labeled), config=plan.config,
                 meta_types=plan.meta_types,
+                classes=tuple(plan.classes) if plan.classes is not None else None,
             ))
 
     def _shard_done(self, shard: int, result: tuple[int, str]) -> None:

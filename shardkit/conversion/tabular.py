@@ -90,6 +90,13 @@ class TableLayout:
             return pa.int64()
         return pa.float32()
 
+    def types(self) -> dict[str, pa.DataType]:
+        return {c.name: self.arrow_type(c) for c in self.stored()}
+
+    def required(self) -> dict[str, str]:
+        """Columns a row must have (else it is reported): the labels."""
+        return {c.name: "missing_label" for c in self.labels}
+
     def stored(self) -> list[Column]:
         """Stored columns after ``row``: features, then labels, then plain text."""
         return [*self.features, *self.labels, *self.text]
@@ -111,10 +118,16 @@ class TablePlan:
     config: ConvertConfig
     resolved: dict[str, Any]
     fingerprint: str
+    #: A split's part: the CSV row numbers it keeps (sorted; None: every good row), and
+    #: whether its error report lists the bad rows (the first part's does).
+    rows: np.ndarray | None = None
+    report_bad: bool = True
 
 
-def plan_table(src: str | os.PathLike[str], config: ConvertConfig) -> TablePlan:
-    """The plan of converting the tabular CSV `src` (nothing is read but its size and mtime)."""
+def plan_table(src: str | os.PathLike[str], config: ConvertConfig, *, subset: str | None = None,
+               rows: np.ndarray | None = None, report_bad: bool = True) -> TablePlan:
+    """The plan of converting the tabular CSV `src` (nothing is read but its size and mtime),
+    or the part `subset` of a split, which keeps the CSV rows `rows`."""
     assert config.csv is not None and config.csv.image_col is None
     if config.shuffle:
         raise ConfigError("--shuffle applies to images; a tabular CSV keeps its row order "
@@ -129,8 +142,27 @@ def plan_table(src: str | os.PathLike[str], config: ConvertConfig) -> TablePlan:
     resolved = {"format": "parquet", "kind": "table", "shard_bytes": config.shard_bytes,
                 "samples_per_shard": config.samples_per_shard,
                 "csv": ConvertConfig(csv=config.csv).to_json()["csv"]}
-    return TablePlan(path=path, config=config, resolved=resolved,
+    if config.split is not None:
+        resolved.update(split=ConvertConfig(split=config.split).to_json()["split"], subset=subset)
+    return TablePlan(path=path, config=config, resolved=resolved, rows=rows, report_bad=report_bad,
                      fingerprint=fingerprint(resolved, None, [(path.name, st.st_size, st.st_mtime_ns)]))
+
+
+def good_rows(plan: TablePlan) -> tuple[np.ndarray, np.ndarray | None]:
+    """The CSV row numbers of the rows a conversion would keep, and their class labels (None
+    unless one label column of classes): what a split is drawn from. Reads the CSV twice."""
+    options = plan.config.csv
+    assert options is not None
+    stream = CsvStream(plan.path, options)
+    layout = TableLayout.of(stream.names, infer_columns(stream), options, plan.path)
+    rows: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
+    labels: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
+    for table, numbers in stream.blocks():
+        block = typed_block(table, numbers, layout.stored(), layout.types(), layout.required())
+        rows.append(np.asarray(block.rows, dtype=np.int64))
+        if layout.classes is not None:
+            labels.append(block.columns[layout.labels[0].name].to_numpy(zero_copy_only=False))
+    return np.concatenate(rows), np.concatenate(labels) if layout.classes is not None else None
 
 
 def write_table(plan: TablePlan, commit: Commit, started: float) -> ConvertSummary:
@@ -142,8 +174,10 @@ def write_table(plan: TablePlan, commit: Commit, started: float) -> ConvertSumma
     layout = TableLayout.of(stream.names, infer_columns(stream), options, plan.path)
     config = plan.config
     rows_per_shard = config.samples_per_shard or max(1, (config.shard_bytes or 0) // layout.row_bytes())
-    writer = TableWriter(commit, layout, rows_per_shard)
+    writer = TableWriter(commit, layout, rows_per_shard, keep=plan.rows)
     bad = writer.run(stream)
+    if not plan.report_bad:
+        bad = []  # a split's bad rows are reported once, by its first part
     failures = [FailureRecord(source=plan.path.name, stage="parse", reason=b.reason, detail=b.detail,
                               row=b.row) for b in sorted(bad, key=lambda b: b.row)]
     manifest = Manifest(
@@ -163,12 +197,14 @@ class TableWriter:
     and keeps per-column statistics of what was stored. On resume, a shard whose journal
     entry matches is passed over (its rows still count in the statistics), not rewritten."""
 
-    def __init__(self, commit: Commit, layout: TableLayout, rows_per_shard: int) -> None:
+    def __init__(self, commit: Commit, layout: TableLayout, rows_per_shard: int, *,
+                 keep: np.ndarray | None = None) -> None:
         self.commit, self.tmp, self.layout = commit, commit.tmp, layout
+        self.keep = keep  # a split's part: the CSV row numbers it holds
         self.rows_per_shard = rows_per_shard
         self.arrow = layout.schema()
-        self.types = {c.name: layout.arrow_type(c) for c in layout.stored()}
-        self.required = {c.name: "missing_label" for c in layout.labels}
+        self.types = layout.types()
+        self.required = layout.required()
         self.stats = {c.name: _Stats() for c in layout.stored()}
         self.records: list[ShardRecord] = []
         self.pending: list[pa.Table] = []
@@ -190,7 +226,10 @@ class TableWriter:
             if len(block.rows):
                 arrays = [pa.array(block.rows, pa.int64()),
                           *(block.columns[c.name] for c in self.layout.stored())]
-                self._add(pa.Table.from_arrays(arrays, schema=self.arrow))
+                good = pa.Table.from_arrays(arrays, schema=self.arrow)
+                if self.keep is not None:
+                    good = good.filter(pa.array(np.isin(np.asarray(block.rows), self.keep)))
+                self._add(good)
         if self.buffered:
             self._write_group()
         if self.open or not self.records:  # the last, shorter shard; or one empty shard

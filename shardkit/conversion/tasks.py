@@ -18,8 +18,9 @@ import PIL
 import pyarrow as pa
 
 from shardkit.config import ConvertConfig
-from shardkit.conversion.images import ImageFailure, encode, load_image, pillow_limits
+from shardkit.conversion.images import ImageFailure, encode, load_image, load_image_bytes, pillow_limits
 from shardkit.conversion.report import FailureRecord
+from shardkit.conversion.sources.hf import read_images
 from shardkit.conversion.sources.records import InputRecord
 from shardkit.conversion.writers import EncodedSample
 from shardkit.conversion.writers.parquet import ParquetPartWriter, assemble_parquet
@@ -42,6 +43,8 @@ class PartTask:
     config: ConvertConfig
     #: CSV metadata columns (name, type): the Parquet columns after the fixed ones.
     meta_types: tuple[tuple[str, str], ...] = ()
+    #: A Hugging Face source: the column of the records' data files holding their images.
+    image_col: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,8 @@ class ShardTask:
     rows_per_group: int
     config: ConvertConfig
     meta_types: tuple[tuple[str, str], ...] = ()
+    #: The class names (labelled datasets): Parquet shards name them for Hugging Face.
+    classes: tuple[str, ...] | None = None
 
 
 def run_part(task: PartTask) -> PartResult:
@@ -74,12 +79,13 @@ def run_part(task: PartTask) -> PartResult:
     failures: list[FailureRecord] = []
     counts = [0] * len(task.classes or ())
     written = 0
+    held = read_images(task.records, task.image_col) if task.image_col else None
     with pillow_limits():
         try:
             for offset, record in enumerate(task.records):
                 key = f"{task.first + offset:0{task.key_width}d}"
                 try:
-                    sample = _convert_one(record, key, task)
+                    sample = _convert_one(record, key, task, None if held is None else held[offset])
                 except ImageFailure as failure:
                     if failure.reason == "missing_file":  # one file, or all of SRC?
                         _require_source_root(record.path, record.source)
@@ -128,21 +134,31 @@ def _part_writer(task: PartTask, path: str) -> TarPartWriter | ParquetPartWriter
         return TarPartWriter(path, codec=config.codec, json_blocks=task.json_blocks,
                              classes=classes)
     return ParquetPartWriter(path, schema=shard_schema(config, task.classes is not None,
-                                                       task.meta_types))
+                                                       task.meta_types, task.classes))
 
 
 def shard_schema(config: ConvertConfig, labeled: bool,
-                 meta_types: tuple[tuple[str, str], ...] = ()) -> pa.Schema:
+                 meta_types: tuple[tuple[str, str], ...] = (),
+                 classes: tuple[str, ...] | None = None) -> pa.Schema:
     """The Arrow schema of a Parquet shard under `config` (plus CSV metadata columns)."""
     shape = config.image.fixed_shape
     pixel_bytes = shape[0] * shape[1] * shape[2] if shape and config.codec == "raw" else None
-    return arrow_schema(pixel_bytes=pixel_bytes, labeled=labeled, meta=meta_types)
+    return arrow_schema(pixel_bytes=pixel_bytes, labeled=labeled, meta=meta_types,
+                        codec=config.codec, classes=classes)
 
 
-def _convert_one(record: InputRecord, key: str, task: PartTask) -> EncodedSample:
+def _convert_one(record: InputRecord, key: str, task: PartTask,
+                 held: tuple[bytes | None, str | None] | None) -> EncodedSample:
     config = task.config
     try:
-        image, orig_size = load_image(record.path, config.image)
+        if held is None:
+            image, orig_size = load_image(record.path, config.image)
+        elif held[0] is not None:
+            image, orig_size = load_image_bytes(held[0], config.image)
+        elif held[1] is not None:
+            image, orig_size = load_image(held[1], config.image)
+        else:
+            raise ImageFailure("read", "missing_image", "the row holds no image (null)")
     except ImageFailure:
         raise
     except Exception as exc:
@@ -189,7 +205,8 @@ def run_shard(task: ShardTask) -> tuple[int, str]:
         result = assemble_tar(task.parts, scratch)
     else:
         result = assemble_parquet(
-            task.parts, scratch, schema=shard_schema(config, task.labeled, task.meta_types),
+            task.parts, scratch, schema=shard_schema(config, task.labeled, task.meta_types,
+                                                     task.classes),
             rows_per_group=task.rows_per_group, compression=config.compression,
         )
     os.replace(scratch, task.tmp_path)

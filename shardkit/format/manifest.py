@@ -6,10 +6,11 @@ last, atomically, after every shard it names is durable.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,14 +181,23 @@ class Manifest:
     @classmethod
     def read(cls, folder: str | os.PathLike[str]) -> Manifest:
         """Read and validate ``folder/index.json``; DatasetError says what is wrong."""
-        path = Path(folder) / INDEX_NAME
+        return cls.load(lambda: (Path(folder) / INDEX_NAME).read_bytes(), str(folder),
+                        str(Path(folder) / INDEX_NAME))[0]
+
+    @classmethod
+    def load(cls, read: Callable[[], builtins.bytes], dataset: str,
+             where: str) -> tuple[Manifest, builtins.bytes]:
+        """The manifest of `dataset` and the exact bytes of its index.json, which `read`
+        returns (from a local file or a URL) and `where` names. DatasetError when there is no
+        index.json (`read` raises FileNotFoundError), it is unreadable, or it is invalid."""
         try:
-            data = json.loads(path.read_bytes())
+            data = read()
+            parsed = json.loads(data)
         except FileNotFoundError:
-            raise DatasetError(f"{folder}: not a shardkit dataset (no {INDEX_NAME})") from None
+            raise DatasetError(f"{dataset}: not a shardkit dataset (no {INDEX_NAME})") from None
         except (OSError, ValueError) as exc:
-            raise DatasetError(f"{path}: unreadable: {exc}") from None
-        return cls.from_json(data, where=str(path))
+            raise DatasetError(f"{where}: unreadable: {exc}") from None
+        return cls.from_json(parsed, where=where), data
 
     @classmethod
     def from_json(cls, data: Any, *, where: str = INDEX_NAME) -> Manifest:

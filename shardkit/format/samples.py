@@ -10,11 +10,18 @@ columns (typed, in CSV order; several label columns are the float32 list ``targe
   ``<key>.cls``, the rest keys of ``<key>.json`` (`JSON_KEYS`: the original size is stored as
   ``width`` / ``height`` there, with the class name as ``class``).
 * Parquet: one column per field (`arrow_schema`), plus ``width`` / ``height`` when the image
-  column is variable-size binary.
+  column is variable-size. Raw pixels are ``fixed_size_binary(H*W*C)`` (or binary); jpeg/png
+  files are Hugging Face's ``Image`` storage, the struct {bytes, path} (`ENCODED_IMAGE`,
+  path null; shards of earlier versions hold plain binary, which readers still take:
+  `image_payloads`). The schema carries the ``huggingface`` metadata (`hf_features`) that
+  Hugging Face ``datasets`` reads the columns' features from; it applies a feature only
+  where the column's Arrow field is the feature's own (nullable, same type), so the label
+  and jpeg/png image columns are nullable (they never hold nulls).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +32,8 @@ import pyarrow as pa
 from shardkit.errors import CorruptShardError
 
 __all__ = [
+    "ENCODED_IMAGE",
+    "HF_METADATA_KEY",
     "IMAGE_MEMBER",
     "JSON_KEYS",
     "METADATA_FIELDS",
@@ -33,6 +42,9 @@ __all__ = [
     "arrow_schema",
     "check_labels",
     "fields_from_json",
+    "hf_features",
+    "image_array",
+    "image_payloads",
     "image_schema",
 ]
 
@@ -77,23 +89,79 @@ def image_schema(*, fmt: str, codec: str, shape: Sequence[int] | None, channels:
     return schema
 
 
+#: A Parquet jpeg/png image column: Hugging Face's ``Image`` storage (the file; path null).
+ENCODED_IMAGE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+#: The Arrow schema metadata key Hugging Face ``datasets`` reads features from.
+HF_METADATA_KEY = "huggingface"
+_HF_VALUES = {"string": "string", "int32": "int32", "int64": "int64", "float64": "float64",
+              "bool": "bool"}
+
+
+def hf_features(*, codec: str, labeled: bool, classes: Sequence[str] | None, variable: bool,
+                meta: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+    """The columns' Hugging Face features (``datasets.Features.to_dict()``'s form), in column
+    order: jpeg/png images are ``Image`` (datasets decodes them); raw pixels stay ``binary``
+    (``Array3D`` would need nested lists of uint8 in the file, 4 bytes a pixel in Parquet,
+    which no reader could map): ``np.frombuffer(row["image"], np.uint8).reshape(shape)``
+    with index.json's shape. Labels are a ``ClassLabel`` with the class names."""
+    def value(dtype: str) -> dict[str, Any]:
+        return {"dtype": dtype, "_type": "Value"}
+
+    features: dict[str, Any] = {"key": value("string"),
+                                "image": {"_type": "Image"} if codec != "raw" else value("binary")}
+    if labeled:
+        features["label"] = {"names": list(classes), "_type": "ClassLabel"} if classes is not None \
+            else value("int64")
+    features.update({name: value(_FIXED[name][0]) for name in METADATA_FIELDS[1:]})
+    if variable:
+        features.update(width=value("int32"), height=value("int32"))
+    for name, kind in meta:
+        features[name] = {"feature": value("float32"), "_type": "Sequence"} \
+            if kind == "float32_list" else value(_HF_VALUES[kind])
+    return features
+
+
 def arrow_schema(*, pixel_bytes: int | None, labeled: bool,
-                 meta: Sequence[tuple[str, str]] = ()) -> pa.Schema:
+                 meta: Sequence[tuple[str, str]] = (), codec: str = "raw",
+                 classes: Sequence[str] | None = None) -> pa.Schema:
     """A Parquet shard's Arrow schema: `pixel_bytes` is H*W*C for fixed-shape raw images, else
     None (variable-size binary plus ``width``/``height``); `meta`: CSV columns (name, type)
-    appended, nullable, after the fixed ones."""
+    appended, nullable, after the fixed ones. Its metadata holds the columns' Hugging Face
+    features (`hf_features`; `codec` and `classes` decide the image's and label's)."""
     fields: list[pa.Field] = [
         pa.field("key", pa.string(), nullable=False),
+        pa.field("image", ENCODED_IMAGE) if codec != "raw" else
         pa.field("image", pa.binary(pixel_bytes) if pixel_bytes else pa.binary(), nullable=False),
     ]
     if labeled:
-        fields.append(pa.field("label", pa.int64(), nullable=False))
+        fields.append(pa.field("label", pa.int64()))  # nullable: what ClassLabel's field is
     fields += [pa.field(name, _FIXED[name][1], nullable=False) for name in METADATA_FIELDS[1:]]
     if pixel_bytes is None:
         fields += [pa.field("width", pa.int32(), nullable=False),
                    pa.field("height", pa.int32(), nullable=False)]
     fields += [pa.field(name, META_TYPES[kind]) for name, kind in meta]
-    return pa.schema(fields)
+    features = hf_features(codec=codec, labeled=labeled, classes=classes,
+                           variable=pixel_bytes is None, meta=meta)
+    return pa.schema(fields, metadata={HF_METADATA_KEY: json.dumps({"info": {"features": features}})})
+
+
+def image_array(payloads: Sequence[bytes], kind: pa.DataType) -> pa.Array:
+    """The Parquet image column of `payloads` (stored files or raw pixels) as `kind`."""
+    if kind != ENCODED_IMAGE:
+        return pa.array(payloads, type=kind)
+    files = pa.array(payloads, type=pa.binary())
+    return pa.StructArray.from_arrays([files, pa.nulls(len(files), pa.string())],
+                                      fields=list(ENCODED_IMAGE))
+
+
+def image_payloads(column: pa.ChunkedArray | pa.Array) -> list[bytes]:
+    """The stored bytes of a Parquet image column, one per row: the struct's files, or a
+    binary column's values (raw, or jpeg/png shards of earlier versions)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    if pa.types.is_struct(column.type):
+        column = column.field("bytes")
+    return list(column.to_pylist())
 
 
 def fields_from_json(key: str, meta: dict[str, Any], extra: Sequence[str]) -> dict[str, Any]:

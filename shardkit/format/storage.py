@@ -18,7 +18,6 @@ a shard gone).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import shutil
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from shardkit.errors import ConfigError, DatasetError, RemoteError
+from shardkit.errors import ConfigError, RemoteError
 from shardkit.format.files import atomic_write_bytes, publish
 from shardkit.format.location import READ_ONLY, Location, filesystem_class, parse_location
 from shardkit.format.manifest import INDEX_NAME, Manifest
@@ -331,18 +330,8 @@ def read_index(storage: Storage) -> tuple[Manifest, bytes]:
     """The dataset's manifest and the exact bytes of its index.json (their sha256 keys a cache).
     DatasetError when there is no index.json or it is invalid; RemoteError when it cannot be
     fetched."""
-    url = storage.url_of(INDEX_NAME)
-    try:
-        data = storage.read_bytes(INDEX_NAME)
-    except FileNotFoundError:
-        raise DatasetError(f"{storage.url}: not a shardkit dataset (no {INDEX_NAME})") from None
-    except OSError as exc:
-        raise DatasetError(f"{url}: unreadable: {exc}") from None
-    try:
-        parsed = json.loads(data)
-    except ValueError as exc:
-        raise DatasetError(f"{url}: unreadable: {exc}") from None
-    return Manifest.from_json(parsed, where=url), data
+    return Manifest.load(lambda: storage.read_bytes(INDEX_NAME), storage.url,
+                         storage.url_of(INDEX_NAME))
 
 
 def _with_timeouts(protocol: str, options: dict[str, Any], retry: RetryPolicy) -> dict[str, Any]:

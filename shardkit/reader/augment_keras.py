@@ -34,7 +34,7 @@ KERAS_UNSUPPORTED: dict[str, tuple[object, str]] = {
     "channel_shift_range": (0.0, "channel shifts are not supported"),
     "preprocessing_function": (None, "apply it to to_device's output instead"),
     "data_format": (None, "the layout is to_device(channels_last=...)'s"),
-    "validation_split": (0.0, "convert or open a separate validation dataset"),
+    "validation_split": (0.0, "split at conversion: shardkit convert --validation-split"),
     "dtype": (None, "the dtype is to_device(dtype=...)'s"),
     "interpolation_order": (1, "only bilinear (order 1) resampling is supported"),
 }

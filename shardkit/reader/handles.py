@@ -25,7 +25,13 @@ import numpy as np
 from shardkit.errors import ConfigError, CorruptShardError
 from shardkit.format.files import check_shard
 from shardkit.format.manifest import Manifest, ShardRecord
-from shardkit.format.samples import METADATA_FIELDS, TARGET_FIELD, check_labels, fields_from_json
+from shardkit.format.samples import (
+    METADATA_FIELDS,
+    TARGET_FIELD,
+    check_labels,
+    fields_from_json,
+    image_payloads,
+)
 from shardkit.format.tar import RawView, iter_members, member_label, member_meta
 from shardkit.reader.gather import Pieces
 from shardkit.reader.open_ahead import OpenAhead, map_shard
@@ -129,7 +135,7 @@ def open_encoded(path: str, record: ShardRecord, manifest: Manifest,
         columns = ["image", *fields, *(["label"] if labeled else []),
                    *(["width", "height"] if raw else [])]
         table = read_parquet_table(path, list(dict.fromkeys(columns)), record.samples)
-        stored = table.column("image").to_pylist()
+        stored = image_payloads(table.column("image"))
         if raw:
             stored = [_pixels(path, data, h, w, manifest.channels) for data, h, w in zip(
                 stored, table.column("height").to_pylist(), table.column("width").to_pylist(),

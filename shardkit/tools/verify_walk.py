@@ -265,9 +265,12 @@ def walk_parquet(path: Path, spec: Spec, tally: Tally, *, decode: bool) -> int:
 
 def _check_columns(schema: pa.Schema, spec: Spec) -> None:
     expected_schema = arrow_schema(pixel_bytes=spec.pixel_bytes if spec.raw_fixed else None,
-                                   labeled=spec.classes is not None, meta=spec.csv_columns)
+                                   labeled=spec.classes is not None, meta=spec.csv_columns,
+                                   codec=spec.codec)
     expected = [(f.name, f.type) for f in expected_schema]
     got = [(f.name, f.type) for f in schema]
+    if spec.codec != "raw" and ("image", pa.binary()) in got:  # jpeg/png of earlier versions
+        expected = [(n, pa.binary() if n == "image" else k) for n, k in expected]
     if got != expected:
         def text(fields: list[tuple[str, pa.DataType]]) -> str:
             return ", ".join(f"{name}: {kind}" for name, kind in fields)
@@ -293,6 +296,8 @@ def _check_rows(rows: dict[str, list[Any]], spec: Spec, tally: Tally, *, decode:
         if "image" not in rows or spec.raw_fixed:
             continue  # fixed_size_binary already guarantees the size
         image: bytes = rows["image"][i]
+        if isinstance(image, dict):  # jpeg/png as Hugging Face's Image: {bytes, path}
+            image = image["bytes"]
         if spec.codec == "raw":
             height, width = rows["height"][i], rows["width"][i]
             if not (height > 0 and width > 0 and len(image) == height * width * spec.channels):

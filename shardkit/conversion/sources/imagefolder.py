@@ -36,6 +36,8 @@ class Listing:
     meta_types: tuple[tuple[str, str], ...] = ()
     #: What fingerprints the source itself beyond the images (the CSV: path, size, mtime).
     extra_inputs: tuple[tuple[str, int, int], ...] = ()
+    #: A Hugging Face source: the column holding the images in its data files.
+    image_col: str | None = None
 
 
 def list_image_folder(src: str | os.PathLike[str], *,

@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from shardkit.conversion.report import FailureRecord
 
-__all__ = ["CHUNK", "InputRecord", "Permuted", "RecordSpool", "plan_failure"]
+__all__ = ["CHUNK", "InputRecord", "Permuted", "RecordSpool", "Selected", "plan_failure"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,3 +197,14 @@ class Permuted(_Records):
 
     def _item(self, index: int) -> InputRecord:
         return self.records[int(self.order[index])]
+
+
+class Selected(Permuted):
+    """The records at `indices` of `records` (a subset, in that order: a split's part), without
+    copying them."""
+
+    def __init__(self, records: Sequence[InputRecord], indices: np.ndarray) -> None:
+        self.records, self.order = records, indices
+
+    def __len__(self) -> int:
+        return len(self.order)

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from shardkit.conversion.writers import EncodedSample
 from shardkit.format.files import hash_file
+from shardkit.format.samples import image_array
 
 __all__ = ["ParquetPartWriter", "assemble_parquet"]
 
@@ -47,7 +48,8 @@ class ParquetPartWriter:
 
     def close(self) -> None:
         batch = pa.record_batch(
-            [pa.array(self._columns[f.name], type=f.type) for f in self._schema],
+            [image_array(self._columns[f.name], f.type) if f.name == "image" else
+             pa.array(self._columns[f.name], type=f.type) for f in self._schema],
             schema=self._schema,
         )
         with pa.OSFile(self._path, "wb") as sink, pa.ipc.new_file(sink, self._schema) as ipc:

@@ -1,0 +1,264 @@
+"""Hugging Face datasets on disk as a source: a folder of Parquet files (what the Hub holds,
+``data/train-00000-of-00001.parquet``, or ``Dataset.to_parquet``), one Parquet file, or a
+``Dataset.save_to_disk`` folder (``state.json``, ``dataset_info.json``, Arrow stream files).
+
+* SRC is such a dataset when it is a ``.parquet`` file, a folder with ``state.json`` and
+  ``dataset_info.json``, or a folder holding Parquet files and no image files. A
+  ``DatasetDict`` folder (``dataset_dict.json``) is refused with its splits named: SRC is one
+  split's folder.
+* The image column (``--image-col``, default ``image``) is an ``Image`` feature, stored as
+  the struct {bytes, path}: the encoded file, or when bytes is null the file at path
+  (absolute, or relative to the data file's folder); a plain binary column works too.
+* The label column (``--label-col``, default ``label`` when there is one): a ``ClassLabel``
+  feature (the ``huggingface`` schema metadata, or dataset_info.json) gives its names as the
+  classes, in order; other integers give classes ``"0"`` .. ``"max"``; strings their sorted
+  distinct values. A null or negative label (ClassLabel's -1: no label) is a listing failure.
+* Order: the data files sorted by path (save_to_disk: state.json's order), rows in file
+  order. A sample's ``source`` is ``<data file>:<row>``; other columns are not carried.
+* Only pyarrow reads them: the ``datasets`` package is not needed. Conversion tasks read
+  the image bytes of their rows (`read_images`); with ``--shuffle`` each task's rows come
+  from all over the files, so leave the shuffling to the reader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shardkit.config import ConvertConfig, CsvOptions, HfOptions
+from shardkit.conversion.images import IMAGE_EXTENSIONS
+from shardkit.conversion.sources.csv import source_config
+from shardkit.conversion.sources.imagefolder import Listing
+from shardkit.conversion.sources.records import InputRecord, RecordSpool, plan_failure
+from shardkit.errors import ConfigError, InputError
+from shardkit.format.manifest import INDEX_NAME
+
+__all__ = ["hf_source_config", "is_hf_source", "list_hf_dataset", "read_images", "resolve_source"]
+
+_SAVED = ("state.json", "dataset_info.json")
+
+
+def is_hf_source(src: str | os.PathLike[str]) -> bool:
+    """True when `src` is a Hugging Face dataset on disk (see the module docstring)."""
+    path = Path(src)
+    if path.is_file():
+        return path.suffix == ".parquet"
+    if not path.is_dir():
+        return False
+    if all((path / n).is_file() for n in _SAVED) or (path / "dataset_dict.json").is_file():
+        return True
+    return bool(_parquet_files(path))
+
+
+def _parquet_files(root: Path) -> list[Path]:
+    """The Parquet files under `root`, sorted; none when it holds an image (an image folder:
+    the first image ends the walk). Hidden folders and shardkit datasets (index.json) are
+    passed over."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        if INDEX_NAME in files:
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            extension = os.path.splitext(name)[1].lower()
+            if extension in IMAGE_EXTENSIONS:
+                return []
+            if extension == ".parquet" and not name.startswith("."):
+                found.append(Path(folder) / name)
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+def resolve_source(src: str | os.PathLike[str], config: ConvertConfig) -> ConvertConfig:
+    """`config` with the source's options: Hugging Face (`hf_source_config`) or CSV/folder
+    (`source_config`)."""
+    if is_hf_source(src):
+        return hf_source_config(src, config)
+    if config.hf is not None:
+        raise ConfigError(f"{src}: is not a Hugging Face dataset (Parquet files or a "
+                          "save_to_disk folder)")
+    return source_config(src, config)
+
+
+def hf_source_config(src: str | os.PathLike[str], config: ConvertConfig) -> ConvertConfig:
+    """`config` with `HfOptions` from ``--image-col``/``--label-col`` (CsvOptions' fields);
+    the other CSV options are a ConfigError."""
+    if config.hf is not None:
+        return dataclasses.replace(config, csv=None)
+    csv = config.csv or CsvOptions()
+    plain = dataclasses.replace(csv, image_col=None, label_cols=())
+    if plain != CsvOptions() or len(csv.label_cols) > 1:
+        raise ConfigError(f"{src}: a Hugging Face dataset takes --image-col and one --label-col; "
+                          "the other CSV options do not apply")
+    hf = HfOptions(image_col=csv.image_col, label_col=csv.label_cols[0] if csv.label_cols else None)
+    return dataclasses.replace(config, csv=None, hf=hf)
+
+
+def list_hf_dataset(src: str | os.PathLike[str], options: HfOptions, *,
+                    spill_dir: str | os.PathLike[str] | None = None) -> Listing:
+    """The rows of the dataset `src` as input records (see the module docstring). Raises
+    InputError naming the file for a missing column or an unusable column type."""
+    root = Path(src)
+    files, features = _data_files(root)
+    image_col = options.image_col or "image"
+    label_col = options.label_col
+    listing = Listing(records=RecordSpool(spill_dir), classes=None, image_col=image_col)
+    labels: list[Any] = []
+    for path in files:
+        schema = _schema(path)
+        _check_image_column(path, schema, image_col)
+        if label_col is None and options.label_col is None and path == files[0] and "label" in schema.names:
+            label_col = "label"
+        if label_col is not None and label_col not in schema.names:
+            raise InputError(f"{path}: no label column {label_col!r}; columns: {', '.join(schema.names)}")
+        values = _column(path, label_col).to_pylist() if label_col else [None] * _rows(path)
+        st = path.stat()
+        name = path.relative_to(root).as_posix() if path != root else path.name
+        listing.extra_inputs += ((name, st.st_size, st.st_mtime_ns),)
+        for row, value in enumerate(values):
+            labels.append(value)
+            listing.records.append(InputRecord(path=str(path.absolute()), source=f"{name}:{row}",
+                                               label=None, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                                               row=row))
+    if label_col is not None:
+        _label(listing, labels, features.get(label_col), label_col)
+    if not listing.records and not listing.failures:
+        raise InputError(f"{root}: the dataset has no rows")
+    return listing
+
+
+def _label(listing: Listing, values: list[Any], feature: Any, column: str) -> None:
+    """Labels and classes of `listing`'s records from the column's `values`."""
+    if isinstance(feature, dict) and feature.get("_type") == "ClassLabel":
+        classes = [str(n) for n in feature["names"]]
+    elif all(isinstance(v, str) for v in values if v is not None):
+        classes = sorted({v for v in values if v is not None})
+    else:
+        top = max((int(v) for v in values if v is not None), default=-1)
+        classes = [str(i) for i in range(top + 1)]
+    index = {name: i for i, name in enumerate(classes)}
+    kept = RecordSpool(listing.records.spill_dir)
+    for record, value in zip(listing.records, values, strict=True):
+        label = index.get(value) if isinstance(value, str) else value
+        if label is None or not 0 <= int(label) < len(classes):
+            listing.failures.append(plan_failure(
+                record.source, "missing_label" if label is None or label == -1 else "bad_label",
+                f"{column} is {value!r}, not one of {len(classes)} classes", record.row))
+            continue
+        kept.append(dataclasses.replace(record, label=int(label)))
+    listing.records.close()
+    listing.records, listing.classes = kept, classes
+
+
+def _data_files(root: Path) -> tuple[list[Path], dict[str, Any]]:
+    """The data files of `root` in order, and the features (from the first file's
+    ``huggingface`` schema metadata, or dataset_info.json)."""
+    if root.is_file():
+        return [root], _features(root)
+    if (root / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in root.iterdir() if (p / "state.json").is_file())
+        raise InputError(f"{root}: is a DatasetDict; convert one of its splits: "
+                         f"{', '.join(str(root / s) for s in splits) or '(none found)'}")
+    if all((root / n).is_file() for n in _SAVED):
+        try:
+            state = json.loads((root / "state.json").read_text())
+            files = [root / f["filename"] for f in state["_data_files"]]
+            info = json.loads((root / "dataset_info.json").read_text())
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{root}: unreadable save_to_disk metadata: {exc}") from None
+        return files, info.get("features") or {}
+    files = _parquet_files(root)
+    if not files:
+        raise InputError(f"{root}: no Parquet files")
+    return files, _features(files[0])
+
+
+def _features(path: Path) -> dict[str, Any]:
+    metadata = _schema(path).metadata or {}
+    try:
+        features = json.loads(metadata[b"huggingface"])["info"]["features"]
+    except (KeyError, ValueError, TypeError):
+        return {}
+    return features if isinstance(features, dict) else {}
+
+
+def _schema(path: Path) -> pa.Schema:
+    try:
+        if path.suffix == ".parquet":
+            return pq.read_schema(path)
+        return _arrow_table(path).schema
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"{path}: not a readable Parquet/Arrow file: {exc}") from None
+
+
+def _arrow_table(path: Path) -> pa.Table:
+    # save_to_disk writes Arrow streams; read from a memory map, the table copies nothing.
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_stream(source).read_all()
+
+
+def _rows(path: Path) -> int:
+    if path.suffix == ".parquet":
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    return int(_arrow_table(path).num_rows)
+
+
+def _column(path: Path, name: str) -> pa.ChunkedArray:
+    if path.suffix == ".parquet":
+        return pq.read_table(path, columns=[name]).column(name)
+    return _arrow_table(path).column(name)
+
+
+def _check_image_column(path: Path, schema: pa.Schema, name: str) -> None:
+    if name not in schema.names:
+        raise InputError(f"{path}: no image column {name!r} (--image-col); columns: "
+                         f"{', '.join(schema.names)}")
+    kind = schema.field(name).type
+    binary = (pa.types.is_binary(kind) or pa.types.is_large_binary(kind))
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        return
+    if not binary:
+        raise InputError(f"{path}: column {name!r} is {kind}, not an Image feature "
+                         "(struct {bytes, path}) or binary")
+
+
+def read_images(records: Sequence[InputRecord], column: str) -> list[tuple[bytes | None, str | None]]:
+    """(encoded bytes, path) of each record's image in `column` of its data file: one read
+    per file and row group, whatever the number of records."""
+    out: list[tuple[bytes | None, str | None]] = [(None, None)] * len(records)
+    by_file: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        by_file.setdefault(record.path, []).append(i)
+    for file, members in by_file.items():
+        rows = np.asarray([records[i].row or 0 for i in members], dtype=np.int64)
+        values = _take(Path(file), column, rows)
+        folder = os.path.dirname(file)
+        for i, value in zip(members, values, strict=True):
+            if isinstance(value, dict):
+                data, where = value.get("bytes"), value.get("path")
+                out[i] = (data, None if data is not None or where is None else os.path.join(folder, where))
+            else:
+                out[i] = (value, None)
+    return out
+
+
+def _take(path: Path, column: str, rows: np.ndarray) -> list[Any]:
+    if path.suffix != ".parquet":
+        return list(_arrow_table(path).column(column).take(pa.array(rows)).to_pylist())
+    handle = pq.ParquetFile(path)
+    sizes = [handle.metadata.row_group(g).num_rows for g in range(handle.metadata.num_row_groups)]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    groups = np.unique(np.searchsorted(starts, rows, side="right") - 1)
+    table = handle.read_row_groups(groups.tolist(), columns=[column])
+    first = {int(g): int(sum(sizes[int(h)] for h in groups[:k])) for k, g in enumerate(groups)}
+    local = [first[int(g)] + int(r - starts[g]) for r, g in
+             zip(rows, np.searchsorted(starts, rows, side="right") - 1, strict=True)]
+    return list(table.column(column).take(pa.array(local, pa.int64())).to_pylist())

@@ -1,0 +1,171 @@
+"""Convert SRC into ``OUT/<part>/`` for each part of a split (``ConvertConfig.split``).
+
+SRC is listed once; `shardkit.conversion.split` assigns every input to exactly one part;
+each part is then planned and committed as a dataset of its own (own index.json, the same
+classes in the same order, its own fingerprint: the config with the split, the part's name
+and its inputs). So resume and "up to date" work part by part: a rerun skips the finished
+parts and resumes an interrupted one.
+
+Error report: **per part**. A part's ``errors.jsonl`` lists the failures of its own inputs
+(an image that does not decode is reported by the part it was drawn into). Inputs rejected
+while listing (an image beside the class folders, a CSV row without a label) have no label
+to be drawn by and are listed once, in the first part's report. Each part is a complete
+dataset (``samples + failed == inputs``) and the parts' inputs add up to SRC's. The error
+budget (``--max-errors``) applies to the whole split.
+
+OUT holds nothing but the parts' folders; anything else there is refused.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from shardkit.config import ConvertConfig, RunOptions, SplitOptions
+from shardkit.conversion.plan import list_inputs, plan_of
+from shardkit.conversion.report import ConvertSummary
+from shardkit.conversion.run import convert_images, convert_table, spill_dir
+from shardkit.conversion.sources.imagefolder import Listing
+from shardkit.conversion.split import keras_folder, keras_rows, keras_table, stratified
+from shardkit.conversion.tabular import good_rows, plan_table
+from shardkit.errors import ConfigError, OutputExistsError
+from shardkit.format.manifest import INDEX_NAME, Manifest
+
+__all__ = ["SplitSummary", "run_split"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitSummary(ConvertSummary):
+    """A split conversion: the totals over its parts, and each part's own summary."""
+
+    splits: dict[str, ConvertSummary] = field(default_factory=dict)
+
+    def line(self) -> str:
+        return "\n".join(f"{name}: {summary.line()}" for name, summary in self.splits.items())
+
+
+def run_split(src: str | os.PathLike[str], out: str | os.PathLike[str], config: ConvertConfig,
+              run: RunOptions, *, executor: cf.Executor | None = None) -> SplitSummary:
+    """Convert `src` into OUT/<part>/ per part of ``config.split`` (see the module docstring);
+    the caller checks the error budget. Raises what `convert` raises, and ConfigError when a
+    part would hold no inputs."""
+    assert config.split is not None
+    started = time.perf_counter()
+    root = Path(out)
+    _check_out(root, config.split.names)
+    if config.csv is not None and config.csv.image_col is None:
+        if executor is not None:
+            raise ConfigError(f"{src}: a tabular CSV converts in this process; executor= "
+                              "and --dask-scheduler apply to image inputs")
+        summaries = _split_table(src, root, config, run)
+    else:
+        summaries = _split_images(src, root, config, run, executor)
+    return _combined(root, summaries, time.perf_counter() - started)
+
+
+def _split_images(src: str | os.PathLike[str], root: Path, config: ConvertConfig, run: RunOptions,
+                  executor: cf.Executor | None) -> dict[str, ConvertSummary]:
+    split = config.split
+    assert split is not None
+    listing = list_inputs(os.path.abspath(src), config, spill_dir=spill_dir(root))
+    try:
+        part = _assign_records(listing, config, split)
+        selects = _parts(part, split, len(listing.records))
+        summaries = {}
+        for k, name in enumerate(split.names):
+            plan = plan_of(listing, config, select=selects[k], failures=None if k == 0 else [],
+                           subset=name)
+            summaries[name] = convert_images(plan, root / name, run, executor, time.perf_counter())
+        return summaries
+    finally:
+        listing.records.close()  # the shared input list (the parts' plans are views of it)
+
+
+def _assign_records(listing: Listing, config: ConvertConfig, split: SplitOptions) -> np.ndarray:
+    keras_folders = split.method == "keras" and config.csv is None and config.hf is None
+    labels, sources, exists = [], [], []
+    for record in listing.records:
+        labels.append(-1 if record.label is None else record.label)
+        exists.append(record.size >= 0)
+        if keras_folders:
+            sources.append(record.source)
+    if split.method == "stratified":
+        return stratified(np.asarray(labels), [f for _, f in split.parts], config.seed)
+    validation = split.parts[1][1]
+    if keras_folders:
+        return keras_folder(np.asarray(labels), sources, validation)
+    return keras_rows(np.asarray(exists, dtype=bool), validation)
+
+
+def _parts(part: np.ndarray, split: SplitOptions, total: int) -> list[np.ndarray]:
+    """The inputs of each part; ConfigError when one would be empty (before anything is
+    written)."""
+    selects = [np.flatnonzero(part == k) for k in range(len(split.parts))]
+    for (name, fraction), select in zip(split.parts, selects, strict=True):
+        if not len(select):
+            raise ConfigError(f"split part {name!r} ({fraction:g}) would hold none of the "
+                              f"{total} inputs; give it a larger share or use more data")
+    return selects
+
+
+def _split_table(src: str | os.PathLike[str], root: Path, config: ConvertConfig,
+                 run: RunOptions) -> dict[str, ConvertSummary]:
+    split = config.split
+    assert split is not None
+    plans = [plan_table(src, config, subset=name) for name in split.names]
+    if not run.overwrite and all(_done(root / name, p.fingerprint) for name, p in zip(
+            split.names, plans, strict=True)):
+        rows = labels = None  # up to date: nothing to draw, every part says so
+    else:
+        rows, labels = good_rows(plans[0])
+    if rows is not None:
+        if split.method == "keras":
+            part = keras_table(len(rows), split.parts[1][1])
+        else:
+            strata = labels if labels is not None else np.full(len(rows), -1)
+            part = stratified(strata, [f for _, f in split.parts], config.seed)
+        selects = _parts(part, split, len(rows))
+        plans = [plan_table(src, config, subset=name, rows=rows[selects[k]], report_bad=k == 0)
+                 for k, name in enumerate(split.names)]
+    return {name: convert_table(plan, root / name, run, time.perf_counter())
+            for name, plan in zip(split.names, plans, strict=True)}
+
+
+def _done(out: Path, fingerprint: str) -> bool:
+    try:
+        return (out / INDEX_NAME).is_file() and Manifest.read(out).fingerprint == fingerprint
+    except Exception:  # any unreadable index.json: not done; the commit says why
+        return False
+
+
+def _check_out(root: Path, names: tuple[str, ...]) -> None:
+    if root.exists() and not root.is_dir():
+        raise OutputExistsError(f"{root}: exists and is not a folder")
+    others = sorted(e.name for e in root.iterdir() if e.name not in names) if root.exists() else []
+    if others:
+        raise OutputExistsError(
+            f"{root}: holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}; a split "
+            f"conversion writes only {', '.join(n + '/' for n in names)} there; choose an empty "
+            "or new folder")
+    root.mkdir(parents=True, exist_ok=True)
+
+
+def _combined(root: Path, summaries: dict[str, ConvertSummary], seconds: float) -> SplitSummary:
+    parts = list(summaries.values())
+    reasons: dict[str, int] = {}
+    for summary in parts:
+        for reason, count in summary.reasons.items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    return SplitSummary(
+        out=root, inputs=sum(s.inputs for s in parts), samples=sum(s.samples for s in parts),
+        failed=sum(s.failed for s in parts), shards=sum(s.shards for s in parts),
+        bytes=sum(s.bytes for s in parts), seconds=seconds, workers=parts[0].workers,
+        errors_path=parts[0].errors_path, reasons=reasons,
+        task_cpu_seconds=sum(s.task_cpu_seconds for s in parts),
+        reused_shards=sum(s.reused_shards for s in parts),
+        up_to_date=all(s.up_to_date for s in parts), unit=parts[0].unit, splits=summaries)

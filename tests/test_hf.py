@@ -1,0 +1,157 @@
+"""Hugging Face datasets in (a source, built with `datasets` itself) and out (our Parquet shards
+loaded by `datasets.load_dataset("parquet")` with their features, no shardkit code)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from corpus import image_tree
+
+import shardkit
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # datasets' own setting: nothing to fetch
+datasets = pytest.importorskip("datasets")
+CLASSES = ("cat", "dog", "emu")
+PER_CLASS = 4
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("hf") / "src"
+    image_tree(root, classes=CLASSES, per_class=PER_CLASS, min_side=20, max_side=50)
+    return root
+
+
+def rows_of(tree: Path) -> tuple[list[Path], list[int]]:
+    """The tree's images in shardkit's listing order (sorted classes, sorted files)."""
+    files = [p for c in CLASSES for p in sorted((tree / c).iterdir())]
+    return files, [CLASSES.index(p.parent.name) for p in files]
+
+
+def build(tree: Path, *, embed: bool, image: str = "image", label: str = "label",
+          class_label: bool = True) -> Any:
+    files, labels = rows_of(tree)
+    values: list[Any] = [{"bytes": p.read_bytes(), "path": p.name} for p in files] if embed \
+        else [str(p) for p in files]
+    ds = datasets.Dataset.from_dict({image: values, label: labels if class_label else
+                                     [CLASSES[v] for v in labels]})
+    ds = ds.cast_column(image, datasets.Image())
+    if class_label:
+        ds = ds.cast_column(label, datasets.ClassLabel(names=list(CLASSES)))
+    return ds
+
+
+def pixels(out: Path) -> tuple[np.ndarray, np.ndarray]:
+    data = shardkit.open(out)
+    shards = [data.read_shard(k) for k in range(len(data.manifest.shards))]
+    return np.concatenate([s.images for s in shards]), np.concatenate([s.labels for s in shards])
+
+
+def convert(src: Path, out: Path, **options: Any) -> Path:
+    return shardkit.convert(src, out, size=12, samples_per_shard=5, workers=0, progress=False,
+                            **options).out
+
+
+@pytest.fixture(scope="module")
+def folder_shards(tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return convert(tree, tmp_path_factory.mktemp("folder") / "out")
+
+
+def test_parquet_folder_and_save_to_disk_convert_to_the_folders_pixels(
+        tree: Path, folder_shards: Path, tmp_path: Path) -> None:
+    expected_images, expected_labels = pixels(folder_shards)
+    hub = tmp_path / "hub"
+    build(tree, embed=True).to_parquet(str(hub / "data" / "train-00000-of-00001.parquet"))
+    build(tree, embed=False).to_parquet(str(tmp_path / "paths.parquet"))  # {bytes: null, path}
+    build(tree, embed=False).save_to_disk(str(tmp_path / "saved"))
+    for src in (hub, tmp_path / "paths.parquet", tmp_path / "saved"):
+        out = convert(src, tmp_path / f"out-{src.name}")
+        images, labels = pixels(out)
+        np.testing.assert_array_equal(images, expected_images)
+        np.testing.assert_array_equal(labels, expected_labels)
+        assert shardkit.open(out).classes == list(CLASSES)  # the ClassLabel names
+    assert shardkit.open(tmp_path / "out-hub").metadata(0)[1]["source"] == \
+        "data/train-00000-of-00001.parquet:1"
+
+
+def test_named_columns_string_labels_shuffle_and_bad_rows(tree: Path, tmp_path: Path) -> None:
+    ds = build(tree, embed=True, image="img", label="y", class_label=False)
+    broken = ds.to_dict()
+    broken["img"][2] = {"bytes": b"not an image", "path": None}
+    broken["y"][5] = None
+    bad = datasets.Dataset.from_dict(broken).cast_column("img", datasets.Image())
+    bad.to_parquet(str(tmp_path / "src" / "part.parquet"))
+    summary = shardkit.convert(tmp_path / "src", tmp_path / "out", image_col="img", label_col="y",
+                               size=12, workers=0, max_errors=2, shuffle=True, samples_per_shard=3,
+                               progress=False)
+    assert summary.samples == len(CLASSES) * PER_CLASS - 2 and summary.reasons == \
+        {"missing_label": 1, "not_an_image": 1}
+    data = shardkit.open(tmp_path / "out")
+    assert data.classes == sorted(CLASSES)  # string labels: their sorted values
+    stored = [m for k in range(len(data.manifest.shards)) for m in data.metadata(k)]
+    _, labels = rows_of(tree)
+    for m in stored:
+        assert m["class"] == CLASSES[labels[int(m["source"].rsplit(":", 1)[1])]]
+    with pytest.raises(shardkit.InputError, match="no image column 'image'"):
+        shardkit.convert(tmp_path / "src", tmp_path / "o2", workers=0)
+    with pytest.raises(shardkit.ConfigError, match="do not apply"):
+        shardkit.convert(tmp_path / "src", tmp_path / "o3", image_col="img", root="x")
+
+
+def test_a_dataset_dict_names_its_splits(tree: Path, tmp_path: Path) -> None:
+    ds = build(tree, embed=True)
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(shardkit.InputError, match=r"DatasetDict.*train"):
+        shardkit.convert(tmp_path / "dd", tmp_path / "out", workers=0)
+    out = convert(tmp_path / "dd" / "train", tmp_path / "out")
+    assert len(shardkit.open(out)) == len(CLASSES) * PER_CLASS
+
+
+def load(out: Path, tmp_path: Path) -> Any:
+    files = sorted(str(p) for p in out.glob("*.parquet"))
+    return datasets.load_dataset("parquet", data_files=files, split="train",
+                                 cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("codec", ["raw", "jpeg", "png"])
+def test_datasets_loads_our_parquet_with_features_and_the_same_rows(
+        tree: Path, tmp_path: Path, codec: str) -> None:
+    out = convert(tree, tmp_path / codec, format="parquet", codec=codec)
+    loaded = load(out, tmp_path)
+    features = loaded.features
+    assert features["label"] == datasets.ClassLabel(names=list(CLASSES))
+    batch = next(iter(shardkit.open(out).batches(100, shuffle=False)))
+    assert loaded["label"] == batch["label"].tolist() and loaded["key"] == [f"{i:06d}" for i in
+                                                                             range(len(loaded))]
+    if codec == "raw":
+        # Raw pixels stay bytes (Array3D would need nested uint8 lists: see hf_features).
+        assert features["image"] == datasets.Value("fixed_size_binary[432]")
+        images = np.stack([np.frombuffer(r, np.uint8).reshape(12, 12, 3) for r in loaded["image"]])
+    else:
+        assert isinstance(features["image"], datasets.Image)
+        images = np.stack([np.asarray(im.convert("RGB")) for im in loaded["image"]])
+    np.testing.assert_array_equal(images, batch["image"])
+
+
+def test_pyarrow_pandas_and_duckdb_read_the_jpeg_parquet(tree: Path, tmp_path: Path) -> None:
+    out = convert(tree, tmp_path / "j", format="parquet", codec="jpeg")
+    files = sorted(out.glob("*.parquet"))
+    stored = [pq.read_table(f).column("image").combine_chunks().field("bytes").to_pylist() for f in files]
+    flat = [b for part in stored for b in part]
+    assert all(b[:2] == b"\xff\xd8" for b in flat)
+    frame = pq.read_table(files[0]).to_pandas()
+    assert frame["image"][0]["bytes"] == flat[0] and frame["image"][0]["path"] is None
+    query = f"SELECT image.bytes, label FROM read_parquet('{out}/*.parquet') ORDER BY key"
+    rows = duckdb.sql(query).fetchall()
+    assert [r[0] for r in rows] == flat
+    from PIL import Image
+
+    with Image.open(io.BytesIO(flat[0])) as im:
+        assert im.size == (12, 12)
