@@ -358,6 +358,10 @@ class ReadOptions:
     copy_threads: threads sharing each batch's copies (None: 2, or 1 on a single CPU).
     decode_threads: threads decoding a jpeg/png batch (None: one per CPU; libjpeg-turbo runs
         without the GIL, so one loader uses every core).
+    torch_threads: torch's intra-op threads in the loop that iterates a ``ShardLoader``,
+        during each pass (put back after it). None: 1 while jpeg/png shards are decoded on
+        more than one thread (torch's idle threads spin and would take those cores: measured
+        in docs/performance.md; FFCV sets 1 for the whole process), else unchanged.
     augment: per-sample augmentation (`shardkit.Augment`): each batch carries its samples'
         parameters, drawn from (seed, epoch, stored index), which ``to_device`` applies.
     """
@@ -375,6 +379,7 @@ class ReadOptions:
     decode: Decode = "cpu"
     copy_threads: int | None = None
     decode_threads: int | None = None
+    torch_threads: int | None = None
     augment: Augment | None = None
 
     def __post_init__(self) -> None:
@@ -386,7 +391,8 @@ class ReadOptions:
         _check_count("seed", self.seed, 0)
         _check_count("prefetch", self.prefetch, 0)
         for name, low in (("window", 1), ("cache_shards", 1), ("copy_threads", 1),
-                          ("decode_threads", 1), ("rank", 0), ("world_size", 1)):
+                          ("decode_threads", 1), ("torch_threads", 1), ("rank", 0),
+                          ("world_size", 1)):
             if getattr(self, name) is not None:
                 _check_count(name, getattr(self, name), low)
         _check_choice("decode", self.decode, DECODES)

@@ -64,6 +64,7 @@ class ReadKeywords(TypedDict, total=False):
     decode: Decode
     copy_threads: int | None
     decode_threads: int | None
+    torch_threads: int | None
     augment: Augment | None
 
 

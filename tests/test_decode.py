@@ -320,3 +320,24 @@ def test_conversion_fast_path_gives_the_same_output_bytes(tmp_path: Path, codec:
             image, _ = load_image(path, options, fast=fast)
         outputs.append(image.tobytes() if codec == "raw" else encode(image, codec, 90))
     assert outputs[0] == outputs[1]
+
+
+def test_a_decoding_pass_runs_the_loops_torch_single_threaded_and_puts_it_back(
+        jpeg_ds: Path, tmp_path: Path) -> None:
+    """torch's idle intra-op threads spin and would take the cores the decoding threads use:
+    during a pass over jpeg shards the training thread runs torch on one thread, and gets
+    its own count back after the pass; raw shards (nothing to decode) leave it alone."""
+    before = torch.get_num_threads()
+    if before < 2:
+        pytest.skip("a single CPU: torch already runs on one thread")
+    seen = [torch.get_num_threads() for _ in ShardLoader(jpeg_ds, 4, decode_threads=2)]
+    assert seen and set(seen) == {1} and torch.get_num_threads() == before
+    passes = iter(ShardLoader(jpeg_ds, 4, decode_threads=2))
+    next(passes)
+    assert torch.get_num_threads() == 1
+    passes.close()  # leaving the loop early gives it back too
+    assert torch.get_num_threads() == before
+    assert {torch.get_num_threads() for _ in ShardLoader(jpeg_ds, 4, decode_threads=1)} == {before}
+    assert {torch.get_num_threads() for _ in ShardLoader(jpeg_ds, 4, torch_threads=2)} == {2}
+    raw = small_dataset(small_tree(tmp_path / "src", 3), tmp_path / "raw", 4)
+    assert {torch.get_num_threads() for _ in ShardLoader(raw, 4)} == {before}

@@ -242,12 +242,28 @@ class ShardLoader:
         ds = self.dataset
         self._consumed = 0
         batches = self._prefetcher.run(iter(ds)) if self.options.prefetch else iter(ds)
-        for batch in batches:
-            if self.pin_memory:
-                batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v
-                         for k, v in batch.items()}
-            self._consumed += len(batch["index"])
-            yield batch
+        threads, saved = self._torch_threads(), torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)  # this (the training) thread's, for this pass
+        try:
+            for batch in batches:
+                if self.pin_memory:
+                    batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v
+                             for k, v in batch.items()}
+                self._consumed += len(batch["index"])
+                yield batch
+        finally:
+            if threads is not None:
+                torch.set_num_threads(saved)
         ds.epoch += 1
         ds.start = 0
         self._consumed = 0
+
+    def _torch_threads(self) -> int | None:
+        """torch's intra-op threads for a pass (see ReadOptions.torch_threads); None: as they are."""
+        if self.options.torch_threads is not None:
+            return self.options.torch_threads
+        reading = self.dataset.reading
+        decoding = reading.manifest.kind == "images" and reading.manifest.codec != "raw" \
+            and self.options.decode == "cpu" and reading.decode_threads > 1
+        return 1 if decoding else None
