@@ -30,10 +30,11 @@ lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check shardkit tests scripts examples
 	$(VENV)/bin/mypy
 
-bench: $(STAMP) ## conversion, reading, CSV, Dask, augmentation and Keras benchmarks (~30 min); write docs/performance.md
+bench: $(STAMP) ## conversion, reading, workers, CSV, Dask, augmentation and Keras benchmarks (~35 min); write docs/performance.md
 	$(PY) scripts/bench_convert.py --out bench-out --write-doc docs/performance.md
 	$(PY) scripts/bench_decode.py --out bench-out --write-doc docs/performance.md
 	$(PY) scripts/bench_read.py --out bench-out/read --write-doc docs/performance.md
+	$(PY) scripts/bench_workers.py --out bench-out/workers --write-doc docs/performance.md
 	$(PY) scripts/bench_csv.py --out bench-out/csv --write-doc docs/performance.md
 	$(PY) scripts/bench_dask.py --out bench-out --write-doc docs/performance.md
 	$(PY) scripts/bench_augment.py --write-doc docs/performance.md

@@ -22,7 +22,7 @@ RUN_KEYS = {"loader", "workers", "epochs", "samples", "bytes", "seconds", "cpu_s
             "first_batch_seconds", "peak_rss_bytes", "workers_peak_rss_bytes", "epoch_seconds",
             "samples_per_second", "cpu_ms_per_sample", "cores", "mb_per_second"}
 REPORT_KEYS = {"schema", "dataset", "dataset_samples", "image_shape", "baseline", "baseline_samples",
-               "baseline_skipped",
+               "baseline_skipped", "codec", "decode_threads",
                "cpu_count", "batch_size", "epochs", "shuffle", "target_rate", "runs", "verdict"}
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from shardkit.errors import ConfigError, InputError, ShardkitError, require
 from shardkit.format.manifest import Manifest
+from shardkit.reader.decode import resolve_decode_threads
 
 __all__ = ["BENCH_SCHEMA", "BenchOptions", "BenchReport", "LoaderRun", "run_bench"]
 
@@ -114,6 +115,9 @@ class BenchReport:
     options: BenchOptions
     #: Baseline files left out because they do not decode, per reason (None: no baseline).
     baseline_skipped: dict[str, int] | None = None
+    #: How the shards store images, and how many threads decode jpeg/png with 0 workers.
+    codec: str = "raw"
+    decode_threads: int = 1
     runs: list[LoaderRun]
     cpu_count: int = field(default_factory=lambda: os.cpu_count() or 1)
 
@@ -153,6 +157,7 @@ class BenchReport:
                 "image_shape": self.image_shape, "baseline": self.baseline,
                 "baseline_samples": self.baseline_samples,
                 "baseline_skipped": self.baseline_skipped, "cpu_count": self.cpu_count,
+                "codec": self.codec, "decode_threads": self.decode_threads,
                 "batch_size": self.options.batch_size, "epochs": self.options.epochs,
                 "shuffle": self.options.shuffle, "target_rate": self.options.target_rate,
                 "runs": [r.to_json() for r in self.runs], "verdict": self.verdict()}
@@ -173,6 +178,13 @@ class BenchReport:
         if self.baseline is not None:
             lines.append(f"raw = PIL open + convert + ImageOps.fit per sample through DataLoader, "
                          f"{self.baseline_samples:,} samples per epoch of {self.baseline}")
+        if self.codec != "raw":
+            lines.append(f"shards = {self.codec}: with 0 workers decoded by {self.decode_threads} "
+                         "threads of the loading process (ShardLoader); with k workers by a "
+                         "DataLoader(ShardDataset) of k processes, one decoding thread each")
+        else:
+            lines.append("shards = raw: 0 workers is ShardLoader (threads of this process); k "
+                         "workers a DataLoader(ShardDataset) of k processes")
         if self.baseline_skipped:
             reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.baseline_skipped.items()))
             lines.append(f"raw baseline: {sum(self.baseline_skipped.values()):,} files skipped, "
@@ -217,6 +229,7 @@ def run_bench(path: str | os.PathLike[str], options: BenchOptions) -> BenchRepor
                        image_shape=list(shape) if shape else None, baseline=options.baseline,
                        baseline_samples=len(files) if files else None,
                        baseline_skipped=skipped if options.baseline is not None else None,
+                       codec=manifest.codec, decode_threads=resolve_decode_threads(None),
                        options=options, runs=runs)
 
 
