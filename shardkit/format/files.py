@@ -96,7 +96,7 @@ def check_shard(path: str | os.PathLike[str], record: ShardRecord, *, verify: bo
         raise CorruptShardError(f"{path}: not a regular file")
     if st.st_size != record.bytes:
         raise CorruptShardError(f"{path}: {st.st_size} bytes on disk, index.json says "
-                                f"{record.bytes} (truncated or replaced?)")
+                                f"{record.bytes}")
     if verify:
         try:
             digest = hash_file(path)[1]

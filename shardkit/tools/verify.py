@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from shardkit.errors import CorruptShardError, DatasetError, UnsafeContentError
-from shardkit.format.files import hash_file
+from shardkit.format.files import check_shard
 from shardkit.format.manifest import ERRORS_NAME, INDEX_NAME, Manifest, ShardRecord
 from shardkit.format.tar import END_OF_ARCHIVE
 from shardkit.tools.verify_walk import Problem, Spec, Tally, walk_parquet, walk_tar
@@ -84,20 +84,13 @@ def _check_shard(folder: Path, spec: Spec, record: ShardRecord, tally: Tally, *,
         layout, problem = _record_layout(record, labeled=spec.classes is not None)
         problems += [f"{name}: {problem}"] if problem else []
     try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        tally.complete = False
-        return [*problems, f"{name}: missing (index.json lists it)"]
-    except OSError as exc:
-        tally.complete = False
-        return [*problems, f"{name}: unreadable: {exc.strerror or exc}"]
-    if not path.is_file():
-        tally.complete = False
-        return [*problems, f"{name}: not a regular file"]
-    if size != record.bytes:
-        problems.append(f"{name}: {size} bytes on disk, index.json says {record.bytes}")
-    elif not quick and hash_file(path)[1] != record.sha256:
-        problems.append(f"{name}: sha256 differs from index.json (corrupted)")
+        check_shard(path, record, verify=not quick)
+    except CorruptShardError as exc:
+        problem = str(exc).removeprefix(f"{path}: ")
+        problems.append(f"{name}: {problem}")
+        if not path.is_file() or problem.startswith("unreadable"):  # nothing to walk
+            tally.complete = False
+            return problems
     try:
         if spec.format == "tar":
             found = walk_tar(path, spec, layout, tally, decode=not quick)
