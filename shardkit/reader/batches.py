@@ -114,8 +114,9 @@ class Copier:
                 self.demand is not None and not self.demand.is_set()):
             gather_all(copies)
             return
-        self.helpers.run([functools.partial(gather_all, part)
-                          for part in split_copies(copies, self.threads)])
+        # Pieces of about 1 MiB, taken by whichever thread is free (see `Helpers`).
+        parts = max(self.threads, min(32, size >> 20))
+        self.helpers.run([functools.partial(gather_all, part) for part in split_copies(copies, parts)])
 
     def close(self) -> None:
         self.helpers.close()

@@ -149,8 +149,8 @@ class DecodePool:
     calling thread and ``threads - 1`` helpers started on first use. `close` stops them.
 
     libjpeg-turbo runs with the GIL released; what holds it is a few microseconds of call
-    overhead per image, so threads scale with cores. Each thread takes one contiguous run of
-    slots, so the result never depends on the thread count.
+    overhead per image, so threads scale with cores. Each image is decoded into its own slot,
+    so the result never depends on the thread count or on which thread took it.
     """
 
     def __init__(self, threads: int | None = None) -> None:
@@ -190,7 +190,8 @@ class DecodePool:
                     name = where[i] if where is not None else f"batch item {i}"
                     raise CorruptShardError(f"{name}: {exc}") from None
 
-        parts = max(1, min(self.threads, count))
+        # Runs of a few images, taken by whichever thread is free (see `Helpers`).
+        parts = max(1, min(count, 4 * self.threads))
         cuts = [count * k // parts for k in range(parts + 1)]
         self._helpers.run([functools.partial(span, cuts[k], cuts[k + 1]) for k in range(parts)])
 

@@ -2,18 +2,57 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 
 __all__ = ["Helpers"]
+
+
+class _Share:
+    """One batch's jobs, taken one at a time by whichever thread is free."""
+
+    def __init__(self, jobs: Sequence[Callable[[], None]]) -> None:
+        self.jobs = jobs
+        self.taken = self.finished = 0
+        self.error: BaseException | None = None
+        self.changed = threading.Condition()
+
+    def work(self) -> None:
+        while True:
+            with self.changed:
+                if self.taken == len(self.jobs) or self.error is not None:
+                    return
+                number = self.taken
+                self.taken += 1
+            try:
+                self.jobs[number]()
+            except BaseException as exc:  # handed to the thread that waits
+                with self.changed:
+                    self.error = self.error or exc
+            finally:
+                with self.changed:
+                    self.finished += 1
+                    self.changed.notify_all()
+
+    def wait(self) -> None:
+        """Until every job taken is finished (no more are taken once the caller's `work`
+        returned); the first error is raised."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.finished == self.taken)
+            if self.error is not None:
+                raise self.error
 
 
 class Helpers:
     """Up to ``threads - 1`` helper threads, started on first use and kept until `close`.
 
-    `run(jobs)` runs the first job in the calling thread and the others on the helpers, and
-    returns only when every one is done (a batch buffer is never handed on, or reused after
-    an error, while a helper still writes into it); the first exception is re-raised.
+    `run(jobs)` works through `jobs` in the calling thread and on the helpers, each thread
+    taking the next job when it is free, and returns when every job is done (a batch buffer
+    is never handed on, or reused after an error, while a helper still writes into it); the
+    first exception is re-raised. A helper the machine does not schedule in time costs
+    nothing: the others take its share, and the calling thread never waits for a job that
+    nobody started (on a busy machine that wait is a scheduler time slice, milliseconds).
     """
 
     def __init__(self, threads: int, name: str) -> None:
@@ -21,18 +60,19 @@ class Helpers:
         self._pool: ThreadPoolExecutor | None = None
 
     def run(self, jobs: Sequence[Callable[[], None]]) -> None:
-        mine, *theirs = jobs
-        futures: list[Future[None]] = []
-        if theirs:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix=self.name)
-            futures = [self._pool.submit(job) for job in theirs]
+        if self.threads == 1 or len(jobs) == 1:
+            for job in jobs:
+                job()
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix=self.name)
+        share = _Share(jobs)
+        for _ in range(min(self.threads, len(jobs)) - 1):
+            self._pool.submit(share.work)
         try:
-            mine()
+            share.work()
         finally:
-            wait(futures)
-        for future in futures:
-            future.result()
+            share.wait()
 
     def close(self) -> None:
         if self._pool is not None:
