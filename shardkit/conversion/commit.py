@@ -44,9 +44,24 @@ from shardkit.conversion.out_folder import (
 from shardkit.conversion.report import ConvertSummary, FailureRecord, error_report
 from shardkit.errors import OutputExistsError
 from shardkit.format.manifest import ERRORS_NAME, INDEX_NAME, Manifest, ShardRecord
-from shardkit.format.storage import Storage, open_storage
+from shardkit.format.storage import Storage
 
-__all__ = ["JOURNAL_NAME", "TMP_NAME", "Commit", "Entry", "State", "write_entry"]
+__all__ = ["JOURNAL_NAME", "TMP_NAME", "Commit", "Entry", "Out", "State", "out_child", "out_where",
+           "write_entry"]
+
+
+#: OUT: a local folder (as the user spelled it), or a storage (`open_storage(..., writable=True)`).
+Out = Path | Storage
+
+
+def out_child(out: Out, name: str) -> Out:
+    """The folder `name` inside OUT (a split's part)."""
+    return out / name if isinstance(out, Path) else out.within(name)
+
+
+def out_where(out: Out) -> Path | str:
+    """OUT for messages and summaries: the local path, or the URL."""
+    return out if isinstance(out, Path) else out.url if not out.location.is_local else Path(out.location.path)
 
 
 class State(Enum):
@@ -70,15 +85,14 @@ class Commit:
     object-store prefix; see the module docstring). Use as a context manager: leaving it,
     however, removes the run's temporary files."""
 
-    def __init__(self, out: Path | Storage, fingerprint: str, *, overwrite: bool, resume: bool) -> None:
-        storage = out if isinstance(out, Storage) else open_storage(out, writable=True)
+    def __init__(self, out: Out, fingerprint: str, *, overwrite: bool, resume: bool) -> None:
         self.target: OutFolder
-        if storage.location.is_local:
-            self.target = LocalOut(storage)
+        if isinstance(out, Path) or out.location.is_local:
+            self.target = LocalOut(out if isinstance(out, Path) else Path(out.location.path))
         else:
             from shardkit.conversion.out_remote import RemoteOut
 
-            self.target = RemoteOut(storage)
+            self.target = RemoteOut(out)
         self.out, self.fingerprint = self.target.where, fingerprint
         self.state = _prepare(self.target, fingerprint, overwrite=overwrite, resume=resume)
         #: Where this run's tasks write their files (on this machine).

@@ -19,7 +19,6 @@ from shardkit.conversion.report import error_reasons
 from shardkit.errors import CorruptShardError, OutputExistsError
 from shardkit.format.files import atomic_write_bytes, check_shard, publish
 from shardkit.format.manifest import ERRORS_NAME, INDEX_NAME, Manifest, ShardRecord, canonical_json
-from shardkit.format.storage import Storage
 
 __all__ = ["JOURNAL_NAME", "TMP_NAME", "LocalOut", "OutFolder", "written_by_us"]
 
@@ -101,9 +100,9 @@ class LocalOut:
 
     remote = False
 
-    def __init__(self, storage: Storage) -> None:
-        self.where: Path = Path(storage.location.path)
-        self.out = self.where
+    def __init__(self, out: Path) -> None:
+        self.where: Path = out
+        self.out = out
 
     def names(self) -> list[str]:
         if self.out.exists() and not self.out.is_dir():

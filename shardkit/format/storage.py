@@ -53,6 +53,9 @@ T = TypeVar("T")
 #: beside its transfer time, small enough that a retry after a dropped connection repeats little.
 CHUNK_BYTES = 16 * 1024 * 1024
 _S3_MIN_PART = 5 * 1024 * 1024
+#: Filesystems made in this process, by settings (see `FsspecStorage._filesystem`).
+_SHARED: dict[str, tuple[int, Any]] = {}
+_SHARED_LOCK = threading.Lock()
 
 
 def open_storage(where: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None,
@@ -195,10 +198,18 @@ class FsspecStorage(Storage):
 
     def _filesystem(self) -> Any:
         if self._fs is None or self._pid != os.getpid():
-            options = _with_timeouts(self.location.protocol, self._options, self.retry)
-            fs = self._fs_class(skip_instance_cache=True, **options)
-            if self.location.protocol in ("s3", "s3a"):
-                fs.retries = 1  # s3fs's own retry loop: ours replaces it, so the budget is ours
+            # One filesystem (one connection pool) per process for equal settings: a task
+            # arrives with its own unpickled copy of a storage, and a new client per task
+            # would cost a connection set-up each.
+            key = repr((self._fs_class, self.location.protocol, sorted(self._options.items()), self.retry))
+            with _SHARED_LOCK:
+                pid, fs = _SHARED.get(key, (-1, None))
+                if pid != os.getpid():
+                    options = _with_timeouts(self.location.protocol, self._options, self.retry)
+                    fs = self._fs_class(skip_instance_cache=True, **options)
+                    if self.location.protocol in ("s3", "s3a"):
+                        fs.retries = 1  # s3fs's own retry loop: ours replaces it, so the budget is ours
+                    _SHARED[key] = (os.getpid(), fs)
             self._fs, self._pid = fs, os.getpid()
         return self._fs
 
