@@ -151,11 +151,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Check every shard's size, sha256 and sample count against index.json, that "
                     "every sample parses with the schema's dtype and shape, and that samples + "
                     "errors.jsonl account for every input. Prints one line per problem; exits "
-                    "non-zero if there is any.",
+                    "non-zero if there is any. OUT may be a URL: each shard is downloaded into "
+                    "a temporary folder for its check.",
     )
     verify.add_argument("path", metavar="OUT")
     verify.add_argument("--quick", action="store_true",
                         help="skip the sha256 of each shard and the decoding of jpeg/png pixels")
+    add_storage_option(verify)
 
     preview = commands.add_parser("preview", help="write a contact sheet of samples")
     preview.add_argument("path", metavar="OUT")
@@ -243,7 +245,8 @@ def _info(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from shardkit.tools.verify import verify_dataset
 
-    problems = verify_dataset(args.path, quick=args.quick)
+    problems = verify_dataset(args.path, quick=args.quick,
+                              storage_options=parse_storage_options(args.storage_option) or None)
     for problem in problems:
         print(problem)
     if problems:

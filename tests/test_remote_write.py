@@ -200,3 +200,24 @@ def test_storage_options_from_the_command_line() -> None:
             parse_storage_options([bad])
     with pytest.raises(ConfigError, match="storage_options"):
         shardkit.RunOptions(storage_options=[("k", "v")])  # type: ignore[arg-type]
+
+
+def test_verify_a_dataset_at_a_url(s3: Any, src: Path) -> None:
+    shardkit.convert(src, "s3://test/ds", storage_options=s3.options(), workers=0, **OPTIONS)
+    ok = cli("verify", "s3://test/ds", *storage_args(s3))
+    assert ok.returncode == 0 and "s3://test/ds: OK" in ok.stdout, ok.stderr
+    client = s3.client()
+    body = bytearray(client.get_object(Bucket="test", Key="ds/shard-00001.tar")["Body"].read())
+    body[700] ^= 0xFF
+    client.put_object(Bucket="test", Key="ds/shard-00001.tar", Body=bytes(body))
+    client.delete_object(Bucket="test", Key="ds/shard-00003.tar")
+    client.put_object(Bucket="test", Key="ds/shard-00009.tar", Body=b"stray")
+    bad = cli("verify", "s3://test/ds", *storage_args(s3))
+    assert bad.returncode == shardkit.DatasetError.exit_code
+    assert bad.stdout.splitlines() == [
+        "shard-00001.tar: sha256 differs from index.json (corrupted)",
+        "shard-00003.tar: missing (index.json lists it)",
+        "shard-00009.tar: a shard file index.json does not list"], bad.stdout
+    missing = cli("verify", "s3://test/none", *storage_args(s3))
+    assert missing.returncode == shardkit.DatasetError.exit_code
+    assert "s3://test/none: not a shardkit dataset" in missing.stdout
