@@ -76,6 +76,8 @@ def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
     OUT (and SRC) may be URLs: an unusable one is refused before anything is read or written."""
     started = time.perf_counter()
     target = resolve_out(out, run)
+    if "://" in os.fspath(src) and parse_location(src).is_local:
+        src = parse_location(src).path  # file:///data/train is the folder /data/train
     config = resolve_source(src, config)
     source = remote_source(src, config, run)
     if config.split is not None:
@@ -97,15 +99,16 @@ def resolve_out(out: str | os.PathLike[str], run: RunOptions) -> Out:
     never a local folder; a scheme that cannot be written, or whose extra is missing, is
     refused here, before any work)."""
     storage = open_storage(out, storage_options=run.storage_options, retry=run.retry, writable=True)
-    return Path(out) if storage.location.is_local else storage
+    if not storage.location.is_local:
+        return storage
+    return Path(storage.location.path) if "://" in os.fspath(out) else Path(out)  # file:// URLs
 
 
 def local_src(src: str | os.PathLike[str], source: Storage | None) -> str:
     """SRC as the plan lists it: an absolute path (tasks may run with another working
     directory), or the URL of a remote one (`source` the storage of its inputs)."""
-    if source is None and parse_location(src).is_local:
-        return os.path.abspath(src)
-    return os.fspath(src)
+    location = parse_location(src)
+    return location.path if source is None and location.is_local else os.fspath(src)
 
 
 def spill_dir(out: Out) -> Path | None:
