@@ -2,7 +2,7 @@
 into moto's S3 server on 127.0.0.1 and onto local disk, in the same run.
 
 Usage:
-    python scripts/bench_remote_write.py [--out bench-out] [--images 600] [--repeats 3]
+    python scripts/bench_remote_write.py [--out bench-out] [--images 600] [--repeats 5]
                                          [--quick] [--write-doc docs/performance.md]
 
 moto runs as its own process (``moto_server``), so that its request handling does not share
@@ -31,9 +31,11 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 from docblock import write_block
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,10 +51,18 @@ WORKERS = 2
 SAMPLES_PER_SHARD = 256
 
 
+@dataclass(frozen=True)
+class Run:
+    wall: float
+    client_cpu: float  # this process: planning, committing, the upload threads
+    task_cpu: float  # the workers' decoding, resizing, encoding
+    server_cpu: float  # moto_server handling the requests
+
+
 @contextmanager
-def moto_process(folder: Path) -> Iterator[dict[str, Any]]:
+def moto_process(folder: Path) -> Iterator[tuple[dict[str, Any], psutil.Process]]:
     """moto's S3 server in its own process on a free port of 127.0.0.1, a bucket ``bench``;
-    yields the storage_options that reach it."""
+    yields the storage_options that reach it, and the server's process."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -79,7 +89,7 @@ def moto_process(folder: Path) -> Iterator[dict[str, Any]]:
         Session().create_client("s3", endpoint_url=endpoint, region_name="us-east-1",
                                 aws_access_key_id="bench",
                                 aws_secret_access_key="bench").create_bucket(Bucket="bench")
-        yield options
+        yield options, psutil.Process(process.pid)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -90,19 +100,23 @@ def moto_process(folder: Path) -> Iterator[dict[str, Any]]:
         log.close()
 
 
-def convert_once(src: Path, dst: str, options: dict[str, Any] | None) -> tuple[float, str, int]:
-    """(wall seconds, the shards' sha256 list, bytes) of one fresh conversion into `dst`."""
+def convert_once(src: Path, dst: str, options: dict[str, Any] | None,
+                 server: psutil.Process) -> tuple[Run, str, int]:
+    """(the run's times, the shards' sha256 list, bytes) of one fresh conversion into `dst`."""
     extra = {"storage_options": options, "overwrite": True} if options else {}
     if not options:
         shutil.rmtree(dst, ignore_errors=True)
         os.sync()
+    served = sum(server.cpu_times()[:2])
+    cpu = time.process_time()
     started = time.perf_counter()
     summary = shardkit.convert(src, dst, size=SIZE, samples_per_shard=SAMPLES_PER_SHARD,
                                workers=WORKERS, progress=False, **extra)
-    wall = time.perf_counter() - started
+    run = Run(wall=time.perf_counter() - started, client_cpu=time.process_time() - cpu,
+              task_cpu=summary.task_cpu_seconds, server_cpu=sum(server.cpu_times()[:2]) - served)
     storage = open_storage(dst, storage_options=options)
     shards = json.loads(storage.read_bytes("index.json"))["shards"]
-    return wall, json.dumps([s["sha256"] for s in shards]), summary.bytes
+    return run, json.dumps([s["sha256"] for s in shards]), summary.bytes
 
 
 def upload_only(options: dict[str, Any], size: int, repeats: int) -> list[float]:
@@ -120,31 +134,36 @@ def upload_only(options: dict[str, Any], size: int, repeats: int) -> list[float]
     return times
 
 
-def measure(src: Path, work: Path, options: dict[str, Any],
-            repeats: int) -> tuple[dict[str, list[float]], int]:
+def measure(src: Path, work: Path, options: dict[str, Any], server: psutil.Process,
+            repeats: int) -> tuple[dict[str, list[Run]], int]:
     runs = {"local": (str(work / "local"), None), "s3": ("s3://bench/ds", options)}
     print("warm-up (untimed): one run of each ...", flush=True)
-    outputs = {name: convert_once(src, dst, opts) for name, (dst, opts) in runs.items()}
+    outputs = {name: convert_once(src, dst, opts, server) for name, (dst, opts) in runs.items()}
     if outputs["local"][1] != outputs["s3"][1]:
         raise RuntimeError("the local and S3 conversions wrote different shards")
-    walls: dict[str, list[float]] = {name: [] for name in runs}
+    timed: dict[str, list[Run]] = {name: [] for name in runs}
     for repeat in range(repeats):
         for name, (dst, opts) in runs.items():
-            walls[name].append(convert_once(src, dst, opts)[0])
-        print(f"repeat {repeat + 1}/{repeats}: local {walls['local'][-1]:.2f} s, "
-              f"s3 {walls['s3'][-1]:.2f} s", flush=True)
-    return walls, outputs["local"][2]
+            timed[name].append(convert_once(src, dst, opts, server)[0])
+        print(f"repeat {repeat + 1}/{repeats}: local {timed['local'][-1].wall:.2f} s, "
+              f"s3 {timed['s3'][-1].wall:.2f} s", flush=True)
+    return timed, outputs["local"][2]
 
 
-def render(data: Any, walls: dict[str, list[float]], uploads: list[float], shard_bytes: int,
+def render(data: Any, timed: dict[str, list[Run]], uploads: list[float], shard_bytes: int,
            total_bytes: int, shards: int, repeats: int, quick: bool) -> str:
     import moto
     import s3fs
 
     images = len(data.items)
+    walls = {k: [r.wall for r in runs] for k, runs in timed.items()}
     local, remote = (statistics.median(walls[k]) for k in ("local", "s3"))
     upload = statistics.median(uploads)
-    rows = [("local folder", walls["local"], local), ("s3:// (moto on 127.0.0.1)", walls["s3"], remote)]
+
+    def cpu(name: str, field: str) -> float:
+        return statistics.median(getattr(r, field) for r in timed[name])
+
+    rows = [("local folder", "local"), ("s3:// (moto on 127.0.0.1)", "s3")]
     lines = [
         BEGIN,
         "## Conversion into object storage",
@@ -167,11 +186,17 @@ def render(data: Any, walls: dict[str, list[float]], uploads: list[float], shard
         f"- {repeats} timed run{'s' if repeats != 1 else ''} each, round-robin after one untimed "
         "warm-up each; medians.",
         "",
-        "| OUT | wall s (median) | min–max s | images/s | vs local |",
-        "|---|---|---|---|---|",
-        *(f"| {label} | {wall:.2f} | {min(ws):.2f}–{max(ws):.2f} | {images / wall:,.0f} | "
-          f"{local / wall:.2f}× |" for label, ws, wall in rows),
+        "| OUT | wall s (median) | min–max s | images/s | vs local | client CPU s | tasks' CPU s "
+        "| moto_server CPU s |",
+        "|---|---|---|---|---|---|---|---|",
+        *(f"| {label} | {statistics.median(walls[k]):.2f} | {min(walls[k]):.2f}–{max(walls[k]):.2f} | "
+          f"{images / statistics.median(walls[k]):,.0f} | {local / statistics.median(walls[k]):.2f}× | "
+          f"{cpu(k, 'client_cpu'):.2f} | {cpu(k, 'task_cpu'):.2f} | {cpu(k, 'server_cpu'):.2f} |"
+          for label, k in rows),
         "",
+        f"- S3 costs {remote - local:+.2f} s of wall time here. On this machine the server is "
+        "a Python process on the same cores as the two workers: its CPU (last column) is taken "
+        "from the conversion, which a real store's is not.",
         f"- Upload alone: one {shard_bytes / 1e6:.1f} MB file through `Storage.upload` takes "
         f"{upload:.2f} s (median of {len(uploads)}, {min(uploads):.2f}–{max(uploads):.2f}): "
         f"{shard_bytes / upload / 1e6:,.0f} MB/s to this endpoint, one stream. The whole "
@@ -191,25 +216,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--out", default="bench-out", help="work folder (corpus cached here)")
     parser.add_argument("--images", type=int, default=None, help="corpus size (default 600)")
-    parser.add_argument("--repeats", type=int, default=None, help="runs each (default 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs each (default 5)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 40 images, 1 repeat")
     parser.add_argument("--write-doc", metavar="PATH", help="write the remote-write block here")
     args = parser.parse_args(argv)
     images = args.images if args.images is not None else (40 if args.quick else 600)
-    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 5)
     if images < 2 or repeats < 1:
         parser.error("--images must be >= 2 and --repeats >= 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = inspect_and_warm(corpus(out, images))
     work = out / "remote-write-runs"
-    with moto_process(out / "moto") as options:
-        walls, total = measure(data.src, work, options, repeats)
+    with moto_process(out / "moto") as (options, server):
+        timed, total = measure(data.src, work, options, server, repeats)
         index = json.loads((work / "local" / "index.json").read_text())
         largest = max(s["bytes"] for s in index["shards"])
         uploads = upload_only(options, largest, max(3, repeats))
     shutil.rmtree(work, ignore_errors=True)
-    block = render(data, walls, uploads, largest, total, len(index["shards"]), repeats, args.quick)
+    block = render(data, timed, uploads, largest, total, len(index["shards"]), repeats, args.quick)
     print()
     print(block)
     if args.write_doc:

@@ -62,6 +62,9 @@ def remote_source(src: str | os.PathLike[str], config: ConvertConfig, run: RunOp
             root = csv.root if not parse_location(csv.root).is_local else None
         else:
             root = posixpath.dirname(os.fspath(src)) if src_remote else None
+        if root is None and src_remote:
+            raise ConfigError(f"{src}: an image CSV at a URL names images under a URL (its own "
+                              "folder, or --root URL); for local images, download the CSV")
         return None if root is None else _open(root, run)
     return _open(os.fspath(src), run) if src_remote else None
 
