@@ -30,13 +30,14 @@ lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check shardkit tests scripts examples
 	$(VENV)/bin/mypy
 
-bench: $(STAMP) ## conversion, reading, workers, CSV, Dask, augmentation and Keras benchmarks (~35 min); write docs/performance.md
+bench: $(STAMP) ## conversion (local, Dask, into S3), reading (local, workers, remote), CSV, augmentation and Keras benchmarks (~40 min); write docs/performance.md
 	$(PY) scripts/bench_convert.py --out bench-out --write-doc docs/performance.md
 	$(PY) scripts/bench_decode.py --out bench-out --write-doc docs/performance.md
 	$(PY) scripts/bench_read.py --out bench-out/read --write-doc docs/performance.md
 	$(PY) scripts/bench_workers.py --out bench-out/workers --write-doc docs/performance.md
 	$(PY) scripts/bench_csv.py --out bench-out/csv --write-doc docs/performance.md
 	$(PY) scripts/bench_dask.py --out bench-out --write-doc docs/performance.md
+	$(PY) scripts/bench_remote_write.py --out bench-out --write-doc docs/performance.md
 	$(PY) scripts/bench_augment.py --write-doc docs/performance.md
 	$(PY) scripts/bench_keras.py --out bench-out/keras --write-doc docs/performance.md
 	-$(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" && \

@@ -31,7 +31,7 @@ from shardkit.errors import (
     ShardkitError,
     TooManyFailuresError,
 )
-from shardkit.keywords import configs_from_options
+from shardkit.keywords import configs_from_options, parse_storage_options
 
 if TYPE_CHECKING:
     from shardkit.config import ConvertConfig, RunOptions
@@ -51,6 +51,15 @@ def _rgb(text: str) -> tuple[int, int, int]:
     return values[0], values[1], values[2]
 
 
+def add_storage_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--storage-option KEY=VALUE`` (repeatable; `parse_storage_options` reads the pairs):
+    for every command that takes a URL."""
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an fsspec storage option for a URL SRC/OUT, on every request "
+                             "(endpoint_url=http://host:9000, key=..., client_kwargs={\"region_name\": "
+                             "\"eu-west-1\"}); repeatable; see docs/remote.md")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardkit",
@@ -63,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     conv = commands.add_parser(
         "convert", help="convert an image folder into shards",
         description="Convert SRC (class-per-folder tree, a flat folder of images, a CSV, or a "
-                    "Hugging Face dataset on disk) into a sharded dataset in OUT.",
+                    "Hugging Face dataset on disk) into a sharded dataset in OUT. SRC (images, "
+                    "an image CSV) and OUT may be URLs: s3://bucket/prefix, gs://..., any "
+                    "writable fsspec URL.",
     )
     conv.add_argument("src", metavar="SRC")
     conv.add_argument("out", metavar="OUT")
@@ -122,9 +133,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace a previous conversion in OUT")
     run.add_argument("--dask-scheduler", metavar="tcp://HOST:PORT", default=None,
                      help="run the tasks on this Dask cluster (SRC and OUT on a shared "
-                          "filesystem; needs shardkit[dask]); see docs/scale-out.md")
+                          "filesystem or in object storage; needs shardkit[dask]); see "
+                          "docs/scale-out.md")
     run.add_argument("--resume", action="store_true",
                      help="finish an interrupted conversion in OUT, keeping its finished shards")
+    add_storage_option(run)
     progress = run.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_true", default=None)
     progress.add_argument("--no-progress", dest="progress", action="store_false")
@@ -138,11 +151,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Check every shard's size, sha256 and sample count against index.json, that "
                     "every sample parses with the schema's dtype and shape, and that samples + "
                     "errors.jsonl account for every input. Prints one line per problem; exits "
-                    "non-zero if there is any.",
+                    "non-zero if there is any. OUT may be a URL: each shard is downloaded into "
+                    "a temporary folder for its check.",
     )
     verify.add_argument("path", metavar="OUT")
     verify.add_argument("--quick", action="store_true",
                         help="skip the sha256 of each shard and the decoding of jpeg/png pixels")
+    add_storage_option(verify)
 
     preview = commands.add_parser("preview", help="write a contact sheet of samples")
     preview.add_argument("path", metavar="OUT")
@@ -189,7 +204,7 @@ def _convert(args: argparse.Namespace) -> int:
         "image_col": args.image_col, "label_col": args.label_col, "root": args.root,
         "columns": args.columns, "exclude": args.exclude, "delimiter": args.delimiter,
         "encoding": args.encoding, "header": args.header, "keep_ints": args.keep_ints,
-        "progress": args.progress,
+        "progress": args.progress, "storage_options": parse_storage_options(args.storage_option) or None,
         **({"shard_size": args.shard_size} if args.shard_size else {}),
     })
     try:
@@ -230,7 +245,8 @@ def _info(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from shardkit.tools.verify import verify_dataset
 
-    problems = verify_dataset(args.path, quick=args.quick)
+    problems = verify_dataset(args.path, quick=args.quick,
+                              storage_options=parse_storage_options(args.storage_option) or None)
     for problem in problems:
         print(problem)
     if problems:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from shardkit.errors import ConfigError
+from shardkit.format.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from shardkit.reader.augment import Augment
@@ -311,6 +312,8 @@ class RunOptions:
     workers: worker processes (0 = convert in the calling process; None = all cores).
     overwrite: replace whatever conversion OUT holds. resume: finish an interrupted
     conversion of the same inputs and options, keeping its finished shards.
+    storage_options: what the fsspec filesystem of a URL SRC or OUT takes (endpoint_url, key,
+    secret, region...), on every request. retry: how its requests are retried and bounded.
     """
 
     workers: int | None = None
@@ -318,10 +321,17 @@ class RunOptions:
     resume: bool = False
     max_errors: ErrorBudget = field(default_factory=ErrorBudget)
     progress: bool | None = None
+    storage_options: dict[str, Any] | None = field(default=None, hash=False, repr=False)
+    retry: RetryPolicy | None = None
 
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"workers must be >= 0; got {self.workers}")
+        options = self.storage_options  # never printed: it may hold credentials
+        if options is not None and not (isinstance(options, dict) and all(type(k) is str for k in options)):
+            raise ConfigError(f"storage_options must be a dict with string keys; got {type(options)}")
+        if self.retry is not None and not isinstance(self.retry, RetryPolicy):
+            raise ConfigError(f"retry must be a RetryPolicy or None; got {self.retry!r}")
 
     @property
     def resolved_workers(self) -> int:

@@ -11,6 +11,7 @@ forms: ``size=224`` or ``"150x150"``, ``shard_size="256MB"``, ``max_errors="1%"`
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
@@ -32,6 +33,7 @@ from shardkit.config import (
     SplitOptions,
 )
 from shardkit.errors import ConfigError
+from shardkit.format.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from shardkit.reader.augment import Augment
@@ -44,6 +46,7 @@ __all__ = [
     "parse_max_errors",
     "parse_size",
     "parse_split",
+    "parse_storage_options",
     "read_options",
 ]
 
@@ -94,6 +97,8 @@ class ConvertKeywords(TypedDict, total=False):
     resume: bool
     max_errors: ErrorBudget | int | str
     progress: bool | None
+    storage_options: dict[str, Any] | None
+    retry: RetryPolicy | None
     image_col: str | None
     label_col: str | Sequence[str] | None
     label_cols: Sequence[str]
@@ -165,6 +170,39 @@ def parse_split(value: str | Mapping[str, float]) -> SplitOptions:
                                   f"got {value!r}") from None
         return SplitOptions(parts=tuple(parts))
     return SplitOptions(parts=tuple(value.items()))
+
+
+def parse_storage_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``--storage-option KEY=VALUE`` (repeatable) → fsspec's storage_options. A value is a
+    string, except one that reads as JSON: an object, array or quoted string, or exactly
+    ``true``/``false``/``null`` (so ``client_kwargs={"region_name": "eu-west-1"}``, ``anon=true``).
+    A dotted KEY sets a nested value (``client_kwargs.region_name=eu-west-1``). ConfigError
+    names a pair without ``=`` or with malformed JSON."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--storage-option takes KEY=VALUE (e.g. endpoint_url=http://host:9000); "
+                              f"got {pair!r}")
+        value: Any = text
+        if text[:1] in ("{", "[", '"') or text in ("true", "false", "null"):
+            try:
+                value = json.loads(text)
+            except ValueError as exc:
+                raise ConfigError(f"--storage-option {key}: the value is not valid JSON ({exc})") from None
+        *path, last = key.split(".")
+        target = options
+        for part in path:
+            nested = target.setdefault(part, {})
+            if not isinstance(nested, dict):
+                raise ConfigError(f"--storage-option {key}: {part} is already set to a value")
+            target = nested
+        if isinstance(value, dict) and isinstance(target.get(last), dict):
+            target[last].update(value)  # client_kwargs.x=1 and client_kwargs={...} both apply
+        else:
+            target[last] = value
+    return options
 
 
 def parse_max_errors(text: str) -> ErrorBudget:

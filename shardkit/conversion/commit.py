@@ -20,28 +20,48 @@ atomically. `Commit.complete` writes ``errors.jsonl``, then ``index.json``, then
 journal. A run killed at any moment (even ``kill -9``) leaves complete shards with entries,
 at most one complete shard without an entry (redone on resume), and temporary files that the
 next run deletes; without index.json, OUT is not a dataset.
+
+OUT may be an object-store prefix (``s3://bucket/prefix``): the same protocol, with uploads for
+renames (`shardkit.conversion.out_remote`); the table above holds as it stands.
 """
 
 from __future__ import annotations
 
-import json
-import secrets
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from shardkit.conversion.report import ConvertSummary, FailureRecord, error_reasons, write_error_report
+from shardkit.conversion.out_folder import (
+    JOURNAL_NAME,
+    TMP_NAME,
+    LocalOut,
+    OutFolder,
+    write_journal,
+    written_by_us,
+)
+from shardkit.conversion.report import ConvertSummary, FailureRecord, error_report
 from shardkit.errors import OutputExistsError
-from shardkit.format.files import atomic_write_bytes, check_shard, publish
-from shardkit.format.manifest import ERRORS_NAME, INDEX_NAME, Manifest, ShardRecord, canonical_json
+from shardkit.format.manifest import ERRORS_NAME, INDEX_NAME, Manifest, ShardRecord
+from shardkit.format.storage import Storage
 
-__all__ = ["JOURNAL_NAME", "TMP_NAME", "Commit", "Entry", "State", "write_entry"]
+__all__ = ["JOURNAL_NAME", "TMP_NAME", "Commit", "Entry", "Out", "State", "out_child", "out_where",
+           "write_entry"]
 
-TMP_NAME = ".shardkit-tmp"
-JOURNAL_NAME = ".shardkit-journal"
+
+#: OUT: a local folder (as the user spelled it), or a storage (`open_storage(..., writable=True)`).
+Out = Path | Storage
+
+
+def out_child(out: Out, name: str) -> Out:
+    """The folder `name` inside OUT (a split's part)."""
+    return out / name if isinstance(out, Path) else out.within(name)
+
+
+def out_where(out: Out) -> Path | str:
+    """OUT for messages and summaries: the local path, or the URL."""
+    return out if isinstance(out, Path) else out.url if not out.location.is_local else Path(out.location.path)
 
 
 class State(Enum):
@@ -61,17 +81,29 @@ class Entry:
 
 
 class Commit:
-    """One run's dealings with `out` (see the module docstring). Use as a context manager:
-    leaving it, however, removes the run's temporary folder."""
+    """One run's dealings with `out` (a local folder, or a `Storage`: a local one or an
+    object-store prefix; see the module docstring). Use as a context manager: leaving it,
+    however, removes the run's temporary files."""
 
-    def __init__(self, out: Path, fingerprint: str, *, overwrite: bool, resume: bool) -> None:
-        self.out, self.fingerprint = out, fingerprint
-        self.state = _prepare(out, fingerprint, overwrite=overwrite, resume=resume)
-        # A folder of this run's own: a task of an earlier run still running on a cluster
-        # (Ctrl-C cannot stop a running Dask task) never writes where this run reads.
-        self.tmp = out.absolute() / TMP_NAME / secrets.token_hex(4)
+    def __init__(self, out: Out, fingerprint: str, *, overwrite: bool, resume: bool) -> None:
+        self.target: OutFolder
+        if isinstance(out, Path) or out.location.is_local:
+            self.target = LocalOut(out if isinstance(out, Path) else Path(out.location.path))
+        else:
+            from shardkit.conversion.out_remote import RemoteOut
+
+            self.target = RemoteOut(out)
+        self.out, self.fingerprint = self.target.where, fingerprint
+        self.state = _prepare(self.target, fingerprint, overwrite=overwrite, resume=resume)
+        #: Where this run's tasks write their files (on this machine).
+        self.tmp = self.target.scratch()
         if self.state is not State.DONE:
             self.tmp.mkdir(parents=True)
+
+    @property
+    def remote(self) -> bool:
+        """True when OUT is not on this machine's filesystem (an object store)."""
+        return self.target.remote
 
     def __enter__(self) -> Commit:
         return self
@@ -81,34 +113,47 @@ class Commit:
 
     def finished(self, name_of: Callable[[int], str], count: int | None = None) -> dict[int, Entry]:
         """Journal entries of this conversion (same fingerprint) of shards below `count` (if
-        given) whose shard, named ``name_of(shard)``, is on disk with exactly the recorded size
-        and sha256. Anything else is left to be converted again."""
+        given) whose shard, named ``name_of(shard)``, is in OUT with exactly the recorded size
+        and sha256 (a remote OUT: size and version). Anything else is converted again."""
         entries: dict[int, Entry] = {}
-        for path in sorted((self.out / JOURNAL_NAME).glob("*.json")):
+        for data in self.target.journal():
             try:
-                data = json.loads(path.read_bytes())
                 entry = _parse(data)
                 if data["fingerprint"] != self.fingerprint or entry.record.file != name_of(entry.shard) \
                         or (count is not None and not 0 <= entry.shard < count):
                     continue
-                check_shard(self.out / entry.record.file, entry.record, verify=True)
+                if not self.target.intact(entry.record, data):
+                    continue
             except (OSError, ValueError, KeyError, TypeError):  # an unusable entry is not reused
                 continue
             entries[entry.shard] = entry
         return entries
 
     def publish(self, scratch: Path, entry: Entry) -> None:
-        """Rename the fsynced `scratch` file onto its final name and journal it."""
-        publish(scratch, self.out / entry.record.file)
-        write_entry(self.out, self.fingerprint, entry)
+        """Make the fsynced `scratch` file the shard's final file and journal it (a remote
+        OUT: queue its upload; a failed upload is raised by a later call or `complete`)."""
+        self.target.publish(scratch, _entry_data(self.fingerprint, entry))
+
+    def publish_uploaded(self, entry: Entry) -> None:
+        """Publish the shard a cluster task uploaded to `task_store` (a remote OUT only)."""
+        from shardkit.conversion.out_remote import RemoteOut
+
+        assert isinstance(self.target, RemoteOut)
+        self.target.publish_uploaded(_entry_data(self.fingerprint, entry))
+
+    @property
+    def task_store(self) -> Storage:
+        """Where a cluster's tasks upload this run's shards (a remote OUT only)."""
+        from shardkit.conversion.out_remote import RemoteOut
+
+        assert isinstance(self.target, RemoteOut)
+        return self.target.task_store
 
     def complete(self, manifest: Manifest, failures: Sequence[FailureRecord], *,
                  summary: dict[str, Any]) -> ConvertSummary:
         """errors.jsonl, then index.json, then the journal goes: the dataset exists. Returns the
         run's summary (`summary`: its other fields)."""
-        write_error_report(self.out / ERRORS_NAME, failures)
-        manifest.write(self.out)
-        shutil.rmtree(self.out / JOURNAL_NAME, ignore_errors=True)
+        self.target.finish(error_report(failures), manifest.to_bytes())
         reasons: dict[str, int] = {}
         for failure in failures:
             reasons[failure.reason] = reasons.get(failure.reason, 0) + 1
@@ -116,38 +161,32 @@ class Commit:
 
     def up_to_date(self, **summary: Any) -> ConvertSummary:
         """The summary of the dataset already complete in OUT (a rerun with nothing to do)."""
-        manifest = Manifest.read(self.out)
-        return self._summary(manifest, reasons=error_reasons(self.out / ERRORS_NAME),
+        manifest = self.target.manifest()
+        return self._summary(manifest, reasons=self.target.reasons(),
                              reused_shards=len(manifest.shards), up_to_date=True, **summary)
 
     def _summary(self, manifest: Manifest, **fields: Any) -> ConvertSummary:
-        return ConvertSummary(out=self.out, inputs=manifest.inputs, samples=manifest.samples,
+        out = self.out
+        errors = out / ERRORS_NAME if isinstance(out, Path) else f"{out}/{ERRORS_NAME}"
+        return ConvertSummary(out=out, inputs=manifest.inputs, samples=manifest.samples,
                               failed=manifest.failed, shards=len(manifest.shards),
-                              bytes=manifest.bytes, errors_path=self.out / ERRORS_NAME, **fields)
+                              bytes=manifest.bytes, errors_path=errors, **fields)
 
     def close(self) -> None:
-        """Remove the run's temporary folder and OUT/.shardkit-tmp around it. Renamed first:
-        a cancelled task still running on a cluster may create files in it by name while
-        rmtree works, and after the rename none can."""
-        if not self.tmp.exists():
-            return
-        gone = self.tmp.with_name(f"{self.tmp.name}.gone")
-        try:
-            self.tmp.rename(gone)
-        except OSError:
-            gone = self.tmp
-        shutil.rmtree(gone, ignore_errors=True)
-        shutil.rmtree(self.tmp.parent, ignore_errors=True)
+        """Remove the run's temporary folder (and OUT/.shardkit-tmp around it); a remote OUT
+        first stops its uploads."""
+        self.target.close(self.tmp)
+
+
+def _entry_data(fingerprint: str, entry: Entry) -> dict[str, Any]:
+    return {"fingerprint": fingerprint, "shard": entry.shard, "record": entry.record.to_json(),
+            "failures": [f.to_json() for f in entry.failures],
+            "label_counts": list(entry.label_counts)}
 
 
 def write_entry(out: Path, fingerprint: str, entry: Entry) -> None:
-    """Atomically journal `entry` as a shard this conversion has durably finished."""
-    folder = out / JOURNAL_NAME
-    folder.mkdir(exist_ok=True)
-    data = {"fingerprint": fingerprint, "shard": entry.shard, "record": entry.record.to_json(),
-            "failures": [f.to_json() for f in entry.failures],
-            "label_counts": list(entry.label_counts)}
-    atomic_write_bytes(folder / f"{entry.record.file}.json", canonical_json(data))
+    """Atomically journal `entry` as a shard this conversion has durably finished (local OUT)."""
+    write_journal(out, _entry_data(fingerprint, entry))
 
 
 def _parse(data: dict[str, Any]) -> Entry:
@@ -163,70 +202,44 @@ def _parse(data: dict[str, Any]) -> Entry:
                  label_counts=tuple(int(c) for c in data["label_counts"]))
 
 
-def _journal_fingerprints(out: Path) -> set[str]:
-    found = set()
-    for path in sorted((out / JOURNAL_NAME).glob("*.json")):
-        try:
-            found.add(str(json.loads(path.read_bytes())["fingerprint"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # unreadable entries are simply not reused
-    return found
-
-
-def _prepare(out: Path, fingerprint: str, *, overwrite: bool, resume: bool) -> State:
+def _prepare(out: OutFolder, fingerprint: str, *, overwrite: bool, resume: bool) -> State:
     """Decide what to do with `out` (see the module docstring) and clear it when starting over."""
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out}: exists and is not a folder")
-    entries = sorted(out.iterdir()) if out.exists() else []
-    others = [e.name for e in entries if not _written_by_us(e.name)]
+    names = out.names()
+    others = [n for n in names if not written_by_us(n)]
     if others:
         raise OutputExistsError(
-            f"{out}: not empty: it holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}"
+            f"{out.where}: not empty: it holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}"
             ", which shardkit did not write; choose an empty or new folder"
         )
-    if entries and not overwrite:
-        state = _existing(out, fingerprint, resume)
+    if names and not overwrite:
+        state = _existing(out, names, fingerprint, resume)
         if state is not None:
             return state
-    # index.json goes first: from then on the folder is no longer a dataset.
-    for entry in sorted(entries, key=lambda e: e.name != INDEX_NAME):
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    out.clear(names)
     return State.FRESH
 
 
-def _existing(out: Path, fingerprint: str, resume: bool) -> State | None:
-    if (out / INDEX_NAME).exists():
+def _existing(out: OutFolder, names: list[str], fingerprint: str, resume: bool) -> State | None:
+    if INDEX_NAME in names:
         try:
-            same = Manifest.read(out).fingerprint == fingerprint
+            same = out.manifest().fingerprint == fingerprint
         except Exception:
             same = False
         if same:
             return State.DONE
         raise OutputExistsError(
-            f"{out}: holds a conversion of other inputs or options (its fingerprint differs); "
+            f"{out.where}: holds a conversion of other inputs or options (its fingerprint differs); "
             "pass --overwrite to replace it"
         )
-    if _journal_fingerprints(out) - {fingerprint}:
+    if {str(e.get("fingerprint")) for e in out.journal()} - {fingerprint}:
         raise OutputExistsError(
-            f"{out}: holds an interrupted conversion of other inputs or options; pass "
+            f"{out.where}: holds an interrupted conversion of other inputs or options; pass "
             "--overwrite to start over"
         )
     if not resume:
         raise OutputExistsError(
-            f"{out}: holds an interrupted conversion; pass --resume to finish it (finished "
+            f"{out.where}: holds an interrupted conversion; pass --resume to finish it (finished "
             "shards are kept) or --overwrite to start over"
         )
-    shutil.rmtree(out / TMP_NAME, ignore_errors=True)
+    out.clear_tmp()
     return State.RESUME
-
-
-def _written_by_us(name: str) -> bool:
-    return (
-        name in (INDEX_NAME, ERRORS_NAME, TMP_NAME, JOURNAL_NAME)
-        or (name.startswith("shard-") and name.endswith((".tar", ".parquet")))
-        or name.startswith((f".{INDEX_NAME}.tmp-", f".{ERRORS_NAME}.tmp-"))
-    )

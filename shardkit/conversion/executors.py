@@ -3,7 +3,8 @@
 
 On a cluster the client plans and commits and the workers run `shardkit.conversion.tasks`, reading SRC and
 writing under OUT themselves: both must be on a filesystem every worker mounts at the same
-path. `check_workers` proves that with a tiny task before any real one is submitted.
+path. `check_workers` proves that with a tiny task before any real one is submitted. A SRC or
+OUT in object storage needs no shared filesystem: workers reach the store themselves.
 """
 
 from __future__ import annotations
@@ -130,9 +131,10 @@ def describe_task_error(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- worker check
 
 
-def probe_worker(src_file: str | None, src_bytes: int, tmp: str) -> tuple[str, str, str, str]:
+def probe_worker(src_file: str | None, src_bytes: int, tmp: str | None) -> tuple[str, str, str, str]:
     """Runs on a worker: can it read the planned input `src_file` (with the planned size) and
-    write a file under `tmp`? Returns (worker, what failed: "src"/"out"/"", detail, file name)."""
+    write a file under `tmp` (if given)? Returns (worker, what failed: "src"/"out"/"", detail,
+    file name)."""
     where = f"{socket.gethostname()} (pid {os.getpid()})"
     name = f"probe-{secrets.token_hex(8)}"
     if src_file is not None:
@@ -142,6 +144,8 @@ def probe_worker(src_file: str | None, src_bytes: int, tmp: str) -> tuple[str, s
             return where, "src", f"{src_file}: {exc.strerror or exc}", name
         if size != src_bytes:
             return where, "src", f"{src_file}: {size} bytes there, {src_bytes} on the client", name
+    if tmp is None:
+        return where, "", "", ""
     try:
         with open(os.path.join(tmp, name), "w", encoding="ascii") as handle:
             handle.write(name)
@@ -150,9 +154,10 @@ def probe_worker(src_file: str | None, src_bytes: int, tmp: str) -> tuple[str, s
     return where, "", "", name
 
 
-def check_workers(executor: cf.Executor, first_input: tuple[str, int] | None, tmp: Path) -> None:
+def check_workers(executor: cf.Executor, first_input: tuple[str, int] | None, tmp: Path | None) -> None:
     """Before any real task: check that the workers see SRC (the first planned input, same
-    size) and share OUT with the client (a file a worker writes under `tmp` is visible here).
+    size; None: a remote SRC) and share OUT with the client (a file a worker writes under
+    `tmp` is visible here; None: a remote OUT, which shares nothing).
 
     On Dask every connected worker is checked; another executor runs the check once.
     Raises InputError (SRC not visible), WorkerError (OUT not shared or writable; no workers).
@@ -161,12 +166,13 @@ def check_workers(executor: cf.Executor, first_input: tuple[str, int] | None, tm
     client = _dask_client(executor)
     if client is not None:
         _wait_for_a_worker(client)
-        results = client.run(probe_worker, src_file, src_bytes, str(tmp))
+        results = client.run(probe_worker, src_file, src_bytes, None if tmp is None else str(tmp))
         outcomes = [(f"{address} on {where}", *rest) for address, (where, *rest) in results.items()]
     else:
-        outcomes = [executor.submit(probe_worker, src_file, src_bytes, str(tmp)).result()]
+        outcomes = [executor.submit(probe_worker, src_file, src_bytes,
+                                    None if tmp is None else str(tmp)).result()]
     for where, failed, detail, name in sorted(outcomes):
-        _raise_for(where, failed, detail, tmp / name)
+        _raise_for(where, failed, detail, None if tmp is None else tmp / name)
 
 
 def _wait_for_a_worker(client: Any) -> None:
@@ -176,13 +182,15 @@ def _wait_for_a_worker(client: Any) -> None:
         raise WorkerError(f"no Dask worker joined the scheduler within {_WORKER_WAIT_S} s") from None
 
 
-def _raise_for(where: str, failed: str, detail: str, probe: Path) -> None:
+def _raise_for(where: str, failed: str, detail: str, probe: Path | None) -> None:
     if failed == "src":
         raise InputError(f"SRC is not visible on the worker {where}: {detail}; SRC and OUT must be "
                          f"on a filesystem every worker mounts at the same path ({_SCALE_OUT_DOC})")
     if failed == "out":
         raise WorkerError(f"the worker {where} cannot write under OUT: {detail}; SRC and OUT must be "
                           f"on a filesystem every worker mounts at the same path ({_SCALE_OUT_DOC})")
+    if probe is None:
+        return
     try:
         seen = probe.read_text(encoding="ascii") == probe.name
         probe.unlink()

@@ -80,6 +80,12 @@ _SIXTEEN_BIT: Final = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ALPHA_MODES: Final = ("RGBA", "LA", "PA", "La", "RGBa")
 
 
+#: The details of ``empty_file`` and ``missing_file`` failures, for a local file or a fetched
+#: object alike (the same inputs give the same errors.jsonl wherever SRC is).
+EMPTY_FILE = "file is empty (0 bytes)"
+MISSING_FILE = "file not found"
+
+
 class ImageFailure(Exception):
     """One input could not be converted. `stage` and `reason` are stable codes."""
 
@@ -153,14 +159,14 @@ def load_image(path: str | os.PathLike[str], options: ImageOptions, *,
     try:
         handle = open(path, "rb")  # noqa: SIM115 - closed in the finally below
     except FileNotFoundError:
-        raise ImageFailure("read", "missing_file", "file not found") from None
+        raise ImageFailure("read", "missing_file", MISSING_FILE) from None
     except (PermissionError, IsADirectoryError) as exc:
         raise ImageFailure("read", "unreadable", exc.strerror or str(exc)) from None
     except OSError as exc:
         raise ImageFailure("read", "unreadable", str(exc)) from None
     try:
         if os.fstat(handle.fileno()).st_size == 0:
-            raise ImageFailure("read", "empty_file", "file is empty (0 bytes)")
+            raise ImageFailure("read", "empty_file", EMPTY_FILE)
         return _decode(handle, options, fast)
     finally:
         handle.close()

@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from shardkit.config import ConvertConfig
+from shardkit.config import ConvertConfig, RunOptions
 from shardkit.conversion.report import FailureRecord
 from shardkit.conversion.sources.image_csv import list_image_csv
 from shardkit.conversion.sources.imagefolder import Listing, list_image_folder
 from shardkit.conversion.sources.records import InputRecord, Permuted, RecordSpool, Selected
 from shardkit.format import tar
 from shardkit.format.manifest import fingerprint, shard_name
+from shardkit.format.storage import Storage
 
 __all__ = ["PART_SAMPLES", "Plan", "list_inputs", "make_plan", "plan_of", "rows_per_group"]
 
@@ -51,6 +52,8 @@ class Plan:
     subset: str | None = None
     #: A Hugging Face source: the column of the images inside its data files.
     image_col: str | None = None
+    #: A remote source: the storage tasks read the inputs through (records' paths are URLs).
+    source: Storage | None = None
 
     @property
     def resolved(self) -> dict[str, Any]:
@@ -105,15 +108,22 @@ class Plan:
 
 
 def make_plan(src: str | os.PathLike[str], config: ConvertConfig, *,
-              spill_dir: str | os.PathLike[str] | None = None) -> Plan:
+              spill_dir: str | os.PathLike[str] | None = None, run: RunOptions | None = None,
+              source: Storage | None = None) -> Plan:
     """List `src`, apply the optional seeded shuffle and size the shards. A long input list
     spills to an unnamed file in `spill_dir` (default: the system's temporary folder)."""
-    return plan_of(list_inputs(src, config, spill_dir=spill_dir), config)
+    return plan_of(list_inputs(src, config, spill_dir=spill_dir, run=run, source=source), config)
 
 
 def list_inputs(src: str | os.PathLike[str], config: ConvertConfig, *,
-                spill_dir: str | os.PathLike[str] | None = None) -> Listing:
-    """The inputs of `src`, in listing order (the source the config names)."""
+                spill_dir: str | os.PathLike[str] | None = None, run: RunOptions | None = None,
+                source: Storage | None = None) -> Listing:
+    """The inputs of `src`, in listing order (the source the config names); with `source`
+    (`sources.remote.remote_source`), inputs read through it under `run`'s storage options."""
+    if source is not None:
+        from shardkit.conversion.sources.remote import list_remote
+
+        return list_remote(src, config, source, run or RunOptions(), spill_dir=spill_dir)
     if config.hf is not None:
         from shardkit.conversion.sources.hf import list_hf_dataset
 
@@ -139,6 +149,7 @@ def plan_of(listing: Listing, config: ConvertConfig, *, select: np.ndarray | Non
         failures=list(listing.failures if failures is None else failures),
         samples_per_shard=_samples_per_shard(config, listing.classes is not None),
         fingerprint="", meta_types=listing.meta_types, subset=subset, image_col=listing.image_col,
+        source=listing.source,
     )
     digest = fingerprint(plan.resolved, listing.classes, itertools.chain(
         listing.extra_inputs, ((r.source, r.size, r.mtime_ns) for r in listed)))

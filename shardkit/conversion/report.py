@@ -11,7 +11,8 @@ from typing import Any
 
 from shardkit.format.files import atomic_write_bytes
 
-__all__ = ["ConvertSummary", "FailureRecord", "error_reasons", "human_bytes", "write_error_report"]
+__all__ = ["ConvertSummary", "FailureRecord", "error_reasons", "error_report", "human_bytes",
+           "reasons_of", "write_error_report"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,26 +42,37 @@ class FailureRecord:
 
 def error_reasons(path: str | os.PathLike[str]) -> dict[str, int]:
     """Failures per reason code in an existing errors.jsonl (a finished run's summary)."""
+    with open(path, "rb") as report:
+        return reasons_of(report.read())
+
+
+def reasons_of(report: bytes) -> dict[str, int]:
+    """Failures per reason code in the bytes of an errors.jsonl."""
     reasons: dict[str, int] = {}
-    with open(path, encoding="utf-8") as report:
-        for line in report:
-            reason = json.loads(line)["reason"]
-            reasons[reason] = reasons.get(reason, 0) + 1
+    for line in report.decode("utf-8").splitlines():
+        reason = json.loads(line)["reason"]
+        reasons[reason] = reasons.get(reason, 0) + 1
     return reasons
 
 
-def write_error_report(path: str | os.PathLike[str], failures: Iterable[FailureRecord]) -> None:
-    """Atomically write one JSON object per line: listing failures first, then plan order."""
+def error_report(failures: Iterable[FailureRecord]) -> bytes:
+    """errors.jsonl's bytes: one JSON object per line, listing failures first, then plan order."""
     ordered = sorted(failures, key=lambda f: (f.index is not None, f.index or 0, f.source))
     lines = [json.dumps(f.to_json(), sort_keys=True, ensure_ascii=False) + "\n" for f in ordered]
-    atomic_write_bytes(path, "".join(lines).encode())
+    return "".join(lines).encode()
+
+
+def write_error_report(path: str | os.PathLike[str], failures: Iterable[FailureRecord]) -> None:
+    """Atomically write `error_report(failures)` to `path`."""
+    atomic_write_bytes(path, error_report(failures))
 
 
 @dataclass(frozen=True, kw_only=True)
 class ConvertSummary:
     """What a conversion did. ``inputs == samples + failed`` always holds."""
 
-    out: Path
+    #: OUT: a local folder, or the URL of a remote one.
+    out: Path | str
     inputs: int
     samples: int
     failed: int
@@ -68,7 +80,7 @@ class ConvertSummary:
     bytes: int
     seconds: float
     workers: int
-    errors_path: Path
+    errors_path: Path | str
     reasons: dict[str, int]
     #: CPU time the conversion tasks spent decoding, resizing and encoding, all workers summed.
     task_cpu_seconds: float = 0.0

@@ -19,16 +19,19 @@ from tqdm import tqdm
 
 from shardkit.config import ConvertConfig, RunOptions
 from shardkit.conversion import executors
-from shardkit.conversion.commit import Commit, State
+from shardkit.conversion.commit import Commit, Out, State
 from shardkit.conversion.executors import InlineExecutor, local_pool
 from shardkit.conversion.plan import Plan, make_plan, rows_per_group
 from shardkit.conversion.report import ConvertSummary
 from shardkit.conversion.scheduler import Scheduler
 from shardkit.conversion.sources.hf import resolve_source
+from shardkit.conversion.sources.remote import remote_source
 from shardkit.conversion.tabular import TablePlan, plan_table, write_table
 from shardkit.errors import ConfigError, TooManyFailuresError
+from shardkit.format.location import parse_location
 from shardkit.format.manifest import Manifest
 from shardkit.format.samples import image_schema
+from shardkit.format.storage import Storage, open_storage
 from shardkit.keywords import configs_from_options
 
 if TYPE_CHECKING:
@@ -36,7 +39,7 @@ if TYPE_CHECKING:
 
     from shardkit.keywords import ConvertKeywords
 
-__all__ = ["convert", "convert_images", "convert_table", "run_conversion"]
+__all__ = ["convert", "convert_images", "convert_table", "resolve_out", "run_conversion"]
 
 
 def convert(src: str | os.PathLike[str], out: str | os.PathLike[str],
@@ -69,26 +72,51 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str],
 def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
                    config: ConvertConfig, run: RunOptions, *,
                    executor: cf.Executor | None = None) -> ConvertSummary:
-    """Plan, execute and commit (see the module docstring); `convert` with config objects."""
+    """Plan, execute and commit (see the module docstring); `convert` with config objects.
+    OUT (and SRC) may be URLs: an unusable one is refused before anything is read or written."""
     started = time.perf_counter()
+    target = resolve_out(out, run)
+    if "://" in os.fspath(src) and parse_location(src).is_local:
+        src = parse_location(src).path  # file:///data/train is the folder /data/train
     config = resolve_source(src, config)
+    source = remote_source(src, config, run)
     if config.split is not None:
         from shardkit.conversion.split_run import run_split
 
-        return _check_budget(run_split(src, out, config, run, executor=executor), run)
+        return _check_budget(run_split(src, target, config, run, executor=executor, source=source), run)
     if config.csv is not None and config.csv.image_col is None:  # a tabular CSV
         _no_executor_for_tables(src, executor)
-        return _check_budget(convert_table(plan_table(src, config), Path(out), run, started), run)
-    plan = make_plan(os.path.abspath(src), config, spill_dir=spill_dir(out))
+        return _check_budget(convert_table(plan_table(src, config), target, run, started), run)
+    plan = make_plan(local_src(src, source), config, spill_dir=spill_dir(target), run=run, source=source)
     try:
-        return _check_budget(convert_images(plan, Path(out), run, executor, started), run)
+        return _check_budget(convert_images(plan, target, run, executor, started), run)
     finally:
         plan.close()  # the spilled input list, if any: its disk space is freed now
 
 
-def spill_dir(out: str | os.PathLike[str]) -> Path | None:
-    """Where a long input list spills: beside OUT (same filesystem, not a RAM-backed /tmp)."""
-    parent = Path(out).absolute().parent
+def resolve_out(out: str | os.PathLike[str], run: RunOptions) -> Out:
+    """OUT as the commit takes it: the local path as given, or the storage of a URL (a URL is
+    never a local folder; a scheme that cannot be written, or whose extra is missing, is
+    refused here, before any work)."""
+    storage = open_storage(out, storage_options=run.storage_options, retry=run.retry, writable=True)
+    if not storage.location.is_local:
+        return storage
+    return Path(storage.location.path) if "://" in os.fspath(out) else Path(out)  # file:// URLs
+
+
+def local_src(src: str | os.PathLike[str], source: Storage | None) -> str:
+    """SRC as the plan lists it: an absolute path (tasks may run with another working
+    directory), or the URL of a remote one (`source` the storage of its inputs)."""
+    location = parse_location(src)
+    return location.path if source is None and location.is_local else os.fspath(src)
+
+
+def spill_dir(out: Out) -> Path | None:
+    """Where a long input list spills: beside a local OUT (same filesystem, not a RAM-backed
+    /tmp); the system's temporary folder for a remote one."""
+    if not isinstance(out, Path):
+        return None
+    parent = out.absolute().parent
     return parent if parent.is_dir() else None
 
 
@@ -101,7 +129,7 @@ def _no_executor_for_tables(src: str | os.PathLike[str], executor: cf.Executor |
         )
 
 
-def convert_table(table: TablePlan, out: Path, run: RunOptions, started: float) -> ConvertSummary:
+def convert_table(table: TablePlan, out: Out, run: RunOptions, started: float) -> ConvertSummary:
     """Write the tabular plan `table` into `out` through the commit (no error budget check)."""
     with Commit(out, table.fingerprint, overwrite=run.overwrite, resume=run.resume) as commit:
         if commit.state is State.DONE:
@@ -109,7 +137,7 @@ def convert_table(table: TablePlan, out: Path, run: RunOptions, started: float) 
         return write_table(table, commit, started)
 
 
-def convert_images(plan: Plan, out: Path, run: RunOptions, executor: cf.Executor | None,
+def convert_images(plan: Plan, out: Out, run: RunOptions, executor: cf.Executor | None,
                    started: float) -> ConvertSummary:
     """Execute and commit `plan` into `out` (no error budget check). Absolute paths in the
     plan: tasks may run in processes with another working directory (Dask workers)."""
@@ -132,15 +160,16 @@ def _run_images(plan: Plan, commit: Commit, run: RunOptions, executor: cf.Execut
     show = sys.stderr.isatty() if run.progress is None else run.progress
     try:
         if not own:  # a cluster: do its workers see SRC and share OUT with us?
-            # The first input the plan saw on disk (an image CSV may name missing files).
-            first = next((r for r in plan.records if r.size >= 0), None)
+            # The first input the plan saw on disk (an image CSV may name missing files); a
+            # remote SRC or OUT is reached by each worker itself.
+            first = next((r for r in plan.records if r.size >= 0), None) if plan.source is None else None
             executors.check_workers(executor, (first.path, first.size) if first else None,
-                                    commit.tmp)
+                                    None if commit.remote else commit.tmp)
         with tqdm(total=plan.inputs, unit="img", disable=not show, dynamic_ncols=True,
                   file=sys.stderr) as bar:
             bar.update(len(plan.failures))
             scheduler = Scheduler(plan, commit, executor, bar, finished,
-                                  limit=max(4, 3 * max(workers, 1)))
+                                  limit=max(4, 3 * max(workers, 1)), whole_shards=not own and commit.remote)
             shards, failures, counts = scheduler.run()
     finally:
         if own:

@@ -2,13 +2,18 @@
 
 Part tasks go out a bounded number at a time; once every part of a shard is back, its
 assembly (`run_shard`) is submitted; an assembled shard is published through the commit
-(`Commit.publish`). A task that raises fails the run with a `WorkerError`; a worker process
-that dies does too, naming the shard.
+(`Commit.publish`). A task that raises fails the run with a `WorkerError` (a `RemoteError`
+when the storage failed); a worker process that dies does too, naming the shard.
+
+With ``whole_shards`` (a cluster writing into object storage, which shares no folder with
+the client) each shard is one task instead, uploaded by its worker
+(`shardkit.conversion.shard_upload`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import itertools
 import os
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -19,8 +24,9 @@ from shardkit.conversion import executors
 from shardkit.conversion.commit import Commit, Entry
 from shardkit.conversion.plan import Plan, rows_per_group
 from shardkit.conversion.report import FailureRecord
+from shardkit.conversion.shard_upload import WholeShardTask, run_whole_shard
 from shardkit.conversion.tasks import PartResult, PartTask, ShardTask, run_part, run_shard
-from shardkit.errors import WorkerError
+from shardkit.errors import RemoteError, WorkerError
 from shardkit.format.manifest import ShardRecord
 from shardkit.format.tar import raw_layout
 
@@ -32,10 +38,11 @@ class Scheduler:
     assembly once its parts are done, and publishes each assembled shard."""
 
     def __init__(self, plan: Plan, commit: Commit, executor: cf.Executor, bar: tqdm,
-                 finished: dict[int, Entry], *, limit: int) -> None:
+                 finished: dict[int, Entry], *, limit: int, whole_shards: bool = False) -> None:
         self.plan, self.commit, self.executor, self.bar = plan, commit, executor, bar
         self.tmp = commit.tmp
         self.limit = limit
+        self.whole_shards = whole_shards
         self.in_flight: dict[cf.Future[Any], tuple[str, int]] = {}
         self.parts: dict[int, list[PartResult]] = {}
         self.blocks: dict[int, int] = {}  # tar JSON padding of each shard this run writes
@@ -48,11 +55,12 @@ class Scheduler:
         bar.update(sum(len(plan.shard_slice(k)) for k in finished))
 
     def run(self) -> tuple[list[ShardRecord], list[FailureRecord], list[int]]:
-        pending = self._part_tasks()
+        pending = self._whole_tasks() if self.whole_shards else self._part_tasks()
+        kind, fn = ("whole", run_whole_shard) if self.whole_shards else ("part", run_part)
         try:
             while True:
                 while len(self.in_flight) < self.limit and (task := next(pending, None)):
-                    self._submit("part", task.shard, run_part, task)
+                    self._submit(kind, task.shard if kind == "part" else task.shard.shard, fn, task)
                 if not self.in_flight:
                     break
                 done, _ = cf.wait(self.in_flight, return_when=cf.FIRST_COMPLETED)
@@ -80,8 +88,22 @@ class Scheduler:
                     classes=classes,
                     path=str(self.tmp / f"{shard}.{number}.part"), key_width=plan.key_width,
                     json_blocks=blocks, config=plan.config, meta_types=plan.meta_types,
-                    image_col=plan.image_col,
+                    image_col=plan.image_col, source=plan.source,
                 )
+
+    def _whole_tasks(self) -> Any:
+        for shard, parts in itertools.groupby(self._part_tasks(), key=lambda t: t.shard):
+            yield WholeShardTask(parts=tuple(parts), shard=self._shard_task(shard, ()),
+                                 upload=self.commit.task_store)
+
+    def _shard_task(self, shard: int, parts: tuple[str, ...]) -> ShardTask:
+        plan = self.plan
+        return ShardTask(
+            shard=shard, parts=parts, tmp_path=str(self.tmp / plan.shard_file(shard)),
+            labeled=plan.labeled, rows_per_group=rows_per_group(plan.config, plan.labeled),
+            config=plan.config, meta_types=plan.meta_types,
+            classes=tuple(plan.classes) if plan.classes is not None else None,
+        )
 
     def _submit(self, kind: str, shard: int, fn: Any, task: Any) -> None:
         try:
@@ -102,33 +124,37 @@ class Scheduler:
             result = future.result()
         except BrokenProcessPool:
             raise self._died(shard) from None
+        except RemoteError:
+            raise  # the storage failed past its retries: its own exit code, its URL
         except Exception as exc:
             raise WorkerError(f"converting {self.plan.shard_file(shard)} failed: "
                               f"{executors.describe_task_error(exc)}") from exc
         if kind == "part":
             self._part_done(result)
+        elif kind == "whole":
+            for part in result.parts:
+                self._tally(part)
+            self.parts[shard] = list(result.parts)
+            self._shard_done(shard, (result.bytes, result.sha256))
         else:
             self._shard_done(shard, result)
 
     def _part_done(self, result: PartResult) -> None:
+        self._tally(result)
+        done = self.parts.setdefault(result.shard, [])
+        done.append(result)
+        if len(done) == self.expected[result.shard]:
+            done.sort(key=lambda r: r.part)
+            self._submit("shard", result.shard, run_shard,
+                         self._shard_task(result.shard, tuple(r.path for r in done)))
+
+    def _tally(self, result: PartResult) -> None:
         self.failures.extend(result.failures)
         self.cpu_seconds += result.cpu_seconds
         self.counts = [a + b for a, b in zip(self.counts, result.label_counts, strict=True)]
         self.bar.update(result.samples + len(result.failures))
         if self.failures:
             self.bar.set_postfix(failed=len(self.failures), refresh=False)
-        done = self.parts.setdefault(result.shard, [])
-        done.append(result)
-        if len(done) == self.expected[result.shard]:
-            done.sort(key=lambda r: r.part)
-            plan = self.plan
-            self._submit("shard", result.shard, run_shard, ShardTask(
-                shard=result.shard, parts=tuple(r.path for r in done),
-                tmp_path=str(self.tmp / plan.shard_file(result.shard)), labeled=plan.labeled,
-                rows_per_group=rows_per_group(plan.config, plan.labeled), config=plan.config,
-                meta_types=plan.meta_types,
-                classes=tuple(plan.classes) if plan.classes is not None else None,
-            ))
 
     def _shard_done(self, shard: int, result: tuple[int, str]) -> None:
         plan = self.plan
@@ -143,8 +169,11 @@ class Scheduler:
                              sha256=result[1], layout=layout)
         self.records[shard] = record
         counts = tuple(sum(c) for c in zip(*(r.label_counts for r in parts), strict=True))
-        self.commit.publish(self.tmp / name, Entry(
-            shard=shard, record=record, failures=tuple(f for r in parts for f in r.failures),
-            label_counts=counts))
+        entry = Entry(shard=shard, record=record, label_counts=counts,
+                      failures=tuple(f for r in parts for f in r.failures))
+        if self.whole_shards:
+            self.commit.publish_uploaded(entry)
+            return
+        self.commit.publish(self.tmp / name, entry)
         for part in parts:  # here, not in run_shard: a retried run_shard must find them
             os.unlink(part.path)

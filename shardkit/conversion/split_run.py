@@ -27,14 +27,16 @@ from pathlib import Path
 import numpy as np
 
 from shardkit.config import ConvertConfig, RunOptions, SplitOptions
+from shardkit.conversion.commit import Out, out_child, out_where
 from shardkit.conversion.plan import list_inputs, plan_of
 from shardkit.conversion.report import ConvertSummary
-from shardkit.conversion.run import convert_images, convert_table, spill_dir
+from shardkit.conversion.run import convert_images, convert_table, local_src, resolve_out, spill_dir
 from shardkit.conversion.sources.imagefolder import Listing
 from shardkit.conversion.split import keras_folder, keras_rows, keras_table, stratified
 from shardkit.conversion.tabular import good_rows, plan_table
-from shardkit.errors import ConfigError, OutputExistsError
+from shardkit.errors import ConfigError, OutputExistsError, RemoteError
 from shardkit.format.manifest import INDEX_NAME, Manifest
+from shardkit.format.storage import Storage, read_index
 
 __all__ = ["SplitSummary", "run_split"]
 
@@ -49,14 +51,15 @@ class SplitSummary(ConvertSummary):
         return "\n".join(f"{name}: {summary.line()}" for name, summary in self.splits.items())
 
 
-def run_split(src: str | os.PathLike[str], out: str | os.PathLike[str], config: ConvertConfig,
-              run: RunOptions, *, executor: cf.Executor | None = None) -> SplitSummary:
+def run_split(src: str | os.PathLike[str], out: str | os.PathLike[str] | Out, config: ConvertConfig,
+              run: RunOptions, *, executor: cf.Executor | None = None,
+              source: Storage | None = None) -> SplitSummary:
     """Convert `src` into OUT/<part>/ per part of ``config.split`` (see the module docstring);
-    the caller checks the error budget. Raises what `convert` raises, and ConfigError when a
-    part would hold no inputs."""
+    the caller checks the error budget. `source`: the storage of a remote SRC's inputs.
+    Raises what `convert` raises, and ConfigError when a part would hold no inputs."""
     assert config.split is not None
     started = time.perf_counter()
-    root = Path(out)
+    root = out if isinstance(out, (Path, Storage)) else resolve_out(out, run)
     _check_out(root, config.split.names)
     if config.csv is not None and config.csv.image_col is None:
         if executor is not None:
@@ -64,15 +67,16 @@ def run_split(src: str | os.PathLike[str], out: str | os.PathLike[str], config: 
                               "and --dask-scheduler apply to image inputs")
         summaries = _split_table(src, root, config, run)
     else:
-        summaries = _split_images(src, root, config, run, executor)
+        summaries = _split_images(src, root, config, run, executor, source)
     return _combined(root, summaries, time.perf_counter() - started)
 
 
-def _split_images(src: str | os.PathLike[str], root: Path, config: ConvertConfig, run: RunOptions,
-                  executor: cf.Executor | None) -> dict[str, ConvertSummary]:
+def _split_images(src: str | os.PathLike[str], root: Out, config: ConvertConfig, run: RunOptions,
+                  executor: cf.Executor | None, source: Storage | None) -> dict[str, ConvertSummary]:
     split = config.split
     assert split is not None
-    listing = list_inputs(os.path.abspath(src), config, spill_dir=spill_dir(root))
+    listing = list_inputs(local_src(src, source), config, spill_dir=spill_dir(root), run=run,
+                          source=source)
     try:
         part = _assign_records(listing, config, split)
         selects = _parts(part, split, len(listing.records))
@@ -80,7 +84,8 @@ def _split_images(src: str | os.PathLike[str], root: Path, config: ConvertConfig
         for k, name in enumerate(split.names):
             plan = plan_of(listing, config, select=selects[k], failures=None if k == 0 else [],
                            subset=name)
-            summaries[name] = convert_images(plan, root / name, run, executor, time.perf_counter())
+            summaries[name] = convert_images(plan, out_child(root, name), run, executor,
+                                             time.perf_counter())
         return summaries
     finally:
         listing.records.close()  # the shared input list (the parts' plans are views of it)
@@ -113,12 +118,12 @@ def _parts(part: np.ndarray, split: SplitOptions, total: int) -> list[np.ndarray
     return selects
 
 
-def _split_table(src: str | os.PathLike[str], root: Path, config: ConvertConfig,
+def _split_table(src: str | os.PathLike[str], root: Out, config: ConvertConfig,
                  run: RunOptions) -> dict[str, ConvertSummary]:
     split = config.split
     assert split is not None
     plans = [plan_table(src, config, subset=name) for name in split.names]
-    if not run.overwrite and all(_done(root / name, p.fingerprint) for name, p in zip(
+    if not run.overwrite and all(_done(out_child(root, name), p.fingerprint) for name, p in zip(
             split.names, plans, strict=True)):
         rows = labels = None  # up to date: nothing to draw, every part says so
     else:
@@ -132,37 +137,54 @@ def _split_table(src: str | os.PathLike[str], root: Path, config: ConvertConfig,
         selects = _parts(part, split, len(rows))
         plans = [plan_table(src, config, subset=name, rows=rows[selects[k]], report_bad=k == 0)
                  for k, name in enumerate(split.names)]
-    return {name: convert_table(plan, root / name, run, time.perf_counter())
+    return {name: convert_table(plan, out_child(root, name), run, time.perf_counter())
             for name, plan in zip(split.names, plans, strict=True)}
 
 
-def _done(out: Path, fingerprint: str) -> bool:
+def _done(out: Out, fingerprint: str) -> bool:
     try:
+        if isinstance(out, Storage):
+            return read_index(out)[0].fingerprint == fingerprint
         return (out / INDEX_NAME).is_file() and Manifest.read(out).fingerprint == fingerprint
     except Exception:  # any unreadable index.json: not done; the commit says why
         return False
 
 
-def _check_out(root: Path, names: tuple[str, ...]) -> None:
+def _check_out(root: Out, names: tuple[str, ...]) -> None:
+    if isinstance(root, Storage):
+        try:
+            files = [f.name for f in root.walk()]
+        except FileNotFoundError:
+            raise RemoteError(f"{root.url}: the bucket does not exist (or these credentials cannot "
+                              "see it); create it first") from None
+        # A file beside the parts, or a folder that is not one of them, is not ours.
+        folders = {name.split("/", 1)[0] for name in files if "/" in name}
+        _refuse_others(root.url, sorted((folders - set(names)) | {n for n in files if "/" not in n}),
+                       names)
+        return
     if root.exists() and not root.is_dir():
         raise OutputExistsError(f"{root}: exists and is not a folder")
     others = sorted(e.name for e in root.iterdir() if e.name not in names) if root.exists() else []
+    _refuse_others(root, others, names)
+    root.mkdir(parents=True, exist_ok=True)
+
+
+def _refuse_others(root: Path | str, others: list[str], names: tuple[str, ...]) -> None:
     if others:
         raise OutputExistsError(
             f"{root}: holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}; a split "
             f"conversion writes only {', '.join(n + '/' for n in names)} there; choose an empty "
             "or new folder")
-    root.mkdir(parents=True, exist_ok=True)
 
 
-def _combined(root: Path, summaries: dict[str, ConvertSummary], seconds: float) -> SplitSummary:
+def _combined(root: Out, summaries: dict[str, ConvertSummary], seconds: float) -> SplitSummary:
     parts = list(summaries.values())
     reasons: dict[str, int] = {}
     for summary in parts:
         for reason, count in summary.reasons.items():
             reasons[reason] = reasons.get(reason, 0) + count
     return SplitSummary(
-        out=root, inputs=sum(s.inputs for s in parts), samples=sum(s.samples for s in parts),
+        out=out_where(root), inputs=sum(s.inputs for s in parts), samples=sum(s.samples for s in parts),
         failed=sum(s.failed for s in parts), shards=sum(s.shards for s in parts),
         bytes=sum(s.bytes for s in parts), seconds=seconds, workers=parts[0].workers,
         errors_path=parts[0].errors_path, reasons=reasons,

@@ -22,10 +22,12 @@ from shardkit.conversion.images import ImageFailure, encode, load_image, load_im
 from shardkit.conversion.report import FailureRecord
 from shardkit.conversion.sources.hf import read_images
 from shardkit.conversion.sources.records import InputRecord
+from shardkit.conversion.sources.remote import fetch_inputs
 from shardkit.conversion.writers import EncodedSample
 from shardkit.conversion.writers.parquet import ParquetPartWriter, assemble_parquet
 from shardkit.conversion.writers.tar import TarPartWriter, assemble_tar
 from shardkit.format.samples import arrow_schema
+from shardkit.format.storage import Storage
 
 __all__ = ["PartResult", "PartTask", "ShardTask", "run_part", "run_shard"]
 
@@ -45,6 +47,8 @@ class PartTask:
     meta_types: tuple[tuple[str, str], ...] = ()
     #: A Hugging Face source: the column of the records' data files holding their images.
     image_col: str | None = None
+    #: A remote source: the storage the records' inputs (their paths are URLs) are fetched from.
+    source: Storage | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,14 +84,16 @@ def run_part(task: PartTask) -> PartResult:
     counts = [0] * len(task.classes or ())
     written = 0
     held = read_images(task.records, task.image_col) if task.image_col else None
+    fetched = fetch_inputs(task.source, task.records) if task.source is not None else None
     with pillow_limits():
         try:
             for offset, record in enumerate(task.records):
                 key = f"{task.first + offset:0{task.key_width}d}"
+                given = held[offset] if held is not None else next(fetched) if fetched is not None else None
                 try:
-                    sample = _convert_one(record, key, task, None if held is None else held[offset])
+                    sample = _convert_one(record, key, task, given)
                 except ImageFailure as failure:
-                    if failure.reason == "missing_file":  # one file, or all of SRC?
+                    if failure.reason == "missing_file" and task.source is None:  # one file, or all of SRC?
                         _require_source_root(record.path, record.source)
                     failures.append(FailureRecord(
                         source=record.source, stage=failure.stage, reason=failure.reason,
@@ -101,6 +107,8 @@ def run_part(task: PartTask) -> PartResult:
                     counts[record.label] += 1
         finally:
             writer.close()
+            if fetched is not None:
+                fetched.close()
     os.replace(scratch, task.path)
     return PartResult(shard=task.shard, part=task.part, path=task.path, samples=written,
                       failures=tuple(failures), label_counts=tuple(counts),
@@ -148,9 +156,11 @@ def shard_schema(config: ConvertConfig, labeled: bool,
 
 
 def _convert_one(record: InputRecord, key: str, task: PartTask,
-                 held: tuple[bytes | None, str | None] | None) -> EncodedSample:
+                 held: tuple[bytes | None, str | None] | ImageFailure | None) -> EncodedSample:
     config = task.config
     try:
+        if isinstance(held, ImageFailure):  # a remote input that could not be fetched
+            raise held
         if held is None:
             image, orig_size = load_image(record.path, config.image)
         elif held[0] is not None:

@@ -172,11 +172,14 @@ class Manifest:
             **({"extra": self.extra} if self.extra else {}),
         }
 
+    def to_bytes(self) -> builtins.bytes:
+        """index.json's bytes (sorted keys, indented for people)."""
+        return (json.dumps(self.to_json(), sort_keys=True, indent=1, ensure_ascii=False,
+                           allow_nan=False) + "\n").encode()
+
     def write(self, folder: str | os.PathLike[str]) -> None:
-        """Atomically write ``folder/index.json`` (sorted keys, indented for people)."""
-        text = json.dumps(self.to_json(), sort_keys=True, indent=1, ensure_ascii=False,
-                          allow_nan=False) + "\n"
-        atomic_write_bytes(Path(folder) / INDEX_NAME, text.encode())
+        """Atomically write ``folder/index.json`` (`to_bytes`)."""
+        atomic_write_bytes(Path(folder) / INDEX_NAME, self.to_bytes())
 
     @classmethod
     def read(cls, folder: str | os.PathLike[str]) -> Manifest:

@@ -18,24 +18,27 @@ a shard gone).
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import random
 import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from shardkit.errors import ConfigError, RemoteError
+from shardkit.format.file_info import FileInfo, local_tree, remote_tree, version_of
 from shardkit.format.files import atomic_write_bytes, publish
 from shardkit.format.location import READ_ONLY, Location, filesystem_class, parse_location
 from shardkit.format.manifest import INDEX_NAME, Manifest
 from shardkit.format.remote_errors import describe, http_status, is_retryable
+from shardkit.format.retry import RetryPolicy
 
 __all__ = [
     "CHUNK_BYTES",
+    "FileInfo",
     "Location",
     "RetryPolicy",
     "Storage",
@@ -50,33 +53,9 @@ T = TypeVar("T")
 #: beside its transfer time, small enough that a retry after a dropped connection repeats little.
 CHUNK_BYTES = 16 * 1024 * 1024
 _S3_MIN_PART = 5 * 1024 * 1024
-
-
-
-@dataclass(frozen=True, kw_only=True)
-class RetryPolicy:
-    """How requests are retried: `attempts` in all, waits growing from `first_delay` doubling
-    up to `max_delay` (each drawn between half and all of that, so that many readers do not
-    retry in step), each request bounded by `timeout` seconds (per `CHUNK_BYTES` transferred).
-    Invalid values raise ConfigError naming the option."""
-
-    attempts: int = 6
-    first_delay: float = 0.5
-    max_delay: float = 8.0
-    timeout: float = 60.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.attempts, int) or self.attempts < 1:
-            raise ConfigError(f"retry attempts must be an integer >= 1, got {self.attempts!r}")
-        for name in ("first_delay", "max_delay", "timeout"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0 or (name == "timeout" and value == 0):
-                raise ConfigError(f"retry {name} must be a positive number of seconds, got {value!r}")
-
-    def delay(self, retry: int, rng: random.Random) -> float:
-        """Seconds to wait before retry number `retry` (1 for the first retry)."""
-        ceiling = min(self.max_delay, self.first_delay * 2 ** (retry - 1))
-        return float(ceiling * (0.5 + 0.5 * rng.random()))
+#: Filesystems made in this process, by settings (see `FsspecStorage._filesystem`).
+_SHARED: dict[str, tuple[int, Any]] = {}
+_SHARED_LOCK = threading.Lock()
 
 
 def open_storage(where: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None,
@@ -169,6 +148,34 @@ class Storage:
         for name in names:
             Path(self.location.child(name)).unlink(missing_ok=True)
 
+    def within(self, folder: str) -> Storage:
+        """The storage of the sub-folder `folder` (a relative path with ``/``), sharing this
+        one's retry policy and connection. ValueError for ``..``, an empty or absolute path."""
+        clone = copy.copy(self)
+        path = self.location.path
+        for part in folder.split("/"):
+            path = Location(self.location.protocol, path).child(part)
+        clone.location = Location(self.location.protocol, path)
+        return clone
+
+    def walk(self) -> list[FileInfo]:
+        """Every file under the location at any depth ([] when it does not exist), sorted by
+        name components: a folder's files come where the folder's name sorts."""
+        return local_tree(self.location.path)
+
+    def info(self, name: str) -> FileInfo | None:
+        """`name`'s size and version, None when it does not exist."""
+        try:
+            st = os.stat(self.location.child(name))
+        except FileNotFoundError:
+            return None
+        return FileInfo(name, st.st_size, str(st.st_mtime_ns))
+
+    def copy_to(self, name: str, target: Storage, new_name: str) -> None:
+        """Publish a copy of file `name` as `target`'s `new_name` (a storage of the same store:
+        for a remote one a server-side copy, nothing passes through this process)."""
+        target.upload(self.location.child(name), new_name)
+
 
 class FsspecStorage(Storage):
     """A location behind fsspec (s3://, gs://, http(s)://, ...), every request retried and
@@ -191,10 +198,18 @@ class FsspecStorage(Storage):
 
     def _filesystem(self) -> Any:
         if self._fs is None or self._pid != os.getpid():
-            options = _with_timeouts(self.location.protocol, self._options, self.retry)
-            fs = self._fs_class(skip_instance_cache=True, **options)
-            if self.location.protocol in ("s3", "s3a"):
-                fs.retries = 1  # s3fs's own retry loop: ours replaces it, so the budget is ours
+            # One filesystem (one connection pool) per process for equal settings: a task
+            # arrives with its own unpickled copy of a storage, and a new client per task
+            # would cost a connection set-up each.
+            key = repr((self._fs_class, self.location.protocol, sorted(self._options.items()), self.retry))
+            with _SHARED_LOCK:
+                pid, fs = _SHARED.get(key, (-1, None))
+                if pid != os.getpid():
+                    options = _with_timeouts(self.location.protocol, self._options, self.retry)
+                    fs = self._fs_class(skip_instance_cache=True, **options)
+                    if self.location.protocol in ("s3", "s3a"):
+                        fs.retries = 1  # s3fs's own retry loop: ours replaces it, so the budget is ours
+                    _SHARED[key] = (os.getpid(), fs)
             self._fs, self._pid = fs, os.getpid()
         return self._fs
 
@@ -289,6 +304,31 @@ class FsspecStorage(Storage):
             path = self.location.child(name)
             with contextlib.suppress(FileNotFoundError):
                 self._call("DELETE", name, _removal(path))
+
+    def within(self, folder: str) -> Storage:
+        self._filesystem()  # made here, once: every sub-folder's storage shares it
+        return super().within(folder)
+
+    def walk(self) -> list[FileInfo]:
+        path = self.location.path  # a missing bucket: FileNotFoundError naming the URL
+
+        def find(fs: Any, kw: dict[str, Any]) -> dict[str, Any]:
+            fs.invalidate_cache(path)
+            return dict(fs.find(path, detail=True, **kw))
+
+        return remote_tree(path, self._call("LIST", None, find))
+
+    def info(self, name: str) -> FileInfo | None:
+        path = self.location.child(name)
+        try:
+            info = self._call("HEAD", name, lambda fs, kw: fs.info(path, **kw))
+        except FileNotFoundError:
+            return None
+        return FileInfo(name, int(info.get("size") or 0), version_of(info))
+
+    def copy_to(self, name: str, target: Storage, new_name: str) -> None:
+        source, destination = self.location.child(name), target.location.child(new_name)
+        self._call("COPY", name, lambda fs, kw: fs.cp_file(source, destination, **kw))
 
 
 def _bounded(request: Callable[[Any, dict[str, Any]], T], fs: Any, timeout: float) -> T:

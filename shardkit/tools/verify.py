@@ -25,24 +25,33 @@ the sample count the walk found, when it differs).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from shardkit.errors import CorruptShardError, DatasetError, UnsafeContentError
 from shardkit.format.files import check_shard
+from shardkit.format.location import parse_location
 from shardkit.format.manifest import ERRORS_NAME, INDEX_NAME, Manifest, ShardRecord
 from shardkit.format.tar import END_OF_ARCHIVE
 from shardkit.tools.verify_walk import Problem, Spec, Tally, walk_parquet, walk_tar
 
-__all__ = ["verify_dataset"]
+__all__ = ["Fetch", "verify_dataset", "verify_folder"]
+
+#: Brings one shard's file into the folder being verified for the time of its check.
+Fetch = Callable[[ShardRecord], AbstractContextManager[None]]
 
 _ERROR_KEYS = ("index", "key", "path", "stage", "reason", "detail")
 
 
-def verify_dataset(path: str | os.PathLike[str], *, quick: bool = False) -> list[str]:
-    """Check the dataset folder `path` against its index.json.
+def verify_dataset(path: str | os.PathLike[str], *, quick: bool = False,
+                   storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Check the dataset folder `path` (or a dataset at a URL, each shard downloaded into a
+    temporary folder for its check: `shardkit.tools.verify_remote`) against its index.json.
 
     Returns one human-readable line per problem, each starting with the file it is about
     (``shard-00002.tar: ...``, ``errors.jsonl: ...``, ``index.json: ...``); an empty list
@@ -52,23 +61,39 @@ def verify_dataset(path: str | os.PathLike[str], *, quick: bool = False) -> list
     folder being unreadable) raises.
     `quick` skips the sha256 of every shard and the decoding of jpeg/png pixels.
     """
-    folder = Path(path)
+    if not parse_location(path).is_local:
+        from shardkit.tools.verify_remote import verify_url
+
+        return verify_url(os.fspath(path), quick=quick, storage_options=storage_options)
+    return verify_folder(Path(path), quick=quick)
+
+
+def verify_folder(folder: Path, *, quick: bool, fetch: Fetch | None = None,
+                  names: list[str] | None = None) -> list[str]:
+    """`verify_dataset` of a local folder. `fetch(record)`, when given, is entered around
+    each shard's check to bring its file into `folder`; `names`: the files the dataset holds
+    (default: the folder's)."""
     try:
         manifest = Manifest.read(folder)
         if manifest.kind == "table":  # tabular CSVs: shardkit.reader.table reads their shards
             from shardkit.reader.table import verify_table
 
-            # No per-sample walk tallies a table's labels: class counts are not compared.
-            return [*verify_table(folder, manifest, quick=quick),
-                    *_check_totals(folder, manifest, Tally(complete=False))]
+            with contextlib.ExitStack() as stack:
+                for record in manifest.shards:
+                    if fetch is not None:
+                        stack.enter_context(fetch(record))
+                # No per-sample walk tallies a table's labels: class counts are not compared.
+                return [*verify_table(folder, manifest, quick=quick),
+                        *_check_totals(folder, manifest, Tally(complete=False), names)]
         spec = Spec.of(manifest)
     except DatasetError as exc:
         return [str(exc)]
     problems: list[str] = []
     tally = Tally()
     for record in manifest.shards:
-        problems += _check_shard(folder, spec, record, tally, quick=quick)
-    problems += _check_totals(folder, manifest, tally)
+        with fetch(record) if fetch is not None else contextlib.nullcontext():
+            problems += _check_shard(folder, spec, record, tally, quick=quick)
+    problems += _check_totals(folder, manifest, tally, names)
     return problems
 
 
@@ -126,7 +151,7 @@ def _record_layout(record: ShardRecord, *, labeled: bool) -> tuple[dict[str, int
 # --- totals ------------------------------------------------------------------------------
 
 
-def _check_totals(folder: Path, manifest: Manifest, tally: Tally) -> list[str]:
+def _check_totals(folder: Path, manifest: Manifest, tally: Tally, names: list[str] | None) -> list[str]:
     problems = []
     if manifest.samples + manifest.failed != manifest.inputs:
         problems.append(f"{INDEX_NAME}: {manifest.samples} samples + {manifest.failed} failed != "
@@ -134,7 +159,9 @@ def _check_totals(folder: Path, manifest: Manifest, tally: Tally) -> list[str]:
     problems += _check_errors(folder / ERRORS_NAME, manifest.failed)
     problems += _check_class_counts(manifest, tally)
     listed = {s.file for s in manifest.shards}
-    unlisted = {p.name for p in [*folder.glob("shard-*.tar"), *folder.glob("shard-*.parquet")]}
+    if names is None:
+        names = [p.name for p in [*folder.glob("shard-*.tar"), *folder.glob("shard-*.parquet")]]
+    unlisted = {n for n in names if n.startswith("shard-") and n.endswith((".tar", ".parquet"))}
     problems += [f"{name}: a shard file index.json does not list" for name in sorted(unlisted - listed)]
     return problems
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +29,7 @@ from shardkit.conversion.sources.imagefolder import Listing
 from shardkit.conversion.sources.records import InputRecord, RecordSpool, plan_failure
 from shardkit.errors import ConfigError, InputError
 
-__all__ = ["RESERVED_COLUMNS", "list_image_csv"]
+__all__ = ["RESERVED_COLUMNS", "LocalPaths", "Paths", "list_image_csv"]
 
 #: Column names the output itself uses; a CSV metadata column may not take them.
 RESERVED_COLUMNS = frozenset({"key", "image", "label", "source", "orig_width", "orig_height",
@@ -40,8 +40,10 @@ _META_TYPES = {"int": ("int64", pa.int64()), "float": ("float64", pa.float64()),
 
 
 def list_image_csv(src: str | os.PathLike[str], options: CsvOptions, *,
-                   spill_dir: str | os.PathLike[str] | None = None) -> Listing:
-    """The rows of an image CSV as input records (see the module docstring)."""
+                   spill_dir: str | os.PathLike[str] | None = None, paths: Paths | None = None) -> Listing:
+    """The rows of an image CSV as input records (see the module docstring). `paths` says
+    where a row's path points (default: local files under `root`; a row whose path it
+    cannot place is a listing failure, ``outside_root``)."""
     path = Path(src)
     assert options.image_col is not None  # the caller selects image CSVs by it
     stream = CsvStream(path, options)
@@ -73,19 +75,24 @@ def list_image_csv(src: str | os.PathLike[str], options: CsvOptions, *,
         wanted.append(Column(name, "float"))
         types[name] = pa.float32()
         required[name] = "missing_label"
-    root = Path(options.root) if options.root is not None else path.parent
+    if paths is None:
+        paths = LocalPaths(Path(options.root) if options.root is not None else path.parent)
     meta_types = tuple((c.name, _META_TYPES[c.kind][0]) for c in meta)
     listing = Listing(records=RecordSpool(spill_dir), classes=classes,
                       meta_types=meta_types + ((("target", "float32_list"),) if targets else ()))
     failures: list[tuple[int, FailureRecord]] = []
-    base = str(root.absolute())
     for table, rows in stream.blocks():
         block = typed_block(table, rows, wanted, types, required)
         failures += [(b.row, plan_failure(path.name, b.reason, b.detail, b.row)) for b in block.bad]
         values = {name: array.to_pylist() for name, array in block.columns.items()}
         for i, row in enumerate(block.rows.tolist()):
-            listing.records.append(_record(base, values, i, row, options.image_col, label, meta,
-                                           targets))
+            record = _record(paths, values, i, row, options.image_col, label, meta, targets)
+            if record is None:
+                written = values[options.image_col][i]
+                failures.append((row, plan_failure(path.name, "outside_root", f"{written!r} is not "
+                                                   f"under the images' root {paths.base}", row)))
+            else:
+                listing.records.append(record)
     failures += [(b.row, plan_failure(path.name, b.reason, b.detail, b.row)) for b in stream.malformed]
     if label is not None and classes is None:
         listing.classes = _integer_classes(listing, failures, path)
@@ -127,17 +134,45 @@ def _integer_classes(listing: Listing, failures: list[tuple[int, FailureRecord]]
     return [str(i) for i in range(top + 1)]
 
 
-def _record(root: str, values: dict[str, list[Any]], i: int, row: int, image_col: str,
-            label: str | None, meta: list[Column], targets: list[str]) -> InputRecord:
+class Paths(Protocol):
+    """Where an image CSV's paths point: `locate` a path as written (None: nowhere it may
+    read), `stat` the located file as (size, mtime or version; -1 when it is missing)."""
+
+    @property
+    def base(self) -> str: ...
+
+    def locate(self, written: str) -> str | None: ...
+
+    def stat(self, target: str) -> tuple[int, int]: ...
+
+
+class LocalPaths:
+    """Local files: a relative path starts from `root`, an absolute one stands."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.base = str(root.absolute())
+
+    def locate(self, written: str) -> str:
+        # Strings, not Path objects: pathlib interns every path component it parses, which
+        # would keep every file name of a huge CSV in memory for the life of the process.
+        return written if os.path.isabs(written) else os.path.join(self.root, written)
+
+    def stat(self, target: str) -> tuple[int, int]:
+        try:
+            st = os.stat(target)
+        except OSError:  # missing or unreadable: the conversion task reports it
+            return -1, 0
+        return st.st_size, st.st_mtime_ns
+
+
+def _record(paths: Paths, values: dict[str, list[Any]], i: int, row: int, image_col: str,
+            label: str | None, meta: list[Column], targets: list[str]) -> InputRecord | None:
     written = str(values[image_col][i])
-    # Strings, not Path objects: pathlib interns every path component it parses, which would
-    # keep every file name of a huge CSV in memory for the life of the process.
-    target = written if os.path.isabs(written) else os.path.join(root, written)
-    try:
-        st = os.stat(target)
-        size, mtime = st.st_size, st.st_mtime_ns
-    except OSError:  # missing or unreadable: the conversion task reports it
-        size, mtime = -1, 0
+    target = paths.locate(written)
+    if target is None:
+        return None
+    size, mtime = paths.stat(target)
     return InputRecord(
         path=target, source=written,
         label=int(values[label][i]) if label is not None else None, size=size, mtime_ns=mtime,

@@ -23,6 +23,7 @@ from shardkit.conversion.images import IMAGE_EXTENSIONS
 from shardkit.conversion.report import FailureRecord
 from shardkit.conversion.sources.records import InputRecord, RecordSpool, plan_failure
 from shardkit.errors import InputError
+from shardkit.format.storage import Storage
 
 __all__ = ["InputRecord", "Listing", "list_image_folder"]
 
@@ -38,6 +39,8 @@ class Listing:
     extra_inputs: tuple[tuple[str, int, int], ...] = ()
     #: A Hugging Face source: the column holding the images in its data files.
     image_col: str | None = None
+    #: A remote source: the storage its inputs (records' paths are URLs) are read through.
+    source: Storage | None = None
 
 
 def list_image_folder(src: str | os.PathLike[str], *,

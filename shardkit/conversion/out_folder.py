@@ -1,0 +1,178 @@
+"""What the commit protocol (`shardkit.conversion.commit`) does to OUT, as operations: the
+`OutFolder` interface, and `LocalOut` for a folder on this machine's disk. `RemoteOut`
+(`shardkit.conversion.out_remote`) does the same under an object-store prefix.
+
+The names shardkit writes are defined here, once: ``index.json``, ``errors.jsonl``,
+``shard-*.tar`` / ``shard-*.parquet``, the journal folder ``.shardkit-journal/`` and the
+temporary folder ``.shardkit-tmp/``. Anything else in OUT is someone else's.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+
+from shardkit.conversion.report import error_reasons
+from shardkit.errors import CorruptShardError, OutputExistsError
+from shardkit.format.files import atomic_write_bytes, check_shard, publish
+from shardkit.format.manifest import ERRORS_NAME, INDEX_NAME, Manifest, ShardRecord, canonical_json
+
+__all__ = ["JOURNAL_NAME", "TMP_NAME", "LocalOut", "OutFolder", "written_by_us"]
+
+TMP_NAME = ".shardkit-tmp"
+JOURNAL_NAME = ".shardkit-journal"
+
+
+def written_by_us(name: str) -> bool:
+    """True for a top-level name of OUT that shardkit writes."""
+    return (
+        name in (INDEX_NAME, ERRORS_NAME, TMP_NAME, JOURNAL_NAME)
+        or (name.startswith("shard-") and name.endswith((".tar", ".parquet")))
+        or name.startswith((f".{INDEX_NAME}.tmp-", f".{ERRORS_NAME}.tmp-"))
+    )
+
+
+class OutFolder(Protocol):
+    """OUT as the commit protocol uses it (a local folder or an object-store prefix)."""
+
+    @property
+    def where(self) -> Path | str:
+        """OUT as the user named it: a Path for a local folder, the URL of a remote one."""
+        ...
+
+    @property
+    def remote(self) -> bool:
+        """True when OUT is not on this machine: cluster tasks cannot write next to it."""
+        ...
+
+    def names(self) -> list[str]:
+        """OUT's top-level names ([] when it does not exist); nested names that no shardkit
+        folder explains come whole (``a/b``), so that they are never taken for ours."""
+        ...
+
+    def manifest(self) -> Manifest:
+        """OUT's index.json (DatasetError when missing or invalid)."""
+        ...
+
+    def journal(self) -> list[dict[str, Any]]:
+        """The parsed journal entries (unreadable ones left out)."""
+        ...
+
+    def intact(self, record: ShardRecord, entry: dict[str, Any]) -> bool:
+        """Whether shard `record.file` is in OUT exactly as its journal `entry` recorded it."""
+        ...
+
+    def clear(self, names: list[str]) -> None:
+        """Remove `names` (all shardkit's): index.json first, so OUT stops being a dataset."""
+        ...
+
+    def clear_tmp(self) -> None:
+        """Remove what earlier runs left in the temporary folder."""
+        ...
+
+    def scratch(self) -> Path:
+        """A new local folder (not created) where this run's tasks write their files."""
+        ...
+
+    def publish(self, scratch: Path, entry: dict[str, Any]) -> None:
+        """Make the finished file `scratch` the shard ``entry["record"]["file"]``, then journal
+        `entry`."""
+        ...
+
+    def finish(self, errors: bytes, index: bytes) -> None:
+        """errors.jsonl, then index.json, then the journal goes."""
+        ...
+
+    def reasons(self) -> dict[str, int]:
+        """Failures per reason in OUT's errors.jsonl."""
+        ...
+
+    def close(self, scratch: Path) -> None:
+        """Remove the run's scratch folder (and anything else temporary of this run)."""
+        ...
+
+
+class LocalOut:
+    """OUT on this machine's disk: shards renamed into place after fsync, the journal as files."""
+
+    remote = False
+
+    def __init__(self, out: Path) -> None:
+        self.where: Path = out
+        self.out = out
+
+    def names(self) -> list[str]:
+        if self.out.exists() and not self.out.is_dir():
+            raise OutputExistsError(f"{self.out}: exists and is not a folder")
+        return sorted(e.name for e in self.out.iterdir()) if self.out.exists() else []
+
+    def manifest(self) -> Manifest:
+        return Manifest.read(self.out)
+
+    def journal(self) -> list[dict[str, Any]]:
+        found = []
+        for path in sorted((self.out / JOURNAL_NAME).glob("*.json")):
+            try:
+                found.append(json.loads(path.read_bytes()))
+            except (OSError, ValueError):
+                continue  # an unreadable entry is not reused
+        return found
+
+    def intact(self, record: ShardRecord, entry: dict[str, Any]) -> bool:
+        try:
+            check_shard(self.out / record.file, record, verify=True)
+        except CorruptShardError:
+            return False
+        return True
+
+    def clear(self, names: list[str]) -> None:
+        for name in sorted(names, key=lambda n: n != INDEX_NAME):
+            entry = self.out / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def clear_tmp(self) -> None:
+        shutil.rmtree(self.out / TMP_NAME, ignore_errors=True)
+
+    def scratch(self) -> Path:
+        # A folder of this run's own: a task of an earlier run still running on a cluster
+        # (Ctrl-C cannot stop a running Dask task) never writes where this run reads.
+        return self.out.absolute() / TMP_NAME / secrets.token_hex(4)
+
+    def publish(self, scratch: Path, entry: dict[str, Any]) -> None:
+        publish(scratch, self.out / entry["record"]["file"])
+        write_journal(self.out, entry)
+
+    def finish(self, errors: bytes, index: bytes) -> None:
+        atomic_write_bytes(self.out / ERRORS_NAME, errors)
+        atomic_write_bytes(self.out / INDEX_NAME, index)
+        shutil.rmtree(self.out / JOURNAL_NAME, ignore_errors=True)
+
+    def reasons(self) -> dict[str, int]:
+        return error_reasons(self.out / ERRORS_NAME)
+
+    def close(self, scratch: Path) -> None:
+        """Renamed first: a cancelled task still running on a cluster may create files in it
+        by name while rmtree works, and after the rename none can."""
+        if not scratch.exists():
+            return
+        gone = scratch.with_name(f"{scratch.name}.gone")
+        try:
+            scratch.rename(gone)
+        except OSError:
+            gone = scratch
+        shutil.rmtree(gone, ignore_errors=True)
+        shutil.rmtree(scratch.parent, ignore_errors=True)
+
+
+def write_journal(out: Path, entry: dict[str, Any]) -> None:
+    """Atomically write the journal entry `entry` into the local OUT `out`."""
+    folder = out / JOURNAL_NAME
+    folder.mkdir(exist_ok=True)
+    atomic_write_bytes(folder / f"{entry['record']['file']}.json", canonical_json(entry))
