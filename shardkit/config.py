@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -360,6 +361,16 @@ class ReadOptions:
         without the GIL, so one loader uses every core).
     augment: per-sample augmentation (`shardkit.Augment`): each batch carries its samples'
         parameters, drawn from (seed, epoch, stored index), which ``to_device`` applies.
+
+    A dataset at a URL (``s3://``, ``gs://``, ``http(s)://``, any fsspec URL; docs/remote.md)
+    is read through a node-local cache of verified whole shards:
+    storage_options: what the fsspec filesystem takes (endpoint_url, key, secret, region...),
+        on every request; ignored for local paths.
+    cache_dir: the cache folder (None: the user's cache folder + ``shardkit``), shared by
+        every process of the node.
+    cache_limit: bytes the cache may hold (None: half the free space where it lives).
+    prefetch_shards: shards of this rank's order downloading ahead (None: about 1 GiB of
+        them, 2 to 16).
     """
 
     shuffle: bool = True
@@ -376,6 +387,10 @@ class ReadOptions:
     copy_threads: int | None = None
     decode_threads: int | None = None
     augment: Augment | None = None
+    storage_options: dict[str, Any] | None = field(default=None, hash=False)
+    cache_dir: str | None = None
+    cache_limit: int | None = None
+    prefetch_shards: int | None = None
 
     def __post_init__(self) -> None:
         from shardkit.reader.augment import Augment  # the reader's config; imported when used
@@ -383,6 +398,7 @@ class ReadOptions:
         if self.augment is not None and not isinstance(self.augment, Augment):
             raise ConfigError(f"augment must be a shardkit.Augment or None; got {self.augment!r}")
         object.__setattr__(self, "fields", tuple(self.fields))
+        self._check_remote()
         _check_count("seed", self.seed, 0)
         _check_count("prefetch", self.prefetch, 0)
         for name, low in (("window", 1), ("cache_shards", 1), ("copy_threads", 1),
@@ -392,6 +408,21 @@ class ReadOptions:
         _check_choice("decode", self.decode, DECODES)
         if self.rank is not None and self.world_size is not None and self.rank >= self.world_size:
             raise ConfigError(f"rank {self.rank} is not in a world of {self.world_size}")
+
+    def _check_remote(self) -> None:
+        options = self.storage_options
+        if options is not None:
+            if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+                raise ConfigError(f"storage_options must be a dict with string keys (what the "
+                                  f"fsspec filesystem takes); got {options!r}")
+            object.__setattr__(self, "storage_options", dict(options))
+        if self.cache_dir is not None:
+            if not isinstance(self.cache_dir, (str, os.PathLike)) or not os.fspath(self.cache_dir):
+                raise ConfigError(f"cache_dir must be a folder path; got {self.cache_dir!r}")
+            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
+        for name, low in (("cache_limit", 1), ("prefetch_shards", 0)):
+            if getattr(self, name) is not None:
+                _check_count(name, getattr(self, name), low)
 
 
 def _check_count(name: str, value: object, low: int) -> None:

@@ -65,6 +65,10 @@ class ReadKeywords(TypedDict, total=False):
     copy_threads: int | None
     decode_threads: int | None
     augment: Augment | None
+    storage_options: dict[str, Any] | None
+    cache_dir: str | None
+    cache_limit: int | None
+    prefetch_shards: int | None
 
 
 class ConvertKeywords(TypedDict, total=False):
