@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from shardkit.errors import ConfigError
 
 if TYPE_CHECKING:
+    from shardkit.format.storage import RetryPolicy
     from shardkit.reader.augment import Augment
 
 __all__ = [
@@ -371,6 +372,8 @@ class ReadOptions:
     cache_limit: bytes the cache may hold (None: half the free space where it lives).
     prefetch_shards: shards of this rank's order downloading ahead (None: about 1 GiB of
         them, 2 to 16).
+    retry: how requests are bounded and retried (`shardkit.RetryPolicy`; None: 6 attempts,
+        backoff from 0.5 s to 8 s, 60 s per request).
     """
 
     shuffle: bool = True
@@ -391,6 +394,7 @@ class ReadOptions:
     cache_dir: str | None = None
     cache_limit: int | None = None
     prefetch_shards: int | None = None
+    retry: RetryPolicy | None = None
 
     def __post_init__(self) -> None:
         from shardkit.reader.augment import Augment  # the reader's config; imported when used
@@ -423,6 +427,10 @@ class ReadOptions:
         for name, low in (("cache_limit", 1), ("prefetch_shards", 0)):
             if getattr(self, name) is not None:
                 _check_count(name, getattr(self, name), low)
+        from shardkit.format.storage import RetryPolicy
+
+        if self.retry is not None and not isinstance(self.retry, RetryPolicy):
+            raise ConfigError(f"retry must be a shardkit.RetryPolicy or None; got {self.retry!r}")
 
 
 def _check_count(name: str, value: object, low: int) -> None:

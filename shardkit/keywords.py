@@ -34,6 +34,7 @@ from shardkit.config import (
 from shardkit.errors import ConfigError
 
 if TYPE_CHECKING:
+    from shardkit.format.storage import RetryPolicy
     from shardkit.reader.augment import Augment
 
 __all__ = [
@@ -69,6 +70,7 @@ class ReadKeywords(TypedDict, total=False):
     cache_dir: str | None
     cache_limit: int | None
     prefetch_shards: int | None
+    retry: RetryPolicy | None
 
 
 class ConvertKeywords(TypedDict, total=False):

@@ -63,7 +63,7 @@ def open_source(path: str, options: ReadOptions) -> tuple[str, Manifest, RemoteS
     if location.is_local:
         folder = path if "://" not in path else location.path
         return folder, open_manifest(folder), None
-    storage = open_storage(path, storage_options=options.storage_options)
+    storage = open_storage(path, storage_options=options.storage_options, retry=options.retry)
     manifest, index_bytes = read_index(storage)
     return storage.url, _readable(manifest, storage.url), RemoteSource(storage, index_bytes, options)
 

@@ -32,7 +32,7 @@ __all__ = ["REMOTE_FIELDS", "RemoteShardCache", "RemoteSource", "RemoteTableCach
 T = TypeVar("T")
 
 #: The ReadOptions that say where a remote dataset's bytes come from; fixed when it is opened.
-REMOTE_FIELDS = ("storage_options", "cache_dir", "cache_limit", "prefetch_shards")
+REMOTE_FIELDS = ("storage_options", "cache_dir", "cache_limit", "prefetch_shards", "retry")
 
 
 def remote_capacity(manifest: Manifest, window: int | None) -> int:
