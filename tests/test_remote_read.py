@@ -202,6 +202,9 @@ def test_the_cache_limit_is_held_over_epochs_and_a_too_small_one_is_refused_up_f
     limit = 6 * largest  # the dataset is 7 shards: some must be evicted every epoch
     loader = shardkit.ShardLoader(url, 4, window=1, seed=3, storage_options=options,
                                   cache_dir=str(root), cache_limit=limit, prefetch_shards=1)
+    assert loader.dataset.reading.capacity == 3  # window + 2 open (pinned): it cannot hold all
+    roomy = shardkit.ShardLoader(url, 4, window=1, storage_options=options, cache_dir=str(root))
+    assert roomy.dataset.reading.capacity == 7  # it can: all open, as a local reader keeps them
     peak, stop = [0], threading.Event()
 
     def sample() -> None:

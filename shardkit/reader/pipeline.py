@@ -36,7 +36,7 @@ from shardkit.reader.remote_read import (
     RemoteShardCache,
     RemoteSource,
     RemoteTableCache,
-    remote_capacity,
+    open_cache,
 )
 from shardkit.reader.table import TableCache, stream_table_batches
 
@@ -88,9 +88,12 @@ class Reading:
         self.copy_threads = resolve_copy_threads(options.copy_threads)
         self.decode_threads = resolve_decode_threads(options.decode_threads)
         self.source = source
-        self.capacity = options.cache_shards or (
-            default_capacity(manifest, options.window) if source is None
-            else remote_capacity(manifest, options.window))
+        # Made here for a URL, so that a cache limit too small for it is refused up front.
+        self._remote: RemoteCache | None = None
+        if source is None:
+            self.capacity = options.cache_shards or default_capacity(manifest, options.window)
+        else:
+            self._remote, self.capacity = open_cache(source, manifest, options)
         self.sizes = [s.samples for s in manifest.shards]
         self.starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
         self._cache: ShardCache | TableCache | None = None
@@ -99,8 +102,6 @@ class Reading:
         self._decoders: dict[int, DecodePool] = {}
         #: (height, width) of the stored images, when batches carry augmentation rows.
         self.stored = stored_size(manifest, path) if options.augment is not None else None
-        # Made here, so that a cache limit too small for this reading is refused up front.
-        self._remote = self._make_remote() if source is not None else None
 
     @property
     def total(self) -> int:

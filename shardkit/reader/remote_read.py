@@ -22,12 +22,12 @@ from shardkit.config import ReadOptions
 from shardkit.errors import ConfigError, CorruptShardError
 from shardkit.format.manifest import Manifest
 from shardkit.format.storage import Storage
-from shardkit.reader.handles import ShardCache, ShardHandle
-from shardkit.reader.remote_cache import RemoteCache
+from shardkit.reader.handles import ShardCache, ShardHandle, default_capacity
+from shardkit.reader.remote_cache import RemoteCache, default_prefetch
 from shardkit.reader.table import TableCache, TableShard
 
 __all__ = ["REMOTE_FIELDS", "RemoteShardCache", "RemoteSource", "RemoteTableCache",
-           "pinned_copy", "remote_capacity"]
+           "open_cache", "pinned_copy", "remote_capacity"]
 
 T = TypeVar("T")
 
@@ -36,12 +36,33 @@ REMOTE_FIELDS = ("storage_options", "cache_dir", "cache_limit", "prefetch_shards
 
 
 def remote_capacity(manifest: Manifest, window: int | None) -> int:
-    """Shards a reader of a remote dataset keeps open by default: the shuffle window + 2 (the
-    shards a batch mixes and the next ones), at most the dataset's. Not the 64 memory-mapped
-    shards local raw data keeps: every open shard is a copy pinned in the cache, which no
-    process may evict, and `cache_limit` must hold them all besides the look-ahead."""
+    """Shards a reader of a remote dataset keeps open when the cache cannot hold the whole
+    dataset: the shuffle window + 2 (the shards a batch mixes and the next ones), at most the
+    dataset's. Not the 64 memory-mapped shards local raw data keeps: every open shard is a
+    copy pinned in the cache, which no process may evict, and `cache_limit` must hold the pins
+    of every reader on the node besides their look-ahead."""
     shards = len(manifest.shards)
     return max(1, min(shards, (window or shards) + 2))
+
+
+def open_cache(source: RemoteSource, manifest: Manifest,
+               options: ReadOptions) -> tuple[RemoteCache, int]:
+    """This process's RemoteCache for a reader with `options`, and how many shards the reader
+    keeps open. `cache_shards` when given; else, when the cache limit holds the whole dataset
+    (and the look-ahead), as many as a local reader keeps (`default_capacity`: pins cost
+    nothing when nothing need be evicted, and re-mapping every shard every epoch would halve
+    the speed of later epochs on small shards); else the small `remote_capacity`. ConfigError
+    when the limit cannot hold what reading needs."""
+    verify = options.verify
+    if options.cache_shards is not None:
+        return source.cache(manifest, held=options.cache_shards, verify=verify), options.cache_shards
+    with suppress(ConfigError):
+        roomy = source.cache(manifest, held=len(manifest.shards), verify=verify)
+        # ... with the whole look-ahead, which a tight limit would have trimmed to make room
+        if options.prefetch_shards is not None or roomy.prefetch_shards >= default_prefetch(manifest):
+            return roomy, default_capacity(manifest, options.window)
+    small = remote_capacity(manifest, options.window)
+    return source.cache(manifest, held=small, verify=verify), small
 
 
 @dataclass(frozen=True)
