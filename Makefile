@@ -30,7 +30,7 @@ lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check shardkit tests scripts examples
 	$(VENV)/bin/mypy
 
-bench: $(STAMP) ## conversion, reading, CSV, Dask, augmentation and Keras benchmarks (~30 min); write docs/performance.md
+bench: $(STAMP) ## conversion, reading, CSV, Dask, augmentation, Keras and remote-reading benchmarks (~30 min); write docs/performance.md
 	$(PY) scripts/bench_convert.py --out bench-out --write-doc docs/performance.md
 	$(PY) scripts/bench_decode.py --out bench-out --write-doc docs/performance.md
 	$(PY) scripts/bench_read.py --out bench-out/read --write-doc docs/performance.md
@@ -38,6 +38,7 @@ bench: $(STAMP) ## conversion, reading, CSV, Dask, augmentation and Keras benchm
 	$(PY) scripts/bench_dask.py --out bench-out --write-doc docs/performance.md
 	$(PY) scripts/bench_augment.py --write-doc docs/performance.md
 	$(PY) scripts/bench_keras.py --out bench-out/keras --write-doc docs/performance.md
+	$(PY) scripts/bench_remote.py --out bench-out/remote --write-doc docs/performance.md
 	-$(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" && \
 		$(PY) scripts/bench_augment.py --device cuda --rounds 20 --write-doc docs/performance.md
 

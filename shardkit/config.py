@@ -363,17 +363,12 @@ class ReadOptions:
     augment: per-sample augmentation (`shardkit.Augment`): each batch carries its samples'
         parameters, drawn from (seed, epoch, stored index), which ``to_device`` applies.
 
-    A dataset at a URL (``s3://``, ``gs://``, ``http(s)://``, any fsspec URL; docs/remote.md)
-    is read through a node-local cache of verified whole shards:
-    storage_options: what the fsspec filesystem takes (endpoint_url, key, secret, region...),
-        on every request; ignored for local paths.
-    cache_dir: the cache folder (None: the user's cache folder + ``shardkit``), shared by
-        every process of the node.
-    cache_limit: bytes the cache may hold (None: half the free space where it lives).
-    prefetch_shards: shards of this rank's order downloading ahead (None: about 1 GiB of
-        them, 2 to 16).
-    retry: how requests are bounded and retried (`shardkit.RetryPolicy`; None: 6 attempts,
-        backoff from 0.5 s to 8 s, 60 s per request).
+    A dataset at a URL (s3://, gs://, http(s)://, any fsspec URL) is read through a node-local
+    cache of verified shards (docs/remote.md): storage_options go to the fsspec filesystem
+    (endpoint_url, key, secret...; ignored for local paths); cache_dir (None: the user's cache
+    folder) is shared by the node's processes; cache_limit: its bytes (None: half the free
+    space); prefetch_shards: shards downloading ahead (None: about 1 GiB, 2 to 16); retry: a
+    `shardkit.RetryPolicy` (None: its defaults).
     """
 
     shuffle: bool = True
@@ -406,7 +401,8 @@ class ReadOptions:
         _check_count("seed", self.seed, 0)
         _check_count("prefetch", self.prefetch, 0)
         for name, low in (("window", 1), ("cache_shards", 1), ("copy_threads", 1),
-                          ("decode_threads", 1), ("rank", 0), ("world_size", 1)):
+                          ("decode_threads", 1), ("rank", 0), ("world_size", 1),
+                          ("cache_limit", 1), ("prefetch_shards", 0)):
             if getattr(self, name) is not None:
                 _check_count(name, getattr(self, name), low)
         _check_choice("decode", self.decode, DECODES)
@@ -414,24 +410,18 @@ class ReadOptions:
             raise ConfigError(f"rank {self.rank} is not in a world of {self.world_size}")
 
     def _check_remote(self) -> None:
-        options = self.storage_options
-        if options is not None:
-            if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
-                raise ConfigError(f"storage_options must be a dict with string keys (what the "
-                                  f"fsspec filesystem takes); got {options!r}")
-            object.__setattr__(self, "storage_options", dict(options))
-        if self.cache_dir is not None:
-            if not isinstance(self.cache_dir, (str, os.PathLike)) or not os.fspath(self.cache_dir):
-                raise ConfigError(f"cache_dir must be a folder path; got {self.cache_dir!r}")
-            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
-        for name, low in (("cache_limit", 1), ("prefetch_shards", 0)):
-            if getattr(self, name) is not None:
-                _check_count(name, getattr(self, name), low)
         from shardkit.format.storage import RetryPolicy
 
+        options, folder = self.storage_options, self.cache_dir
+        if options is not None and not (isinstance(options, Mapping)
+                                        and all(isinstance(k, str) for k in options)):
+            raise ConfigError(f"storage_options must be a dict with string keys; got {options!r}")
+        if folder is not None and (not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder)):
+            raise ConfigError(f"cache_dir must be a folder path; got {folder!r}")
         if self.retry is not None and not isinstance(self.retry, RetryPolicy):
             raise ConfigError(f"retry must be a shardkit.RetryPolicy or None; got {self.retry!r}")
-
+        object.__setattr__(self, "storage_options", None if options is None else dict(options))
+        object.__setattr__(self, "cache_dir", None if folder is None else os.fspath(folder))
 
 def _check_count(name: str, value: object, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:

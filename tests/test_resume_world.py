@@ -191,6 +191,21 @@ def test_a_state_saved_after_a_restart_resumes_again(dataset: Path) -> None:
     assert job[0].epoch == 1 and job[0].state_dict()["cuts"] == []
 
 
+def test_a_state_saved_with_another_batch_size_resumes_exactly_once(dataset: Path) -> None:
+    job = [shardkit.ShardLoader(dataset, 4, rank=r, world_size=2, seed=4, drop_last=True)
+           for r in range(2)]
+    done = [i for loader in job for i in read(loader, 1)]
+    state = job[0].state_dict()
+    job = [shardkit.ShardLoader(dataset, 5, rank=r, world_size=2, seed=4, drop_last=True)
+           for r in range(2)]
+    for loader in job:
+        loader.load_state_dict(state)
+    rest = [read(loader) for loader in job]
+    assert [len(r) for r in rest] == [5, 5]  # 2 x 8 left, in whole batches of 5
+    seen = Counter(done + [i for r in rest for i in r])
+    assert all(n == 1 for n in seen.values()) and len(done) == 8
+
+
 def test_a_state_that_does_not_fit_is_refused(dataset: Path) -> None:
     state = loaders(dataset, 2)[0].state_dict()
     loader = loaders(dataset, 3)[0]

@@ -393,8 +393,7 @@ def _default_limit(root: str) -> int:
 
 def default_prefetch(manifest: Manifest) -> int:
     """prefetch_shards by default: AHEAD_BYTES worth of this dataset's shards, 2 to 16."""
-    shards = manifest.shards
-    if not shards:
+    if not (shards := manifest.shards):
         return 0
     mean = max(1, sum(s.bytes for s in shards) // len(shards))
     return min(len(shards), max(2, min(16, math.ceil(AHEAD_BYTES / mean))))

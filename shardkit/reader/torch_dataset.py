@@ -245,9 +245,10 @@ class ShardLoader:
         """Continue from `state`: the next pass yields the rest of its epoch. A state saved
         with another world size (a job restarted on fewer or more ranks) continues with the
         samples no rank had consumed, split evenly over this world (every rank of the saved
-        job must have consumed as many, as DDP's ranks do); the next epoch is the same as
-        without the restart. Raises ConfigError when the state belongs to another dataset or
-        was saved with another seed, shuffle, window or drop_last."""
+        job must have consumed as many, as DDP's ranks do); so does one saved with another batch
+        size. The next epoch is the same as without the restart. Raises ConfigError when the
+        state belongs to another dataset or was saved with another seed, shuffle, window or
+        drop_last."""
         ds, o = self.dataset, self.options
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ConfigError(f"not a shardkit loader state: {state!r}")
@@ -267,8 +268,8 @@ class ShardLoader:
         if saved.samples > per_rank:
             raise ConfigError(f"state says {saved.samples} samples consumed of {per_rank}")
         start = saved.samples
-        if saved.world != ds.reading.world:  # the rest of the epoch, re-split over this world
-            cuts, start = (*cuts, saved), 0
+        if (saved.world, saved.batch_size) != (ds.reading.world, self.batch_size):
+            cuts, start = (*cuts, saved), 0  # the rest of the epoch, re-split over this world
         ds.epoch, ds.start, ds.cuts = int(state["epoch"]), start, cuts
         self._consumed = 0
 
