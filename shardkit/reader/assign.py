@@ -64,7 +64,7 @@ class Split:
             raise ValueError(f"invalid split {self}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: it travels to worker processes, pickled (Python 3.10)
 class Cut:
     """Where an epoch stopped: `world` ranks reading batches of `batch_size`, each having
     consumed `samples` of its run (of what earlier cuts had left)."""

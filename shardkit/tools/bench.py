@@ -168,7 +168,8 @@ class BenchReport:
         shape = "×".join(map(str, self.image_shape)) if self.image_shape else "variable shape"
         lines = [f"{self.dataset}: {self.dataset_samples:,} samples ({shape} uint8), batch "
                  f"{self.options.batch_size}, {self.options.epochs} epochs, {self.cpu_count} CPUs, "
-                 "page cache warm",
+                 + ("through the shard cache (the first run fills it)" if "://" in self.dataset
+                    else "page cache warm"),
                  f"{'loader':7} {'workers':>7} {'samples':>8} {'samples/s':>10} {'CPU-ms/sample':>13} "
                  f"{'cores':>6} {'MB/s':>8} {'1st batch':>9} {'RSS MB':>7} {'+workers':>8}"]
         for r in self.runs:
