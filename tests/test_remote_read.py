@@ -215,7 +215,7 @@ def test_the_cache_limit_is_held_over_epochs_and_a_too_small_one_is_refused_up_f
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        got = epochs(loader, 3)
+        got = bounded(lambda: epochs(loader, 3))  # a pin never let go would stall it
     finally:
         stop.set()
         sampler.join()

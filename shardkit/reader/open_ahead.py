@@ -84,7 +84,10 @@ class OpenAhead(Generic[T]):
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            # A loader's finaliser may run in the pool's own thread (the garbage collector
+            # runs where it likes): that thread cannot wait for itself.
+            own = threading.current_thread().name.startswith(self.thread_name)
+            self._pool.shutdown(wait=not own, cancel_futures=True)
             self._pool = None
         dropped = list(self._open.items())
         self._open.clear()
