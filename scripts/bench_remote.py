@@ -13,7 +13,7 @@ new loaders (`ShardLoader`, defaults: shuffled, window 4, batches of 256) and re
 Reported: medians over the rounds [ranges] of samples/s and MB/s of pixels delivered, and the
 ratios to local reading of the same epochs in the same round (target for cached epochs: ≥ 0.9).
 
-Usage: python scripts/bench_remote.py [--samples 8000] [--size 112] [--rounds 5] [--epochs 4]
+Usage: python scripts/bench_remote.py [--samples 8000] [--size 112] [--rounds 7] [--epochs 6]
        [--out bench-out/remote] [--write-doc docs/performance.md]
 """
 
@@ -187,8 +187,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=8000)
     parser.add_argument("--size", type=int, default=112)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per loader and round (>= 2)")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--epochs", type=int, default=6, help="epochs per loader and round (>= 2)")
     parser.add_argument("--out", type=Path, default=Path("bench-out/remote"))
     parser.add_argument("--write-doc", type=Path, default=None)
     args = parser.parse_args()
