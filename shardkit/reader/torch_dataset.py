@@ -60,7 +60,8 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
     Use with ``DataLoader(ds, batch_size=None, num_workers=k)``: each worker yields every
     k-th batch, so the DataLoader's round-robin gives the same sequence for any k. Options:
     `options` and/or keywords, as `ShardLoader` takes them. The object holds only plain values
-    until it is iterated (no open files), so it is cheap to send to worker processes.
+    until it is iterated (no open files), so it is cheap to send to worker processes; for a
+    URL each worker makes its own cache object over the one cache folder of the node.
     """
 
     def __init__(self, path: str | os.PathLike[str], batch_size: int,
@@ -156,6 +157,10 @@ class ShardLoader:
     CSV's other columns), as lists. A table (a converted tabular CSV) gives ``features``
     float32 [B,F] (order: the manifest's ``schema.features.names``), ``label`` (int64 [B], or
     float32 [B] / [B,K]) and ``index``.
+
+    `path`: the dataset's folder, or its URL (``s3://``, ``gs://``, ``http(s)://``, any fsspec
+    URL): shards then come through a verified node-local cache (docs/remote.md; options
+    storage_options, cache_dir, cache_limit, prefetch_shards, retry).
 
     Options: a `ReadOptions` and/or its fields as keywords (shuffle, seed, window, drop_last,
     rank, world_size, fields, verify, prefetch, cache_shards, decode, copy_threads: see
