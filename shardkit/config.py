@@ -385,7 +385,7 @@ class ReadOptions:
     copy_threads: int | None = None
     decode_threads: int | None = None
     augment: Augment | None = None
-    storage_options: dict[str, Any] | None = field(default=None, hash=False)
+    storage_options: dict[str, Any] | None = field(default=None, hash=False, repr=False)
     cache_dir: str | None = None
     cache_limit: int | None = None
     prefetch_shards: int | None = None
@@ -415,7 +415,7 @@ class ReadOptions:
         options, folder = self.storage_options, self.cache_dir
         if options is not None and not (isinstance(options, Mapping)
                                         and all(isinstance(k, str) for k in options)):
-            raise ConfigError(f"storage_options must be a dict with string keys; got {options!r}")
+            raise ConfigError(f"storage_options must be a dict with string keys; got {type(options)}")
         if folder is not None and (not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder)):
             raise ConfigError(f"cache_dir must be a folder path; got {folder!r}")
         if self.retry is not None and not isinstance(self.retry, RetryPolicy):

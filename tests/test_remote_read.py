@@ -101,6 +101,7 @@ def test_s3_reads_equal_local_reads_and_later_epochs_come_from_the_cache(
     remote = shardkit.ShardLoader(url, 5, seed=2, storage_options=options, cache_dir=str(tmp_path / "c"),
                                   retry=FAST)
     assert remote.dataset.path == url and len(remote) == len(shardkit.ShardLoader(local, 5))
+    assert "secret" not in repr(remote.options)  # credentials are never printed
     assert epochs(remote, 2) == epochs(shardkit.ShardLoader(local, 5, seed=2), 2)
     assert shard_gets(proxy, f"/test/{fmt}", local) == [1] * 7  # epoch 2 read the cache
     numpy = shardkit.open(url, storage_options=options, cache_dir=str(tmp_path / "c"))
