@@ -40,6 +40,7 @@ bench: $(STAMP) ## conversion (local, Dask, into S3), reading (local, workers, r
 	$(PY) scripts/bench_remote_write.py --out bench-out --write-doc docs/performance.md
 	$(PY) scripts/bench_augment.py --write-doc docs/performance.md
 	$(PY) scripts/bench_keras.py --out bench-out/keras --write-doc docs/performance.md
+	$(PY) scripts/bench_remote.py --out bench-out/remote --write-doc docs/performance.md
 	-$(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" && \
 		$(PY) scripts/bench_augment.py --device cuda --rounds 20 --write-doc docs/performance.md
 

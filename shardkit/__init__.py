@@ -5,6 +5,7 @@ Public API::
 
     shardkit.convert(src, out, [config, run], **options) -> ConvertSummary
     shardkit.open(path) -> Dataset           (numpy reading, no torch needed)
+        path: a folder, or a URL (s3://, gs://, http(s)://, any fsspec URL; docs/remote.md)
     shardkit.ShardLoader(path, batch_size, [ReadOptions], **options)   (torch; the [torch] extra)
     shardkit.ShardDataset(path, batch_size, [ReadOptions], **options)
     shardkit.to_device(batch, device, mean=..., std=...)
@@ -26,11 +27,13 @@ from shardkit.errors import (
     InputError,
     MissingExtraError,
     OutputExistsError,
+    RemoteError,
     ShardkitError,
     TooManyFailuresError,
     UnsafeContentError,
     WorkerError,
 )
+from shardkit.format.storage import RetryPolicy
 from shardkit.reader import Dataset
 from shardkit.reader import open_dataset as open
 from shardkit.reader.augment import Augment
@@ -51,6 +54,8 @@ __all__ = [
     "MissingExtraError",
     "OutputExistsError",
     "ReadOptions",
+    "RemoteError",
+    "RetryPolicy",
     "RunOptions",
     "ShardDataset",
     "ShardLoader",

@@ -23,6 +23,7 @@ from shardkit.config import (
     FILTERS,
     FORMATS,
     RESIZE_MODES,
+    ReadOptions,
 )
 from shardkit.errors import (
     EXIT_INTERRUPTED,
@@ -145,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="describe a converted dataset")
     info.add_argument("path", metavar="OUT")
     info.add_argument("--json", action="store_true", help="print the facts as JSON")
+    _add_remote(info, cache=False)
 
     verify = commands.add_parser(
         "verify", help="check a dataset against its index.json",
@@ -163,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     preview.add_argument("path", metavar="OUT")
     preview.add_argument("-o", "--output", required=True, help="PNG file to write")
     preview.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    _add_remote(preview)
     _add_bench(commands)
     return parser
 
@@ -187,6 +190,21 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        help="samples/s your model consumes, for the verdict (default 3000)")
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
     bench.add_argument("--plot", metavar="PNG", default=None, help="write a bar chart")
+    _add_remote(bench)
+
+
+def _add_remote(command: argparse.ArgumentParser, *, cache: bool = True) -> None:
+    """The flags of a command that reads a dataset at a URL (docs/remote.md)."""
+    add_storage_option(command)
+    if cache:
+        command.add_argument("--cache-dir", default=None,
+                             help="the node-local cache of a URL's shards (default: the user's "
+                                  "cache folder)")
+
+
+def _read_options(args: argparse.Namespace) -> ReadOptions:
+    return ReadOptions(storage_options=parse_storage_options(args.storage_option) or None,
+                       cache_dir=getattr(args, "cache_dir", None))
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -232,7 +250,7 @@ def _run_on_cluster(args: argparse.Namespace, config: ConvertConfig, run: RunOpt
 def _info(args: argparse.Namespace) -> int:
     from shardkit.tools.inspect import describe, info_text
 
-    facts = describe(args.path)
+    facts = describe(args.path, _read_options(args))
     if args.json:
         import json
 
@@ -265,7 +283,9 @@ def _bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--workers takes counts like 0,2,4; got {args.workers!r}") from None
     options = BenchOptions(batch_size=args.batch_size, workers=workers, epochs=args.epochs,
                            baseline=args.baseline, baseline_limit=args.baseline_limit,
-                           target_rate=args.target_rate)
+                           target_rate=args.target_rate,
+                           storage_options=parse_storage_options(args.storage_option) or None,
+                           cache_dir=args.cache_dir)
     report = run_bench(args.path, options)
     if args.json:
         import json
@@ -282,7 +302,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _preview(args: argparse.Namespace) -> int:
     from shardkit.tools.inspect import contact_sheet
 
-    shown = contact_sheet(args.path, args.output, n=args.n)
+    shown = contact_sheet(args.path, args.output, n=args.n, options=_read_options(args))
     print(f"wrote {args.output} ({shown} samples)")
     return 0
 

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,6 +22,7 @@ from shardkit.errors import ConfigError
 from shardkit.format.retry import RetryPolicy
 
 if TYPE_CHECKING:
+    from shardkit.format.storage import RetryPolicy
     from shardkit.reader.augment import Augment
 
 __all__ = [
@@ -374,6 +376,13 @@ class ReadOptions:
         in docs/performance.md; FFCV sets 1 for the whole process), else unchanged.
     augment: per-sample augmentation (`shardkit.Augment`): each batch carries its samples'
         parameters, drawn from (seed, epoch, stored index), which ``to_device`` applies.
+
+    A dataset at a URL (s3://, gs://, http(s)://, any fsspec URL) is read through a node-local
+    cache of verified shards (docs/remote.md): storage_options go to the fsspec filesystem
+    (endpoint_url, key, secret...; ignored for local paths); cache_dir (None: the user's cache
+    folder) is shared by the node's processes; cache_limit: its bytes (None: half the free
+    space); prefetch_shards: shards downloading ahead (None: about 1 GiB, 2 to 16); retry: a
+    `shardkit.RetryPolicy` (None: its defaults).
     """
 
     shuffle: bool = True
@@ -391,6 +400,11 @@ class ReadOptions:
     decode_threads: int | None = None
     torch_threads: int | None = None
     augment: Augment | None = None
+    storage_options: dict[str, Any] | None = field(default=None, hash=False, repr=False)
+    cache_dir: str | None = None
+    cache_limit: int | None = None
+    prefetch_shards: int | None = None
+    retry: RetryPolicy | None = None
 
     def __post_init__(self) -> None:
         from shardkit.reader.augment import Augment  # the reader's config; imported when used
@@ -398,17 +412,31 @@ class ReadOptions:
         if self.augment is not None and not isinstance(self.augment, Augment):
             raise ConfigError(f"augment must be a shardkit.Augment or None; got {self.augment!r}")
         object.__setattr__(self, "fields", tuple(self.fields))
+        self._check_remote()
         _check_count("seed", self.seed, 0)
         _check_count("prefetch", self.prefetch, 0)
         for name, low in (("window", 1), ("cache_shards", 1), ("copy_threads", 1),
                           ("decode_threads", 1), ("torch_threads", 1), ("rank", 0),
-                          ("world_size", 1)):
+                          ("world_size", 1), ("cache_limit", 1), ("prefetch_shards", 0)):
             if getattr(self, name) is not None:
                 _check_count(name, getattr(self, name), low)
         _check_choice("decode", self.decode, DECODES)
         if self.rank is not None and self.world_size is not None and self.rank >= self.world_size:
             raise ConfigError(f"rank {self.rank} is not in a world of {self.world_size}")
 
+    def _check_remote(self) -> None:
+        from shardkit.format.storage import RetryPolicy
+
+        options, folder = self.storage_options, self.cache_dir
+        if options is not None and not (isinstance(options, Mapping)
+                                        and all(isinstance(k, str) for k in options)):
+            raise ConfigError(f"storage_options must be a dict with string keys; got {type(options)}")
+        if folder is not None and (not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder)):
+            raise ConfigError(f"cache_dir must be a folder path; got {folder!r}")
+        if self.retry is not None and not isinstance(self.retry, RetryPolicy):
+            raise ConfigError(f"retry must be a shardkit.RetryPolicy or None; got {self.retry!r}")
+        object.__setattr__(self, "storage_options", None if options is None else dict(options))
+        object.__setattr__(self, "cache_dir", None if folder is None else os.fspath(folder))
 
 def _check_count(name: str, value: object, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:

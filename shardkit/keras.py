@@ -47,7 +47,8 @@ def dataset(path: str | os.PathLike[str], batch_size: int, options: ReadOptions 
             label_mode: LabelMode = "int", rescale: float | None = None, device: Any = None,
             pin_memory: bool = False, **keywords: Unpack[ReadKeywords]) -> KerasLoader:
     """What ``model.fit``, ``model.evaluate``, ``model.predict`` and ``validation_data=``
-    take: the converted dataset `path` in batches of `batch_size` as ``(x, y)`` pairs.
+    take: the converted dataset `path` (a folder, or a URL: docs/remote.md) in batches of
+    `batch_size` as ``(x, y)`` pairs.
 
     x: the batch field(s) the model takes: ``"image"`` (uint8 [B, H, W, C], NHWC as Keras
         expects), ``"features"`` for a table; several names give a dict (a model with named

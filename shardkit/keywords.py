@@ -36,6 +36,7 @@ from shardkit.errors import ConfigError
 from shardkit.format.retry import RetryPolicy
 
 if TYPE_CHECKING:
+    from shardkit.format.storage import RetryPolicy
     from shardkit.reader.augment import Augment
 
 __all__ = [
@@ -69,6 +70,11 @@ class ReadKeywords(TypedDict, total=False):
     decode_threads: int | None
     torch_threads: int | None
     augment: Augment | None
+    storage_options: dict[str, Any] | None
+    cache_dir: str | None
+    cache_limit: int | None
+    prefetch_shards: int | None
+    retry: RetryPolicy | None
 
 
 class ConvertKeywords(TypedDict, total=False):

@@ -268,3 +268,18 @@ def wait_until(condition: Any, seconds: float = 10.0) -> bool:
     while not (value := condition()) and time.monotonic() < deadline:
         time.sleep(0.01)
     return bool(value)
+
+
+def upload_dataset(folder: str | os.PathLike[str], url: str, options: dict[str, Any] | None = None) -> None:
+    """Upload a converted dataset folder through the storage layer: its shards and
+    errors.jsonl first, index.json last (a prefix without index.json is not a dataset)."""
+    from shardkit.format.manifest import INDEX_NAME, Manifest
+    from shardkit.format.storage import RetryPolicy, open_storage
+
+    storage = open_storage(url, storage_options=options, writable=True,
+                           retry=RetryPolicy(attempts=4, first_delay=0.01, max_delay=0.05, timeout=5))
+    root = os.fspath(folder)
+    names = [s.file for s in Manifest.read(root).shards]
+    names += [n for n in ("errors.jsonl",) if os.path.exists(os.path.join(root, n))]
+    for name in [*names, INDEX_NAME]:
+        storage.upload(os.path.join(root, name), name)

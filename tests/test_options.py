@@ -17,7 +17,8 @@ from shardkit.config import ConvertConfig, CsvOptions, ImageOptions, ReadOptions
 
 
 def _hints(cls: type) -> dict[str, object]:
-    return typing.get_type_hints(cls, localns={"Augment": shardkit.Augment})
+    return typing.get_type_hints(cls, localns={"Augment": shardkit.Augment,
+                                                 "RetryPolicy": shardkit.RetryPolicy})
 
 
 def test_read_keywords_are_read_options_fields() -> None:

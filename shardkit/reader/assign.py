@@ -17,6 +17,12 @@ An epoch's order is fixed by (seed, epoch) alone:
 
 Resuming after ``start`` samples of a rank's run cuts the rest of the run into batches from
 there, so a resumed epoch yields exactly the samples an uninterrupted one had left.
+
+Resuming on another number of ranks: a `Cut` records that the epoch was being read by
+`world` ranks, each of which had consumed the same `samples` of its run (the ranks of a DDP
+job step together). `remaining_order` is what no rank has consumed yet (padding repeats
+dropped), in the epoch's order; steps 2-4 then split it among the new world as they split a
+whole epoch. Cuts chain (8 ranks, then 6, then 7); the next epoch does not depend on them.
 """
 
 from __future__ import annotations
@@ -29,13 +35,17 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "Cut",
     "Split",
     "batches_per_rank",
     "epoch_order",
     "padding",
     "rank_run",
+    "remaining_order",
+    "samples_left",
     "samples_per_rank",
     "shard_runs",
+    "shard_sequence",
     "worker_batches",
 ]
 
@@ -52,6 +62,22 @@ class Split:
     def __post_init__(self) -> None:
         if not (0 <= self.rank < self.world and 0 <= self.worker < self.workers):
             raise ValueError(f"invalid split {self}")
+
+
+@dataclass(frozen=True)  # no slots: it travels to worker processes, pickled (Python 3.10)
+class Cut:
+    """Where an epoch stopped: `world` ranks reading batches of `batch_size`, each having
+    consumed `samples` of its run (of what earlier cuts had left)."""
+
+    world: int
+    batch_size: int
+    samples: int
+
+    def __post_init__(self) -> None:
+        for name, least in (("world", 1), ("batch_size", 1), ("samples", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"invalid cut: {name} {value!r}")
 
 
 def epoch_order(sizes: Sequence[int], *, shuffle: bool, seed: int, epoch: int,
@@ -106,6 +132,34 @@ def rank_run(order: np.ndarray, *, rank: int, world: int, drop_last: bool,
     return order[rank * per_rank:(rank + 1) * per_rank]
 
 
+def remaining_order(order: np.ndarray, cuts: Sequence[Cut], *, drop_last: bool) -> np.ndarray:
+    """The samples of `order` (an epoch's order) that the ranks of `cuts` left unread, in
+    `order`'s order and each once: after each cut, the rest of every rank's run minus what any
+    rank consumed (a padding repeat of a consumed sample is not left). ValueError when a cut
+    consumed more than its runs hold."""
+    rest = order
+    for cut in cuts:
+        runs = [rank_run(rest, rank=r, world=cut.world, drop_last=drop_last,
+                         batch_size=cut.batch_size) for r in range(cut.world)]
+        if cut.samples > len(runs[0]):
+            raise ValueError(f"a cut of {cut.samples} samples per rank; the runs hold {len(runs[0])}")
+        done = np.concatenate([run[:cut.samples] for run in runs])
+        left = np.concatenate([run[cut.samples:] for run in runs])
+        left = left[~np.isin(left, done)]
+        _, first = np.unique(left, return_index=True)
+        rest = left[np.sort(first)]
+    return rest
+
+
+def samples_left(total: int, cuts: Sequence[Cut], *, world: int, batch_size: int,
+                 drop_last: bool) -> int:
+    """Samples each of `world` ranks yields of an epoch of `total` after `cuts` (the count
+    does not depend on the order, so none is drawn)."""
+    left = len(remaining_order(np.arange(total, dtype=np.int64), cuts, drop_last=drop_last)) \
+        if cuts else total
+    return samples_per_rank(left, world, drop_last=drop_last, batch_size=batch_size)
+
+
 def worker_batches(run: np.ndarray, *, batch_size: int, worker: int, workers: int,
                    start: int = 0) -> Iterator[np.ndarray]:
     """The batches (sorted index arrays) `worker` yields from a rank's run, resuming after
@@ -117,9 +171,13 @@ def worker_batches(run: np.ndarray, *, batch_size: int, worker: int, workers: in
 
 
 def assign(sizes: Sequence[int], split: Split, *, epoch: int, seed: int, batch_size: int,
-           drop_last: bool, shuffle: bool, window: int | None, start: int = 0) -> Iterator[np.ndarray]:
-    """The batches one (rank, worker) yields in one epoch: the whole pipeline above."""
+           drop_last: bool, shuffle: bool, window: int | None, start: int = 0,
+           cuts: Sequence[Cut] = ()) -> Iterator[np.ndarray]:
+    """The batches one (rank, worker) yields in one epoch: the whole pipeline above, on what
+    `cuts` (resumes on other world sizes) left of the epoch."""
     order = epoch_order(sizes, shuffle=shuffle, seed=seed, epoch=epoch, window=window)
+    if cuts:
+        order = remaining_order(order, cuts, drop_last=drop_last)
     run = rank_run(order, rank=split.rank, world=split.world, drop_last=drop_last,
                    batch_size=batch_size)
     return worker_batches(run, batch_size=batch_size, worker=split.worker,
@@ -137,3 +195,13 @@ def shard_runs(starts: np.ndarray, index: np.ndarray) -> Iterator[tuple[int, sli
             number = int(shard_of[a])
             yield number, slice(a, b), index[a:b] - starts[number]
 
+
+
+def shard_sequence(starts: np.ndarray, batches: Sequence[np.ndarray]) -> list[int]:
+    """The shards `batches` touch, each once, in the order a reader first needs them (batch
+    by batch; inside a batch in ascending order, as its sorted indices touch them)."""
+    if not batches:
+        return []
+    shard_of = np.searchsorted(starts, np.concatenate(batches), side="right") - 1
+    shards, first = np.unique(shard_of, return_index=True)
+    return [int(n) for n in shards[np.argsort(first, kind="stable")]]

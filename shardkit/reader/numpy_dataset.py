@@ -2,6 +2,7 @@
 
 Shards are opened exactly as the torch loader opens them (`handles.open_shard`), and
 `Dataset.batches` reads through the same set-up (`pipeline.Reading`) with the same options.
+A dataset at a URL is read through the node-local shard cache (docs/remote.md).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +22,9 @@ from shardkit.errors import CorruptShardError, DatasetError
 from shardkit.keywords import read_options
 from shardkit.reader.batches import assemble, in_background
 from shardkit.reader.handles import ShardCache, metadata_fields, open_shard
-from shardkit.reader.pipeline import Reading, open_manifest
+from shardkit.reader.pipeline import Reading, open_source
+from shardkit.reader.remote_cache import RemoteCache
+from shardkit.reader.remote_read import pinned_copy
 from shardkit.reader.table import TableShard, read_table_shard
 
 if TYPE_CHECKING:
@@ -43,11 +47,17 @@ class ShardData:
 
 
 class Dataset:
-    """A shardkit dataset on disk: its manifest and its shards, read as numpy arrays."""
+    """A shardkit dataset on disk or at a URL: its manifest and its shards, read as numpy
+    arrays. `options` (a `ReadOptions`) are the defaults of `batches`; for a URL they also say
+    where the bytes come from (storage_options, cache_dir, cache_limit, prefetch_shards)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.manifest = manifest = open_manifest(str(self.path))
+    def __init__(self, path: str | os.PathLike[str], options: ReadOptions | None = None) -> None:
+        self.options = options or ReadOptions()
+        where, manifest, self._source = open_source(os.fspath(path), self.options)
+        #: The dataset's folder (a Path), or its URL (a str).
+        self.path: Path | str = Path(where) if self._source is None else where
+        self.manifest = manifest
+        self._remote: RemoteCache | None = None  # made on the first shard read, per process
         #: Class names (index = label), or None.
         self.classes: list[str] | None = manifest.classes
         self.format, self.codec = manifest.format, manifest.codec
@@ -61,12 +71,24 @@ class Dataset:
     def __len__(self) -> int:
         return self.manifest.samples
 
+    def _shard(self, number: int) -> AbstractContextManager[str]:
+        """The folder holding shard `number` as a local file while the block runs: the
+        dataset's own, or the cache's, with the copy pinned."""
+        self.manifest.shards[number]  # IndexError for a shard that does not exist
+        if self._source is None:
+            return nullcontext(str(self.path))
+        if self._remote is None:
+            self._remote = self._source.cache(self.manifest, held=1, verify=self.options.verify)
+        return pinned_copy(self._remote, number)
+
     def read_table(self, number: int) -> TableShard:
         """Shard `number` of a table: features float32 [N, F] and labels."""
         if not self.is_table:
             raise DatasetError(f"{self.path}: holds images; use read_shard")
         record = self.manifest.shards[number]
-        return read_table_shard(str(self.path / record.file), record.samples, self.manifest)
+        with self._shard(number) as folder:
+            return read_table_shard(os.path.join(folder, record.file), record.samples,
+                                    self.manifest)
 
     def read_shard(self, number: int) -> ShardData:
         """Every sample of shard `number`, in stored order. Raises CorruptShardError on
@@ -74,11 +96,12 @@ class Dataset:
         if self.is_table:
             raise DatasetError(f"{self.path}: holds a table; use read_table or batches")
         index = np.arange(self._starts[number], self._starts[number + 1], dtype=np.int64)
-        cache = ShardCache(str(self.path), self.manifest, capacity=1, verify=False)
-        try:
-            batch = assemble(cache, self._starts, index, ())
-        finally:
-            cache.close()
+        with self._shard(number) as folder:
+            cache = ShardCache(folder, self.manifest, capacity=1, verify=False)
+            try:
+                batch = assemble(cache, self._starts, index, ())
+            finally:
+                cache.close()
         return ShardData(images=batch["image"], labels=batch.get("label"), index=index)
 
     def samples(self) -> Iterator[dict[str, Any]]:
@@ -98,12 +121,15 @@ class Dataset:
         [B,F] float32, "label" (if labelled), "index"}.
 
         Options as ``ShardLoader`` takes them (a `ReadOptions` and/or keywords, the same
-        defaults); rank and world size default to 0 of 1. `epoch` picks the order, `start`
-        resumes after that many samples of this rank's epoch.
+        defaults; default: the ones the dataset was opened with); rank and world size default
+        to 0 of 1. `epoch` picks the order, `start` resumes after that many samples of this
+        rank's epoch. Where a remote dataset's bytes come from is fixed when it is opened.
         """
-        chosen = read_options(options, dict(keywords))
+        chosen = read_options(options or self.options, dict(keywords))
+        if self._source is not None:
+            self._source.check(chosen)
         reading = Reading(str(self.path), self.manifest, chosen, batch_size,
-                          rank=chosen.rank or 0, world=chosen.world_size or 1)
+                          rank=chosen.rank or 0, world=chosen.world_size or 1, source=self._source)
         if not chosen.prefetch:
             return reading.stream(reading.order(epoch=epoch, start=start), epoch=epoch, keep_open=False)
         demand = threading.Event()
@@ -118,9 +144,10 @@ class Dataset:
         if self.is_table:
             raise DatasetError(f"{self.path}: holds a table; it has no per-sample metadata")
         fields = metadata_fields(self.manifest)
-        handle = open_shard(str(self.path), self.manifest, number, verify=False, fields=fields)
         local = np.arange(self.manifest.shards[number].samples)
-        columns = {name: handle.metadata(local, name) for name in fields}
+        with self._shard(number) as folder:
+            handle = open_shard(folder, self.manifest, number, verify=False, fields=fields)
+            columns = {name: handle.metadata(local, name) for name in fields}
         if handle.labels is not None:
             columns["label"] = handle.labels.tolist()
             if self.classes is not None:
@@ -131,6 +158,12 @@ class Dataset:
         return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 
 
-def open_dataset(path: str | os.PathLike[str]) -> Dataset:
-    """Open the dataset in `path` (a folder with index.json). Raises DatasetError."""
-    return Dataset(path)
+def open_dataset(path: str | os.PathLike[str], options: ReadOptions | None = None,
+                 **keywords: Unpack[ReadKeywords]) -> Dataset:
+    """Open the dataset in `path`: a folder with index.json, or its URL (``s3://bucket/ds``,
+    ``gs://...``, ``https://...``, any fsspec URL; only index.json is fetched now, shards when
+    read). `options` and/or keywords (`ReadOptions`' fields) are the defaults of `batches`;
+    for a URL, ``storage_options``, ``cache_dir``, ``cache_limit`` and ``prefetch_shards`` say
+    how its bytes are fetched and kept. Raises DatasetError (not a dataset), ConfigError (an
+    unusable URL or option), MissingExtraError (the URL's extra), RemoteError (unreachable)."""
+    return Dataset(path, read_options(options, dict(keywords)))

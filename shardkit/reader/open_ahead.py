@@ -74,15 +74,25 @@ class OpenAhead(Generic[T]):
                     del self._open[number]
             raise
 
+    def _dropped(self, number: int, future: Future[T]) -> None:
+        """The cache let go of shard `number` (evicted, or closed; `future` may still be
+        running). A subclass that holds something per opened shard lets go of it here."""
+
     def _evict(self) -> None:
         while len(self._open) > self.capacity:
-            self._open.popitem(last=False)
+            self._dropped(*self._open.popitem(last=False))
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            # A loader's finaliser may run in the pool's own thread (the garbage collector
+            # runs where it likes): that thread cannot wait for itself.
+            own = threading.current_thread().name.startswith(self.thread_name)
+            self._pool.shutdown(wait=not own, cancel_futures=True)
             self._pool = None
+        dropped = list(self._open.items())
         self._open.clear()
+        for number, future in dropped:
+            self._dropped(number, future)
 
 
 def read_ahead(cache: OpenAhead[Any], starts: np.ndarray, batches: Sequence[np.ndarray],

@@ -26,7 +26,7 @@ from shardkit.format.manifest import Manifest, ShardRecord
 from shardkit.format.storage import RetryPolicy, Storage, open_storage, read_index
 from shardkit.reader.cache_store import CacheFolder, cache_usage, lock_fd, unlock_fd, user_cache_dir
 
-__all__ = ["AHEAD_BYTES", "FREE_FRACTION", "RemoteCache"]
+__all__ = ["AHEAD_BYTES", "FREE_FRACTION", "RemoteCache", "default_prefetch"]
 
 #: Default look-ahead in bytes: enough shards downloading at once that each request's latency
 #: overlaps the others' transfers, so throughput is set by bandwidth (2 to 16 shards).
@@ -74,7 +74,7 @@ class RemoteCache:
             raise ConfigError(f"cache_dir {root}: cannot be created: {exc}") from None
         largest = max((s.bytes for s in manifest.shards), default=0)
         limit = cache_limit if cache_limit is not None else _default_limit(root)
-        ahead = prefetch_shards if prefetch_shards is not None else _default_ahead(manifest)
+        ahead = prefetch_shards if prefetch_shards is not None else default_prefetch(manifest)
         if prefetch_shards is None and largest:
             ahead = max(0, min(ahead, limit // largest - held))
         need = (ahead + held) * largest
@@ -391,9 +391,9 @@ def _default_limit(root: str) -> int:
     return int(FREE_FRACTION * (shutil.disk_usage(root).free + cache_usage(root)))
 
 
-def _default_ahead(manifest: Manifest) -> int:
-    shards = manifest.shards
-    if not shards:
+def default_prefetch(manifest: Manifest) -> int:
+    """prefetch_shards by default: AHEAD_BYTES worth of this dataset's shards, 2 to 16."""
+    if not (shards := manifest.shards):
         return 0
     mean = max(1, sum(s.bytes for s in shards) // len(shards))
     return min(len(shards), max(2, min(16, math.ceil(AHEAD_BYTES / mean))))

@@ -15,7 +15,7 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,9 +23,9 @@ import numpy as np
 from shardkit.config import ReadOptions
 from shardkit.errors import ConfigError, require
 from shardkit.keywords import read_options
-from shardkit.reader.assign import padding, samples_per_rank
+from shardkit.reader.assign import Cut, padding, samples_left, samples_per_rank
 from shardkit.reader.batches import Prefetcher
-from shardkit.reader.pipeline import Reading, open_manifest
+from shardkit.reader.pipeline import Reading, open_source
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -60,24 +60,28 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
     Use with ``DataLoader(ds, batch_size=None, num_workers=k)``: each worker yields every
     k-th batch, so the DataLoader's round-robin gives the same sequence for any k. Options:
     `options` and/or keywords, as `ShardLoader` takes them. The object holds only plain values
-    until it is iterated (no open files), so it is cheap to send to worker processes.
+    until it is iterated (no open files), so it is cheap to send to worker processes; for a
+    URL each worker makes its own cache object over the one cache folder of the node.
     """
 
     def __init__(self, path: str | os.PathLike[str], batch_size: int,
                  options: ReadOptions | None = None, **keywords: Unpack[ReadKeywords]) -> None:
         super().__init__()
-        self.path = str(path)
         self.options = read_options(options, dict(keywords))
-        manifest = open_manifest(self.path)
+        #: The dataset's folder, or its URL.
+        self.path, manifest, source = open_source(os.fspath(path), self.options)
         auto_rank, auto_world = _distributed()
         rank = auto_rank if self.options.rank is None else self.options.rank
         world = auto_world if self.options.world_size is None else self.options.world_size
         #: The reading set-up: batch size, rank and world, the order, the shards.
-        self.reading = Reading(self.path, manifest, self.options, batch_size, rank=rank, world=world)
+        self.reading = Reading(self.path, manifest, self.options, batch_size, rank=rank, world=world,
+                               source=source)
         self.manifest: Manifest = manifest
         self.total = self.reading.total  # samples in the dataset
         self.epoch = 0
         self.start = 0
+        #: Where this epoch stopped before on other world sizes (resumed there; see assign).
+        self.cuts: tuple[Cut, ...] = ()
         #: Set by ShardLoader while its loop waits for a batch (copying threads help only then).
         self.demand: threading.Event | None = None
 
@@ -89,7 +93,8 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
 
     def batches(self, worker: int = 0, workers: int = 1) -> list[np.ndarray]:
         """The index arrays this worker yields this epoch (from `start`)."""
-        return self.reading.order(epoch=self.epoch, start=self.start, worker=worker, workers=workers)
+        return self.reading.order(epoch=self.epoch, start=self.start, worker=worker, workers=workers,
+                                  cuts=self.cuts)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -123,6 +128,22 @@ def _to_tensors(batch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _cuts_to_state(cuts: Sequence[Cut]) -> list[list[int]]:
+    return [[c.world, c.batch_size, c.samples] for c in cuts]
+
+
+def _cuts_of(state: dict[str, Any], batch_size: int) -> tuple[tuple[Cut, ...], Cut]:
+    """A state's earlier cuts of its epoch, and where it stands as one more cut (a state
+    saved before batch sizes were recorded was saved with this loader's)."""
+    try:
+        cuts = tuple(Cut(*map(int, c)) for c in state.get("cuts", []))
+        saved = Cut(int(state["world_size"]), int(state.get("batch_size", batch_size)),
+                    int(state["samples"]))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ConfigError(f"not a shardkit loader state ({exc}): {state!r}") from None
+    return cuts, saved
+
+
 def _close(prefetcher: Prefetcher, reading: Reading) -> None:
     """A ShardLoader's threads end with it (its finaliser)."""
     prefetcher.close()
@@ -136,6 +157,10 @@ class ShardLoader:
     CSV's other columns), as lists. A table (a converted tabular CSV) gives ``features``
     float32 [B,F] (order: the manifest's ``schema.features.names``), ``label`` (int64 [B], or
     float32 [B] / [B,K]) and ``index``.
+
+    `path`: the dataset's folder, or its URL (``s3://``, ``gs://``, ``http(s)://``, any fsspec
+    URL): shards then come through a verified node-local cache (docs/remote.md; options
+    storage_options, cache_dir, cache_limit, prefetch_shards, retry).
 
     Options: a `ReadOptions` and/or its fields as keywords (shuffle, seed, window, drop_last,
     rank, world_size, fields, verify, prefetch, cache_shards, decode, copy_threads: see
@@ -209,33 +234,48 @@ class ShardLoader:
         """Start the next pass at the beginning of `epoch` (its own seeded order)."""
         self.dataset.epoch = int(epoch)
         self.dataset.start = 0
+        self.dataset.cuts = ()
 
     def state_dict(self) -> dict[str, Any]:
-        """Where this rank stands: enough to resume at the exact next sample."""
+        """Where this rank stands: enough to resume at the exact next sample. Plain JSON, the
+        same on every rank of a job (ranks step together)."""
         ds, o = self.dataset, self.options
         return {"format": STATE_FORMAT, "fingerprint": ds.manifest.fingerprint, "seed": o.seed,
                 "epoch": ds.epoch, "samples": ds.start + self._consumed,
-                "world_size": ds.reading.world, "shuffle": o.shuffle, "drop_last": o.drop_last,
-                "window": o.window}
+                "world_size": ds.reading.world, "batch_size": self.batch_size,
+                "shuffle": o.shuffle, "drop_last": o.drop_last, "window": o.window,
+                "cuts": _cuts_to_state(ds.cuts)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state`: the next pass yields the rest of its epoch. Raises
-        ConfigError when the state belongs to another dataset or another split."""
+        """Continue from `state`: the next pass yields the rest of its epoch. A state saved
+        with another world size (a job restarted on fewer or more ranks) continues with the
+        samples no rank had consumed, split evenly over this world (every rank of the saved
+        job must have consumed as many, as DDP's ranks do); so does one saved with another batch
+        size. The next epoch is the same as without the restart. Raises ConfigError when the
+        state belongs to another dataset or was saved with another seed, shuffle, window or
+        drop_last."""
         ds, o = self.dataset, self.options
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ConfigError(f"not a shardkit loader state: {state!r}")
         if state["fingerprint"] != ds.manifest.fingerprint:
             raise ConfigError("this state was saved for a different dataset (fingerprint "
                               f"{state['fingerprint'][:12]}…, this one {ds.manifest.fingerprint[:12]}…)")
-        mine = {"seed": o.seed, "world_size": ds.reading.world, "shuffle": o.shuffle,
-                "drop_last": o.drop_last, "window": o.window}
+        mine = {"seed": o.seed, "shuffle": o.shuffle, "drop_last": o.drop_last, "window": o.window}
         differs = {k: (state[k], v) for k, v in mine.items() if state[k] != v}
         if differs:
             raise ConfigError(f"this state was saved with other settings (saved, now): {differs}")
-        samples = int(state["samples"])
-        if not 0 <= samples <= self.samples_per_epoch:
-            raise ConfigError(f"state says {samples} samples consumed of {self.samples_per_epoch}")
-        ds.epoch, ds.start = int(state["epoch"]), samples
+        cuts, saved = _cuts_of(state, self.batch_size)
+        try:
+            per_rank = samples_left(ds.total, cuts, world=saved.world,
+                                    batch_size=saved.batch_size, drop_last=o.drop_last)
+        except ValueError as exc:
+            raise ConfigError(f"this state's cuts do not fit the dataset: {exc}") from None
+        if saved.samples > per_rank:
+            raise ConfigError(f"state says {saved.samples} samples consumed of {per_rank}")
+        start = saved.samples
+        if (saved.world, saved.batch_size) != (ds.reading.world, self.batch_size):
+            cuts, start = (*cuts, saved), 0  # the rest of the epoch, re-split over this world
+        ds.epoch, ds.start, ds.cuts = int(state["epoch"]), start, cuts
         self._consumed = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -257,6 +297,7 @@ class ShardLoader:
                 torch.set_num_threads(saved)
         ds.epoch += 1
         ds.start = 0
+        ds.cuts = ()
         self._consumed = 0
 
     def _torch_threads(self) -> int | None:

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from shardkit.errors import ConfigError, InputError, ShardkitError, require
-from shardkit.format.manifest import Manifest
 from shardkit.reader.decode import resolve_decode_threads
 
 __all__ = ["BENCH_SCHEMA", "BenchOptions", "BenchReport", "LoaderRun", "run_bench"]
@@ -39,7 +38,8 @@ BENCH_SCHEMA = "shardkit.bench/1"
 class BenchOptions:
     """What `run_bench` measures. baseline_limit caps the samples per epoch the (slow) raw
     baseline reads, spread evenly over the folder; target_rate is the samples/s a model
-    consumes, for the verdict's "cores needed"."""
+    consumes, for the verdict's "cores needed". storage_options and cache_dir: how a dataset
+    at a URL is fetched (JSON values: they travel to the measuring processes)."""
 
     batch_size: int = 256
     workers: tuple[int, ...] = (0, 2, 4)
@@ -49,6 +49,8 @@ class BenchOptions:
     target_rate: float = 3000.0
     shuffle: bool = True
     seed: int = 0
+    storage_options: dict[str, Any] | None = field(default=None, hash=False)
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
@@ -62,6 +64,10 @@ class BenchOptions:
             raise ConfigError(f"baseline limit must be positive; got {self.baseline_limit}")
         if self.target_rate <= 0:
             raise ConfigError(f"target rate must be positive; got {self.target_rate}")
+        try:
+            json.dumps(self.storage_options)
+        except (TypeError, ValueError):
+            raise ConfigError("bench storage_options must be JSON values") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,7 +173,8 @@ class BenchReport:
         shape = "×".join(map(str, self.image_shape)) if self.image_shape else "variable shape"
         lines = [f"{self.dataset}: {self.dataset_samples:,} samples ({shape} uint8), batch "
                  f"{self.options.batch_size}, {self.options.epochs} epochs, {self.cpu_count} CPUs, "
-                 "page cache warm",
+                 + ("through the shard cache (the first run fills it)" if "://" in self.dataset
+                    else "page cache warm"),
                  f"{'loader':7} {'workers':>7} {'samples':>8} {'samples/s':>10} {'CPU-ms/sample':>13} "
                  f"{'cores':>6} {'MB/s':>8} {'1st batch':>9} {'RSS MB':>7} {'+workers':>8}"]
         for r in self.runs:
@@ -205,7 +212,11 @@ def run_bench(path: str | os.PathLike[str], options: BenchOptions) -> BenchRepor
     count. Raises DatasetError (not a dataset), InputError (baseline folder unusable),
     MissingExtraError (no torch) or ShardkitError (a measurement process failed)."""
     require("torch", "torch")
-    manifest = Manifest.read(path)
+    from shardkit.config import ReadOptions
+    from shardkit.reader.pipeline import open_source
+
+    where, manifest, source = open_source(os.fspath(path), ReadOptions(
+        storage_options=options.storage_options, cache_dir=options.cache_dir))
     if manifest.kind != "images":
         raise ConfigError(f"{path}: holds {manifest.kind!r}; shardkit bench measures image datasets")
     shape = manifest.image_shape
@@ -215,17 +226,19 @@ def run_bench(path: str | os.PathLike[str], options: BenchOptions) -> BenchRepor
         if shape is None:
             raise ConfigError(f"{path}: images have no fixed shape; the raw baseline needs one size")
         files, skipped = _baseline_files(options.baseline, options.baseline_limit, shape)
-    shards = [Path(path) / s.file for s in manifest.shards]
+    # A URL's first epoch downloads (into cache_dir); later ones read the cache.
+    shards = [Path(where) / s.file for s in manifest.shards] if source is None else []
     runs = []
     for workers in options.workers:
         common = {"workers": workers, "epochs": options.epochs, "batch_size": options.batch_size,
-                  "shuffle": options.shuffle, "seed": options.seed}
+                  "shuffle": options.shuffle, "seed": options.seed,
+                  "storage_options": options.storage_options, "cache_dir": options.cache_dir}
         _warm(shards)
         runs.append(_measure({**common, "loader": "shards", "path": os.fspath(path)}))
         if files:
             _warm([Path(f) for f, _ in files])
             runs.append(_measure({**common, "loader": "raw", "files": files, "shape": shape}))
-    return BenchReport(dataset=os.fspath(path), dataset_samples=manifest.samples,
+    return BenchReport(dataset=where, dataset_samples=manifest.samples,
                        image_shape=list(shape) if shape else None, baseline=options.baseline,
                        baseline_samples=len(files) if files else None,
                        baseline_skipped=skipped if options.baseline is not None else None,

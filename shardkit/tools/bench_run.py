@@ -79,14 +79,16 @@ def _loader(spec: dict[str, Any]) -> Any:
     import torch
 
     if spec["loader"] == "shards":
+        from shardkit.config import ReadOptions
         from shardkit.reader.torch_dataset import ShardDataset, ShardLoader
 
+        where = ReadOptions(storage_options=spec.get("storage_options"), cache_dir=spec.get("cache_dir"))
         if not spec["workers"]:
-            return ShardLoader(spec["path"], spec["batch_size"], shuffle=spec["shuffle"],
+            return ShardLoader(spec["path"], spec["batch_size"], where, shuffle=spec["shuffle"],
                                seed=spec["seed"])
         # ShardLoader reads with threads whatever num_workers says: worker processes are a
         # DataLoader over a ShardDataset, as a user builds it by hand.
-        shards = ShardDataset(spec["path"], spec["batch_size"], shuffle=spec["shuffle"],
+        shards = ShardDataset(spec["path"], spec["batch_size"], where, shuffle=spec["shuffle"],
                               seed=spec["seed"])
         return torch.utils.data.DataLoader(shards, batch_size=None, num_workers=spec["workers"])
     files = [(str(f), int(label)) for f, label in spec["files"]]

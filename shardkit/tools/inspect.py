@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from shardkit.config import ReadOptions
 from shardkit.conversion.report import human_bytes
 from shardkit.format.manifest import Manifest
 from shardkit.reader import open_dataset
@@ -16,9 +17,10 @@ from shardkit.reader import open_dataset
 __all__ = ["contact_sheet", "describe", "info_text"]
 
 
-def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The facts ``shardkit info`` prints, as JSON-ready values."""
-    dataset = open_dataset(path)
+def describe(path: str | os.PathLike[str], options: ReadOptions | None = None) -> dict[str, Any]:
+    """The facts ``shardkit info`` prints, as JSON-ready values, of the dataset in `path` (a
+    folder or a URL, read with `options`' storage_options: only index.json is fetched)."""
+    dataset = open_dataset(path, options)
     manifest = dataset.manifest
     if manifest.kind == "table":
         return _describe_table(path, manifest)
@@ -124,10 +126,11 @@ def _table_text(facts: dict[str, Any]) -> str:
 
 
 def contact_sheet(path: str | os.PathLike[str], output: str | os.PathLike[str], *,
-                  n: int = 64, cell: int = 128) -> int:
-    """Write a PNG grid of `n` samples spread evenly over the dataset, each captioned with
-    its index and class name. Returns the number of samples shown."""
-    dataset = open_dataset(path)
+                  n: int = 64, cell: int = 128, options: ReadOptions | None = None) -> int:
+    """Write a PNG grid of `n` samples spread evenly over the dataset (a folder, or a URL read
+    with `options`), each captioned with its index and class name. Returns the number of
+    samples shown."""
+    dataset = open_dataset(path, options)
     total = len(dataset)
     wanted = sorted({int(i) for i in np.linspace(0, total - 1, num=min(n, total))}) if total else []
     tiles = _pick(dataset, wanted)
