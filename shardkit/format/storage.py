@@ -275,12 +275,8 @@ class FsspecStorage(Storage):
             return []
 
     def size(self, name: str) -> int | None:
-        path = self.location.child(name)
-        try:
-            info = self._call("HEAD", name, lambda fs, kw: fs.info(path, **kw))
-        except FileNotFoundError:
-            return None
-        return int(info["size"]) if info.get("size") is not None else None
+        found = self.info(name)
+        return None if found is None else found.size
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """One PUT: the object appears whole or not at all."""

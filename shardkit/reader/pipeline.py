@@ -211,18 +211,14 @@ class Reading:
 
     def close(self) -> None:
         """Close the shards kept open, stop the copying threads and the downloads."""
-        if self._cache is not None:
-            self._cache.close()
-            self._cache = None
-        if self._remote is not None:
-            self._remote.close()
-            self._remote = None
-        for copier in self._copiers.values():
-            copier.close()
-        for decoder in self._decoders.values():
-            decoder.close()
+        opened: list[Any] = [self._cache, self._remote, *self._copiers.values(),
+                             *self._decoders.values()]
+        self._cache = self._remote = None
         self._copiers.clear()
         self._decoders.clear()
+        for each in opened:
+            if each is not None:
+                each.close()
 
 
 def _then_quiet(stream: Generator[dict[str, Any], None, None],

@@ -22,9 +22,9 @@ from shardkit.config import ReadOptions
 from shardkit.errors import ConfigError, CorruptShardError
 from shardkit.format.manifest import Manifest
 from shardkit.format.storage import Storage
-from shardkit.reader.handles import ShardCache, ShardHandle, default_capacity
+from shardkit.reader.handles import ShardCache, default_capacity
 from shardkit.reader.remote_cache import RemoteCache, default_prefetch
-from shardkit.reader.table import TableCache, TableShard
+from shardkit.reader.table import TableCache
 
 __all__ = ["REMOTE_FIELDS", "RemoteShardCache", "RemoteSource", "RemoteTableCache",
            "open_cache", "pinned_copy", "remote_capacity"]
@@ -142,31 +142,32 @@ def _release_when_done(remote: RemoteCache, number: int, future: Future[Any]) ->
     future.add_done_callback(done)  # at once when it is done already
 
 
-class RemoteShardCache(ShardCache):
-    """Opened shards of a remote image dataset, each pinned in `remote` while open. The copy
-    was checked by the RemoteCache (size; sha256 while downloading and, with `verify`, once
-    more on first use), so `open_shard` does not hash it again."""
+class _Pinned:
+    """What a remote cache of opened shards adds: each shard pinned in `remote` while open.
+    The copy was checked by the RemoteCache (size; sha256 while downloading and, with
+    `verify`, once more on first use), so opening does not hash it again."""
 
-    def __init__(self, remote: RemoteCache, manifest: Manifest, *, capacity: int) -> None:
-        super().__init__(remote.folder, manifest, capacity=capacity, verify=False)
-        self.remote = remote
+    remote: RemoteCache
 
-    def _load(self, number: int) -> ShardHandle:
-        return _pinned(self.remote, number, lambda: ShardCache._load(self, number))
+    def _load(self, number: int) -> Any:
+        opened = super()._load  # type: ignore[misc]  # the ShardCache's or the TableCache's
+        return _pinned(self.remote, number, lambda: opened(number))
 
-    def _dropped(self, number: int, future: Future[ShardHandle]) -> None:
+    def _dropped(self, number: int, future: Future[Any]) -> None:
         _release_when_done(self.remote, number, future)
 
 
-class RemoteTableCache(TableCache):
-    """Opened shards of a remote table, each pinned in `remote` while open."""
+class RemoteShardCache(_Pinned, ShardCache):
+    """Opened shards of a remote image dataset (see `_Pinned`)."""
 
     def __init__(self, remote: RemoteCache, manifest: Manifest, *, capacity: int) -> None:
-        super().__init__(remote.folder, manifest, capacity=capacity, verify=False)
+        ShardCache.__init__(self, remote.folder, manifest, capacity=capacity, verify=False)
         self.remote = remote
 
-    def _load(self, number: int) -> TableShard:
-        return _pinned(self.remote, number, lambda: TableCache._load(self, number))
 
-    def _dropped(self, number: int, future: Future[TableShard]) -> None:
-        _release_when_done(self.remote, number, future)
+class RemoteTableCache(_Pinned, TableCache):
+    """Opened shards of a remote table (see `_Pinned`)."""
+
+    def __init__(self, remote: RemoteCache, manifest: Manifest, *, capacity: int) -> None:
+        TableCache.__init__(self, remote.folder, manifest, capacity=capacity, verify=False)
+        self.remote = remote

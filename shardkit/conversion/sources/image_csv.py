@@ -57,24 +57,7 @@ def list_image_csv(src: str | os.PathLike[str], options: CsvOptions, *,
     if clash:
         raise InputError(f"{path}: column(s) {', '.join(clash)} would collide with the output's "
                          "own fields; rename them")
-    image_column = Column(options.image_col, "string")
-    wanted = [image_column, *meta]
-    types = {options.image_col: pa.string(), **{c.name: _META_TYPES[c.kind][1] for c in meta}}
-    required = {options.image_col: "missing_path"}
-    classes = None
-    if label is not None:
-        label_column = columns[label]
-        classes = _string_classes(label_column, path)
-        wanted.append(Column(label, label_column.kind, label_column.categories))
-        types[label] = pa.int64()
-        required[label] = "missing_label"
-    for name in targets:
-        if columns[name].kind == "string":
-            raise ConfigError(f"{path}: label column {name!r} holds text; several label columns "
-                              "must all be numeric (float32 targets)")
-        wanted.append(Column(name, "float"))
-        types[name] = pa.float32()
-        required[name] = "missing_label"
+    wanted, types, required, classes = _typed_columns(options, columns, meta, path)
     if paths is None:
         paths = LocalPaths(Path(options.root) if options.root is not None else path.parent)
     meta_types = tuple((c.name, _META_TYPES[c.kind][0]) for c in meta)
@@ -102,6 +85,32 @@ def list_image_csv(src: str | os.PathLike[str], options: CsvOptions, *,
     if not listing.records and not listing.failures:
         raise InputError(f"{path}: no rows")
     return listing
+
+
+def _typed_columns(options: CsvOptions, columns: dict[str, Column], meta: list[Column],
+                   path: Path) -> tuple[list[Column], dict[str, Any], dict[str, str], list[str] | None]:
+    """The columns a block is typed by (image path, metadata, label or float targets), their
+    Arrow types, the reasons of rows missing a required one, and a string label's classes."""
+    assert options.image_col is not None
+    wanted = [Column(options.image_col, "string"), *meta]
+    types: dict[str, Any] = {options.image_col: pa.string(),
+                             **{c.name: _META_TYPES[c.kind][1] for c in meta}}
+    required = {options.image_col: "missing_path"}
+    classes = None
+    if len(options.label_cols) == 1:
+        label = options.label_cols[0]
+        classes = _string_classes(columns[label], path)
+        wanted.append(Column(label, columns[label].kind, columns[label].categories))
+        types[label] = pa.int64()
+        required[label] = "missing_label"
+    for name in options.label_cols if len(options.label_cols) > 1 else ():
+        if columns[name].kind == "string":
+            raise ConfigError(f"{path}: label column {name!r} holds text; several label columns "
+                              "must all be numeric (float32 targets)")
+        wanted.append(Column(name, "float"))
+        types[name] = pa.float32()
+        required[name] = "missing_label"
+    return wanted, types, required, classes
 
 
 def _string_classes(column: Column, path: Path) -> list[str] | None:

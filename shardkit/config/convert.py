@@ -1,41 +1,21 @@
-"""Configuration: frozen, keyword-only dataclasses validated on construction.
-
-`ConvertConfig` holds every option that decides the bytes of the output; it is written,
-resolved, into ``index.json`` and hashed into the dataset fingerprint. `RunOptions` holds
-what only decides *how* the run goes (workers, overwrite, error budget, progress display):
-two runs that differ only there produce byte-identical datasets. `ReadOptions` holds how a
-dataset is read, with the same names and defaults for ``ShardLoader``, ``ShardDataset`` and
-``Dataset.batches``. ``shardkit.keywords`` maps the public keyword spellings onto them.
-"""
+"""Conversion options: `ImageOptions`, `CsvOptions`, `SplitOptions`, `HfOptions` and
+`ConvertConfig` (what decides a dataset's bytes; recorded in index.json and hashed into its
+fingerprint), `ErrorBudget` and `RunOptions` (how a run goes: never the bytes)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from shardkit.config.common import check_choice, usable_cpus
 from shardkit.errors import ConfigError
 from shardkit.format.retry import RetryPolicy
 
-if TYPE_CHECKING:
-    from shardkit.format.storage import RetryPolicy
-    from shardkit.reader.augment import Augment
-
-__all__ = [
-    "ConvertConfig",
-    "CsvOptions",
-    "ErrorBudget",
-    "HfOptions",
-    "ImageOptions",
-    "ReadOptions",
-    "RunOptions",
-    "SplitOptions",
-    "usable_cpus",
-]
+__all__ = ["ConvertConfig", "CsvOptions", "ErrorBudget", "HfOptions", "ImageOptions", "RunOptions",
+           "SplitOptions"]
 
 ResizeMode = Literal["center-crop", "pad", "stretch", "shorter-side"]
 ColorMode = Literal["RGB", "L"]
@@ -53,11 +33,6 @@ COMPRESSIONS: tuple[str, ...] = ("none", "zstd")
 #: Pillow's own default limit (``Image.MAX_IMAGE_PIXELS``), about 89 megapixels.
 DEFAULT_MAX_PIXELS = 89_478_485
 DEFAULT_SHARD_BYTES = 256 * 1000 * 1000
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def _check_rgb(name: str, value: tuple[int, ...]) -> None:
@@ -94,9 +69,9 @@ class ImageOptions:
             raise ConfigError(f"size must be two positive integers (width, height); got {self.size!r}")
         if max(self.size) > 65535:
             raise ConfigError(f"size {self.size} is larger than 65535 pixels on a side")
-        _check_choice("resize", self.resize, RESIZE_MODES)
-        _check_choice("mode", self.mode, COLOR_MODES)
-        _check_choice("filter", self.filter, FILTERS)
+        check_choice("resize", self.resize, RESIZE_MODES)
+        check_choice("mode", self.mode, COLOR_MODES)
+        check_choice("filter", self.filter, FILTERS)
         _check_rgb("background", self.background)
         _check_rgb("pad_color", self.pad_color)
         if self.resize == "shorter-side" and self.size[0] != self.size[1]:
@@ -147,7 +122,7 @@ class CsvOptions:
     keep_ints: bool = False
 
     def __post_init__(self) -> None:
-        _check_choice("header", self.header, HEADER_MODES)
+        check_choice("header", self.header, HEADER_MODES)
         if len(self.delimiter) != 1:
             raise ConfigError(f"delimiter must be one character; got {self.delimiter!r}")
         if self.columns and self.exclude:
@@ -180,7 +155,7 @@ class SplitOptions:
     def __post_init__(self) -> None:
         parts = tuple((str(n), float(f)) for n, f in self.parts)
         object.__setattr__(self, "parts", parts)
-        _check_choice("split method", self.method, SPLIT_METHODS)
+        check_choice("split method", self.method, SPLIT_METHODS)
         if len(parts) < 2 or len({n for n, _ in parts}) != len(parts):
             raise ConfigError(f"split needs two or more parts with distinct names; got {self.names}")
         for name, fraction in parts:
@@ -247,9 +222,9 @@ class ConvertConfig:
     hf: HfOptions | None = None
 
     def __post_init__(self) -> None:
-        _check_choice("format", self.format, FORMATS)
-        _check_choice("codec", self.codec, CODECS)
-        _check_choice("compression", self.compression, COMPRESSIONS)
+        check_choice("format", self.format, FORMATS)
+        check_choice("codec", self.codec, CODECS)
+        check_choice("compression", self.compression, COMPRESSIONS)
         if not 1 <= self.quality <= 100:
             raise ConfigError(f"quality must be 1-100; got {self.quality}")
         if self.compression != "none" and self.format != "parquet":
@@ -338,106 +313,3 @@ class RunOptions:
     @property
     def resolved_workers(self) -> int:
         return self.workers if self.workers is not None else usable_cpus()
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-DECODES: tuple[str, ...] = ("cpu", "device")
-Decode = Literal["cpu", "device"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class ReadOptions:
-    """How a dataset is read: the same options, with the same defaults, for ``ShardLoader``,
-    ``ShardDataset`` and ``Dataset.batches``.
-
-    shuffle / seed: each epoch's order is a seeded permutation of the shards, then of the
-        samples inside each `window` of consecutive shards (None: one global shuffle).
-    drop_last: drop the tail so every rank gets whole batches; otherwise every rank gets the
-        same number of samples, the epoch padded by repeating its first ones.
-    rank / world_size: this process's place in a distributed job; None: from
-        torch.distributed when it is initialised (torch loaders), else 0 of 1.
-    fields: metadata fields batches carry (key, source, orig_width, orig_height, an image
-        CSV's columns).
-    verify: check every shard's sha256 when it is opened (its size is always checked).
-    prefetch: batches assembled ahead in a background thread (0: in the consuming thread).
-    cache_shards: shards kept open (None: window + 2; memory-mapped shards up to 64).
-    decode: ``cpu`` (batches hold pixels) or ``device`` (a jpeg dataset's batches hold the
-        stored files, which ``to_device`` decodes on the accelerator).
-    copy_threads: threads sharing each batch's copies (None: 2, or 1 on a single CPU).
-    decode_threads: threads decoding a jpeg/png batch (None: one per CPU; libjpeg-turbo runs
-        without the GIL, so one loader uses every core).
-    torch_threads: torch's intra-op threads in the loop that iterates a ``ShardLoader``,
-        during each pass (put back after it). None: 1 while jpeg/png shards are decoded on
-        more than one thread (torch's idle threads spin and would take those cores: measured
-        in docs/performance.md; FFCV sets 1 for the whole process), else unchanged.
-    augment: per-sample augmentation (`shardkit.Augment`): each batch carries its samples'
-        parameters, drawn from (seed, epoch, stored index), which ``to_device`` applies.
-
-    A dataset at a URL (s3://, gs://, http(s)://, any fsspec URL) is read through a node-local
-    cache of verified shards (docs/remote.md): storage_options go to the fsspec filesystem
-    (endpoint_url, key, secret...; ignored for local paths); cache_dir (None: the user's cache
-    folder) is shared by the node's processes; cache_limit: its bytes (None: half the free
-    space); prefetch_shards: shards downloading ahead (None: about 1 GiB, 2 to 16); retry: a
-    `shardkit.RetryPolicy` (None: its defaults).
-    """
-
-    shuffle: bool = True
-    seed: int = 0
-    window: int | None = 4
-    drop_last: bool = False
-    rank: int | None = None
-    world_size: int | None = None
-    fields: tuple[str, ...] = ()
-    verify: bool = False
-    prefetch: int = 2
-    cache_shards: int | None = None
-    decode: Decode = "cpu"
-    copy_threads: int | None = None
-    decode_threads: int | None = None
-    torch_threads: int | None = None
-    augment: Augment | None = None
-    storage_options: dict[str, Any] | None = field(default=None, hash=False, repr=False)
-    cache_dir: str | None = None
-    cache_limit: int | None = None
-    prefetch_shards: int | None = None
-    retry: RetryPolicy | None = None
-
-    def __post_init__(self) -> None:
-        from shardkit.reader.augment import Augment  # the reader's config; imported when used
-
-        if self.augment is not None and not isinstance(self.augment, Augment):
-            raise ConfigError(f"augment must be a shardkit.Augment or None; got {self.augment!r}")
-        object.__setattr__(self, "fields", tuple(self.fields))
-        self._check_remote()
-        _check_count("seed", self.seed, 0)
-        _check_count("prefetch", self.prefetch, 0)
-        for name, low in (("window", 1), ("cache_shards", 1), ("copy_threads", 1),
-                          ("decode_threads", 1), ("torch_threads", 1), ("rank", 0),
-                          ("world_size", 1), ("cache_limit", 1), ("prefetch_shards", 0)):
-            if getattr(self, name) is not None:
-                _check_count(name, getattr(self, name), low)
-        _check_choice("decode", self.decode, DECODES)
-        if self.rank is not None and self.world_size is not None and self.rank >= self.world_size:
-            raise ConfigError(f"rank {self.rank} is not in a world of {self.world_size}")
-
-    def _check_remote(self) -> None:
-        from shardkit.format.storage import RetryPolicy
-
-        options, folder = self.storage_options, self.cache_dir
-        if options is not None and not (isinstance(options, Mapping)
-                                        and all(isinstance(k, str) for k in options)):
-            raise ConfigError(f"storage_options must be a dict with string keys; got {type(options)}")
-        if folder is not None and (not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder)):
-            raise ConfigError(f"cache_dir must be a folder path; got {folder!r}")
-        if self.retry is not None and not isinstance(self.retry, RetryPolicy):
-            raise ConfigError(f"retry must be a shardkit.RetryPolicy or None; got {self.retry!r}")
-        object.__setattr__(self, "storage_options", None if options is None else dict(options))
-        object.__setattr__(self, "cache_dir", None if folder is None else os.fspath(folder))
-
-def _check_count(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}; got {value!r}")
