@@ -210,3 +210,21 @@ def test_a_loader_dropped_mid_pass_lets_its_thread_go(tmp_path: Path) -> None:
     prefetcher.close()  # what the loader's finaliser does at the latest, at exit
     assert not [t for t in threading.enumerate() if t.ident not in before and t.name == "shardkit-batches"]
     kept.close()
+
+
+def test_assembling_in_the_callers_thread_leaves_its_torch_threads_alone(tmp_path: Path) -> None:
+    """prefetch=0 assembles batches in the thread that iterates: a shuffled gather there must
+    not make that (the user's) thread run torch single-threaded from then on."""
+    code = (
+        "import sys, torch, shardkit\n"
+        "torch.set_num_threads(2)\n"
+        "for batch in shardkit.ShardLoader(sys.argv[1], 8, shuffle=True, prefetch=0):\n"
+        "    pass\n"
+        "print(torch.get_num_threads())\n"
+    )
+    image_tree(tmp_path / "src", classes=("a", "b"), per_class=20, min_side=30, max_side=40)
+    shardkit.convert(tmp_path / "src", tmp_path / "d", size=16, samples_per_shard=8, workers=0)
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "d")], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["2"]

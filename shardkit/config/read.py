@@ -39,7 +39,8 @@ class ReadOptions:
     cache_shards: shards kept open (None: window + 2; memory-mapped shards up to 64).
     decode: ``cpu`` (batches hold pixels) or ``device`` (a jpeg dataset's batches hold the
         stored files, which ``to_device`` decodes on the accelerator).
-    copy_threads: threads sharing each batch's copies (None: 2, or 1 on a single CPU).
+    copy_threads: threads sharing each batch's copies (None: 1; 2 help a loop that leaves
+        the CPU idle, and compete with one that copies its batches: docs/performance.md).
     decode_threads: threads decoding a jpeg/png batch (None: one per CPU; libjpeg-turbo runs
         without the GIL, so one loader uses every core).
     torch_threads: torch's intra-op threads in the loop that iterates a ``ShardLoader``,

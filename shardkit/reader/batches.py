@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from shardkit.config import usable_cpus
 from shardkit.errors import ConfigError
 from shardkit.reader.assign import shard_runs
 from shardkit.reader.decode import DecodePool
@@ -124,9 +123,13 @@ class Copier:
 
 def resolve_copy_threads(value: int | None) -> int:
     """The number of copying threads (see `Copier`) for a `copy_threads` option: None means
-    two, or one on a single CPU. Raises ConfigError below 1."""
+    one. A training loop that does anything with its batches on the CPU (copying them to
+    the device from pageable memory, say) keeps a core busy, and a second copying thread then
+    only competes with it and pays a hand-over per batch: measured in the peer benchmark's
+    loop (docs/performance.md), one thread was faster at every size and batch size tried.
+    Two help a loop that leaves the CPU idle. Raises ConfigError below 1."""
     if value is None:
-        return min(2, usable_cpus())
+        return 1
     if value < 1:
         raise ConfigError(f"copy_threads must be >= 1; got {value}")
     return int(value)

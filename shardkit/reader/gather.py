@@ -94,14 +94,18 @@ def gather(images: np.ndarray | Pieces, local: np.ndarray, out: np.ndarray) -> N
 
 
 def _one_thread(torch: Any) -> None:
-    """Make torch's ops in this thread single-threaded: shardkit splits a batch's copies
-    itself (`stream.Copier`), and torch's own threads would only add their spinning CPU time.
+    """Make torch's ops in this thread single-threaded, when it is one of shardkit's (the
+    thread a caller iterates in is left alone): shardkit splits a batch's copies itself
+    (`batches.Copier`), and torch's own threads would only add their spinning CPU time.
 
     torch.set_num_threads sets this thread's OpenMP count, but also the count that threads
     which have not run a torch op yet will take, and MKL's: that value is put back at once,
     from a short-lived thread, so the training thread's ops keep their threads.
     """
     if getattr(_THREAD, "single", False):
+        return
+    if not threading.current_thread().name.startswith("shardkit-"):
+        _THREAD.single = True  # a caller's own thread (prefetch=0): its torch settings are its own
         return
     default = torch.get_num_threads()  # this thread's first op: the count new threads take
     torch.set_num_threads(1)

@@ -180,10 +180,12 @@ class ShardLoader:
     pages are the kernel's page cache, not copies, up to 64). They stay open between epochs:
     a dataset of at most `cache_shards` shards is read from memory from the second epoch on.
 
-    Threads: a background thread assembles the next `prefetch` batches, and `copy_threads`
-    threads (default 2, or 1 on a single CPU) share each batch's copies (batches of 1 MiB or
-    more): one core copies a batch at about half the speed memory allows. In DataLoader worker
-    processes (a ``DataLoader(ShardDataset(...))`` built by hand) each worker copies alone.
+    Threads: a background thread assembles the next `prefetch` batches (one copy per shard a
+    batch touches); `copy_threads=2` lets a second thread share each batch's copies, which
+    helps a loop that leaves the CPU idle and slows one that copies its batches (the default
+    is 1: docs/performance.md). jpeg/png shards are decoded by `decode_threads` threads (one
+    per CPU). In DataLoader worker processes (a ``DataLoader(ShardDataset(...))`` built by
+    hand) each worker copies and decodes alone.
 
     Augmentation: with ``augment=Augment(...)`` each batch also holds ``augment`` (float32
     [B, k]), every sample's parameters drawn from (seed, epoch, its stored index) — the same
@@ -206,7 +208,8 @@ class ShardLoader:
         self._consumed = 0
         # One background thread for the loader's life (not one per epoch), and the event that
         # tells the copying threads when the loop waits for a batch.
-        self.dataset.demand = threading.Event() if self.options.prefetch else None
+        copying = self.dataset.reading.copy_threads > 1
+        self.dataset.demand = threading.Event() if self.options.prefetch and copying else None
         self._prefetcher = Prefetcher(self.options.prefetch, self.dataset.demand)
         weakref.finalize(self, _close, self._prefetcher, self.dataset.reading)
 
