@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     channels = shape[2] if shape else 3
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
-    model = small_cnn(channels, len(classes)).to(device, memory_format=torch.channels_last)
+    model = small_cnn(channels, len(classes)).to(device).to(memory_format=torch.channels_last)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr)
     print(f"{args.data}: {len(manifest.shards)} shards, {manifest.samples:,} samples, "
           f"{len(classes)} classes; training on {device}"

@@ -315,9 +315,11 @@ def tables(results: dict[Key, Result]) -> dict[str, str]:
     for size in SIZES:
         for workers in WORKER_COUNTS:
             b = base(size, workers)
-            for key in (("shardkit", size, workers, True, "raw"),
-                        ("shardkit", size, workers, False, "raw"),
-                        ("baseline", size, workers, False, "raw")):
+            keys: tuple[tuple[str, int, int, bool, str], ...] = (
+                ("shardkit", size, workers, True, "raw"),
+                ("shardkit", size, workers, False, "raw"),
+                ("baseline", size, workers, False, "raw"))
+            for key in keys:
                 r = results[key]
                 is_base = key[0] == "baseline"
                 speed = "1×" if is_base else f"**{r.rate / b.rate:.2f}×**"

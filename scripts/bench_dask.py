@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -160,8 +161,6 @@ def measure(src: Path, work: Path, client: Any, repeats: int) -> dict[str, list[
 
 def render(data: Any, walls: dict[str, list[float]], trips: dict[str, float], repeats: int,
            quick: bool) -> str:
-    import distributed
-
     images = len(data.items)
     parts, shards = task_count(images)
     tasks = parts + shards
@@ -180,7 +179,7 @@ def render(data: Any, walls: dict[str, list[float]], trips: dict[str, float], re
         "",
         f"- Machine: {os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f} at the "
         f"end), {platform.system()} {platform.machine()}, "
-        f"Python {platform.python_version()}, dask/distributed {distributed.__version__}, "
+        f"Python {platform.python_version()}, dask/distributed {version('distributed')}, "
         f"shardkit {shardkit.__version__}.",
         f"- Corpus: the {images:,} photo-like JPEGs of `scripts/bench_convert.py` (sides "
         f"{data.min_side}-{data.max_side} px, {data.total_bytes / 1e6:,.1f} MB), page cache warm"

@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 
 import shardkit
-from shardkit.reader import stream
+from shardkit.reader import batches
 
 
 def part1(path: Path, shuffle: bool, epochs: int = 4) -> None:
     spent = {"gather": 0.0, "assemble": 0.0}
-    gather, assemble = stream.gather, stream.assemble
+    gather, assemble = batches.gather, batches.assemble  # type: ignore[attr-defined]
 
     def timed_gather(*args: Any) -> None:
         started = time.perf_counter()
@@ -39,7 +39,7 @@ def part1(path: Path, shuffle: bool, epochs: int = 4) -> None:
         spent["assemble"] += time.perf_counter() - started
         return batch
 
-    stream.gather, stream.assemble = timed_gather, timed_assemble  # type: ignore[assignment]
+    batches.gather, batches.assemble = timed_gather, timed_assemble  # type: ignore[attr-defined,assignment]
     try:
         loader = shardkit.ShardLoader(path, 256, shuffle=shuffle)
         for epoch in range(epochs):
@@ -52,7 +52,7 @@ def part1(path: Path, shuffle: bool, epochs: int = 4) -> None:
             print(f"{order} epoch {epoch}: {count / wall:9,.0f} samples/s; "
                   f"assemble {spent['assemble'] / wall:4.0%} of wall, gather {spent['gather'] / wall:4.0%}")
     finally:
-        stream.gather, stream.assemble = gather, assemble  # type: ignore[assignment]
+        batches.gather, batches.assemble = gather, assemble  # type: ignore[attr-defined,assignment]
 
 
 def best_rate(samples: int, run: Any, repeats: int = 5) -> float:
@@ -80,19 +80,21 @@ def part2(path: Path, batch: int = 256) -> None:
         return np.lib.stride_tricks.as_strided(buffer[offset:], shape=(count, image),
                                                strides=(stride, 1))
 
-    def batches(buffer: np.ndarray, targets: list[np.ndarray]) -> Any:
+    def batch_copies(buffer: np.ndarray, targets: list[np.ndarray]) -> Any:
         source = rows(buffer)
-        return lambda: [np.copyto(targets[k % len(targets)], source[s:s + batch])
-                        for k, s in enumerate(range(0, count, batch))]
+        def run() -> None:
+            for k, s in enumerate(range(0, count, batch)):
+                np.copyto(targets[k % len(targets)], source[s:s + batch])
+        return run
 
     eight = [np.ones((batch, image), np.uint8) for _ in range(8)]
     one = [np.ones((batch, image), np.uint8)]
     whole = np.ones(count * stride, np.uint8)
     print(f"one shard, {count} samples of {image:,} bytes, batches of {batch}:")
     cases = [
-        ("batch copies into 8 buffers, from the memory map", batches(mapped, eight)),
-        ("batch copies into 8 buffers, from anonymous memory", batches(anonymous, eight)),
-        ("batch copies into 1 buffer, from anonymous memory", batches(anonymous, one)),
+        ("batch copies into 8 buffers, from the memory map", batch_copies(mapped, eight)),
+        ("batch copies into 8 buffers, from anonymous memory", batch_copies(anonymous, eight)),
+        ("batch copies into 1 buffer, from anonymous memory", batch_copies(anonymous, one)),
         ("one copy of the whole shard", lambda: np.copyto(whole, anonymous[:count * stride])),
     ]
     for label, run in cases:

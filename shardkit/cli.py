@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     img.add_argument("--size", default="224", help="output WxH (150x100) or a square side (224)")
     img.add_argument("--resize", choices=RESIZE_MODES, default="center-crop")
     img.add_argument("--mode", choices=COLOR_MODES, default="RGB")
-    img.add_argument("--filter", choices=FILTERS, default="bicubic", help="resampling filter")
+    img.add_argument("--filter", choices=FILTERS, default="bilinear", help="resampling filter")
     img.add_argument("--background", default="255,255,255",
                      help="R,G,B that transparent pixels are composited on (default white)")
     img.add_argument("--pad-color", default="0,0,0", help="R,G,B of the letterbox in --resize pad")

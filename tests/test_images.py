@@ -27,7 +27,9 @@ from shardkit.conversion.images import (
 )
 from shardkit.tools.synth import photo_like
 
-BICUBIC = Image.Resampling.BICUBIC
+#: The resampling filter conversion uses unless told otherwise (ImageOptions.filter).
+DEFAULT_FILTER = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+                  "lanczos": Image.Resampling.LANCZOS}[ImageOptions().filter]
 RESIZE_MODES = ("center-crop", "pad", "stretch", "shorter-side")
 
 # Solid quadrant colours of the asymmetric test picture: any flip or rotation moves at least
@@ -109,7 +111,7 @@ def save_oriented(picture: Image.Image, orientation: int, path: Path, **save: ob
 
 
 def reference(src: Image.Image, resize: str, size: tuple[int, int],
-              method: Image.Resampling = BICUBIC,
+              method: Image.Resampling = DEFAULT_FILTER,
               pad_color: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
     """What each resize mode means, computed with Pillow's own helpers."""
     if resize == "center-crop":
@@ -233,7 +235,7 @@ def test_jpeg_draft_is_really_used(big_jpeg: Path) -> None:
     reduced = Image.open(big_jpeg)
     reduced.draft("RGB", (200, 150))
     assert reduced.size == (300, 225)
-    expected = ImageOps.fit(reduced.convert("RGB"), (150, 150), method=BICUBIC)
+    expected = ImageOps.fit(reduced.convert("RGB"), (150, 150), method=DEFAULT_FILTER)
     with_draft, _ = load(big_jpeg, resize="center-crop", size=(150, 150), draft=True)
     without, _ = load(big_jpeg, resize="center-crop", size=(150, 150), draft=False)
     np.testing.assert_array_equal(with_draft, np.asarray(expected))
@@ -459,7 +461,7 @@ def test_cmyk_jpeg_matches_pillow_conversion(tmp_path: Path) -> None:
     np.testing.assert_array_equal(same_size(path), expected)
     resized, _ = load(path, resize="stretch", size=(32, 24), draft=False)
     assert resized.shape == (24, 32, 3)
-    assert mad(resized, Image.fromarray(expected).resize((32, 24), BICUBIC)) < 1.0
+    assert mad(resized, Image.fromarray(expected).resize((32, 24), DEFAULT_FILTER)) < 1.0
 
 
 def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
@@ -553,7 +555,7 @@ def test_mpo_decodes_first_picture_with_draft(tmp_path: Path) -> None:
     with_draft, orig = load(path, size=(100, 100), draft=True)
     without, _ = load(path, size=(100, 100), draft=False)
     assert orig == (800, 600) and with_draft.shape == (100, 100, 3)
-    assert mad(without, ImageOps.fit(first, (100, 100), method=BICUBIC)) < 4.0
+    assert mad(without, ImageOps.fit(first, (100, 100), method=DEFAULT_FILTER)) < 4.0
     assert mad(with_draft, without) < 4.0
     assert not np.array_equal(with_draft, without)
 

@@ -58,7 +58,7 @@ class ImageOptions:
     size: tuple[int, int] = (224, 224)
     resize: ResizeMode = "center-crop"
     mode: ColorMode = "RGB"
-    filter: Filter = "bicubic"
+    filter: Filter = "bilinear"
     background: tuple[int, int, int] = (255, 255, 255)
     pad_color: tuple[int, int, int] = (0, 0, 0)
     max_pixels: int = DEFAULT_MAX_PIXELS

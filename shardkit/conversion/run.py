@@ -87,6 +87,8 @@ def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
     if config.csv is not None and config.csv.image_col is None:  # a tabular CSV
         _no_executor_for_tables(src, executor)
         return _check_budget(convert_table(plan_table(src, config), target, run, started), run)
+    if executor is None and run.resolved_workers > 0:
+        executors.start_local_pool()
     plan = make_plan(local_src(src, source), config, spill_dir=spill_dir(target), run=run, source=source)
     try:
         return _check_budget(convert_images(plan, target, run, executor, started), run)
@@ -169,7 +171,8 @@ def _run_images(plan: Plan, commit: Commit, run: RunOptions, executor: cf.Execut
                   file=sys.stderr) as bar:
             bar.update(len(plan.failures))
             scheduler = Scheduler(plan, commit, executor, bar, finished,
-                                  limit=max(4, 3 * max(workers, 1)), whole_shards=not own and commit.remote)
+                                  limit=max(4, 3 * max(workers, 1)), whole_shards=not own and commit.remote,
+                                  join_here=own)
             shards, failures, counts = scheduler.run()
     finally:
         if own:

@@ -1,8 +1,13 @@
 """Schedule a plan's tasks on an executor and publish each shard as it is assembled.
 
-Part tasks go out a bounded number at a time; once every part of a shard is back, its
-assembly (`run_shard`) is submitted; an assembled shard is published through the commit
-(`Commit.publish`). A task that raises fails the run with a `WorkerError` (a `RemoteError`
+Part tasks go out a bounded number at a time. With ``join_here`` (this machine's own pool, or
+no pool) a tar shard is joined in this process, on one background thread, part by part as the
+parts come back in order (`Joiner`): the workers never stop converting to copy, and the run
+does not end with one worker joining the last shard while the others wait. Otherwise (a
+cluster: its data should not travel through the client), and for Parquet (whose assembly
+re-cuts row groups), a shard's assembly (`run_shard`) is submitted to the executor once every
+part is back. An assembled shard is published through
+the commit (`Commit.publish`). A task that raises fails the run with a `WorkerError` (a `RemoteError`
 when the storage failed); a worker process that dies does too, naming the shard.
 
 With ``whole_shards`` (a cluster writing into object storage, which shares no folder with
@@ -26,6 +31,7 @@ from shardkit.conversion.plan import Plan, rows_per_group
 from shardkit.conversion.report import FailureRecord
 from shardkit.conversion.shard_upload import WholeShardTask, run_whole_shard
 from shardkit.conversion.tasks import PartResult, PartTask, ShardTask, run_part, run_shard
+from shardkit.conversion.writers.tar import TarAssembly
 from shardkit.errors import RemoteError, WorkerError
 from shardkit.format.manifest import ShardRecord
 from shardkit.format.tar import raw_layout
@@ -38,7 +44,8 @@ class Scheduler:
     assembly once its parts are done, and publishes each assembled shard."""
 
     def __init__(self, plan: Plan, commit: Commit, executor: cf.Executor, bar: tqdm,
-                 finished: dict[int, Entry], *, limit: int, whole_shards: bool = False) -> None:
+                 finished: dict[int, Entry], *, limit: int, whole_shards: bool = False,
+                 join_here: bool = False) -> None:
         self.plan, self.commit, self.executor, self.bar = plan, commit, executor, bar
         self.tmp = commit.tmp
         self.limit = limit
@@ -52,6 +59,7 @@ class Scheduler:
         self.counts = [sum(c) for c in zip(*(e.label_counts for e in finished.values()),
                                            strict=True)] or [0] * len(plan.classes or ())
         self.cpu_seconds = 0.0
+        self.joiner = Joiner() if join_here and plan.config.format == "tar" and not whole_shards else None
         bar.update(sum(len(plan.shard_slice(k)) for k in finished))
 
     def run(self) -> tuple[list[ShardRecord], list[FailureRecord], list[int]]:
@@ -59,7 +67,7 @@ class Scheduler:
         kind, fn = ("whole", run_whole_shard) if self.whole_shards else ("part", run_part)
         try:
             while True:
-                while len(self.in_flight) < self.limit and (task := next(pending, None)):
+                while self._tasks() < self.limit and (task := next(pending, None)):
                     self._submit(kind, task.shard if kind == "part" else task.shard.shard, fn, task)
                 if not self.in_flight:
                     break
@@ -70,7 +78,14 @@ class Scheduler:
             for future in self.in_flight:
                 future.cancel()
             raise
+        finally:
+            if self.joiner is not None:
+                self.joiner.close()
         return [self.records[k] for k in sorted(self.records)], self.failures, self.counts
+
+    def _tasks(self) -> int:
+        """Tasks on the executor (the joiner's thread holds no worker)."""
+        return sum(kind != "join" for kind, _ in self.in_flight.values())
 
     def _part_tasks(self) -> Any:
         plan = self.plan
@@ -143,7 +158,13 @@ class Scheduler:
         self._tally(result)
         done = self.parts.setdefault(result.shard, [])
         done.append(result)
-        if len(done) == self.expected[result.shard]:
+        if self.joiner is not None:
+            joined = self.joiner.add(result.shard, result.part, result.path, self.expected[result.shard],
+                                     str(self.tmp / self.plan.shard_file(result.shard)))
+            if joined is not None:
+                done.sort(key=lambda r: r.part)
+                self.in_flight[joined] = ("join", result.shard)
+        elif len(done) == self.expected[result.shard]:
             done.sort(key=lambda r: r.part)
             self._submit("shard", result.shard, run_shard,
                          self._shard_task(result.shard, tuple(r.path for r in done)))
@@ -177,3 +198,72 @@ class Scheduler:
         self.commit.publish(self.tmp / name, entry)
         for part in parts:  # here, not in run_shard: a retried run_shard must find them
             os.unlink(part.path)
+
+
+class Joiner:
+    """Joins tar shards from their parts on one background thread of this process: each
+    shard's parts are appended in part order as soon as they and all before them are back,
+    so joining overlaps converting. `add` returns the future of the shard's (bytes, sha256)
+    once its last part is handed over."""
+
+    def __init__(self) -> None:
+        self._thread = cf.ThreadPoolExecutor(1, thread_name_prefix="shardkit-join")
+        self._shards: dict[int, _Joining] = {}
+
+    def add(self, shard: int, part: int, path: str, parts: int,
+            tmp_path: str) -> cf.Future[tuple[int, str]] | None:
+        joining = self._shards.get(shard)
+        if joining is None:
+            joining = self._shards[shard] = _Joining(tmp_path)
+        joining.ready[part] = path
+        while joining.next in joining.ready:
+            self._thread.submit(joining.append, joining.ready.pop(joining.next))
+            joining.next += 1
+        if joining.next < parts:
+            return None
+        del self._shards[shard]
+        return self._thread.submit(joining.finish)
+
+    def close(self) -> None:
+        """Stop (queued appends of an aborted run are dropped) and close what is open."""
+        self._thread.shutdown(wait=True, cancel_futures=True)
+        for joining in self._shards.values():
+            joining.close()
+        self._shards.clear()
+
+
+class _Joining:
+    """One shard being joined; runs on the joiner's thread. An append that fails makes
+    `finish` raise its error (the run then fails, naming the shard)."""
+
+    def __init__(self, tmp_path: str) -> None:
+        self.tmp_path = tmp_path
+        self.next = 0
+        self.ready: dict[int, str] = {}
+        self._assembly: TarAssembly | None = None
+        self._error: BaseException | None = None
+
+    def append(self, path: str) -> None:
+        if self._error is not None:
+            return
+        try:
+            if self._assembly is None:
+                self._assembly = TarAssembly(self.tmp_path)
+            self._assembly.append(path)
+        except BaseException as exc:
+            self._error = exc
+
+    def finish(self) -> tuple[int, str]:
+        if self._error is not None:
+            self.close()
+            raise self._error
+        if self._assembly is None:  # a shard of no parts is never planned
+            raise RuntimeError(f"{self.tmp_path}: no part was joined")
+        try:
+            return self._assembly.finish()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._assembly is not None:
+            self._assembly.close()

@@ -24,7 +24,7 @@ from shardkit.format.tar import (
     tar_header,
 )
 
-__all__ = ["TarPartWriter", "assemble_tar"]
+__all__ = ["TarAssembly", "TarPartWriter", "assemble_tar"]
 
 
 class TarPartWriter:
@@ -66,16 +66,40 @@ class TarPartWriter:
         self._handle.close()
 
 
+class TarAssembly:
+    """One shard joined from its part files, appended in order as they become available,
+    then the end-of-archive marker (fsynced); the sha256 is taken on the way."""
+
+    def __init__(self, tmp_path: str) -> None:
+        self._out: BinaryIO = open(tmp_path, "wb")  # noqa: SIM115 - closed in finish()/close()
+        self._digest = hashlib.sha256()
+        self._size = 0
+
+    def append(self, part: str) -> None:
+        self._size += copy_hashed((part,), self._out, self._digest)
+
+    def finish(self) -> tuple[int, str]:
+        """Write the end marker, fsync and close; (bytes, sha256 hex) of the shard."""
+        self._out.write(END_OF_ARCHIVE)
+        self._digest.update(END_OF_ARCHIVE)
+        self._out.flush()
+        os.fsync(self._out.fileno())
+        self._out.close()
+        return self._size + len(END_OF_ARCHIVE), self._digest.hexdigest()
+
+    def close(self) -> None:
+        self._out.close()
+
+
 def assemble_tar(parts: Sequence[str], tmp_path: str) -> tuple[int, str]:
     """Join part files and the end-of-archive marker into `tmp_path` (fsynced).
 
     Returns (bytes, sha256 hex) of the shard.
     """
-    digest = hashlib.sha256()
-    with open(tmp_path, "wb") as out:
-        size = copy_hashed(parts, out, digest)
-        out.write(END_OF_ARCHIVE)
-        digest.update(END_OF_ARCHIVE)
-        out.flush()
-        os.fsync(out.fileno())
-    return size + len(END_OF_ARCHIVE), digest.hexdigest()
+    assembly = TarAssembly(tmp_path)
+    try:
+        for part in parts:
+            assembly.append(part)
+        return assembly.finish()
+    finally:
+        assembly.close()

@@ -1,0 +1,91 @@
+"""Tar shards as the converter writes them: the member header (shardkit assembles the common
+case itself; the bytes must be tarfile's, for every name and size, and tarfile must read them
+back), and the joining of a shard's parts as they come back."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shardkit.conversion.scheduler import Joiner
+from shardkit.conversion.writers.tar import assemble_tar
+from shardkit.format.tar import BLOCK, _tarfile_header, padding, tar_header
+
+names = st.one_of(
+    st.text(st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="/"),
+            min_size=1, max_size=110),
+    st.text(min_size=1, max_size=60).filter(lambda n: "\0" not in n and "/" not in n),
+)
+sizes = st.one_of(st.integers(0, 10**7), st.integers(0o77777777770, 0o100000000010))
+
+
+def reference(name: str, size: int) -> bytes | str:
+    try:
+        return _tarfile_header(name, size)
+    except (ValueError, UnicodeError) as exc:
+        return type(exc).__name__
+
+
+@settings(max_examples=400, deadline=None)
+@given(name=names, size=sizes)
+def test_the_header_is_tarfiles_own(name: str, size: int) -> None:
+    try:
+        ours: bytes | str = tar_header(name, size)
+    except (ValueError, UnicodeError) as exc:
+        ours = type(exc).__name__
+    assert ours == reference(name, size)
+
+
+def test_tarfile_reads_the_members_back() -> None:
+    payloads = {"000000.npy": b"\x93NUMPY" + bytes(70), "000000.cls": b"3", "long" * 25: b"x"}
+    data = b"".join(tar_header(n, len(p)) + p + padding(len(p)) for n, p in payloads.items())
+    with tarfile.open(fileobj=io.BytesIO(data + bytes(1024))) as archive:
+        members = archive.getmembers()
+        assert [m.name for m in members] == list(payloads)
+        assert all(m.mtime == 0 and m.mode == 0o644 and m.isreg() for m in members)
+        assert {m.name: archive.extractfile(m).read() for m in members} == payloads  # type: ignore[union-attr]
+
+
+def test_the_joiner_joins_parts_in_order_whatever_order_they_come_back(tmp_path: Path) -> None:
+    parts = []
+    for number in range(5):
+        part = tmp_path / f"0.{number}.part"
+        part.write_bytes(bytes([number + 1]) * (BLOCK * (number + 1)))
+        parts.append(str(part))
+    expected = tmp_path / "expected.tar"
+    size, digest = assemble_tar(parts, str(expected))
+    joiner = Joiner()
+    try:
+        futures = [joiner.add(0, number, parts[number], 5, str(tmp_path / "joined.tar"))
+                   for number in (3, 1, 0, 4, 2)]
+        assert futures[:4] == [None] * 4  # handed over only once every part is there
+        assert futures[4] is not None
+        assert futures[4].result(timeout=30) == (size, digest)
+    finally:
+        joiner.close()
+    assert (tmp_path / "joined.tar").read_bytes() == expected.read_bytes()
+    assert digest == hashlib.sha256(expected.read_bytes()).hexdigest()
+
+
+def test_a_part_that_cannot_be_read_fails_the_shard_not_the_thread(tmp_path: Path) -> None:
+    good = tmp_path / "0.0.part"
+    good.write_bytes(bytes(BLOCK))
+    joiner = Joiner()
+    try:
+        assert joiner.add(7, 0, str(good), 3, str(tmp_path / "a.tar")) is None
+        assert joiner.add(7, 1, str(tmp_path / "missing.part"), 3, str(tmp_path / "a.tar")) is None
+        failed = joiner.add(7, 2, str(good), 3, str(tmp_path / "a.tar"))
+        assert failed is not None
+        with pytest.raises(FileNotFoundError, match=r"missing\.part"):
+            failed.result(timeout=30)
+        # The thread goes on joining other shards.
+        other = joiner.add(8, 0, str(good), 1, str(tmp_path / "b.tar"))
+        assert other is not None and other.result(timeout=30)[0] == 3 * BLOCK
+    finally:
+        joiner.close()
