@@ -35,8 +35,9 @@ class FolderDataset:
         height, width, channels = self.shape
         path, label = self.files[i]
         with Image.open(path) as im:
+            # Bilinear: torchvision's Resize default, and shardkit's.
             fitted = ImageOps.fit(im.convert("RGB" if channels == 3 else "L"), (width, height),
-                                  Image.Resampling.BICUBIC)
+                                  Image.Resampling.BILINEAR)
         pixels = np.array(fitted).reshape(height, width, channels)
         return torch.from_numpy(pixels), label
 
