@@ -66,6 +66,25 @@ def _make_class(job: tuple[str, int, int]) -> None:
     make_image_folder(folder, classes=1, per_class=count, min_side=300, max_side=1200, seed=seed)
 
 
+def corpus_arguments(doc: str | None, argv: list[str] | None, *, what: str, quick_images: int,
+                     repeats: int) -> tuple[argparse.Namespace, int, int]:
+    """The command line of a benchmark over the corpus below (--out, --images, --repeats,
+    --quick, --write-doc): (arguments, images, repeats), --quick's smaller defaults applied."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None)
+    parser.add_argument("--out", default="bench-out", help="work folder (corpus cached here)")
+    parser.add_argument("--images", type=int, default=None, help="corpus size (default 600)")
+    parser.add_argument("--repeats", type=int, default=None, help=f"runs each (default {repeats})")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke test: {quick_images} images, 1 repeat")
+    parser.add_argument("--write-doc", metavar="PATH", help=f"write the {what} block here")
+    args = parser.parse_args(argv)
+    images = args.images if args.images is not None else (quick_images if args.quick else 600)
+    runs = args.repeats if args.repeats is not None else (1 if args.quick else repeats)
+    if images < 2 or runs < 1:
+        parser.error("--images must be >= 2 and --repeats >= 1")
+    return args, images, runs
+
+
 def corpus(out: Path, images: int) -> Path:
     """The cached corpus folder for `images` images (generated once, atomically).
 

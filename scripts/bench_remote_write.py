@@ -16,7 +16,6 @@ alone: `Storage.upload` of a shard-sized file, the ceiling this endpoint sets. W
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -39,7 +38,7 @@ import psutil
 from docblock import write_block
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import corpus, inspect_and_warm  # scripts/ is not a package
+from bench_convert import corpus, corpus_arguments, inspect_and_warm  # scripts/ is not a package
 
 import shardkit
 from shardkit.conversion.out_remote import UPLOADS
@@ -231,17 +230,8 @@ def render(data: Any, timed: dict[Key, list[Run]], indexes: dict[int, dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--out", default="bench-out", help="work folder (corpus cached here)")
-    parser.add_argument("--images", type=int, default=None, help="corpus size (default 600)")
-    parser.add_argument("--repeats", type=int, default=None, help="runs each (default 5)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 40 images, 1 repeat")
-    parser.add_argument("--write-doc", metavar="PATH", help="write the remote-write block here")
-    args = parser.parse_args(argv)
-    images = args.images if args.images is not None else (40 if args.quick else 600)
-    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 5)
-    if images < 2 or repeats < 1:
-        parser.error("--images must be >= 2 and --repeats >= 1")
+    args, images, repeats = corpus_arguments(__doc__, argv, what="remote-write", quick_images=40,
+                                             repeats=5)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = inspect_and_warm(corpus(out, images))
