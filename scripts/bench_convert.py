@@ -32,7 +32,9 @@ import os
 import platform
 import pstats
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -83,6 +85,17 @@ def corpus_arguments(doc: str | None, argv: list[str] | None, *, what: str, quic
     if images < 2 or runs < 1:
         parser.error("--images must be >= 2 and --repeats >= 1")
     return args, images, runs
+
+
+def stop_process_group(process: subprocess.Popen[bytes]) -> None:
+    """End a server a benchmark started in its own process group: SIGTERM, then SIGKILL
+    after 10 s."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def corpus(out: Path, images: int) -> Path:

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,12 @@ from typing import Any
 from docblock import write_block
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import corpus, corpus_arguments, inspect_and_warm  # scripts/ is not a package
+from bench_convert import (  # scripts/ is not a package
+    corpus,
+    corpus_arguments,
+    inspect_and_warm,
+    stop_process_group,
+)
 
 import shardkit
 from shardkit.conversion.executors import local_pool
@@ -83,12 +87,7 @@ def local_cluster(folder: Path) -> Iterator[Any]:
         if client is not None:
             client.close()
         for process in reversed(processes):
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            stop_process_group(process)
         log.close()
 
 

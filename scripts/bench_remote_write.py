@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -38,7 +37,12 @@ import psutil
 from docblock import write_block
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import corpus, corpus_arguments, inspect_and_warm  # scripts/ is not a package
+from bench_convert import (  # scripts/ is not a package
+    corpus,
+    corpus_arguments,
+    inspect_and_warm,
+    stop_process_group,
+)
 
 import shardkit
 from shardkit.conversion.out_remote import UPLOADS
@@ -93,12 +97,7 @@ def moto_process(folder: Path) -> Iterator[tuple[dict[str, Any], psutil.Process]
                                 aws_secret_access_key="bench").create_bucket(Bucket="bench")
         yield options, psutil.Process(process.pid)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(process)
         log.close()
 
 
