@@ -6,9 +6,9 @@ parts come back in order (`Joiner`): the workers never stop converting to copy, 
 does not end with one worker joining the last shard while the others wait. Otherwise (a
 cluster: its data should not travel through the client), and for Parquet (whose assembly
 re-cuts row groups), a shard's assembly (`run_shard`) is submitted to the executor once every
-part is back. An assembled shard is published through
-the commit (`Commit.publish`). A task that raises fails the run with a `WorkerError` (a `RemoteError`
-when the storage failed); a worker process that dies does too, naming the shard.
+part is back. An assembled shard is published through the commit (`Commit.publish`). A task
+that raises fails the run with a `WorkerError` (a `RemoteError` when the storage failed); a
+worker process that dies does too, naming the shard.
 
 With ``whole_shards`` (a cluster writing into object storage, which shares no folder with
 the client) each shard is one task instead, uploaded by its worker
