@@ -27,7 +27,8 @@ test: $(STAMP) ## run the test suite
 	$(PY) -m pytest -q
 
 # The scripts and examples are checked for what drifts when the package changes under them
-# (attributes, call signatures, return values), not held to the package's full strictness.
+# (missing attributes and modules, the names and number of arguments, return values), not held
+# to the package's full strictness: argument types, annotations and untyped libraries are not checked.
 SCRIPT_CHECKS := $(addprefix --disable-error-code=,arg-type no-any-return type-arg no-untyped-call \
 	no-untyped-def import-untyped has-type misc unused-ignore)
 

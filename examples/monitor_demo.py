@@ -39,7 +39,7 @@ class RawFolder(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         with Image.open(self.files[i]) as im:
-            pixels = np.array(ImageOps.fit(im.convert("RGB"), self.size, Image.Resampling.BICUBIC))
+            pixels = np.array(ImageOps.fit(im.convert("RGB"), self.size, Image.Resampling.BILINEAR))
         return {"image": torch.from_numpy(pixels), "label": self.labels[i]}
 
 

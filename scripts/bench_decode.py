@@ -46,7 +46,6 @@ from PIL import Image
 
 import shardkit
 from shardkit.config import ImageOptions, usable_cpus
-from shardkit.conversion.executors import InlineExecutor
 from shardkit.conversion.images import _needed_size, load_image, pillow_limits
 from shardkit.format.manifest import Manifest
 from shardkit.reader.assign import Split, assign, shard_runs
@@ -178,12 +177,12 @@ def conversion_rows(paths: list[Path], src: Path, out: Path, floors: dict[int, f
             return run
 
         def inline(size: int = size) -> float:
-            # The whole process's CPU: the parts, and the shard joined on a thread beside them.
+            # workers=0: every part in this thread, the shard joined on a thread beside it; the
+            # whole process's CPU counts both.
             target = out / f"convert-{size}"
             shutil.rmtree(target, ignore_errors=True)
             started = time.process_time()
-            summary = shardkit.convert(src, target, size=size, workers=1, progress=False,
-                                       executor=InlineExecutor())
+            summary = shardkit.convert(src, target, size=size, workers=0, progress=False)
             return (time.process_time() - started) / summary.samples * 1e3
 
         def pool(size: int = size) -> float:

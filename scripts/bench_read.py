@@ -105,7 +105,7 @@ def pil_batches(src: Path, size: int, workers: int, shuffle: bool, limit: int) -
 
         def __getitem__(self, i: int) -> tuple[Any, int]:
             with Image.open(files[i]) as im:
-                fitted = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
+                fitted = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.BILINEAR)
             return torch.from_numpy(np.asarray(fitted)), classes.index(files[i].parent.name)
 
     return torch.utils.data.DataLoader(Folder(), batch_size=BATCH, shuffle=shuffle, num_workers=workers)

@@ -26,6 +26,7 @@ from shardkit.reader import batches
 
 def part1(path: Path, shuffle: bool, epochs: int = 4) -> None:
     spent = {"gather": 0.0, "assemble": 0.0}
+    # batches imports gather without re-exporting it; the script swaps both for timed ones.
     gather, assemble = batches.gather, batches.assemble  # type: ignore[attr-defined]
 
     def timed_gather(*args: Any) -> None:

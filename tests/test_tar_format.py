@@ -4,9 +4,13 @@ back), and the joining of a shard's parts as they come back."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
+import os
 import tarfile
+import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -49,6 +53,7 @@ def test_tarfile_reads_the_members_back() -> None:
         members = archive.getmembers()
         assert [m.name for m in members] == list(payloads)
         assert all(m.mtime == 0 and m.mode == 0o644 and m.isreg() for m in members)
+        # extractfile is None only for members that are not regular files; these all are.
         assert {m.name: archive.extractfile(m).read() for m in members} == payloads  # type: ignore[union-attr]
 
 
@@ -89,3 +94,42 @@ def test_a_part_that_cannot_be_read_fails_the_shard_not_the_thread(tmp_path: Pat
         assert other is not None and other.result(timeout=30)[0] == 3 * BLOCK
     finally:
         joiner.close()
+
+
+def test_a_joiner_that_falls_behind_says_so_and_catches_up(tmp_path: Path) -> None:
+    # The first part is a pipe: its append blocks until something is written into it.
+    pipe = tmp_path / "0.0.part"
+    os.mkfifo(pipe)
+    part = tmp_path / "0.1.part"
+    part.write_bytes(bytes(BLOCK))
+    joiner = Joiner()
+    try:
+        assert joiner.add(0, 0, str(pipe), 4, str(tmp_path / "a.tar")) is None
+        assert joiner.backlog(2) == []
+        for number in (1, 2):
+            assert joiner.add(0, number, str(part), 4, str(tmp_path / "a.tar")) is None
+        assert len(joiner.backlog(2)) == 3  # three appends queued: behind a limit of 2
+        with open(pipe, "wb") as writer:  # unblocks the first append
+            writer.write(bytes(BLOCK))
+        joined = joiner.add(0, 3, str(part), 4, str(tmp_path / "a.tar"))
+        assert joined is not None and joined.result(timeout=30)[0] == 6 * BLOCK
+        assert joiner.backlog(0) == []
+    finally:
+        joiner.close()
+
+
+def test_closing_a_joiner_with_joins_still_queued_closes_their_files(tmp_path: Path) -> None:
+    pipe = tmp_path / "0.0.part"
+    os.mkfifo(pipe)
+    part = tmp_path / "1.0.part"
+    part.write_bytes(bytes(BLOCK))
+    joiner = Joiner()
+    queued = [joiner.add(0, 0, str(pipe), 1, str(tmp_path / "a.tar")),
+              joiner.add(1, 0, str(part), 1, str(tmp_path / "b.tar"))]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        threading.Timer(0.2, lambda: pipe.write_bytes(b"")).start()  # lets the first finish
+        joiner.close()  # the second shard's append and finish are dropped, unrun
+        del queued, joiner
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

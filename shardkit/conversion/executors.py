@@ -31,7 +31,7 @@ __all__ = [
     "dask_executor",
     "describe_task_error",
     "local_pool",
-    "start_local_pool",
+    "start_forkserver",
 ]
 
 T = TypeVar("T")
@@ -69,16 +69,18 @@ def local_pool(workers: int) -> cf.ProcessPoolExecutor:
                                   initializer=_worker_init)
 
 
-def start_local_pool() -> None:
+def start_forkserver() -> None:
     """Start the server a `local_pool` forks its workers from, without waiting for it: its
-    imports (~0.2 s) then overlap listing and planning instead of delaying the first task."""
+    imports (~0.2 s) then overlap listing and planning instead of delaying the first task.
+    A run that turns out to have nothing to do (OUT up to date) has paid that CPU for
+    nothing, once per process; a forkserver already running is left as it is."""
     if _pool_context().get_start_method() == "forkserver":
         from multiprocessing import forkserver
 
         forkserver.ensure_running()
 
 
-def _pool_context() -> Any:
+def _pool_context() -> multiprocessing.context.BaseContext:
     method = "forkserver" if sys.platform != "win32" and sys.platform != "darwin" else "spawn"
     context = multiprocessing.get_context(method)
     if method == "forkserver":

@@ -88,7 +88,7 @@ def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
         _no_executor_for_tables(src, executor)
         return _check_budget(convert_table(plan_table(src, config), target, run, started), run)
     if executor is None and run.resolved_workers > 0:
-        executors.start_local_pool()
+        executors.start_forkserver()
     plan = make_plan(local_src(src, source), config, spill_dir=spill_dir(target), run=run, source=source)
     try:
         return _check_budget(convert_images(plan, target, run, executor, started), run)

@@ -17,6 +17,7 @@ the client) each shard is one task instead, uploaded by its worker
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import itertools
 import os
@@ -40,8 +41,8 @@ __all__ = ["Scheduler"]
 
 
 class Scheduler:
-    """Feeds part tasks to the executor (a bounded number in flight), submits a shard's
-    assembly once its parts are done, and publishes each assembled shard."""
+    """Feeds part tasks to the executor (a bounded number in flight), joins a shard (`Joiner`)
+    or submits its assembly once its parts are done, and publishes each assembled shard."""
 
     def __init__(self, plan: Plan, commit: Commit, executor: cf.Executor, bar: tqdm,
                  finished: dict[int, Entry], *, limit: int, whole_shards: bool = False,
@@ -67,13 +68,17 @@ class Scheduler:
         kind, fn = ("whole", run_whole_shard) if self.whole_shards else ("part", run_part)
         try:
             while True:
-                while self._tasks() < self.limit and (task := next(pending, None)):
+                # A joiner that falls behind (many fast workers) holds back new parts, so part
+                # files never pile up in the run's folder.
+                behind = self.joiner.backlog(self.limit) if self.joiner is not None else []
+                while not behind and self._tasks() < self.limit and (task := next(pending, None)):
                     self._submit(kind, task.shard if kind == "part" else task.shard.shard, fn, task)
-                if not self.in_flight:
+                if not self.in_flight and not behind:
                     break
-                done, _ = cf.wait(self.in_flight, return_when=cf.FIRST_COMPLETED)
+                done, _ = cf.wait([*self.in_flight, *behind], return_when=cf.FIRST_COMPLETED)
                 for future in done:
-                    self._finish(future)
+                    if future in self.in_flight:
+                        self._finish(future)
         except BaseException:
             for future in self.in_flight:
                 future.cancel()
@@ -208,16 +213,26 @@ class Joiner:
 
     def __init__(self) -> None:
         self._thread = cf.ThreadPoolExecutor(1, thread_name_prefix="shardkit-join")
-        self._shards: dict[int, _Joining] = {}
+        self._shards: dict[int, _Joining] = {}  # shards with parts still to come
+        self._started: list[_Joining] = []  # every shard not yet finished, to close on abort
+        self._appends: collections.deque[cf.Future[None]] = collections.deque()
+
+    def backlog(self, limit: int) -> list[cf.Future[None]]:
+        """The appends not yet done when there are more than `limit` of them, else []."""
+        while self._appends and self._appends[0].done():
+            self._appends.popleft()
+        return list(self._appends) if len(self._appends) > limit else []
 
     def add(self, shard: int, part: int, path: str, parts: int,
             tmp_path: str) -> cf.Future[tuple[int, str]] | None:
         joining = self._shards.get(shard)
         if joining is None:
             joining = self._shards[shard] = _Joining(tmp_path)
+            self._started = [j for j in self._started if not j.finished]
+            self._started.append(joining)
         joining.ready[part] = path
         while joining.next in joining.ready:
-            self._thread.submit(joining.append, joining.ready.pop(joining.next))
+            self._appends.append(self._thread.submit(joining.append, joining.ready.pop(joining.next)))
             joining.next += 1
         if joining.next < parts:
             return None
@@ -227,9 +242,11 @@ class Joiner:
     def close(self) -> None:
         """Stop (queued appends of an aborted run are dropped) and close what is open."""
         self._thread.shutdown(wait=True, cancel_futures=True)
-        for joining in self._shards.values():
+        for joining in self._started:  # a cancelled finish leaves its file open
             joining.close()
+        self._started.clear()
         self._shards.clear()
+        self._appends.clear()
 
 
 class _Joining:
@@ -242,6 +259,7 @@ class _Joining:
         self.ready: dict[int, str] = {}
         self._assembly: TarAssembly | None = None
         self._error: BaseException | None = None
+        self.finished = False
 
     def append(self, path: str) -> None:
         if self._error is not None:
@@ -254,15 +272,15 @@ class _Joining:
             self._error = exc
 
     def finish(self) -> tuple[int, str]:
-        if self._error is not None:
-            self.close()
-            raise self._error
-        if self._assembly is None:  # a shard of no parts is never planned
-            raise RuntimeError(f"{self.tmp_path}: no part was joined")
         try:
+            if self._error is not None:
+                raise self._error
+            if self._assembly is None:  # a shard of no parts is never planned
+                raise RuntimeError(f"{self.tmp_path}: no part was joined")
             return self._assembly.finish()
         finally:
             self.close()
+            self.finished = True
 
     def close(self) -> None:
         if self._assembly is not None:
