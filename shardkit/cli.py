@@ -22,6 +22,7 @@ from shardkit.config import (
     DEFAULT_MAX_PIXELS,
     FILTERS,
     FORMATS,
+    PIXELS,
     RESIZE_MODES,
     ReadOptions,
 )
@@ -97,6 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--quality", type=int, default=90, help="JPEG quality for --codec jpeg")
     out.add_argument("--compression", choices=COMPRESSIONS, default="none",
                      help="Parquet compression of the image column")
+    out.add_argument("--pixels", choices=PIXELS, default="bytes",
+                     help="how Parquet shards hold raw pixels: bytes (memory-mapped when read; "
+                          "default) or array3d (Hugging Face's Array3D, so datasets gives arrays; "
+                          "4x the bytes unless --compression zstd, read through pyarrow)")
     size = out.add_mutually_exclusive_group()
     size.add_argument("--shard-size", default=None, help="target shard size (default 256MB)")
     size.add_argument("--samples-per-shard", type=int, default=None)
@@ -215,6 +220,7 @@ def _convert(args: argparse.Namespace) -> int:
         "background": _rgb(args.background), "pad_color": _rgb(args.pad_color),
         "max_pixels": args.max_pixels, "draft": not args.no_draft, "format": args.format,
         "codec": args.codec, "quality": args.quality, "compression": args.compression,
+        "pixels": args.pixels,
         "samples_per_shard": args.samples_per_shard, "shuffle": args.shuffle, "seed": args.seed,
         "split": args.split, "validation_split": args.validation_split,
         "workers": args.workers, "overwrite": args.overwrite, "resume": args.resume,

@@ -93,6 +93,7 @@ class ConvertKeywords(TypedDict, total=False):
     codec: Codec
     quality: int
     compression: Literal["none", "zstd"]
+    pixels: Literal["bytes", "array3d"]
     shard_bytes: int | None
     shard_size: int | str
     samples_per_shard: int | None

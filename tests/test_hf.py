@@ -120,18 +120,25 @@ def load(out: Path, tmp_path: Path) -> Any:
                                  cache_dir=str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("codec", ["raw", "jpeg", "png"])
+@pytest.mark.parametrize(("codec", "pixels"), [("raw", "bytes"), ("raw", "array3d"),
+                                               ("jpeg", "bytes"), ("png", "bytes")])
 def test_datasets_loads_our_parquet_with_features_and_the_same_rows(
-        tree: Path, tmp_path: Path, codec: str) -> None:
-    out = convert(tree, tmp_path / codec, format="parquet", codec=codec)
+        tree: Path, tmp_path: Path, codec: str, pixels: str) -> None:
+    out = convert(tree, tmp_path / codec, format="parquet", codec=codec, pixels=pixels)
     loaded = load(out, tmp_path)
     features = loaded.features
     assert features["label"] == datasets.ClassLabel(names=list(CLASSES))
     batch = next(iter(shardkit.open(out).batches(100, shuffle=False)))
     assert loaded["label"] == batch["label"].tolist() and loaded["key"] == [f"{i:06d}" for i in
                                                                              range(len(loaded))]
-    if codec == "raw":
-        # Raw pixels stay bytes (Array3D would need nested uint8 lists: see hf_features).
+    if pixels == "array3d":
+        assert features["image"] == datasets.Array3D(shape=(12, 12, 3), dtype="uint8")
+        assert loaded.data.column("image").type.storage_type.value_type.value_type.value_type \
+            == "uint8"
+        images = np.stack([np.asarray(im) for im in loaded.with_format("numpy")["image"]])
+        assert images.shape == (len(loaded), 12, 12, 3)
+    elif codec == "raw":
+        # The default layout stays bytes, which the reader maps (hf_features).
         assert features["image"] == datasets.Value("fixed_size_binary[432]")
         images = np.stack([np.frombuffer(r, np.uint8).reshape(12, 12, 3) for r in loaded["image"]])
     else:

@@ -29,6 +29,8 @@ FILTERS: tuple[str, ...] = ("bilinear", "bicubic", "lanczos")
 FORMATS: tuple[str, ...] = ("tar", "parquet")
 CODECS: tuple[str, ...] = ("raw", "jpeg", "png")
 COMPRESSIONS: tuple[str, ...] = ("none", "zstd")
+#: How Parquet shards store fixed-shape raw pixels (ConvertConfig.pixels).
+PIXELS: tuple[str, ...] = ("bytes", "array3d")
 
 #: Pillow's own default limit (``Image.MAX_IMAGE_PIXELS``), about 89 megapixels.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -198,6 +200,10 @@ class ConvertConfig:
     codec: ``raw`` (uint8 pixels, nothing to decode when training), ``jpeg`` or ``png``.
     quality: JPEG quality (1-100; above 95 files grow with little gain), jpeg codec only.
     compression: Parquet compression of the image column (``none`` or ``zstd``).
+    pixels: how Parquet shards store raw pixels of a fixed shape: ``bytes`` (one
+        fixed_size_binary(H*W*C) per image, which the reader memory-maps) or ``array3d``
+        (Hugging Face's ``Array3D``, so ``datasets`` gives arrays: nested lists, 4 bytes a
+        pixel unless compressed, read through pyarrow).
     shard_bytes / samples_per_shard: give exactly one; shard_bytes is converted to a sample
         count at plan time (exact for raw, an estimate for jpeg/png).
     shuffle / seed: a seeded global shuffle of the input order at plan time (the seed
@@ -210,6 +216,7 @@ class ConvertConfig:
     codec: Codec = "raw"
     quality: int = 90
     compression: str = "none"
+    pixels: str = "bytes"
     shard_bytes: int | None = DEFAULT_SHARD_BYTES
     samples_per_shard: int | None = None
     shuffle: bool = False
@@ -229,6 +236,11 @@ class ConvertConfig:
             raise ConfigError(f"quality must be 1-100; got {self.quality}")
         if self.compression != "none" and self.format != "parquet":
             raise ConfigError("--compression applies to --format parquet only")
+        check_choice("pixels", self.pixels, PIXELS)
+        if self.pixels != "bytes" and (self.format, self.codec) != ("parquet", "raw"):
+            raise ConfigError(f"--pixels {self.pixels} applies to --format parquet --codec raw only")
+        if self.pixels != "bytes" and self.image.fixed_shape is None:
+            raise ConfigError(f"--pixels {self.pixels} needs one image shape (not --resize shorter-side)")
         if (self.shard_bytes is None) == (self.samples_per_shard is None):
             raise ConfigError("give exactly one of shard_bytes (--shard-size) and samples_per_shard")
         if self.shard_bytes is not None and self.shard_bytes <= 0:
@@ -244,6 +256,8 @@ class ConvertConfig:
         for name in ("csv", "split", "hf"):
             if getattr(self, name) is None:
                 del resolved[name]  # folder conversions keep the manifest they always had
+        if self.pixels == "bytes":
+            del resolved["pixels"]  # and so do conversions in the default layout
         return resolved
 
 

@@ -26,7 +26,7 @@ from shardkit.conversion.sources.remote import fetch_inputs
 from shardkit.conversion.writers import EncodedSample
 from shardkit.conversion.writers.parquet import ParquetPartWriter, assemble_parquet
 from shardkit.conversion.writers.tar import TarPartWriter, assemble_tar
-from shardkit.format.samples import arrow_schema
+from shardkit.format.samples import arrow_schema, part_schema
 from shardkit.format.storage import Storage
 
 __all__ = ["PartResult", "PartTask", "ShardTask", "run_part", "run_shard"]
@@ -141,18 +141,17 @@ def _part_writer(task: PartTask, path: str) -> TarPartWriter | ParquetPartWriter
         classes = len(task.classes) if task.classes is not None else None
         return TarPartWriter(path, codec=config.codec, json_blocks=task.json_blocks,
                              classes=classes)
-    return ParquetPartWriter(path, schema=shard_schema(config, task.classes is not None,
-                                                       task.meta_types, task.classes))
+    return ParquetPartWriter(path, schema=part_schema(shard_schema(
+        config, task.classes is not None, task.meta_types, task.classes)))
 
 
 def shard_schema(config: ConvertConfig, labeled: bool,
                  meta_types: tuple[tuple[str, str], ...] = (),
                  classes: tuple[str, ...] | None = None) -> pa.Schema:
     """The Arrow schema of a Parquet shard under `config` (plus CSV metadata columns)."""
-    shape = config.image.fixed_shape
-    pixel_bytes = shape[0] * shape[1] * shape[2] if shape and config.codec == "raw" else None
-    return arrow_schema(pixel_bytes=pixel_bytes, labeled=labeled, meta=meta_types,
-                        codec=config.codec, classes=classes)
+    return arrow_schema(shape=config.image.fixed_shape if config.codec == "raw" else None,
+                        labeled=labeled, meta=meta_types, codec=config.codec, classes=classes,
+                        pixels=config.pixels)
 
 
 def _convert_one(record: InputRecord, key: str, task: PartTask,

@@ -148,11 +148,17 @@ class Manifest:
         return len(self.config["csv"]["label_cols"])
 
     @property
+    def pixels(self) -> str:
+        """How Parquet shards hold fixed-shape raw pixels: ``bytes`` or ``array3d``."""
+        return str(self.config.get("pixels", "bytes"))
+
+    @property
     def mapped(self) -> bool:
         """True when the reader memory-maps the shards' pixels (fixed-shape raw images in tar,
-        or in Parquet with an uncompressed image column)."""
+        or in Parquet as bytes in an uncompressed image column)."""
         return (self.kind == "images" and self.codec == "raw" and self.image_shape is not None
-                and (self.format == "tar" or self.config.get("compression") == "none"))
+                and (self.format == "tar" or (self.config.get("compression") == "none"
+                                              and self.pixels == "bytes")))
 
     def to_json(self) -> dict[str, Any]:
         return {

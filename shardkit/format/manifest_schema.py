@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shardkit.config import CODECS, COLOR_MODES, COMPRESSIONS, FILTERS, FORMATS, RESIZE_MODES
+from shardkit.config import CODECS, COLOR_MODES, COMPRESSIONS, FILTERS, FORMATS, PIXELS, RESIZE_MODES
 from shardkit.errors import DatasetError
 from shardkit.format.samples import META_TYPES
 
@@ -110,6 +110,7 @@ IMAGE_CONFIG = {
     "image": {"size": ListOf(POSITIVE, size=2), "resize": _one_of(*RESIZE_MODES),
               "mode": _one_of(*COLOR_MODES), "filter": _one_of(*FILTERS), "draft": FLAG},
     "seed": NATURAL, "shuffle": FLAG, "csv?": {"label_cols": ListOf(TEXT)},
+    "pixels?": _one_of(*PIXELS),
 }
 
 COLUMN = {
@@ -213,6 +214,9 @@ def _check_images(data: dict[str, Any]) -> None:
         if labelled != (count == 1):
             raise _Bad("classes", f"is {'null' if count == 1 else 'there'}, but "
                                   f"config.csv.label_cols names {count} columns")
+    if config.get("pixels", "bytes") != "bytes" and (tar or config["codec"] != "raw" or None in shape):
+        raise _Bad("config.pixels", f"is {config['pixels']!r}, which only raw Parquet shards of "
+                                    "one shape hold")
     if tar and config["codec"] == "raw" and None not in shape:
         pixels = math.prod(image["shape"])
         for i, record in enumerate(data["shards"]):

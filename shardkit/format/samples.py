@@ -10,7 +10,8 @@ columns (typed, in CSV order; several label columns are the float32 list ``targe
   ``<key>.cls``, the rest keys of ``<key>.json`` (`JSON_KEYS`: the original size is stored as
   ``width`` / ``height`` there, with the class name as ``class``).
 * Parquet: one column per field (`arrow_schema`), plus ``width`` / ``height`` when the image
-  column is variable-size. Raw pixels are ``fixed_size_binary(H*W*C)`` (or binary); jpeg/png
+  column is variable-size. Raw pixels are ``fixed_size_binary(H*W*C)`` (or binary), or with
+  ``pixels="array3d"`` Hugging Face's ``Array3D`` (`Array3DType`: nested lists); jpeg/png
   files are Hugging Face's ``Image`` storage, the struct {bytes, path} (`ENCODED_IMAGE`,
   path null; shards of earlier versions hold plain binary, which readers still take:
   `image_payloads`). The schema carries the ``huggingface`` metadata (`hf_features`) that
@@ -22,6 +23,7 @@ columns (typed, in CSV order; several label columns are the float32 list ``targe
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +34,7 @@ import pyarrow as pa
 from shardkit.errors import CorruptShardError
 
 __all__ = [
+    "ARRAY3D_NAME",
     "ENCODED_IMAGE",
     "HF_METADATA_KEY",
     "IMAGE_MEMBER",
@@ -39,6 +42,9 @@ __all__ = [
     "METADATA_FIELDS",
     "META_TYPES",
     "TARGET_FIELD",
+    "Array3DType",
+    "array3d_column",
+    "array3d_pixels",
     "arrow_schema",
     "check_labels",
     "fields_from_json",
@@ -46,6 +52,7 @@ __all__ = [
     "image_array",
     "image_payloads",
     "image_schema",
+    "part_schema",
 ]
 
 #: The tar member (extension) holding the image, per codec.
@@ -97,18 +104,45 @@ _HF_VALUES = {"string": "string", "int32": "int32", "int64": "int64", "float64":
               "bool": "bool"}
 
 
+#: The extension name ``datasets`` gives its Array3D type.
+ARRAY3D_NAME = "datasets.features.features.Array3DExtensionType"
+
+
+class Array3DType(pa.ExtensionType):  # type: ignore[misc]  # pyarrow is untyped
+    """Hugging Face ``datasets``' ``Array3D(shape, "uint8")`` column type, written here
+    without importing ``datasets``: its extension name and serialisation, over its storage
+    (variable-size lists of lists of lists of uint8, as ``datasets`` declares it). Never
+    registered with pyarrow (``datasets`` registers its own class under this name, and a
+    second registration fails): a file read in a process that has imported ``datasets`` gives
+    ``datasets``' type, in any other its storage type."""
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        self.shape = tuple(int(s) for s in shape)
+        pa.ExtensionType.__init__(self, pa.list_(pa.list_(pa.list_(pa.uint8()))), ARRAY3D_NAME)
+
+    def __arrow_ext_serialize__(self) -> bytes:
+        return json.dumps((self.shape, "uint8")).encode()
+
+    @classmethod
+    def __arrow_ext_deserialize__(cls, storage_type: pa.DataType, serialized: bytes) -> Array3DType:
+        return cls(json.loads(serialized)[0])
+
+
 def hf_features(*, codec: str, labeled: bool, classes: Sequence[str] | None, variable: bool,
-                meta: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+                meta: Sequence[tuple[str, str]] = (),
+                array3d: Sequence[int] | None = None) -> dict[str, Any]:
     """The columns' Hugging Face features (``datasets.Features.to_dict()``'s form), in column
-    order: jpeg/png images are ``Image`` (datasets decodes them); raw pixels stay ``binary``
-    (``Array3D`` would need nested lists of uint8 in the file, 4 bytes a pixel in Parquet,
-    which no reader could map): ``np.frombuffer(row["image"], np.uint8).reshape(shape)``
-    with index.json's shape. Labels are a ``ClassLabel`` with the class names."""
+    order: jpeg/png images are ``Image`` (datasets decodes them); raw pixels are ``Array3D``
+    of the stored shape when stored as one (`array3d`: the shape), else ``binary`` (the
+    default layout, which the reader maps: ``np.frombuffer(row["image"],
+    np.uint8).reshape(shape)`` with index.json's shape). Labels are a ``ClassLabel`` with the
+    class names."""
     def value(dtype: str) -> dict[str, Any]:
         return {"dtype": dtype, "_type": "Value"}
 
-    features: dict[str, Any] = {"key": value("string"),
-                                "image": {"_type": "Image"} if codec != "raw" else value("binary")}
+    image = {"_type": "Image"} if codec != "raw" else value("binary") if array3d is None else \
+        {"shape": list(array3d), "dtype": "uint8", "_type": "Array3D"}
+    features: dict[str, Any] = {"key": value("string"), "image": image}
     if labeled:
         features["label"] = {"names": list(classes), "_type": "ClassLabel"} if classes is not None \
             else value("int64")
@@ -121,28 +155,85 @@ def hf_features(*, codec: str, labeled: bool, classes: Sequence[str] | None, var
     return features
 
 
-def arrow_schema(*, pixel_bytes: int | None, labeled: bool,
+def arrow_schema(*, shape: Sequence[int] | None, labeled: bool,
                  meta: Sequence[tuple[str, str]] = (), codec: str = "raw",
-                 classes: Sequence[str] | None = None) -> pa.Schema:
-    """A Parquet shard's Arrow schema: `pixel_bytes` is H*W*C for fixed-shape raw images, else
-    None (variable-size binary plus ``width``/``height``); `meta`: CSV columns (name, type)
-    appended, nullable, after the fixed ones. Its metadata holds the columns' Hugging Face
-    features (`hf_features`; `codec` and `classes` decide the image's and label's)."""
-    fields: list[pa.Field] = [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("image", ENCODED_IMAGE) if codec != "raw" else
-        pa.field("image", pa.binary(pixel_bytes) if pixel_bytes else pa.binary(), nullable=False),
-    ]
+                 classes: Sequence[str] | None = None, pixels: str = "bytes") -> pa.Schema:
+    """A Parquet shard's Arrow schema: `shape` is (H, W, C) for fixed-shape raw images, else
+    None (variable-size binary plus ``width``/``height``); `pixels` how fixed-shape raw pixels
+    are stored (``bytes``: fixed_size_binary(H*W*C); ``array3d``: `Array3DType`); `meta`: CSV
+    columns (name, type) appended, nullable, after the fixed ones. Its metadata holds the
+    columns' Hugging Face features (`hf_features`; `codec` and `classes` decide the image's
+    and label's)."""
+    array3d = shape if shape is not None and pixels == "array3d" else None
+    image = pa.field("image", ENCODED_IMAGE) if codec != "raw" else \
+        pa.field("image", Array3DType(array3d)) if array3d is not None else \
+        pa.field("image", pa.binary(math.prod(shape)) if shape else pa.binary(), nullable=False)
+    fields: list[pa.Field] = [pa.field("key", pa.string(), nullable=False), image]
     if labeled:
         fields.append(pa.field("label", pa.int64()))  # nullable: what ClassLabel's field is
     fields += [pa.field(name, _FIXED[name][1], nullable=False) for name in METADATA_FIELDS[1:]]
-    if pixel_bytes is None:
+    if shape is None:
         fields += [pa.field("width", pa.int32(), nullable=False),
                    pa.field("height", pa.int32(), nullable=False)]
     fields += [pa.field(name, META_TYPES[kind]) for name, kind in meta]
     features = hf_features(codec=codec, labeled=labeled, classes=classes,
-                           variable=pixel_bytes is None, meta=meta)
+                           variable=shape is None, meta=meta, array3d=array3d)
     return pa.schema(fields, metadata={HF_METADATA_KEY: json.dumps({"info": {"features": features}})})
+
+
+def part_schema(schema: pa.Schema) -> pa.Schema:
+    """The schema a shard's Arrow part files are written in: `schema` with an `Array3DType`
+    image column as fixed_size_binary(H*W*C), so parts hold each image's bytes once (and an
+    unregistered extension type never has to be read back from them); `array3d_column` turns
+    it into the shard's column."""
+    field = schema.field("image")
+    if not isinstance(field.type, Array3DType):
+        return schema
+    return schema.set(schema.get_field_index("image"),
+                      pa.field("image", pa.binary(math.prod(field.type.shape)), nullable=False))
+
+
+def array3d_column(column: pa.ChunkedArray | pa.Array, kind: Array3DType) -> pa.Array:
+    """A fixed_size_binary(H*W*C) column as `kind`'s nested lists, over the same bytes (the
+    three offset arrays are the only new memory). Offsets are int32, as ``datasets``' type has
+    them: a row group of a shard stays far below 2**31 pixel values."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    rows, (height, width, channels) = len(array), kind.shape
+    pixels = height * width * channels
+    nested: pa.Array = pa.Array.from_buffers(pa.uint8(), rows * pixels, [None, array.buffers()[1]],
+                                             offset=array.offset * pixels)
+    for count, step in ((rows * height * width, channels), (rows * height, width), (rows, height)):
+        offsets = pa.array(np.arange(0, count * step + 1, step, dtype=np.int32))
+        nested = pa.ListArray.from_arrays(offsets, nested)
+    return pa.ExtensionArray.from_storage(kind, nested)
+
+
+def array3d_pixels(column: pa.ChunkedArray | pa.Array, shape: Sequence[int]) -> np.ndarray:
+    """[N,H,W,C] uint8 of an ``Array3D`` column (`Array3DType`, ``datasets``' own, or their
+    storage type), a view of its values. ValueError when its type is not lists of lists of
+    lists of uint8, a list is null, or a list's length is not `shape`'s."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(array, pa.ExtensionArray):
+        array = array.storage
+    nested = pa.list_(pa.list_(pa.list_(pa.uint8())))
+    if array.type != nested:
+        raise ValueError(f"the image column is {array.type}, not {nested} (Array3D)")
+    rows = len(array)
+    if not rows:
+        return np.zeros((0, *(int(s) for s in shape)), dtype=np.uint8)
+    for depth, size in enumerate(shape):
+        if array.null_count:
+            raise ValueError("the image column holds nulls")
+        offsets = np.frombuffer(array.buffers()[1], dtype=np.int32, count=len(array) + 1,
+                                offset=array.offset * 4)
+        if np.any(np.diff(offsets) != size):
+            raise ValueError(f"an image's dimension {depth} is not {size} as index.json's "
+                             "shape says")
+        array = array.values[int(offsets[0]):int(offsets[-1])]
+    if array.null_count:
+        raise ValueError("the image column holds nulls")
+    flat = np.frombuffer(array.buffers()[1], dtype=np.uint8, count=len(array), offset=array.offset)
+    return flat.reshape(rows, *(int(s) for s in shape))
 
 
 def image_array(payloads: Sequence[bytes], kind: pa.DataType) -> pa.Array:

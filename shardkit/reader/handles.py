@@ -5,7 +5,8 @@
 * Raw Parquet shards are memory-mapped too: their image column is one [n,H,W,C] view per
   data page (`Pieces`), found by walking the page headers and checked against the footer and
   index.json on open (see `parquet.map_images`). A column stored any other way than bare
-  (compressed, dictionary-encoded...) is read once by pyarrow into an [N,H,W,C] array.
+  (compressed, dictionary-encoded, Hugging Face's ``Array3D`` with ``config.pixels``...) is
+  read once by pyarrow into an [N,H,W,C] array.
 * jpeg/png shards keep their encoded payloads; a batch decodes the samples it needs.
   Raw shards of varying shapes hold one array per sample.
 
@@ -93,12 +94,12 @@ def open_raw_tar(path: str, record: ShardRecord, shape: Sequence[int], classes: 
 
 
 def open_parquet_raw(path: str, record: ShardRecord, shape: Sequence[int], labeled: bool,
-                     fields: Sequence[str] = METADATA_FIELDS) -> ShardHandle:
-    pages = map_images(path, record, shape)
+                     fields: Sequence[str] = METADATA_FIELDS, *, pixels: str = "bytes") -> ShardHandle:
+    pages = map_images(path, record, shape) if pixels == "bytes" else None
     images: np.ndarray | Pieces
     labels: np.ndarray | None
-    if pages is None:  # a layout that cannot be mapped (compressed...): pyarrow copies it
-        images, labels = read_parquet_shard(path, record.samples, shape, labeled)
+    if pages is None:  # a layout that cannot be mapped (compressed, Array3D): pyarrow copies it
+        images, labels = read_parquet_shard(path, record.samples, shape, labeled, pixels=pixels)
     else:
         images = Pieces(pages)
         labels = int64_values(read_parquet_table(path, ["label"], record.samples).column("label")) \
@@ -198,7 +199,8 @@ def open_shard(folder: str, manifest: Manifest, number: int, *, verify: bool,
         classes = len(manifest.classes) if manifest.classes is not None else None
         handle = open_raw_tar(path, record, shape, classes, fields)
     else:
-        handle = open_parquet_raw(path, record, shape, manifest.labeled, fields)
+        handle = open_parquet_raw(path, record, shape, manifest.labeled, fields,
+                                  pixels=manifest.pixels)
     if manifest.targets:
         handle.labels = read_targets(path, record, manifest)
     check_labels(path, handle.labels, manifest.classes)

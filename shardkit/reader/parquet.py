@@ -7,7 +7,8 @@
   mapped: uncompressed, PLAIN, no dictionary, required (no levels), data pages v1 or v2.
   Anything else (``--compression zstd``, a file written by another tool with other options)
   is None, and the caller reads the column with pyarrow instead.
-* `read_parquet_table` / `read_parquet_shard`: pyarrow reads (one copy of the column), through
+* `read_parquet_table` / `read_parquet_shard`: pyarrow reads (one copy of the column; the only
+  way for pixels stored as Hugging Face's ``Array3D``, nested lists), through
   `pq.ParquetFile`, and `int64_values` for labels: neither imports pandas, as `pq.read_table`
   and pyarrow's ``to_numpy`` do (a quarter of a second in every process that reads).
 """
@@ -24,6 +25,7 @@ import pyarrow.parquet as pq
 
 from shardkit.errors import CorruptShardError
 from shardkit.format.manifest import ShardRecord
+from shardkit.format.samples import array3d_pixels
 from shardkit.reader.open_ahead import map_shard
 
 __all__ = ["PARQUET_ERRORS", "fixed_images", "int64_values", "map_images", "read_parquet_shard",
@@ -71,16 +73,23 @@ def int64_values(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def read_parquet_shard(path: str | os.PathLike[str], samples: int, shape: Sequence[int],
-                       labeled: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """(images [N,H,W,C] uint8, labels [N] int64 or None) of a fixed-shape raw Parquet shard."""
+                       labeled: bool, *, pixels: str = "bytes") -> tuple[np.ndarray, np.ndarray | None]:
+    """(images [N,H,W,C] uint8, labels [N] int64 or None) of a fixed-shape raw Parquet shard
+    whose pixels are stored as `pixels` says (index.json's ``config.pixels``)."""
     columns = ["image", "label"] if labeled else ["image"]
     table = read_parquet_table(path, columns, samples)
     column = table.column("image")
     width = int(np.prod(shape))
-    if column.type != pa.binary(width) or column.null_count:
+    if pixels == "array3d":
+        try:
+            images = array3d_pixels(column, shape)
+        except ValueError as exc:
+            raise CorruptShardError(f"{path}: {exc}") from None
+    elif column.type != pa.binary(width) or column.null_count:
         raise CorruptShardError(f"{path}: the image column is not fixed_size_binary({width}) "
                                 "as index.json's shape says")
-    images = fixed_images(column, shape)
+    else:
+        images = fixed_images(column, shape)
     labels = int64_values(table.column("label")) if labeled else None
     return images, labels
 

@@ -56,7 +56,8 @@ def info_text(facts: dict[str, Any]) -> str:
         f"samples     {facts['samples']:,} of {facts['inputs']:,} inputs ({facts['failed']:,} failed)",
         f"shards      {facts['shards']:,} {facts['format']} files, {human_bytes(facts['bytes'])} "
         f"({human_bytes(facts['bytes_per_sample'])} per sample)",
-        f"image       uint8 {shape} (HxWxC), codec {image['codec']}",
+        f"image       uint8 {shape} (HxWxC), codec {image['codec']}"
+        + (f", stored as {facts['config']['pixels']}" if "pixels" in facts["config"] else ""),
     ]
     if facts["classes"] is None:
         lines.append("labels      none (flat folder)")

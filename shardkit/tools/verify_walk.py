@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from shardkit.format.manifest import Manifest
-from shardkit.format.samples import IMAGE_MEMBER, arrow_schema
+from shardkit.format.samples import IMAGE_MEMBER, array3d_pixels, arrow_schema
 from shardkit.format.tar import BLOCK, iter_members
 from shardkit.reader.parquet import PARQUET_ERRORS
 
@@ -46,6 +46,8 @@ class Spec:
     rows_per_group: int | None
     #: Image CSVs: the rows' other columns (name, type), stored after the fixed ones.
     csv_columns: tuple[tuple[str, str], ...] = ()
+    #: How Parquet shards hold fixed-shape raw pixels (``bytes`` or ``array3d``).
+    pixels: str = "bytes"
 
     @property
     def fixed(self) -> bool:
@@ -56,9 +58,14 @@ class Spec:
         return self.codec == "raw" and self.fixed
 
     @property
+    def dims(self) -> tuple[int, ...]:
+        """(H, W, C), 0 where shapes vary."""
+        return tuple(s or 0 for s in self.shape)
+
+    @property
     def pixel_bytes(self) -> int:
         """H*W*C (0 when shapes vary)."""
-        return math.prod(s or 0 for s in self.shape)
+        return math.prod(self.dims)
 
     @property
     def channels(self) -> int:
@@ -71,7 +78,7 @@ class Spec:
         return cls(format=manifest.format, codec=manifest.codec,
                    shape=tuple(manifest.schema["image"]["shape"]), classes=manifest.classes,
                    rows_per_group=parquet["rows_per_group"] if parquet else None,
-                   csv_columns=manifest.csv_columns)
+                   csv_columns=manifest.csv_columns, pixels=manifest.pixels)
 
 
 @dataclass
@@ -248,15 +255,22 @@ def walk_parquet(path: Path, spec: Spec, tally: Tally, *, decode: bool) -> int:
             # Quick mode reads only the columns it checks values of; a full check reads them
             # all, so every page is decoded once.
             columns = None
+            array3d = spec.raw_fixed and spec.pixels == "array3d"
             if not decode:
                 columns = ["key", *(["label"] if spec.classes is not None else [])]
-                if not spec.raw_fixed:
+                if not spec.raw_fixed or array3d:
                     columns += ["image", *(["width", "height"] if not spec.fixed else [])]
             for batch in handle.iter_batches(batch_size=256, columns=columns, use_threads=False):
                 nulls = [name for name, column in zip(batch.schema.names, batch.columns, strict=True)
                          if column.null_count and name not in dict(spec.csv_columns)]
                 if nulls:
                     raise Problem(f"column {nulls[0]} holds nulls")
+                if array3d:  # nested lists of any length: each image's shape is checked here
+                    try:
+                        array3d_pixels(batch.column("image"), spec.dims)
+                    except ValueError as exc:
+                        raise Problem(str(exc)) from None
+                    batch = batch.drop_columns(["image"])
                 _check_rows(batch.to_pydict(), spec, tally, decode=decode)
             return int(handle.metadata.num_rows)
     except PARQUET_ERRORS as exc:
@@ -264,11 +278,14 @@ def walk_parquet(path: Path, spec: Spec, tally: Tally, *, decode: bool) -> int:
 
 
 def _check_columns(schema: pa.Schema, spec: Spec) -> None:
-    expected_schema = arrow_schema(pixel_bytes=spec.pixel_bytes if spec.raw_fixed else None,
+    expected_schema = arrow_schema(shape=spec.dims if spec.raw_fixed else None,
                                    labeled=spec.classes is not None, meta=spec.csv_columns,
-                                   codec=spec.codec)
-    expected = [(f.name, f.type) for f in expected_schema]
-    got = [(f.name, f.type) for f in schema]
+                                   codec=spec.codec, pixels=spec.pixels)
+    def kind(field: pa.Field) -> pa.DataType:  # Array3D as `Array3DType`, datasets' or bare
+        return field.type.storage_type if isinstance(field.type, pa.ExtensionType) else field.type
+
+    expected = [(f.name, kind(f)) for f in expected_schema]
+    got = [(f.name, kind(f)) for f in schema]
     if spec.codec != "raw" and ("image", pa.binary()) in got:  # jpeg/png of earlier versions
         expected = [(n, pa.binary() if n == "image" else k) for n, k in expected]
     if got != expected:

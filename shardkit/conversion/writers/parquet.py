@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from shardkit.conversion.writers import EncodedSample
 from shardkit.format.files import hash_file
-from shardkit.format.samples import image_array
+from shardkit.format.samples import Array3DType, array3d_column, image_array, part_schema
 
 __all__ = ["ParquetPartWriter", "assemble_parquet"]
 
@@ -59,10 +59,23 @@ class ParquetPartWriter:
 
 def assemble_parquet(parts: Sequence[str], tmp_path: str, *, schema: pa.Schema,
                      rows_per_group: int, compression: str) -> tuple[int, str]:
-    """Join part files into one Parquet file at `tmp_path` (fsynced); (bytes, sha256)."""
-    column_compression = {name: "zstd" for name in schema.names}
-    column_compression["image"] = compression
+    """Join part files (written in `part_schema(schema)`) into one Parquet file at `tmp_path`
+    (fsynced); (bytes, sha256)."""
+    image = schema.field("image").type
+    array3d = image if isinstance(image, Array3DType) else None
+    # Per-column settings name leaf columns: an Array3D image's leaf is three lists down.
+    image_leaf = "image" + ".list.element" * 3 if array3d is not None else "image"
+    column_compression = {name: "zstd" for name in schema.names if name != "image"}
+    column_compression[image_leaf] = compression
     stats = [name for name in schema.names if name != "image"]
+    parts_schema = part_schema(schema)
+
+    def write(group: pa.Table) -> None:
+        if array3d is not None:
+            group = group.set_column(group.schema.get_field_index("image"), schema.field("image"),
+                                     array3d_column(group.column("image"), array3d))
+        writer.write_table(group, row_group_size=rows_per_group)
+
     buffered: list[pa.RecordBatch] = []
     pending = 0
     with pq.ParquetWriter(
@@ -76,13 +89,12 @@ def assemble_parquet(parts: Sequence[str], tmp_path: str, *, schema: pa.Schema,
                 buffered.append(batch)
                 pending += batch.num_rows
             while pending >= rows_per_group:
-                group = pa.Table.from_batches(buffered, schema=schema)
-                writer.write_table(group.slice(0, rows_per_group), row_group_size=rows_per_group)
+                group = pa.Table.from_batches(buffered, schema=parts_schema)
+                write(group.slice(0, rows_per_group))
                 rest = group.slice(rows_per_group)
                 buffered, pending = rest.to_batches(), rest.num_rows
         if pending:
-            writer.write_table(pa.Table.from_batches(buffered, schema=schema),
-                               row_group_size=rows_per_group)
+            write(pa.Table.from_batches(buffered, schema=parts_schema))
     with open(tmp_path, "rb+") as handle:
         os.fsync(handle.fileno())
     return hash_file(tmp_path)
