@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--pixels", choices=PIXELS, default="bytes",
                      help="how Parquet shards hold raw pixels: bytes (memory-mapped when read; "
                           "default) or array3d (Hugging Face's Array3D, so datasets gives arrays; "
-                          "4x the bytes unless --compression zstd, read through pyarrow)")
+                          "about 1.25x the bytes, read through pyarrow)")
     size = out.add_mutually_exclusive_group()
     size.add_argument("--shard-size", default=None, help="target shard size (default 256MB)")
     size.add_argument("--samples-per-shard", type=int, default=None)

@@ -27,6 +27,7 @@ from shardkit.config import (
     Format,
     HfOptions,
     ImageOptions,
+    Pixels,
     ReadOptions,
     ResizeMode,
     RunOptions,
@@ -93,7 +94,7 @@ class ConvertKeywords(TypedDict, total=False):
     codec: Codec
     quality: int
     compression: Literal["none", "zstd"]
-    pixels: Literal["bytes", "array3d"]
+    pixels: Pixels
     shard_bytes: int | None
     shard_size: int | str
     samples_per_shard: int | None

@@ -49,6 +49,7 @@ KINDS: dict[str, tuple[str, dict[str, Any]]] = {
     "parquet-raw": ("tree", {"format": "parquet"}),
     "parquet-jpeg": ("tree", {"format": "parquet", "codec": "jpeg"}),
     "parquet-zstd": ("tree", {"format": "parquet", "compression": "zstd"}),
+    "parquet-array3d": ("tree", {"format": "parquet", "pixels": "array3d"}),
     "table": ("table", {"label_col": "y"}),
 }
 EXTRA_KINDS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -5,7 +5,10 @@ these shards with ``datasets``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +20,21 @@ import pytest
 from corpus import small_tree
 
 import shardkit
-from shardkit import ConfigError, CorruptShardError
+from shardkit import ConfigError, CorruptShardError, DatasetError
+from shardkit.config import ARRAY3D_VALUES
+from shardkit.conversion.plan import rows_per_group
+from shardkit.conversion.tasks import shard_schema
+from shardkit.conversion.writers import EncodedSample
+from shardkit.conversion.writers.parquet import ParquetPartWriter, assemble_parquet
 from shardkit.format.files import hash_file
-from shardkit.format.samples import Array3DType, array3d_column, array3d_pixels
+from shardkit.format.samples import (
+    ARRAY3D_LEAF,
+    ARRAY3D_NAME,
+    Array3DType,
+    array3d_column,
+    array3d_pixels,
+    part_schema,
+)
 from shardkit.reader.handles import open_parquet_raw
 from shardkit.tools.verify import verify_dataset
 
@@ -111,8 +126,9 @@ def test_conversion_gives_the_default_layouts_pixels_and_verifies(
     meta = pq.read_metadata(files[0])
     leaves = {meta.schema.column(i).path: meta.row_group(0).column(i).compression
               for i in range(meta.num_columns)}
-    assert leaves["image.list.element.list.element.list.element"] == compression.upper() \
-        .replace("NONE", "UNCOMPRESSED")
+    assert leaves[ARRAY3D_LEAF] == compression.upper().replace("NONE", "UNCOMPRESSED")
+    leaf = [meta.schema.column(i).path for i in range(meta.num_columns)].index(ARRAY3D_LEAF)
+    assert "RLE_DICTIONARY" in meta.row_group(0).column(leaf).encodings
     assert leaves["key"] == "ZSTD"
     for quick in (True, False):
         assert verify_dataset(out, quick=quick) == []
@@ -191,3 +207,128 @@ def test_options_it_cannot_honour_are_config_errors(src: Path, tmp_path: Path,
     with pytest.raises(ConfigError, match=message):
         shardkit.convert(src, tmp_path / "out", size=8, workers=0, progress=False, **options)
     assert not (tmp_path / "out").exists()
+
+
+def test_parts_and_row_groups_that_do_not_line_up_give_the_same_file(tmp_path: Path) -> None:
+    pixels = images(76)
+    labels = list(range(76))
+    config = shardkit.ConvertConfig(image=shardkit.ImageOptions(size=(5, 4)), format="parquet",
+                                    pixels="array3d")
+    schema = shard_schema(config, labeled=True)
+
+    def parts(sizes: list[int]) -> list[str]:
+        paths, at = [], 0
+        for number, size in enumerate(sizes):
+            path = str(tmp_path / f"{sum(sizes)}-{len(sizes)}-{number}.arrow")
+            writer = ParquetPartWriter(path, schema=part_schema(schema))
+            for i in range(at, at + size):
+                writer.add(EncodedSample(key=f"{i:06d}", label=labels[i], class_name=None,
+                                         payload=pixels[i].tobytes(), shape=SHAPE, source=f"{i}.jpg",
+                                         orig_size=(5, 4)))
+            writer.close()
+            paths.append(path)
+            at += size
+        return paths
+
+    digests = []
+    for sizes in ([5, 64, 7], [76], [20, 20, 20, 16]):
+        out = str(tmp_path / f"shard-{len(sizes)}.parquet")
+        digests.append(assemble_parquet(parts(sizes), out, schema=schema, rows_per_group=20,
+                                        compression="none")[1])
+        meta = pq.read_metadata(out)
+        assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [20, 20, 20, 16]
+        table = pq.read_table(out)
+        np.testing.assert_array_equal(array3d_pixels(table.column("image"), SHAPE), pixels)
+        assert table.column("label").to_pylist() == labels
+    assert len(set(digests)) == 1
+
+
+def test_row_groups_stay_below_the_int32_offsets_and_larger_images_are_refused() -> None:
+    big = shardkit.ConvertConfig(image=shardkit.ImageOptions(size=(4000, 3000)), format="parquet",
+                                 pixels="array3d")
+    rows = rows_per_group(big, labeled=True)
+    assert rows == ARRAY3D_VALUES // (4000 * 3000 * 3) == 59
+    assert rows_per_group(dataclasses.replace(big, pixels="bytes"), labeled=True) == 64
+    with pytest.raises(ConfigError, match="at most 2,147,483,647 pixel values"):
+        shardkit.ConvertConfig(image=shardkit.ImageOptions(size=(30000, 30000)), format="parquet",
+                               pixels="array3d")
+
+
+CHECK_WITHOUT_DATASETS = """
+import sys, numpy as np, shardkit
+from shardkit.tools.verify import verify_dataset
+out, problems = sys.argv[1], verify_dataset(sys.argv[1])
+images = np.concatenate([b["image"] for b in shardkit.open(out).batches(100, shuffle=False)])
+assert "datasets" not in sys.modules
+print(images.sum(), images.shape, problems)
+"""
+
+
+def test_a_process_without_datasets_reads_and_verifies_the_storage_type(src: Path, tmp_path: Path) -> None:
+    out = convert(src, tmp_path / "a3d", pixels="array3d")
+    stored = everything(out)["image"]
+    result = subprocess.run([sys.executable, "-c", CHECK_WITHOUT_DATASETS, str(out)],
+                            capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.split("\n")[0] == f"{stored.sum()} {stored.shape} []"
+
+
+def declare(path: Path, metadata: bytes) -> None:
+    """Rewrite a shard with its image field's extension metadata replaced."""
+    table = pq.read_table(path)
+    column = table.column("image").combine_chunks()
+    storage = column.storage if isinstance(column, pa.ExtensionArray) else column
+    field = pa.field("image", storage.type, metadata={
+        b"ARROW:extension:name": ARRAY3D_NAME.encode(), b"ARROW:extension:metadata": metadata})
+    table = table.set_column(table.schema.get_field_index("image"), field, storage)
+    pq.write_table(table, path, compression="none")
+
+
+def refresh(out: Path, number: int, path: Path) -> None:
+    index = json.loads((out / "index.json").read_text())
+    index["shards"][number]["bytes"], index["shards"][number]["sha256"] = hash_file(str(path))
+    (out / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("metadata", [b'[[4, 5, 1], "uint8"]', b'[[4, 5, 3], "int32"]',
+                                      b'{"a": 1}', b"not json"])
+def test_an_extension_datasets_cannot_load_is_a_finding_and_never_a_crash(
+        src: Path, tmp_path: Path, metadata: bytes) -> None:
+    out = convert(src, tmp_path / "a3d", pixels="array3d")
+    path = sorted(out.glob("*.parquet"))[0]
+    declare(path, metadata)
+    refresh(out, 0, path)
+    # Without datasets (the CLI): the declaration is checked.
+    result = subprocess.run([sys.executable, "-m", "shardkit", "verify", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and path.name in result.stdout + result.stderr \
+        and "not datasets.features.features.Array3DExtensionType" in result.stdout + result.stderr
+    # With datasets imported (as in this process) its deserialiser may refuse the file first.
+    problems = verify_dataset(out)
+    assert len(problems) == 1 and problems[0].startswith(path.name)
+    try:
+        shardkit.open(out).read_shard(0)
+    except CorruptShardError as exc:
+        assert path.name in str(exc)
+
+
+def test_the_cli_converts_with_pixels_and_refuses_it_on_tar(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    done = subprocess.run([sys.executable, "-m", "shardkit", "convert", str(src), str(out),
+                           "--format", "parquet", "--pixels", "array3d", "--size", "5x4",
+                           "--workers", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "index.json").read_text())["config"]["pixels"] == "array3d"
+    refused = subprocess.run([sys.executable, "-m", "shardkit", "convert", str(src),
+                              str(tmp_path / "tar"), "--pixels", "array3d", "--workers", "0"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--pixels array3d applies to --format parquet" in refused.stderr
+    assert not (tmp_path / "tar").exists()
+
+
+def test_index_json_naming_pixels_for_tar_is_refused(src: Path, tmp_path: Path) -> None:
+    out = shardkit.convert(src, tmp_path / "tar", size=(5, 4), workers=0, progress=False).out
+    index = json.loads((out / "index.json").read_text())
+    index["config"]["pixels"] = "array3d"
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DatasetError, match=r"config\.pixels"):
+        shardkit.open(out)

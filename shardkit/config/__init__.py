@@ -10,10 +10,12 @@ dataset is read, with the same names and defaults for ``ShardLoader``, ``ShardDa
 
 from shardkit.config.common import usable_cpus
 from shardkit.config.convert import (
+    ARRAY3D_VALUES,
     CODECS,
     COLOR_MODES,
     COMPRESSIONS,
     DEFAULT_MAX_PIXELS,
+    DEFAULT_PIXELS,
     DEFAULT_SHARD_BYTES,
     FILTERS,
     FORMATS,
@@ -28,6 +30,7 @@ from shardkit.config.convert import (
     Format,
     HfOptions,
     ImageOptions,
+    Pixels,
     ResizeMode,
     RunOptions,
     SplitOptions,
@@ -35,11 +38,13 @@ from shardkit.config.convert import (
 from shardkit.config.read import DECODES, Decode, ReadOptions
 
 __all__ = [
+    "ARRAY3D_VALUES",
     "CODECS",
     "COLOR_MODES",
     "COMPRESSIONS",
     "DECODES",
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_PIXELS",
     "DEFAULT_SHARD_BYTES",
     "FILTERS",
     "FORMATS",
@@ -55,6 +60,7 @@ __all__ = [
     "Format",
     "HfOptions",
     "ImageOptions",
+    "Pixels",
     "ReadOptions",
     "ResizeMode",
     "RunOptions",

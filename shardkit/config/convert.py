@@ -22,6 +22,7 @@ ColorMode = Literal["RGB", "L"]
 Filter = Literal["bilinear", "bicubic", "lanczos"]
 Format = Literal["tar", "parquet"]
 Codec = Literal["raw", "jpeg", "png"]
+Pixels = Literal["bytes", "array3d"]
 
 RESIZE_MODES: tuple[str, ...] = ("center-crop", "pad", "stretch", "shorter-side")
 COLOR_MODES: tuple[str, ...] = ("RGB", "L")
@@ -29,8 +30,12 @@ FILTERS: tuple[str, ...] = ("bilinear", "bicubic", "lanczos")
 FORMATS: tuple[str, ...] = ("tar", "parquet")
 CODECS: tuple[str, ...] = ("raw", "jpeg", "png")
 COMPRESSIONS: tuple[str, ...] = ("none", "zstd")
-#: How Parquet shards store fixed-shape raw pixels (ConvertConfig.pixels).
+#: How Parquet shards store fixed-shape raw pixels (ConvertConfig.pixels); the first is the
+#: default, which index.json does not record.
 PIXELS: tuple[str, ...] = ("bytes", "array3d")
+DEFAULT_PIXELS: Pixels = "bytes"
+#: An Array3D column's offsets are int32: the most pixel values a row group may hold.
+ARRAY3D_VALUES = (1 << 31) - 1
 
 #: Pillow's own default limit (``Image.MAX_IMAGE_PIXELS``), about 89 megapixels.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -202,8 +207,8 @@ class ConvertConfig:
     compression: Parquet compression of the image column (``none`` or ``zstd``).
     pixels: how Parquet shards store raw pixels of a fixed shape: ``bytes`` (one
         fixed_size_binary(H*W*C) per image, which the reader memory-maps) or ``array3d``
-        (Hugging Face's ``Array3D``, so ``datasets`` gives arrays: nested lists, 4 bytes a
-        pixel unless compressed, read through pyarrow).
+        (Hugging Face's ``Array3D``, so ``datasets`` gives arrays: nested lists, dictionary-
+        encoded, about 1.25 bytes a pixel, read through pyarrow).
     shard_bytes / samples_per_shard: give exactly one; shard_bytes is converted to a sample
         count at plan time (exact for raw, an estimate for jpeg/png).
     shuffle / seed: a seeded global shuffle of the input order at plan time (the seed
@@ -216,7 +221,7 @@ class ConvertConfig:
     codec: Codec = "raw"
     quality: int = 90
     compression: str = "none"
-    pixels: str = "bytes"
+    pixels: Pixels = DEFAULT_PIXELS
     shard_bytes: int | None = DEFAULT_SHARD_BYTES
     samples_per_shard: int | None = None
     shuffle: bool = False
@@ -237,10 +242,16 @@ class ConvertConfig:
         if self.compression != "none" and self.format != "parquet":
             raise ConfigError("--compression applies to --format parquet only")
         check_choice("pixels", self.pixels, PIXELS)
-        if self.pixels != "bytes" and (self.format, self.codec) != ("parquet", "raw"):
-            raise ConfigError(f"--pixels {self.pixels} applies to --format parquet --codec raw only")
-        if self.pixels != "bytes" and self.image.fixed_shape is None:
-            raise ConfigError(f"--pixels {self.pixels} needs one image shape (not --resize shorter-side)")
+        if self.pixels != DEFAULT_PIXELS:
+            shape = self.image.fixed_shape
+            if (self.format, self.codec) != ("parquet", "raw"):
+                raise ConfigError(f"--pixels {self.pixels} applies to --format parquet --codec raw only")
+            if shape is None:
+                raise ConfigError(f"--pixels {self.pixels} needs one image shape (not --resize "
+                                  "shorter-side)")
+            if math.prod(shape) > ARRAY3D_VALUES:
+                raise ConfigError(f"--pixels {self.pixels} holds at most {ARRAY3D_VALUES:,} pixel "
+                                  f"values an image; {shape[1]}x{shape[0]}x{shape[2]} is more")
         if (self.shard_bytes is None) == (self.samples_per_shard is None):
             raise ConfigError("give exactly one of shard_bytes (--shard-size) and samples_per_shard")
         if self.shard_bytes is not None and self.shard_bytes <= 0:
@@ -256,7 +267,7 @@ class ConvertConfig:
         for name in ("csv", "split", "hf"):
             if getattr(self, name) is None:
                 del resolved[name]  # folder conversions keep the manifest they always had
-        if self.pixels == "bytes":
+        if self.pixels == DEFAULT_PIXELS:
             del resolved["pixels"]  # and so do conversions in the default layout
         return resolved
 

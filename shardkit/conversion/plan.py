@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from shardkit.config import ConvertConfig, RunOptions
+from shardkit.config import ARRAY3D_VALUES, ConvertConfig, RunOptions
 from shardkit.conversion.report import FailureRecord
 from shardkit.conversion.sources.image_csv import list_image_csv
 from shardkit.conversion.sources.imagefolder import Listing, list_image_folder
@@ -34,6 +34,8 @@ PART_SAMPLES = 64
 ROW_GROUP_BYTES = 64 * 1024 * 1024
 #: Typical compressed size relative to raw pixels, used to turn --shard-size into a count.
 _CODEC_RATIO = {"raw": 1.0, "jpeg": 1 / 8, "png": 1 / 2}
+#: Raw pixels as Array3D: a dictionary index byte and two bits of repetition level a value.
+_ARRAY3D_RATIO = 1.25
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,7 +165,8 @@ def sample_bytes_estimate(config: ConvertConfig, labeled: bool) -> int:
     if config.format == "tar" and config.codec == "raw" and opts.fixed_shape:
         return tar.raw_layout(shape, 1 if labeled else None, 1)["stride"]
     pixels = int(np.prod(shape))
-    return max(1, int(pixels * _CODEC_RATIO[config.codec]))
+    ratio = _ARRAY3D_RATIO if config.pixels == "array3d" else _CODEC_RATIO[config.codec]
+    return max(1, int(pixels * ratio))
 
 
 def _samples_per_shard(config: ConvertConfig, labeled: bool) -> int:
@@ -174,6 +177,10 @@ def _samples_per_shard(config: ConvertConfig, labeled: bool) -> int:
 
 
 def rows_per_group(config: ConvertConfig, labeled: bool) -> int:
-    """Parquet rows per row group, fixed by the config alone."""
-    rows = ROW_GROUP_BYTES // sample_bytes_estimate(config, labeled)
-    return int(min(max(rows, 64), 1 << 16))
+    """Parquet rows per row group, fixed by the config alone (an Array3D row group holds at
+    most ARRAY3D_VALUES pixel values: its offsets are int32)."""
+    rows = int(min(max(ROW_GROUP_BYTES // sample_bytes_estimate(config, labeled), 64), 1 << 16))
+    shape = config.image.fixed_shape
+    if config.pixels == "array3d" and shape is not None:
+        rows = min(rows, ARRAY3D_VALUES // math.prod(shape))
+    return rows

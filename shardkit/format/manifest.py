@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from shardkit._version import __version__
+from shardkit.config import DEFAULT_PIXELS
 from shardkit.errors import DatasetError
 from shardkit.format.files import atomic_write_bytes
 from shardkit.format.manifest_schema import check_manifest
@@ -150,7 +151,7 @@ class Manifest:
     @property
     def pixels(self) -> str:
         """How Parquet shards hold fixed-shape raw pixels: ``bytes`` or ``array3d``."""
-        return str(self.config.get("pixels", "bytes"))
+        return str(self.config.get("pixels", DEFAULT_PIXELS))
 
     @property
     def mapped(self) -> bool:
@@ -158,7 +159,7 @@ class Manifest:
         or in Parquet as bytes in an uncompressed image column)."""
         return (self.kind == "images" and self.codec == "raw" and self.image_shape is not None
                 and (self.format == "tar" or (self.config.get("compression") == "none"
-                                              and self.pixels == "bytes")))
+                                              and self.pixels == DEFAULT_PIXELS)))
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -19,7 +19,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shardkit.config import CODECS, COLOR_MODES, COMPRESSIONS, FILTERS, FORMATS, PIXELS, RESIZE_MODES
+from shardkit.config import (
+    CODECS,
+    COLOR_MODES,
+    COMPRESSIONS,
+    DEFAULT_PIXELS,
+    FILTERS,
+    FORMATS,
+    PIXELS,
+    RESIZE_MODES,
+)
 from shardkit.errors import DatasetError
 from shardkit.format.samples import META_TYPES
 
@@ -214,7 +223,8 @@ def _check_images(data: dict[str, Any]) -> None:
         if labelled != (count == 1):
             raise _Bad("classes", f"is {'null' if count == 1 else 'there'}, but "
                                   f"config.csv.label_cols names {count} columns")
-    if config.get("pixels", "bytes") != "bytes" and (tar or config["codec"] != "raw" or None in shape):
+    if config.get("pixels", DEFAULT_PIXELS) != DEFAULT_PIXELS and (
+            tar or config["codec"] != "raw" or None in shape):
         raise _Bad("config.pixels", f"is {config['pixels']!r}, which only raw Parquet shards of "
                                     "one shape hold")
     if tar and config["codec"] == "raw" and None not in shape:

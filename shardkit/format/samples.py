@@ -31,10 +31,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from shardkit.config import DEFAULT_PIXELS
 from shardkit.errors import CorruptShardError
 
 __all__ = [
+    "ARRAY3D_LEAF",
     "ARRAY3D_NAME",
+    "ARRAY3D_STORAGE",
     "ENCODED_IMAGE",
     "HF_METADATA_KEY",
     "IMAGE_MEMBER",
@@ -46,6 +49,7 @@ __all__ = [
     "array3d_column",
     "array3d_pixels",
     "arrow_schema",
+    "check_array3d_field",
     "check_labels",
     "fields_from_json",
     "hf_features",
@@ -104,8 +108,11 @@ _HF_VALUES = {"string": "string", "int32": "int32", "int64": "int64", "float64":
               "bool": "bool"}
 
 
-#: The extension name ``datasets`` gives its Array3D type.
+#: The extension name ``datasets`` gives its Array3D type, and the storage it declares.
 ARRAY3D_NAME = "datasets.features.features.Array3DExtensionType"
+ARRAY3D_STORAGE = pa.list_(pa.list_(pa.list_(pa.uint8())))
+#: The Parquet leaf column of an Array3D image (per-column writer settings name leaves).
+ARRAY3D_LEAF = "image" + ".list.element" * 3
 
 
 class Array3DType(pa.ExtensionType):  # type: ignore[misc]  # pyarrow is untyped
@@ -118,7 +125,7 @@ class Array3DType(pa.ExtensionType):  # type: ignore[misc]  # pyarrow is untyped
 
     def __init__(self, shape: Sequence[int]) -> None:
         self.shape = tuple(int(s) for s in shape)
-        pa.ExtensionType.__init__(self, pa.list_(pa.list_(pa.list_(pa.uint8()))), ARRAY3D_NAME)
+        pa.ExtensionType.__init__(self, ARRAY3D_STORAGE, ARRAY3D_NAME)
 
     def __arrow_ext_serialize__(self) -> bytes:
         return json.dumps((self.shape, "uint8")).encode()
@@ -157,7 +164,7 @@ def hf_features(*, codec: str, labeled: bool, classes: Sequence[str] | None, var
 
 def arrow_schema(*, shape: Sequence[int] | None, labeled: bool,
                  meta: Sequence[tuple[str, str]] = (), codec: str = "raw",
-                 classes: Sequence[str] | None = None, pixels: str = "bytes") -> pa.Schema:
+                 classes: Sequence[str] | None = None, pixels: str = DEFAULT_PIXELS) -> pa.Schema:
     """A Parquet shard's Arrow schema: `shape` is (H, W, C) for fixed-shape raw images, else
     None (variable-size binary plus ``width``/``height``); `pixels` how fixed-shape raw pixels
     are stored (``bytes``: fixed_size_binary(H*W*C); ``array3d``: `Array3DType`); `meta`: CSV
@@ -210,17 +217,31 @@ def array3d_column(column: pa.ChunkedArray | pa.Array, kind: Array3DType) -> pa.
 
 def array3d_pixels(column: pa.ChunkedArray | pa.Array, shape: Sequence[int]) -> np.ndarray:
     """[N,H,W,C] uint8 of an ``Array3D`` column (`Array3DType`, ``datasets``' own, or their
-    storage type), a view of its values. ValueError when its type is not lists of lists of
-    lists of uint8, a list is null, or a list's length is not `shape`'s."""
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    storage type): a view of the values of a one-chunk column, else the chunks copied into
+    one array (never concatenated as Arrow arrays, whose int32 offsets a large shard would
+    overflow). ValueError when its type is not `ARRAY3D_STORAGE`, a list is null, or a
+    list's length is not `shape`'s."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    dims = tuple(int(s) for s in shape)
+    views = [_array3d_chunk(chunk, dims) for chunk in chunks]
+    if len(views) == 1:
+        return views[0]
+    images = np.empty((sum(len(v) for v in views), *dims), dtype=np.uint8)
+    at = 0
+    for view in views:
+        images[at:at + len(view)] = view
+        at += len(view)
+    return images
+
+
+def _array3d_chunk(array: pa.Array, shape: tuple[int, ...]) -> np.ndarray:
     if isinstance(array, pa.ExtensionArray):
         array = array.storage
-    nested = pa.list_(pa.list_(pa.list_(pa.uint8())))
-    if array.type != nested:
-        raise ValueError(f"the image column is {array.type}, not {nested} (Array3D)")
+    if array.type != ARRAY3D_STORAGE:
+        raise ValueError(f"the image column is {array.type}, not {ARRAY3D_STORAGE} (Array3D)")
     rows = len(array)
     if not rows:
-        return np.zeros((0, *(int(s) for s in shape)), dtype=np.uint8)
+        return np.zeros((0, *shape), dtype=np.uint8)
     for depth, size in enumerate(shape):
         if array.null_count:
             raise ValueError("the image column holds nulls")
@@ -233,7 +254,27 @@ def array3d_pixels(column: pa.ChunkedArray | pa.Array, shape: Sequence[int]) -> 
     if array.null_count:
         raise ValueError("the image column holds nulls")
     flat = np.frombuffer(array.buffers()[1], dtype=np.uint8, count=len(array), offset=array.offset)
-    return flat.reshape(rows, *(int(s) for s in shape))
+    return flat.reshape(rows, *shape)
+
+
+def check_array3d_field(field: pa.Field, shape: Sequence[int]) -> None:
+    """ValueError unless `field` declares ``datasets``' Array3D of `shape` and uint8: as an
+    extension type (`Array3DType`, or ``datasets``' own where it is registered) or, read where
+    it is not, as the extension name and metadata pyarrow leaves on the field. A wrong
+    declaration still reads, but ``datasets`` refuses the file."""
+    if isinstance(field.type, pa.ExtensionType):
+        name, serialized = field.type.extension_name, field.type.__arrow_ext_serialize__()
+    else:
+        meta = field.metadata or {}
+        name = meta.get(b"ARROW:extension:name", b"").decode("utf-8", "replace")
+        serialized = meta.get(b"ARROW:extension:metadata", b"")
+    try:
+        declared = json.loads(serialized)
+    except ValueError:
+        declared = None
+    if name != ARRAY3D_NAME or declared != [list(shape), "uint8"]:
+        raise ValueError(f"the image column is declared {name or 'no extension'} "
+                         f"{serialized[:80]!r}, not {ARRAY3D_NAME} of {list(shape)} uint8")
 
 
 def image_array(payloads: Sequence[bytes], kind: pa.DataType) -> pa.Array:

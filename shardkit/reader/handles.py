@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from shardkit.config import DEFAULT_PIXELS
 from shardkit.errors import ConfigError, CorruptShardError
 from shardkit.format.files import check_shard
 from shardkit.format.manifest import Manifest, ShardRecord
@@ -94,8 +95,9 @@ def open_raw_tar(path: str, record: ShardRecord, shape: Sequence[int], classes: 
 
 
 def open_parquet_raw(path: str, record: ShardRecord, shape: Sequence[int], labeled: bool,
-                     fields: Sequence[str] = METADATA_FIELDS, *, pixels: str = "bytes") -> ShardHandle:
-    pages = map_images(path, record, shape) if pixels == "bytes" else None
+                     fields: Sequence[str] = METADATA_FIELDS, *,
+                     pixels: str = DEFAULT_PIXELS) -> ShardHandle:
+    pages = map_images(path, record, shape) if pixels == DEFAULT_PIXELS else None
     images: np.ndarray | Pieces
     labels: np.ndarray | None
     if pages is None:  # a layout that cannot be mapped (compressed, Array3D): pyarrow copies it

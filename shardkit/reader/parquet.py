@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shardkit.config import DEFAULT_PIXELS
 from shardkit.errors import CorruptShardError
 from shardkit.format.manifest import ShardRecord
 from shardkit.format.samples import array3d_pixels
@@ -31,9 +32,10 @@ from shardkit.reader.open_ahead import map_shard
 __all__ = ["PARQUET_ERRORS", "fixed_images", "int64_values", "map_images", "read_parquet_shard",
            "read_parquet_table"]
 
-#: What pyarrow raises for a damaged file: its own errors, OSError, and ValueError
-#: (UnicodeDecodeError for a column name in the footer that is not UTF-8).
-PARQUET_ERRORS = (OSError, ValueError, pa.ArrowException)
+#: What pyarrow raises for a damaged file: its own errors, OSError, ValueError
+#: (UnicodeDecodeError for a column name in the footer that is not UTF-8), and TypeError (a
+#: registered extension type's deserialiser, e.g. ``datasets``' Array3D, given other metadata).
+PARQUET_ERRORS = (OSError, ValueError, TypeError, pa.ArrowException)
 
 
 def read_parquet_table(path: str | os.PathLike[str], columns: Sequence[str],
@@ -73,7 +75,8 @@ def int64_values(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def read_parquet_shard(path: str | os.PathLike[str], samples: int, shape: Sequence[int],
-                       labeled: bool, *, pixels: str = "bytes") -> tuple[np.ndarray, np.ndarray | None]:
+                       labeled: bool, *, pixels: str = DEFAULT_PIXELS
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
     """(images [N,H,W,C] uint8, labels [N] int64 or None) of a fixed-shape raw Parquet shard
     whose pixels are stored as `pixels` says (index.json's ``config.pixels``)."""
     columns = ["image", "label"] if labeled else ["image"]

@@ -20,8 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from shardkit.config import DEFAULT_PIXELS
 from shardkit.format.manifest import Manifest
-from shardkit.format.samples import IMAGE_MEMBER, array3d_pixels, arrow_schema
+from shardkit.format.samples import IMAGE_MEMBER, array3d_pixels, arrow_schema, check_array3d_field
 from shardkit.format.tar import BLOCK, iter_members
 from shardkit.reader.parquet import PARQUET_ERRORS
 
@@ -47,7 +48,7 @@ class Spec:
     #: Image CSVs: the rows' other columns (name, type), stored after the fixed ones.
     csv_columns: tuple[tuple[str, str], ...] = ()
     #: How Parquet shards hold fixed-shape raw pixels (``bytes`` or ``array3d``).
-    pixels: str = "bytes"
+    pixels: str = DEFAULT_PIXELS
 
     @property
     def fixed(self) -> bool:
@@ -281,17 +282,23 @@ def _check_columns(schema: pa.Schema, spec: Spec) -> None:
     expected_schema = arrow_schema(shape=spec.dims if spec.raw_fixed else None,
                                    labeled=spec.classes is not None, meta=spec.csv_columns,
                                    codec=spec.codec, pixels=spec.pixels)
-    def kind(field: pa.Field) -> pa.DataType:  # Array3D as `Array3DType`, datasets' or bare
+
+    def stored(field: pa.Field) -> pa.DataType:  # an extension type (Array3D) by its storage
         return field.type.storage_type if isinstance(field.type, pa.ExtensionType) else field.type
 
-    expected = [(f.name, kind(f)) for f in expected_schema]
-    got = [(f.name, kind(f)) for f in schema]
+    expected = [(f.name, stored(f)) for f in expected_schema]
+    got = [(f.name, stored(f)) for f in schema]
     if spec.codec != "raw" and ("image", pa.binary()) in got:  # jpeg/png of earlier versions
         expected = [(n, pa.binary() if n == "image" else k) for n, k in expected]
     if got != expected:
         def text(fields: list[tuple[str, pa.DataType]]) -> str:
             return ", ".join(f"{name}: {kind}" for name, kind in fields)
         raise Problem(f"columns are ({text(got)}), expected ({text(expected)})")
+    if spec.raw_fixed and spec.pixels == "array3d":
+        try:
+            check_array3d_field(schema.field("image"), spec.dims)
+        except ValueError as exc:
+            raise Problem(str(exc)) from None
 
 
 def _check_row_groups(metadata: pq.FileMetaData, spec: Spec) -> None:

@@ -18,7 +18,13 @@ import pyarrow.parquet as pq
 
 from shardkit.conversion.writers import EncodedSample
 from shardkit.format.files import hash_file
-from shardkit.format.samples import Array3DType, array3d_column, image_array, part_schema
+from shardkit.format.samples import (
+    ARRAY3D_LEAF,
+    Array3DType,
+    array3d_column,
+    image_array,
+    part_schema,
+)
 
 __all__ = ["ParquetPartWriter", "assemble_parquet"]
 
@@ -63,10 +69,12 @@ def assemble_parquet(parts: Sequence[str], tmp_path: str, *, schema: pa.Schema,
     (fsynced); (bytes, sha256)."""
     image = schema.field("image").type
     array3d = image if isinstance(image, Array3DType) else None
-    # Per-column settings name leaf columns: an Array3D image's leaf is three lists down.
-    image_leaf = "image" + ".list.element" * 3 if array3d is not None else "image"
+    image_leaf = ARRAY3D_LEAF if array3d is not None else "image"
     column_compression = {name: "zstd" for name in schema.names if name != "image"}
     column_compression[image_leaf] = compression
+    # An Array3D leaf is dictionary-encoded: 256 values at most, so a byte an index where
+    # PLAIN stores uint8 as 4-byte INT32 (1.25x the pixels on disk against 4.25x).
+    dictionary = [ARRAY3D_LEAF] if array3d is not None else False
     stats = [name for name in schema.names if name != "image"]
     parts_schema = part_schema(schema)
 
@@ -79,7 +87,7 @@ def assemble_parquet(parts: Sequence[str], tmp_path: str, *, schema: pa.Schema,
     buffered: list[pa.RecordBatch] = []
     pending = 0
     with pq.ParquetWriter(
-        tmp_path, schema, compression=column_compression, use_dictionary=False,
+        tmp_path, schema, compression=column_compression, use_dictionary=dictionary,
         write_statistics=stats, version="2.6", data_page_size=1 << 20,
     ) as writer:
         for part in parts:
