@@ -20,6 +20,7 @@ from shardkit.config import (
     COLOR_MODES,
     COMPRESSIONS,
     DEFAULT_MAX_PIXELS,
+    DEFAULT_PIXELS,
     FILTERS,
     FORMATS,
     PIXELS,
@@ -98,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--quality", type=int, default=90, help="JPEG quality for --codec jpeg")
     out.add_argument("--compression", choices=COMPRESSIONS, default="none",
                      help="Parquet compression of the image column")
-    out.add_argument("--pixels", choices=PIXELS, default="bytes",
+    out.add_argument("--pixels", choices=PIXELS, default=DEFAULT_PIXELS,
                      help="how Parquet shards hold raw pixels: bytes (memory-mapped when read; "
                           "default) or array3d (Hugging Face's Array3D, so datasets gives arrays; "
                           "about 1.25x the bytes, read through pyarrow)")

@@ -210,7 +210,7 @@ class ConvertConfig:
         (Hugging Face's ``Array3D``, so ``datasets`` gives arrays: nested lists, dictionary-
         encoded, about 1.25 bytes a pixel, read through pyarrow).
     shard_bytes / samples_per_shard: give exactly one; shard_bytes is converted to a sample
-        count at plan time (exact for raw, an estimate for jpeg/png).
+        count at plan time (exact for raw bytes, an estimate for jpeg/png and array3d).
     shuffle / seed: a seeded global shuffle of the input order at plan time (the seed
         also draws a stratified split).
     split: OUT/<part>/ per part of a `SplitOptions`; hf: the columns of a Hugging Face SRC.
