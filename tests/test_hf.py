@@ -4,6 +4,7 @@ loaded by `datasets.load_dataset("parquet")` with their features, no shardkit co
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -162,3 +163,70 @@ def test_pyarrow_pandas_and_duckdb_read_the_jpeg_parquet(tree: Path, tmp_path: P
 
     with Image.open(io.BytesIO(flat[0])) as im:
         assert im.size == (12, 12)
+
+
+def pixel_rows(rows: int, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (rows, *shape), dtype=np.uint8)
+
+
+def test_array3d_and_nested_list_pixels_convert_to_those_pixels(tmp_path: Path) -> None:
+    images = pixel_rows(9, (10, 12, 3))
+    labels = [i % len(CLASSES) for i in range(9)]
+    label = datasets.ClassLabel(names=list(CLASSES))
+    array3d = datasets.Dataset.from_dict(
+        {"image": list(images), "label": labels},
+        features=datasets.Features({"image": datasets.Array3D((10, 12, 3), "uint8"), "label": label}))
+    nested = datasets.Dataset.from_dict(
+        {"image": [im.tolist() for im in images], "label": labels},
+        features=datasets.Features({"image": datasets.List(datasets.List(datasets.List(
+            datasets.Value("uint8")))), "label": label}))
+    array3d.to_parquet(str(tmp_path / "a3d.parquet"))
+    array3d.save_to_disk(str(tmp_path / "saved"))
+    nested.to_parquet(str(tmp_path / "nested.parquet"))
+    for src in (tmp_path / "a3d.parquet", tmp_path / "saved", tmp_path / "nested.parquet"):
+        out = shardkit.convert(src, tmp_path / f"out-{src.stem}", size=(12, 10), resize="stretch",
+                               workers=0, progress=False).out
+        got, got_labels = pixels(out)
+        np.testing.assert_array_equal(got, images)  # same size, stretch: the pixels themselves
+        assert got_labels.tolist() == labels and shardkit.open(out).classes == list(CLASSES)
+    # Our own --pixels array3d shard as SRC: the same pixels back.
+    shards = shardkit.convert(tmp_path / "a3d.parquet", tmp_path / "ours", size=(12, 10),
+                              resize="stretch", format="parquet", pixels="array3d", workers=0,
+                              progress=False).out
+    again = shardkit.convert(sorted(shards.glob("*.parquet"))[0], tmp_path / "again",
+                             size=(12, 10), resize="stretch", workers=0, progress=False).out
+    np.testing.assert_array_equal(pixels(again)[0], images)
+
+
+def test_gray_and_alpha_pixels_and_rows_that_are_no_image(tmp_path: Path) -> None:
+    gray, rgba = pixel_rows(2, (6, 5, 1)), pixel_rows(2, (6, 5, 4), seed=1)
+    rgba[..., 3] = 255  # opaque: composited over the background, the colour stays
+    rows: list[Any] = [gray[0].tolist(), rgba[0].tolist(), [*gray[1].tolist()[:-1], [[1, 2]] * 5],
+                       np.zeros((6, 5, 5), np.uint8).tolist(), None, rgba[1].tolist()]
+    kind = datasets.List(datasets.List(datasets.List(datasets.Value("uint8"))))
+    datasets.Dataset.from_dict({"image": rows}, features=datasets.Features({"image": kind})) \
+        .to_parquet(str(tmp_path / "mixed.parquet"))
+    summary = shardkit.convert(tmp_path / "mixed.parquet", tmp_path / "out", size=(5, 6),
+                               resize="stretch", workers=0, max_errors=3, progress=False)
+    assert (summary.samples, summary.failed, summary.reasons) == (3, 3, {"decode_error": 3})
+    got = pixels_unlabelled(summary.out)
+    np.testing.assert_array_equal(got[0], np.repeat(gray[0], 3, axis=2))
+    np.testing.assert_array_equal(got[1], rgba[0][..., :3])
+    np.testing.assert_array_equal(got[2], rgba[1][..., :3])
+    errors = [json.loads(line) for line in (summary.out / "errors.jsonl").read_text().splitlines()]
+    assert [e["path"].rsplit(":", 1)[1] for e in errors] == ["2", "3", "4"]
+    assert "different lengths" in errors[0]["detail"] and "6x5x5" in errors[1]["detail"]
+
+
+def pixels_unlabelled(out: Path) -> np.ndarray:
+    data = shardkit.open(out)
+    return np.concatenate([data.read_shard(k).images for k in range(len(data.manifest.shards))])
+
+
+def test_pixels_of_another_type_are_refused_naming_the_column(tmp_path: Path) -> None:
+    floats = datasets.Dataset.from_dict(
+        {"px": list(np.zeros((2, 4, 4, 3), np.float32))},
+        features=datasets.Features({"px": datasets.Array3D((4, 4, 3), "float32")}))
+    floats.to_parquet(str(tmp_path / "f.parquet"))
+    with pytest.raises(shardkit.InputError, match=r"f\.parquet: column 'px' is .*Array3D of uint8"):
+        shardkit.convert(tmp_path / "f.parquet", tmp_path / "out", image_col="px", workers=0)

@@ -8,7 +8,12 @@
   split's folder.
 * The image column (``--image-col``, default ``image``) is an ``Image`` feature, stored as
   the struct {bytes, path}: the encoded file, or when bytes is null the file at path
-  (absolute, or relative to the data file's folder); a plain binary column works too.
+  (absolute, or relative to the data file's folder); a plain binary column works too. Or it
+  holds the pixels: an ``Array3D`` of uint8 (``--pixels array3d`` shards among them) or
+  nested lists of uint8 (``Sequence(Sequence(Sequence(Value("uint8"))))``), each row H×W×C
+  with C 1-4 (L, LA, RGB, RGBA), handed to the image pipeline as an uncompressed file
+  (`_pixels_file`) so it is resized and checked like any image; a row of another shape, or
+  with nulls, is that input's ``decode_error``.
 * The label column (``--label-col``, default ``label`` when there is one): a ``ClassLabel``
   feature (the ``huggingface`` schema metadata, or dataset_info.json) gives its names as the
   classes, in order; other integers give classes ``"0"`` .. ``"max"``; strings their sorted
@@ -23,6 +28,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -31,15 +37,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from PIL import Image
 
 from shardkit.config import ConvertConfig, CsvOptions, HfOptions
-from shardkit.conversion.images import IMAGE_EXTENSIONS
+from shardkit.conversion.images import IMAGE_EXTENSIONS, ImageFailure
 from shardkit.conversion.sources.csv import source_config
 from shardkit.conversion.sources.imagefolder import Listing
 from shardkit.conversion.sources.records import InputRecord, RecordSpool, plan_failure
 from shardkit.errors import ConfigError, InputError
 from shardkit.format.manifest import INDEX_NAME
+from shardkit.format.samples import ARRAY3D_STORAGE
 
 __all__ = ["hf_source_config", "is_hf_source", "list_hf_dataset", "read_images", "resolve_source"]
 
@@ -223,23 +232,35 @@ def _check_image_column(path: Path, schema: pa.Schema, name: str) -> None:
                          f"{', '.join(schema.names)}")
     kind = schema.field(name).type
     binary = (pa.types.is_binary(kind) or pa.types.is_large_binary(kind))
-    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+    if (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0) or _is_pixels(kind):
         return
     if not binary:
         raise InputError(f"{path}: column {name!r} is {kind}, not an Image feature "
-                         "(struct {bytes, path}) or binary")
+                         "(struct {bytes, path}), binary, or Array3D of uint8")
 
 
-def read_images(records: Sequence[InputRecord], column: str) -> list[tuple[bytes | None, str | None]]:
-    """(encoded bytes, path) of each record's image in `column` of its data file: one read
-    per file and row group, whatever the number of records."""
-    out: list[tuple[bytes | None, str | None]] = [(None, None)] * len(records)
+def _is_pixels(kind: pa.DataType) -> bool:
+    """An Array3D (``datasets``' extension type, ours, or read bare) or nested lists of uint8."""
+    return bool((kind.storage_type if isinstance(kind, pa.ExtensionType) else kind) == ARRAY3D_STORAGE)
+
+
+def read_images(records: Sequence[InputRecord],
+                column: str) -> list[tuple[bytes | None, str | None] | ImageFailure]:
+    """(encoded bytes, path) of each record's image in `column` of its data file (or the
+    ImageFailure of a pixel row that is no image): one read per file and row group, whatever
+    the number of records."""
+    out: list[tuple[bytes | None, str | None] | ImageFailure] = [(None, None)] * len(records)
     by_file: dict[str, list[int]] = {}
     for i, record in enumerate(records):
         by_file.setdefault(record.path, []).append(i)
     for file, members in by_file.items():
         rows = np.asarray([records[i].row or 0 for i in members], dtype=np.int64)
-        values = _take(Path(file), column, rows)
+        taken = _take(Path(file), column, rows)
+        if _is_pixels(taken.type):
+            for i, row in zip(members, range(len(taken)), strict=True):
+                out[i] = _pixels_file(taken, row)
+            continue
+        values = taken.to_pylist()
         folder = os.path.dirname(file)
         for i, value in zip(members, values, strict=True):
             if isinstance(value, dict):
@@ -250,9 +271,36 @@ def read_images(records: Sequence[InputRecord], column: str) -> list[tuple[bytes
     return out
 
 
-def _take(path: Path, column: str, rows: np.ndarray) -> list[Any]:
+def _pixels_file(column: pa.Array, row: int) -> tuple[bytes | None, str | None] | ImageFailure:
+    """Row `row` of a pixel column (`_is_pixels`) as the bytes of an uncompressed image file
+    (PGM/PPM for 1 or 3 channels, TIFF for 2 or 4), or the ImageFailure of a row that is not
+    H×W×C uint8 with C 1-4."""
+    lists = column.slice(row, 1)
+    lists = lists.storage if isinstance(lists, pa.ExtensionArray) else lists
+    dims = []
+    for _ in range(3):
+        lengths = lists.value_lengths() if len(lists) else pa.array([], pa.int32())
+        if lists.null_count or len(lengths) == 0 or pc.min(lengths).as_py() != pc.max(lengths).as_py():
+            return ImageFailure("decode", "decode_error", "the image's pixel lists are null or "
+                                                          "of different lengths")
+        dims.append(int(lengths[0].as_py()))
+        lists = lists.flatten()
+    height, width, channels = dims
+    if lists.null_count or not (height and width and 1 <= channels <= 4):
+        return ImageFailure("decode", "decode_error", f"the image is {height}x{width}x{channels} "
+                                                      "pixels, not H×W×C with C 1-4")
+    pixels = lists.to_numpy(zero_copy_only=False).reshape(height, width, channels)
+    if channels in (1, 3):
+        header = b"P%d\n%d %d\n255\n" % (5 if channels == 1 else 6, width, height)
+        return header + pixels.tobytes(), None
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="LA" if channels == 2 else "RGBA").save(buffer, format="TIFF")
+    return buffer.getvalue(), None
+
+
+def _take(path: Path, column: str, rows: np.ndarray) -> pa.Array:
     if path.suffix != ".parquet":
-        return list(_arrow_table(path).column(column).take(pa.array(rows)).to_pylist())
+        return _arrow_table(path).column(column).take(pa.array(rows)).combine_chunks()
     handle = pq.ParquetFile(path)
     sizes = [handle.metadata.row_group(g).num_rows for g in range(handle.metadata.num_row_groups)]
     starts = np.concatenate([[0], np.cumsum(sizes)])
@@ -261,4 +309,4 @@ def _take(path: Path, column: str, rows: np.ndarray) -> list[Any]:
     first = {int(g): int(sum(sizes[int(h)] for h in groups[:k])) for k, g in enumerate(groups)}
     local = [first[int(g)] + int(r - starts[g]) for r, g in
              zip(rows, np.searchsorted(starts, rows, side="right") - 1, strict=True)]
-    return list(table.column(column).take(pa.array(local, pa.int64())).to_pylist())
+    return table.column(column).take(pa.array(local, pa.int64())).combine_chunks()
