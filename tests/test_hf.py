@@ -11,9 +11,11 @@ from typing import Any
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from corpus import image_tree
+from PIL import Image
 
 import shardkit
 
@@ -198,24 +200,47 @@ def test_array3d_and_nested_list_pixels_convert_to_those_pixels(tmp_path: Path) 
     np.testing.assert_array_equal(pixels(again)[0], images)
 
 
-def test_gray_and_alpha_pixels_and_rows_that_are_no_image(tmp_path: Path) -> None:
-    gray, rgba = pixel_rows(2, (6, 5, 1)), pixel_rows(2, (6, 5, 4), seed=1)
-    rgba[..., 3] = 255  # opaque: composited over the background, the colour stays
-    rows: list[Any] = [gray[0].tolist(), rgba[0].tolist(), [*gray[1].tolist()[:-1], [[1, 2]] * 5],
-                       np.zeros((6, 5, 5), np.uint8).tolist(), None, rgba[1].tolist()]
-    kind = datasets.List(datasets.List(datasets.List(datasets.Value("uint8"))))
+def test_gray_alpha_and_rows_that_are_no_image(tmp_path: Path) -> None:
+    gray, la, rgba = (pixel_rows(2, (6, 5, c), seed=c) for c in (1, 2, 4))
+    la[0, :3, :, 1] = rgba[0, :3, :, 3] = 90  # semi-transparent: composited on the background
+    good = [gray[0], la[0], rgba[0], gray[1], la[1], rgba[1]]
+    bad: list[Any] = [
+        [*gray[0].tolist()[:-1], [[1, 2]] * 5],  # its channels differ in length
+        np.zeros((6, 5, 5), np.uint8).tolist(),  # 5 channels
+        [[[]] * 5] * 6,  # 0 channels
+        [[None] * 5] * 6,  # null pixel lists
+        [[[1, None, 3]] * 5] * 6,  # a null value
+        None,  # no image: missing_image, as for an Image column
+    ]
+    rows: list[Any] = [im.tolist() for im in good[:3]] + bad + [im.tolist() for im in good[3:]]
+    kind = datasets.LargeList(datasets.List(datasets.List(datasets.Value("uint8"))))
     datasets.Dataset.from_dict({"image": rows}, features=datasets.Features({"image": kind})) \
-        .to_parquet(str(tmp_path / "mixed.parquet"))
-    summary = shardkit.convert(tmp_path / "mixed.parquet", tmp_path / "out", size=(5, 6),
-                               resize="stretch", workers=0, max_errors=3, progress=False)
-    assert (summary.samples, summary.failed, summary.reasons) == (3, 3, {"decode_error": 3})
-    got = pixels_unlabelled(summary.out)
-    np.testing.assert_array_equal(got[0], np.repeat(gray[0], 3, axis=2))
-    np.testing.assert_array_equal(got[1], rgba[0][..., :3])
-    np.testing.assert_array_equal(got[2], rgba[1][..., :3])
-    errors = [json.loads(line) for line in (summary.out / "errors.jsonl").read_text().splitlines()]
-    assert [e["path"].rsplit(":", 1)[1] for e in errors] == ["2", "3", "4"]
-    assert "different lengths" in errors[0]["detail"] and "6x5x5" in errors[1]["detail"]
+        .to_parquet(str(tmp_path / "mixed.parquet"), batch_size=4)  # row groups of 4 rows
+    assert pq.ParquetFile(tmp_path / "mixed.parquet").metadata.num_row_groups == 3
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for n, im in enumerate(good):  # the same images as PNG files: the reference
+        Image.fromarray(im if im.shape[2] != 1 else im[..., 0]).save(flat / f"{n}.png")
+    options: dict[str, Any] = {"size": (5, 6), "resize": "stretch", "progress": False}
+    summary = shardkit.convert(tmp_path / "mixed.parquet", tmp_path / "out", workers=2,
+                               shuffle=True, samples_per_shard=4, max_errors=6, **options)
+    assert (summary.samples, summary.failed) == (6, 6)
+    assert summary.reasons == {"decode_error": 5, "missing_image": 1}
+    reference = pixels_unlabelled(shardkit.convert(flat, tmp_path / "ref", workers=0, **options).out)
+    data = shardkit.open(summary.out)
+    got = {int(m["source"].rsplit(":", 1)[1]): im for k in range(len(data.manifest.shards))
+           for m, im in zip(data.metadata(k), data.read_shard(k).images, strict=True)}
+    assert sorted(got) == [0, 1, 2, 9, 10, 11]
+    for n, row in enumerate(sorted(got)):
+        np.testing.assert_array_equal(got[row], reference[n])
+    assert not np.array_equal(reference[2][:3], rgba[0][:3, :, :3])  # the alpha did something
+    errors = {int(e["path"].rsplit(":", 1)[1]): e["detail"] for e in
+              map(json.loads, (summary.out / "errors.jsonl").read_text().splitlines())}
+    assert sorted(errors) == list(range(3, 9))
+    for row, words in zip(range(3, 9), ["its channels per pixel differ (1 to 2)", "6x5x5",
+                                        "6x5x0", "a pixel is null", "a pixel value is null",
+                                        "no image (null)"], strict=True):
+        assert words in errors[row], (row, errors[row])
 
 
 def pixels_unlabelled(out: Path) -> np.ndarray:
@@ -228,5 +253,25 @@ def test_pixels_of_another_type_are_refused_naming_the_column(tmp_path: Path) ->
         {"px": list(np.zeros((2, 4, 4, 3), np.float32))},
         features=datasets.Features({"px": datasets.Array3D((4, 4, 3), "float32")}))
     floats.to_parquet(str(tmp_path / "f.parquet"))
-    with pytest.raises(shardkit.InputError, match=r"f\.parquet: column 'px' is .*Array3D of uint8"):
+    with pytest.raises(shardkit.InputError, match=r"f\.parquet: column 'px' is .*, not an Image "
+                                                  r"feature .* or pixels \(an Array3D"):
         shardkit.convert(tmp_path / "f.parquet", tmp_path / "out", image_col="px", workers=0)
+
+
+def test_a_damaged_arrow_file_is_unreadable_for_each_of_its_rows(tmp_path: Path) -> None:
+    images = pixel_rows(4, (3, 3, 3))
+    datasets.Dataset.from_dict(
+        {"image": list(images)},
+        features=datasets.Features({"image": datasets.Array3D((3, 3, 3), "uint8")})) \
+        .save_to_disk(str(tmp_path / "saved"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    data = bytearray(arrow.read_bytes())
+    table = pa.ipc.open_stream(bytes(data)).read_all()
+    offsets = table.column("image").chunk(0).storage.offsets.to_numpy()
+    marker = offsets.astype(np.int32).tobytes()
+    at = bytes(data).index(marker)
+    data[at:at + 4] = np.int32(7).tobytes()  # the first offset past the second
+    arrow.write_bytes(bytes(data))
+    summary = shardkit.convert(tmp_path / "saved", tmp_path / "out", size=3, workers=0,
+                               max_errors=4, progress=False)
+    assert (summary.samples, summary.failed, summary.reasons) == (0, 4, {"unreadable": 4})

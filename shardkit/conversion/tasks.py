@@ -158,7 +158,7 @@ def _convert_one(record: InputRecord, key: str, task: PartTask,
                  held: tuple[bytes | None, str | None] | ImageFailure | None) -> EncodedSample:
     config = task.config
     try:
-        if isinstance(held, ImageFailure):  # a remote input that could not be fetched
+        if isinstance(held, ImageFailure):  # a remote input not fetched, a pixel row no image
             raise held
         if held is None:
             image, orig_size = load_image(record.path, config.image)

@@ -12,8 +12,10 @@
   holds the pixels: an ``Array3D`` of uint8 (``--pixels array3d`` shards among them) or
   nested lists of uint8 (``Sequence(Sequence(Sequence(Value("uint8"))))``), each row H×W×C
   with C 1-4 (L, LA, RGB, RGBA), handed to the image pipeline as an uncompressed file
-  (`_pixels_file`) so it is resized and checked like any image; a row of another shape, or
-  with nulls, is that input's ``decode_error``.
+  (`_pixels_file`) so it is resized, composited and checked like any image; a null row is
+  ``missing_image`` (as for an Image column), a row of another shape or with null lists or
+  values that input's ``decode_error``. A data file whose rows cannot be read is
+  ``unreadable`` for each of its rows the task holds.
 * The label column (``--label-col``, default ``label`` when there is one): a ``ClassLabel``
   feature (the ``huggingface`` schema metadata, or dataset_info.json) gives its names as the
   classes, in order; other integers give classes ``"0"`` .. ``"max"``; strings their sorted
@@ -37,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -48,7 +49,6 @@ from shardkit.conversion.sources.imagefolder import Listing
 from shardkit.conversion.sources.records import InputRecord, RecordSpool, plan_failure
 from shardkit.errors import ConfigError, InputError
 from shardkit.format.manifest import INDEX_NAME
-from shardkit.format.samples import ARRAY3D_STORAGE
 
 __all__ = ["hf_source_config", "is_hf_source", "list_hf_dataset", "read_images", "resolve_source"]
 
@@ -236,59 +236,84 @@ def _check_image_column(path: Path, schema: pa.Schema, name: str) -> None:
         return
     if not binary:
         raise InputError(f"{path}: column {name!r} is {kind}, not an Image feature "
-                         "(struct {bytes, path}), binary, or Array3D of uint8")
+                         "(struct {bytes, path}), binary, or pixels (an Array3D, or lists of "
+                         "lists of lists, of uint8)")
 
-
-def _is_pixels(kind: pa.DataType) -> bool:
-    """An Array3D (``datasets``' extension type, ours, or read bare) or nested lists of uint8."""
-    return bool((kind.storage_type if isinstance(kind, pa.ExtensionType) else kind) == ARRAY3D_STORAGE)
 
 
 def read_images(records: Sequence[InputRecord],
                 column: str) -> list[tuple[bytes | None, str | None] | ImageFailure]:
     """(encoded bytes, path) of each record's image in `column` of its data file (or the
-    ImageFailure of a pixel row that is no image): one read per file and row group, whatever
-    the number of records."""
+    ImageFailure of a pixel row that is no image, or of every row of a data file that cannot
+    be read): one read per file and row group, whatever the number of records."""
     out: list[tuple[bytes | None, str | None] | ImageFailure] = [(None, None)] * len(records)
     by_file: dict[str, list[int]] = {}
     for i, record in enumerate(records):
         by_file.setdefault(record.path, []).append(i)
     for file, members in by_file.items():
         rows = np.asarray([records[i].row or 0 for i in members], dtype=np.int64)
-        taken = _take(Path(file), column, rows)
-        if _is_pixels(taken.type):
-            for i, row in zip(members, range(len(taken)), strict=True):
-                out[i] = _pixels_file(taken, row)
-            continue
-        values = taken.to_pylist()
-        folder = os.path.dirname(file)
-        for i, value in zip(members, values, strict=True):
-            if isinstance(value, dict):
-                data, where = value.get("bytes"), value.get("path")
-                out[i] = (data, None if data is not None or where is None else os.path.join(folder, where))
-            else:
-                out[i] = (value, None)
+        found: list[tuple[bytes | None, str | None] | ImageFailure]
+        try:
+            taken = _take(Path(file), column, rows)
+            taken.validate(full=True)  # Arrow files are read with light checks only
+            found = [_pixels_file(taken, row) for row in range(len(taken))] if _is_pixels(taken.type) \
+                else list(_files(taken.to_pylist(), os.path.dirname(file)))
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            found = [ImageFailure("read", "unreadable", f"{os.path.basename(file)}: {exc}")] * len(members)
+        for i, value in zip(members, found, strict=True):
+            out[i] = value
     return out
+
+
+def _files(values: list[Any], folder: str) -> list[tuple[bytes | None, str | None]]:
+    """(bytes, path) of an Image/binary column's values: the struct's bytes, else its path
+    (relative to the data file's `folder`)."""
+    found: list[tuple[bytes | None, str | None]] = []
+    for value in values:
+        if isinstance(value, dict):
+            data, where = value.get("bytes"), value.get("path")
+            found.append((data, None if data is not None or where is None else os.path.join(folder, where)))
+        else:
+            found.append((value, None))
+    return found
+
+
+def _is_pixels(kind: pa.DataType) -> bool:
+    """Pixels: an Array3D (``datasets``' extension type, ours, or read bare) or any three
+    levels of lists (large or not, nullable or not) over uint8."""
+    kind = kind.storage_type if isinstance(kind, pa.ExtensionType) else kind
+    for _ in range(3):
+        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+            return False
+        kind = kind.value_type
+    return bool(kind == pa.uint8())
 
 
 def _pixels_file(column: pa.Array, row: int) -> tuple[bytes | None, str | None] | ImageFailure:
     """Row `row` of a pixel column (`_is_pixels`) as the bytes of an uncompressed image file
-    (PGM/PPM for 1 or 3 channels, TIFF for 2 or 4), or the ImageFailure of a row that is not
-    H×W×C uint8 with C 1-4."""
+    (PGM/PPM for 1 or 3 channels, TIFF for 2 or 4); (None, None) for a null row (the task's
+    ``missing_image``, as for an Image column); the ImageFailure of a row that is not H×W×C
+    uint8 with C 1-4."""
     lists = column.slice(row, 1)
     lists = lists.storage if isinstance(lists, pa.ExtensionArray) else lists
-    dims = []
-    for _ in range(3):
-        lengths = lists.value_lengths() if len(lists) else pa.array([], pa.int32())
-        if lists.null_count or len(lengths) == 0 or pc.min(lengths).as_py() != pc.max(lengths).as_py():
-            return ImageFailure("decode", "decode_error", "the image's pixel lists are null or "
-                                                          "of different lengths")
-        dims.append(int(lengths[0].as_py()))
+    if lists.null_count:
+        return None, None
+    dims = [0, 0, 0]
+    for depth, (held, holds) in enumerate((("image", "rows"), ("row", "pixels"), ("pixel", "channels"))):
+        if lists.null_count:
+            return _bad_pixels(f"a {held} is null")
+        if not len(lists):
+            break  # an empty level above: the dimensions left stay 0
+        lengths = lists.value_lengths().to_numpy(zero_copy_only=False)
+        if lengths.min() != lengths.max():
+            return _bad_pixels(f"its {holds} per {held} differ ({lengths.min()} to {lengths.max()})")
+        dims[depth] = int(lengths[0])
         lists = lists.flatten()
     height, width, channels = dims
-    if lists.null_count or not (height and width and 1 <= channels <= 4):
-        return ImageFailure("decode", "decode_error", f"the image is {height}x{width}x{channels} "
-                                                      "pixels, not H×W×C with C 1-4")
+    if lists.null_count:
+        return _bad_pixels("a pixel value is null")
+    if not (height and width and 1 <= channels <= 4):
+        return _bad_pixels(f"it is {height}x{width}x{channels}, not HxWxC with H, W > 0 and C 1-4")
     pixels = lists.to_numpy(zero_copy_only=False).reshape(height, width, channels)
     if channels in (1, 3):
         header = b"P%d\n%d %d\n255\n" % (5 if channels == 1 else 6, width, height)
@@ -296,6 +321,10 @@ def _pixels_file(column: pa.Array, row: int) -> tuple[bytes | None, str | None] 
     buffer = io.BytesIO()
     Image.fromarray(pixels, mode="LA" if channels == 2 else "RGBA").save(buffer, format="TIFF")
     return buffer.getvalue(), None
+
+
+def _bad_pixels(why: str) -> ImageFailure:
+    return ImageFailure("decode", "decode_error", f"the image column's pixels are no image: {why}")
 
 
 def _take(path: Path, column: str, rows: np.ndarray) -> pa.Array:
