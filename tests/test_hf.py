@@ -51,10 +51,12 @@ def build(tree: Path, *, embed: bool, image: str = "image", label: str = "label"
     return ds
 
 
-def pixels(out: Path) -> tuple[np.ndarray, np.ndarray]:
+def pixels(out: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every image of the dataset `out`, in order, and its labels (None when unlabelled)."""
     data = shardkit.open(out)
     shards = [data.read_shard(k) for k in range(len(data.manifest.shards))]
-    return np.concatenate([s.images for s in shards]), np.concatenate([s.labels for s in shards])
+    labels = [s.labels for s in shards if s.labels is not None]
+    return np.concatenate([s.images for s in shards]), np.concatenate(labels) if labels else None
 
 
 def convert(src: Path, out: Path, **options: Any) -> Path:
@@ -226,7 +228,7 @@ def test_gray_alpha_and_rows_that_are_no_image(tmp_path: Path) -> None:
                                shuffle=True, samples_per_shard=4, max_errors=6, **options)
     assert (summary.samples, summary.failed) == (6, 6)
     assert summary.reasons == {"decode_error": 5, "missing_image": 1}
-    reference = pixels_unlabelled(shardkit.convert(flat, tmp_path / "ref", workers=0, **options).out)
+    reference = pixels(shardkit.convert(flat, tmp_path / "ref", workers=0, **options).out)[0]
     data = shardkit.open(summary.out)
     got = {int(m["source"].rsplit(":", 1)[1]): im for k in range(len(data.manifest.shards))
            for m, im in zip(data.metadata(k), data.read_shard(k).images, strict=True)}
@@ -241,11 +243,6 @@ def test_gray_alpha_and_rows_that_are_no_image(tmp_path: Path) -> None:
                                         "6x5x0", "a pixel is null", "a pixel value is null",
                                         "no image (null)"], strict=True):
         assert words in errors[row], (row, errors[row])
-
-
-def pixels_unlabelled(out: Path) -> np.ndarray:
-    data = shardkit.open(out)
-    return np.concatenate([data.read_shard(k).images for k in range(len(data.manifest.shards))])
 
 
 def test_pixels_of_another_type_are_refused_naming_the_column(tmp_path: Path) -> None:

@@ -96,12 +96,18 @@ def test_a_part_that_cannot_be_read_fails_the_shard_not_the_thread(tmp_path: Pat
         joiner.close()
 
 
-def test_a_joiner_that_falls_behind_says_so_and_catches_up(tmp_path: Path) -> None:
-    # The first part is a pipe: its append blocks until something is written into it.
+def blocked_part(tmp_path: Path, other: str) -> tuple[Path, Path]:
+    """A part that is a pipe (its append blocks until something is written into it) and a
+    plain part `other` of one block."""
     pipe = tmp_path / "0.0.part"
     os.mkfifo(pipe)
-    part = tmp_path / "0.1.part"
+    part = tmp_path / other
     part.write_bytes(bytes(BLOCK))
+    return pipe, part
+
+
+def test_a_joiner_that_falls_behind_says_so_and_catches_up(tmp_path: Path) -> None:
+    pipe, part = blocked_part(tmp_path, "0.1.part")
     joiner = Joiner()
     try:
         assert joiner.add(0, 0, str(pipe), 4, str(tmp_path / "a.tar")) is None
@@ -119,10 +125,7 @@ def test_a_joiner_that_falls_behind_says_so_and_catches_up(tmp_path: Path) -> No
 
 
 def test_closing_a_joiner_with_joins_still_queued_closes_their_files(tmp_path: Path) -> None:
-    pipe = tmp_path / "0.0.part"
-    os.mkfifo(pipe)
-    part = tmp_path / "1.0.part"
-    part.write_bytes(bytes(BLOCK))
+    pipe, part = blocked_part(tmp_path, "1.0.part")
     joiner = Joiner()
     queued = [joiner.add(0, 0, str(pipe), 1, str(tmp_path / "a.tar")),
               joiner.add(1, 0, str(part), 1, str(tmp_path / "b.tar"))]
