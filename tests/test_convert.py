@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import duckdb
@@ -19,6 +20,7 @@ from PIL import Image
 import shardkit
 from shardkit.config import ImageOptions
 from shardkit.conversion.images import load_image, pillow_limits
+from shardkit.tools.verify import verify_dataset
 
 
 def expected_pixels(path: Path, **options: object) -> np.ndarray:
@@ -112,6 +114,41 @@ def test_output_is_byte_identical_for_any_worker_count(tmp_path: Path, fmt: str)
         hashes.append(tree_hashes(out))
     assert hashes[0] == hashes[1] == hashes[2]
     assert len([n for n in hashes[0] if n.startswith("shard-")]) == 2
+
+
+def test_raw_tar_parts_behind_failed_inputs_move_down_in_place(tmp_path: Path) -> None:
+    """Fixed-layout raw tar shards joined by this machine are written by their part tasks
+    straight into the shard file, each part from where it starts when nothing fails; a failed
+    input leaves its part short and the parts behind it are moved down. The shards must be
+    those of part files joined by copying (any other executor), for 0 and 2 workers, with
+    every sample's pixels where the reader looks for them."""
+    src = tmp_path / "src"
+    image_tree(src, classes=("a",), per_class=150, min_side=20, max_side=40)  # 3 parts of 64
+    files = sorted((src / "a").iterdir())
+    bad = (3, 64, 65, 140)  # parts 0, 1 (two) and 2 come back short
+    for k in bad:
+        files[k].write_bytes(b"not an image")
+    runs = {}
+    for name, options in (("w0", {"workers": 0}), ("w2", {"workers": 2}),
+                          ("copied", {"executor": ThreadPoolExecutor(2)})):
+        out = tmp_path / name
+        summary = shardkit.convert(src, out, size=12, max_errors=4, samples_per_shard=150,
+                                   **options)  # type: ignore[arg-type]
+        assert (summary.samples, summary.failed, summary.shards) == (146, 4, 1)
+        assert sorted(p.name for p in out.iterdir()) == ["errors.jsonl", "index.json", "shard-00000.tar"]
+        runs[name] = tree_hashes(out)
+    assert runs["w0"] == runs["w2"] == runs["copied"]
+    out = tmp_path / "w2"
+    assert verify_dataset(out) == []
+    good = [k for k in range(150) if k not in bad]
+    with tarfile.open(out / "shard-00000.tar") as archive:
+        names = archive.getnames()
+    assert names == [f"{k:06d}.{ext}" for k in good for ext in ("npy", "cls", "json")]
+    batch = next(iter(shardkit.ShardLoader(out, batch_size=146, shuffle=False)))
+    assert batch["index"].tolist() == list(range(146))
+    for row in (2, 3, 62, 63, 64, 137, 145):  # around each moved part's first sample
+        np.testing.assert_array_equal(batch["image"][row].numpy(),
+                                      expected_pixels(files[good[row]], size=(12, 12)))
 
 
 def test_shuffle_is_seeded_and_keeps_every_input(tree: Path, tmp_path: Path) -> None:

@@ -18,8 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardkit.conversion.scheduler import Joiner
+from shardkit.conversion.tasks import PartResult
 from shardkit.conversion.writers.tar import assemble_tar
-from shardkit.format.tar import BLOCK, _tarfile_header, padding, tar_header
+from shardkit.format.tar import BLOCK, END_OF_ARCHIVE, _tarfile_header, padding, tar_header
 
 names = st.one_of(
     st.text(st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="/"),
@@ -57,6 +58,12 @@ def test_tarfile_reads_the_members_back() -> None:
         assert {m.name: archive.extractfile(m).read() for m in members} == payloads  # type: ignore[union-attr]
 
 
+def done(shard: int, part: int, path: str, offset: int = -1, nbytes: int = 0) -> PartResult:
+    """What a part task returns, as far as the joiner reads it."""
+    return PartResult(shard=shard, part=part, path=path, samples=0, failures=(), label_counts=(),
+                      cpu_seconds=0.0, offset=offset, nbytes=nbytes)
+
+
 def test_the_joiner_joins_parts_in_order_whatever_order_they_come_back(tmp_path: Path) -> None:
     parts = []
     for number in range(5):
@@ -67,7 +74,7 @@ def test_the_joiner_joins_parts_in_order_whatever_order_they_come_back(tmp_path:
     size, digest = assemble_tar(parts, str(expected))
     joiner = Joiner()
     try:
-        futures = [joiner.add(0, number, parts[number], 5, str(tmp_path / "joined.tar"))
+        futures = [joiner.add(done(0, number, parts[number]), 5, str(tmp_path / "joined.tar"))
                    for number in (3, 1, 0, 4, 2)]
         assert futures[:4] == [None] * 4  # handed over only once every part is there
         assert futures[4] is not None
@@ -78,19 +85,58 @@ def test_the_joiner_joins_parts_in_order_whatever_order_they_come_back(tmp_path:
     assert digest == hashlib.sha256(expected.read_bytes()).hexdigest()
 
 
+def test_parts_written_in_place_are_taken_in_order_and_moved_behind_short_ones(tmp_path: Path) -> None:
+    # A shard file as three part tasks leave it, each from its offset in a run without
+    # failures (4 blocks a part): part 1 came back with 2 blocks (two failed inputs), so
+    # garbage follows it; the joiner must close the gap and cut the tail.
+    shard = tmp_path / "s.tar"
+    placed = [(0, 4), (4, 2), (8, 3)]  # (first block, blocks written)
+    data = bytearray(os.urandom(12 * BLOCK))
+    joined = b""
+    for number, (first, count) in enumerate(placed):
+        chunk = bytes([number + 1]) * (count * BLOCK)
+        data[first * BLOCK:first * BLOCK + len(chunk)] = chunk
+        joined += chunk
+    shard.write_bytes(bytes(data))
+    expected = joined + END_OF_ARCHIVE
+    joiner = Joiner()
+    try:
+        futures = [joiner.add(done(0, n, str(shard), placed[n][0] * BLOCK, placed[n][1] * BLOCK),
+                              3, str(shard)) for n in (2, 0, 1)]
+        assert futures[:2] == [None, None] and futures[2] is not None
+        assert futures[2].result(timeout=30) == (len(expected), hashlib.sha256(expected).hexdigest())
+    finally:
+        joiner.close()
+    assert shard.read_bytes() == expected
+
+
+def test_a_part_missing_from_the_shard_file_fails_the_shard(tmp_path: Path) -> None:
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(bytes(3 * BLOCK))  # cut short: the second part's bytes are not there
+    joiner = Joiner()
+    try:
+        assert joiner.add(done(0, 0, str(shard), 0, 2 * BLOCK), 2, str(shard)) is None
+        failed = joiner.add(done(0, 1, str(shard), 2 * BLOCK, 2 * BLOCK), 2, str(shard))
+        assert failed is not None
+        with pytest.raises(OSError, match=r"s\.tar: 512 bytes of a part are missing"):
+            failed.result(timeout=30)
+    finally:
+        joiner.close()
+
+
 def test_a_part_that_cannot_be_read_fails_the_shard_not_the_thread(tmp_path: Path) -> None:
     good = tmp_path / "0.0.part"
     good.write_bytes(bytes(BLOCK))
     joiner = Joiner()
     try:
-        assert joiner.add(7, 0, str(good), 3, str(tmp_path / "a.tar")) is None
-        assert joiner.add(7, 1, str(tmp_path / "missing.part"), 3, str(tmp_path / "a.tar")) is None
-        failed = joiner.add(7, 2, str(good), 3, str(tmp_path / "a.tar"))
+        assert joiner.add(done(7, 0, str(good)), 3, str(tmp_path / "a.tar")) is None
+        assert joiner.add(done(7, 1, str(tmp_path / "missing.part")), 3, str(tmp_path / "a.tar")) is None
+        failed = joiner.add(done(7, 2, str(good)), 3, str(tmp_path / "a.tar"))
         assert failed is not None
         with pytest.raises(FileNotFoundError, match=r"missing\.part"):
             failed.result(timeout=30)
         # The thread goes on joining other shards.
-        other = joiner.add(8, 0, str(good), 1, str(tmp_path / "b.tar"))
+        other = joiner.add(done(8, 0, str(good)), 1, str(tmp_path / "b.tar"))
         assert other is not None and other.result(timeout=30)[0] == 3 * BLOCK
     finally:
         joiner.close()
@@ -110,14 +156,14 @@ def test_a_joiner_that_falls_behind_says_so_and_catches_up(tmp_path: Path) -> No
     pipe, part = blocked_part(tmp_path, "0.1.part")
     joiner = Joiner()
     try:
-        assert joiner.add(0, 0, str(pipe), 4, str(tmp_path / "a.tar")) is None
+        assert joiner.add(done(0, 0, str(pipe)), 4, str(tmp_path / "a.tar")) is None
         assert joiner.backlog(2) == []
         for number in (1, 2):
-            assert joiner.add(0, number, str(part), 4, str(tmp_path / "a.tar")) is None
+            assert joiner.add(done(0, number, str(part)), 4, str(tmp_path / "a.tar")) is None
         assert len(joiner.backlog(2)) == 3  # three appends queued: behind a limit of 2
         with open(pipe, "wb") as writer:  # unblocks the first append
             writer.write(bytes(BLOCK))
-        joined = joiner.add(0, 3, str(part), 4, str(tmp_path / "a.tar"))
+        joined = joiner.add(done(0, 3, str(part)), 4, str(tmp_path / "a.tar"))
         assert joined is not None and joined.result(timeout=30)[0] == 6 * BLOCK
         assert joiner.backlog(0) == []
     finally:
@@ -127,8 +173,8 @@ def test_a_joiner_that_falls_behind_says_so_and_catches_up(tmp_path: Path) -> No
 def test_closing_a_joiner_with_joins_still_queued_closes_their_files(tmp_path: Path) -> None:
     pipe, part = blocked_part(tmp_path, "1.0.part")
     joiner = Joiner()
-    queued = [joiner.add(0, 0, str(pipe), 1, str(tmp_path / "a.tar")),
-              joiner.add(1, 0, str(part), 1, str(tmp_path / "b.tar"))]
+    queued = [joiner.add(done(0, 0, str(pipe)), 1, str(tmp_path / "a.tar")),
+              joiner.add(done(1, 0, str(part)), 1, str(tmp_path / "b.tar"))]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         threading.Timer(0.2, lambda: pipe.write_bytes(b"")).start()  # lets the first finish

@@ -3,7 +3,9 @@
 Part tasks go out a bounded number at a time. With ``join_here`` (this machine's own pool, or
 no pool) a tar shard is joined in this process, on one background thread, part by part as the
 parts come back in order (`Joiner`): the workers never stop converting to copy, and the run
-does not end with one worker joining the last shard while the others wait. Otherwise (a
+does not end with one worker joining the last shard while the others wait. A fixed-layout raw
+tar shard is not even copied: its part tasks write into the shard's file, made here at its
+full size, and the joiner hashes them in place (`TarInPlace`). Otherwise (a
 cluster: its data should not travel through the client), and for Parquet (whose assembly
 re-cuts row groups), a shard's assembly (`run_shard`) is submitted to the executor once every
 part is back. An assembled shard is published through the commit (`Commit.publish`). A task
@@ -32,7 +34,7 @@ from shardkit.conversion.plan import Plan, rows_per_group
 from shardkit.conversion.report import FailureRecord
 from shardkit.conversion.shard_upload import WholeShardTask, run_whole_shard
 from shardkit.conversion.tasks import PartResult, PartTask, ShardTask, run_part, run_shard
-from shardkit.conversion.writers.tar import TarAssembly
+from shardkit.conversion.writers.tar import TarAssembly, TarInPlace
 from shardkit.errors import RemoteError, WorkerError
 from shardkit.format.manifest import ShardRecord
 from shardkit.format.tar import raw_layout
@@ -61,6 +63,9 @@ class Scheduler:
                                            strict=True)] or [0] * len(plan.classes or ())
         self.cpu_seconds = 0.0
         self.joiner = Joiner() if join_here and plan.config.format == "tar" and not whole_shards else None
+        # Fixed-layout raw tar joined here: part tasks write into the shard file itself.
+        self.in_place = (self.joiner is not None and plan.config.codec == "raw"
+                         and plan.config.image.fixed_shape is not None)
         bar.update(sum(len(plan.shard_slice(k)) for k in finished))
 
     def run(self) -> tuple[list[ShardRecord], list[FailureRecord], list[int]]:
@@ -101,15 +106,31 @@ class Scheduler:
             whole = plan.shard_slice(shard)
             records = plan.records[whole.start:whole.stop]  # read once (it may be spilled)
             blocks = self.blocks[shard] = plan.json_blocks(records) if plan.config.format == "tar" else 0
+            stride = self._in_place_stride(shard, len(whole))
             for number, indices in enumerate(plan.parts(shard)):
                 yield PartTask(
                     shard=shard, part=number, first=indices.start,
                     records=tuple(records[indices.start - whole.start:indices.stop - whole.start]),
                     classes=classes,
-                    path=str(self.tmp / f"{shard}.{number}.part"), key_width=plan.key_width,
+                    path=str(self.tmp / (plan.shard_file(shard) if stride else f"{shard}.{number}.part")),
+                    key_width=plan.key_width,
                     json_blocks=blocks, config=plan.config, meta_types=plan.meta_types,
                     image_col=plan.image_col, source=plan.source,
+                    offset=(indices.start - whole.start) * stride if stride else -1,
                 )
+
+    def _in_place_stride(self, shard: int, samples: int) -> int:
+        """In place: make the shard's file, sized for all its samples, and return a sample's
+        stride in it (the format's fixed raw layout); otherwise 0."""
+        plan = self.plan
+        shape = plan.config.image.fixed_shape
+        if not self.in_place or shape is None:
+            return 0
+        stride = raw_layout(shape, len(plan.classes) if plan.classes is not None else None,
+                            self.blocks[shard])["stride"]
+        with open(self.tmp / plan.shard_file(shard), "wb") as handle:
+            handle.truncate(samples * stride)
+        return stride
 
     def _whole_tasks(self) -> Any:
         for shard, parts in itertools.groupby(self._part_tasks(), key=lambda t: t.shard):
@@ -164,7 +185,7 @@ class Scheduler:
         done = self.parts.setdefault(result.shard, [])
         done.append(result)
         if self.joiner is not None:
-            joined = self.joiner.add(result.shard, result.part, result.path, self.expected[result.shard],
+            joined = self.joiner.add(result, self.expected[result.shard],
                                      str(self.tmp / self.plan.shard_file(result.shard)))
             if joined is not None:
                 done.sort(key=lambda r: r.part)
@@ -202,7 +223,8 @@ class Scheduler:
             return
         self.commit.publish(self.tmp / name, entry)
         for part in parts:  # here, not in run_shard: a retried run_shard must find them
-            os.unlink(part.path)
+            if part.offset < 0:  # a part file (in place, the shard file was its path)
+                os.unlink(part.path)
 
 
 class Joiner:
@@ -223,14 +245,14 @@ class Joiner:
             self._appends.popleft()
         return list(self._appends) if len(self._appends) > limit else []
 
-    def add(self, shard: int, part: int, path: str, parts: int,
-            tmp_path: str) -> cf.Future[tuple[int, str]] | None:
+    def add(self, part: PartResult, parts: int, tmp_path: str) -> cf.Future[tuple[int, str]] | None:
+        shard = part.shard
         joining = self._shards.get(shard)
         if joining is None:
             joining = self._shards[shard] = _Joining(tmp_path)
             self._started = [j for j in self._started if not j.finished]
             self._started.append(joining)
-        joining.ready[part] = path
+        joining.ready[part.part] = part
         while joining.next in joining.ready:
             self._appends.append(self._thread.submit(joining.append, joining.ready.pop(joining.next)))
             joining.next += 1
@@ -256,18 +278,25 @@ class _Joining:
     def __init__(self, tmp_path: str) -> None:
         self.tmp_path = tmp_path
         self.next = 0
-        self.ready: dict[int, str] = {}
-        self._assembly: TarAssembly | None = None
+        self.ready: dict[int, PartResult] = {}
+        self._assembly: TarAssembly | TarInPlace | None = None
         self._error: BaseException | None = None
         self.finished = False
 
-    def append(self, path: str) -> None:
+    def append(self, part: PartResult) -> None:
         if self._error is not None:
             return
         try:
-            if self._assembly is None:
-                self._assembly = TarAssembly(self.tmp_path)
-            self._assembly.append(path)
+            if part.offset >= 0:  # written into the shard file: place it there
+                if self._assembly is None:
+                    self._assembly = TarInPlace(self.tmp_path)
+                assert isinstance(self._assembly, TarInPlace)
+                self._assembly.place(part.offset, part.nbytes)
+            else:
+                if self._assembly is None:
+                    self._assembly = TarAssembly(self.tmp_path)
+                assert isinstance(self._assembly, TarAssembly)
+                self._assembly.append(part.path)
         except BaseException as exc:
             self._error = exc
 

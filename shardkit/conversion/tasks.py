@@ -1,9 +1,10 @@
 """Conversion tasks: pure functions of (task, config) that run in any executor.
 
-`run_part` decodes a run of inputs and writes them to a part file; `run_shard` joins a
-shard's parts into its temporary file. Both return small picklable records, so the same
-code runs in-process, in a local process pool or on a Dask cluster. Per-input failures are
-returned as records, never raised; an exception out of a task means the task itself failed.
+`run_part` decodes a run of inputs and writes them to a part file (or, `PartTask.offset`, into
+the shard's own file); `run_shard` joins a shard's parts into its temporary file. Both return
+small picklable records, so the same code runs in-process, in a local process pool or on a
+Dask cluster. Per-input failures are returned as records, never raised; an exception out of a
+task means the task itself failed.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class PartTask:
     image_col: str | None = None
     #: A remote source: the storage the records' inputs (their paths are URLs) are fetched from.
     source: Storage | None = None
+    #: -1: write the part file `path`. Otherwise `path` is the shard's temporary file, made by
+    #: the scheduler, and the samples are written into it from this byte offset (fixed-layout
+    #: raw tar, joined by this machine: see `shardkit.conversion.writers.tar.TarInPlace`).
+    offset: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +65,9 @@ class PartResult:
     failures: tuple[FailureRecord, ...]
     label_counts: tuple[int, ...]
     cpu_seconds: float
+    #: The task's `offset`, and the bytes its samples take from there (-1, 0: a part file).
+    offset: int = -1
+    nbytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +86,8 @@ class ShardTask:
 def run_part(task: PartTask) -> PartResult:
     """Decode, resize and encode `task.records` into the part file `task.path`."""
     cpu_start = time.process_time()
-    scratch = _scratch(task.path)
+    in_place = task.offset >= 0
+    scratch = task.path if in_place else _scratch(task.path)
     writer = _part_writer(task, scratch)
     failures: list[FailureRecord] = []
     counts = [0] * len(task.classes or ())
@@ -109,10 +118,13 @@ def run_part(task: PartTask) -> PartResult:
             writer.close()
             if fetched is not None:
                 fetched.close()
-    os.replace(scratch, task.path)
+    nbytes = writer.written if isinstance(writer, TarPartWriter) else 0
+    if not in_place:
+        os.replace(scratch, task.path)
     return PartResult(shard=task.shard, part=task.part, path=task.path, samples=written,
                       failures=tuple(failures), label_counts=tuple(counts),
-                      cpu_seconds=time.process_time() - cpu_start)
+                      cpu_seconds=time.process_time() - cpu_start, offset=task.offset,
+                      nbytes=nbytes)
 
 
 def _require_source_root(path: str, source: str) -> None:
@@ -140,7 +152,7 @@ def _part_writer(task: PartTask, path: str) -> TarPartWriter | ParquetPartWriter
     if config.format == "tar":
         classes = len(task.classes) if task.classes is not None else None
         return TarPartWriter(path, codec=config.codec, json_blocks=task.json_blocks,
-                             classes=classes)
+                             classes=classes, offset=task.offset)
     return ParquetPartWriter(path, schema=part_schema(shard_schema(
         config, task.classes is not None, task.meta_types, task.classes)))
 

@@ -19,9 +19,10 @@ from shardkit.errors import CorruptShardError
 if TYPE_CHECKING:
     from shardkit.format.manifest import ShardRecord
 
-__all__ = ["atomic_write_bytes", "check_shard", "copy_hashed", "fsync_dir", "hash_file", "publish"]
+__all__ = ["CHUNK", "atomic_write_bytes", "check_shard", "copy_hashed", "fsync_dir", "hash_file", "publish"]
 
-_CHUNK = 4 * 1024 * 1024
+#: The buffer size of every streamed copy and hash of shard bytes.
+CHUNK = 4 * 1024 * 1024
 
 
 def fsync_dir(folder: str | os.PathLike[str]) -> None:
@@ -57,7 +58,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def hash_file(path: str | os.PathLike[str]) -> tuple[int, str]:
     """(size, sha256 hex) of a file, read in 4 MB chunks."""
     digest = hashlib.sha256()
-    buffer = bytearray(_CHUNK)
+    buffer = bytearray(CHUNK)
     view = memoryview(buffer)
     total = 0
     with open(path, "rb", buffering=0) as handle:
@@ -69,7 +70,7 @@ def hash_file(path: str | os.PathLike[str]) -> tuple[int, str]:
 
 def copy_hashed(sources: Iterable[str], out: BinaryIO, digest: hashlib._Hash) -> int:
     """Append each file in `sources` to `out`, feeding `digest`; return bytes copied."""
-    buffer = bytearray(_CHUNK)
+    buffer = bytearray(CHUNK)
     view = memoryview(buffer)
     total = 0
     for source in sources:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import BinaryIO
 
 from shardkit.conversion.writers import EncodedSample
-from shardkit.format.files import copy_hashed
+from shardkit.format.files import CHUNK, copy_hashed
 from shardkit.format.samples import IMAGE_MEMBER
 from shardkit.format.tar import (
     BLOCK,
@@ -24,18 +24,25 @@ from shardkit.format.tar import (
     tar_header,
 )
 
-__all__ = ["TarAssembly", "TarPartWriter", "assemble_tar"]
+__all__ = ["TarAssembly", "TarInPlace", "TarPartWriter", "assemble_tar"]
 
 
 class TarPartWriter:
-    """Writes the members of consecutive samples (no end-of-archive marker) to a part file."""
+    """Writes the members of consecutive samples (no end-of-archive marker) to a part file,
+    or (`offset` >= 0) into an existing shard file from that byte on (`TarInPlace`)."""
 
-    def __init__(self, path: str, *, codec: str, json_blocks: int, classes: int | None) -> None:
-        self._handle: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
+    def __init__(self, path: str, *, codec: str, json_blocks: int, classes: int | None,
+                 offset: int = -1) -> None:
+        # closed in close()
+        self._handle: BinaryIO = open(path, "r+b" if offset >= 0 else "wb")  # noqa: SIM115
+        if offset >= 0:
+            self._handle.seek(offset)
+        self._start = max(offset, 0)
         self._digits = label_digits(classes) if classes is not None else 0
         self._ext = IMAGE_MEMBER[codec]
         self._json_size = json_blocks * BLOCK
         self._npy_headers: dict[tuple[int, int, int], bytes] = {}
+        self.written = 0  # bytes, once closed
 
     def add(self, sample: EncodedSample) -> None:
         write = self._handle.write
@@ -63,6 +70,7 @@ class TarPartWriter:
 
     def close(self) -> None:
         self._handle.flush()
+        self.written = self._handle.tell() - self._start
         self._handle.close()
 
 
@@ -89,6 +97,53 @@ class TarAssembly:
 
     def close(self) -> None:
         self._out.close()
+
+
+class TarInPlace:
+    """One shard whose samples the part tasks wrote straight into its (pre-sized) file, each
+    part from the offset it has when no sample before it failed: no part file, no copy.
+
+    `place` takes the parts in order. A part behind a short one (a failed input) is moved
+    down to follow it, so the shard has the same bytes as `TarAssembly` would join; the
+    sha256 is taken on the way. `finish` cuts what the failures left at the end and writes
+    the end-of-archive marker.
+    """
+
+    def __init__(self, tmp_path: str) -> None:
+        self._file = open(tmp_path, "r+b", buffering=0)  # noqa: SIM115 - closed in finish()/close()
+        self._digest = hashlib.sha256()
+        self._size = 0
+        self._buffer = bytearray(CHUNK)
+
+    def place(self, offset: int, nbytes: int) -> None:
+        """Take the `nbytes` a part wrote from `offset` (which is never below the end so far)."""
+        view = memoryview(self._buffer)
+        done = 0
+        while done < nbytes:
+            self._file.seek(offset + done)
+            count = self._file.readinto(view[:min(CHUNK, nbytes - done)])
+            if not count:
+                raise OSError(f"{self._file.name}: {nbytes - done} bytes of a part are missing")
+            chunk = view[:count]
+            self._digest.update(chunk)
+            if offset != self._size:  # behind a short part: move down (never overlapping ahead)
+                self._file.seek(self._size + done)
+                self._file.write(chunk)
+            done += count
+        self._size += nbytes
+
+    def finish(self) -> tuple[int, str]:
+        """Cut, write the end marker, fsync and close; (bytes, sha256 hex) of the shard."""
+        self._file.truncate(self._size)
+        self._file.seek(self._size)
+        self._file.write(END_OF_ARCHIVE)
+        self._digest.update(END_OF_ARCHIVE)
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self._size + len(END_OF_ARCHIVE), self._digest.hexdigest()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def assemble_tar(parts: Sequence[str], tmp_path: str) -> tuple[int, str]:
