@@ -80,6 +80,10 @@ _SIXTEEN_BIT: Final = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ALPHA_MODES: Final = ("RGBA", "LA", "PA", "La", "RGBa")
 
 
+#: Files up to this size are read whole before decoding (one read for Pillow's header
+#: parsing and libjpeg-turbo both); a larger one is handed to Pillow as a file.
+_READ_AT_ONCE: Final = 64 * 1024 * 1024
+
 #: The details of ``empty_file`` and ``missing_file`` failures, for a local file or a fetched
 #: object alike (the same inputs give the same errors.jsonl wherever SRC is).
 EMPTY_FILE = "file is empty (0 bytes)"
@@ -165,9 +169,16 @@ def load_image(path: str | os.PathLike[str], options: ImageOptions, *,
     except OSError as exc:
         raise ImageFailure("read", "unreadable", str(exc)) from None
     try:
-        if os.fstat(handle.fileno()).st_size == 0:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
             raise ImageFailure("read", "empty_file", EMPTY_FILE)
-        return _decode(handle, options, fast)
+        if size > _READ_AT_ONCE:
+            return _decode(handle, options, fast)  # Pillow reads what it needs
+        try:
+            data = handle.read()  # one read for Pillow's header parsing and libjpeg-turbo both
+        except OSError as exc:
+            raise ImageFailure("read", "unreadable", str(exc)) from None
+        return _decode(io.BytesIO(data), options, fast)
     finally:
         handle.close()
 
