@@ -534,10 +534,11 @@ def describe(corpus: Corpus, repeats: int, quick: bool, timing: tuple[float, flo
         "start.",
         "- CPU-ms/image = (parent process CPU + worker CPU) / images. Baseline workers return "
         "a `time.process_time()` delta per image; shardkit's worker CPU is "
-        "`ConvertSummary.task_cpu_seconds`, which covers decoding, resizing and writing part "
-        "files but not the small shard-joining task (copy + SHA-256 + fsync); the `workers=0` "
-        "rows, where everything runs in one process, check that accounting. Neither side "
-        "counts worker start-up CPU.",
+        "`ConvertSummary.task_cpu_seconds`, which covers decoding, resizing and writing the "
+        "samples (raw tar: straight into the shard's file); the parent's covers listing, "
+        "planning and joining each shard on a thread (SHA-256 and fsync; raw tar is hashed in "
+        "place, other codecs' part files copied). The `workers=0` rows, where everything runs "
+        "in one process, check that accounting. Neither side counts worker start-up CPU.",
         "- images/s per worker = images/s ÷ worker processes; all sizes are W×H = S×S "
         "uint8 RGB.",
         "- Command: `make bench` (runs `python scripts/bench_convert.py --out bench-out "

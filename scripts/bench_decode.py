@@ -11,13 +11,16 @@ bench_convert.py generates under --out). Prints markdown tables; --write-doc put
 
 * Decode floor: simplejpeg (libjpeg-turbo) decoding the files, already in memory, at the DCT
   scale the resize needs (Pillow's draft scale: what conversion decodes at), CPU ms per image
-  on one core; Pillow's open + draft + load of the same bytes beside it.
+  on one core; Pillow's open + draft + load of the same bytes beside it; and one process per
+  usable CPU decoding at once, images/s against the one-core figure times as many (what the
+  cores give together, before any conversion work).
 * Conversion: `load_image` per image (decode, orient, resize; CPU ms) with the fast path
   and with Pillow only; the resize alone on the drafted image, per filter, with PSNR against
   a Lanczos resize of the full-resolution decode; `convert()` in this process (the whole
   process's CPU per image: decoding, writing, joining the shard), as a fraction of the floor;
   and `convert()` with one worker per usable CPU, images/s against the floor per core times
-  the worker count (the issue's measure of "near the decode floor").
+  the worker count (the issue's measure of "near the decode floor"). The default filter's
+  resize beside the floor bounds that ratio: floor / (floor + resize).
 * Reading: the corpus converted at 224 px, ``codec=jpeg`` (q90); every batch of 64 decoded
   into the batch array by `stream_batches` with 1 and 2 decode threads, and by Pillow one
   image at a time (the reader before shardkit.reader.decode). samples/s (wall) and CPU ms per
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -99,8 +103,35 @@ def draft_size(data: bytes, size: int) -> tuple[int, int]:
     return draft_sizes(data, size)[1]
 
 
+#: The decode jobs the processes of `decode_together` share (a fork inherits them).
+_JOBS: list[tuple[bytes, tuple[int, int] | None, tuple[int, int]]] = []
+
+
+def _decode_share(share: tuple[int, int]) -> tuple[int, float, float]:
+    start, step = share
+    began = time.perf_counter()  # CLOCK_MONOTONIC: one clock for every process
+    mine = _JOBS[start::step] * 2
+    for data, _, (w, h) in mine:
+        simplejpeg.decode_jpeg(data, min_height=h, min_width=w)
+    return len(mine), began, time.perf_counter()
+
+
+def decode_together(jobs: list[tuple[bytes, tuple[int, int] | None, tuple[int, int]]],
+                    workers: int) -> Callable[[], float]:
+    """images/s (wall) of `workers` processes decoding shares of `jobs` at the same time: the
+    floor as this machine's cores deliver it together (shared caches, memory, the host)."""
+    def run() -> float:
+        _JOBS[:] = jobs
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            pool.map(abs, range(workers))  # started before the clock
+            done = pool.map(_decode_share, [(k, workers) for k in range(workers)], chunksize=1)
+        return sum(n for n, _, _ in done) / (max(e for _, _, e in done) - min(b for _, b, _ in done))
+    return run
+
+
 def floor_rows(datas: list[bytes], repeats: int) -> tuple[list[str], dict[int, float]]:
     rows, floors = [], {}
+    workers = usable_cpus()
     for size in SIZES:
         jobs = [(d, *draft_sizes(d, size)) for d in datas]
 
@@ -115,11 +146,13 @@ def floor_rows(datas: list[bytes], repeats: int) -> tuple[list[str], dict[int, f
                     im.draft(None, need)
                 im.load()
 
-        got = alternate({"simplejpeg": cpu_ms_each(jobs, turbo), "pillow": cpu_ms_each(jobs, pil)},
-                        repeats)
+        got = alternate({"simplejpeg": cpu_ms_each(jobs, turbo), "pillow": cpu_ms_each(jobs, pil),
+                         "together": decode_together(jobs, workers)}, repeats)
         floors[size] = statistics.median(got["simplejpeg"])
+        together = statistics.median(got["together"])
         rows.append(f"| {size} | {spread(got['simplejpeg'])} | {1e3 / floors[size]:,.0f} | "
-                    f"{spread(got['pillow'])} |")
+                    f"{spread(got['pillow'])} | {spread(got['together'], 0)} | "
+                    f"{together / (1e3 / floors[size] * workers):.2f} |")
     return rows, floors
 
 
@@ -136,9 +169,10 @@ def centre_box(w: int, h: int) -> tuple[float, float, float, float]:
     return ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
 
 
-def resize_rows(datas: list[bytes], repeats: int) -> list[str]:
-    """The resize alone, on the drafted decode, against a full-resolution Lanczos resize."""
-    rows = []
+def resize_rows(datas: list[bytes], repeats: int) -> tuple[list[str], dict[int, float]]:
+    """The resize alone, on the drafted decode, against a full-resolution Lanczos resize; and
+    the default filter's median CPU ms per size."""
+    rows, default = [], {}
     for size in SIZES:
         drafted, references = [], []
         for data in datas:
@@ -159,7 +193,8 @@ def resize_rows(datas: list[bytes], repeats: int) -> list[str]:
                        for im, ref in zip(drafted, references, strict=True)]
             rows.append(f"| {size} | {name} | {spread(got[name])} | {statistics.median(quality):.2f} "
                         f"({min(quality):.2f}) |")
-    return rows
+        default[size] = statistics.median(got[ImageOptions().filter])
+    return rows, default
 
 
 def conversion_rows(paths: list[Path], src: Path, out: Path, floors: dict[int, float],
@@ -300,14 +335,25 @@ def main() -> None:
              f"{len(paths)} JPEGs from `{src.name}`, {usable_cpus()} usable CPUs, medians of "
              f"{args.repeats} alternated runs (min-max). `python scripts/bench_decode.py`.", "",
              "Decode floor: the files (in memory) decoded at the DCT scale a centre-crop to "
-             "S px needs, one core.", "",
-             "| S | simplejpeg CPU ms/image | images/s per core | Pillow open+draft+load ms |",
-             "|---|---|---|---|", *floor, ""]
+             f"S px needs, one core; then {usable_cpus()} processes decoding at once (images/s, "
+             "wall), against the per-core figure times as many: what the cores give together.", "",
+             "| S | simplejpeg CPU ms/image | images/s per core | Pillow open+draft+load ms | "
+             f"{usable_cpus()} processes at once, images/s | vs per core × {usable_cpus()} |",
+             "|---|---|---|---|---|---|", *floor, ""]
     print("\n".join(lines), flush=True)
+    resized, resize_ms = resize_rows(datas, args.repeats)
+    default = ImageOptions().filter
     block = ["Resize alone (drafted decode → S×S centre crop), PSNR against a Lanczos resize of "
              "the full-resolution decode:", "",
              "| S | filter | CPU ms/image | PSNR dB median (min) |", "|---|---|---|---|",
-             *resize_rows(datas, args.repeats), ""]
+             *resized, "",
+             f"What the default filter ({default}, Pillow's: the image tests hold conversion to "
+             "its pixels) leaves: decoding at the floor and resizing is the least any conversion "
+             "spends per image, before reading, orienting or writing, so floor / (floor + resize) "
+             "bounds the ratio to the floor below.", "",
+             "| S | floor ms | resize ms | bound |", "|---|---|---|---|",
+             *(f"| {size} | {floors[size]:.3f} | {resize_ms[size]:.3f} | "
+               f"{floors[size] / (floors[size] + resize_ms[size]):.2f} |" for size in SIZES), ""]
     print("\n".join(block), flush=True)
     lines += block
     listed = sample_tree(paths, src, out)
