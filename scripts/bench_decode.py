@@ -103,8 +103,12 @@ def draft_size(data: bytes, size: int) -> tuple[int, int]:
     return draft_sizes(data, size)[1]
 
 
-#: The decode jobs the processes of `decode_together` share (a fork inherits them).
+#: The decode jobs of a `decode_together` process (set by its pool's initializer).
 _JOBS: list[tuple[bytes, tuple[int, int] | None, tuple[int, int]]] = []
+
+
+def _take_jobs(jobs: list[tuple[bytes, tuple[int, int] | None, tuple[int, int]]]) -> None:
+    _JOBS[:] = jobs
 
 
 def _decode_share(share: tuple[int, int]) -> tuple[int, float, float]:
@@ -121,8 +125,7 @@ def decode_together(jobs: list[tuple[bytes, tuple[int, int] | None, tuple[int, i
     """images/s (wall) of `workers` processes decoding shares of `jobs` at the same time: the
     floor as this machine's cores deliver it together (shared caches, memory, the host)."""
     def run() -> float:
-        _JOBS[:] = jobs
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with multiprocessing.Pool(workers, initializer=_take_jobs, initargs=(jobs,)) as pool:
             pool.map(abs, range(workers))  # started before the clock
             done = pool.map(_decode_share, [(k, workers) for k in range(workers)], chunksize=1)
         return sum(n for n, _, _ in done) / (max(e for _, _, e in done) - min(b for _, b, _ in done))

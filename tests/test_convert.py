@@ -20,6 +20,7 @@ from PIL import Image
 import shardkit
 from shardkit.config import ImageOptions
 from shardkit.conversion.images import load_image, pillow_limits
+from shardkit.conversion.plan import PART_SAMPLES
 from shardkit.tools.verify import verify_dataset
 
 
@@ -116,7 +117,33 @@ def test_output_is_byte_identical_for_any_worker_count(tmp_path: Path, fmt: str)
     assert len([n for n in hashes[0] if n.startswith("shard-")]) == 2
 
 
-def test_raw_tar_parts_behind_failed_inputs_move_down_in_place(tmp_path: Path) -> None:
+def placed_runs(src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parts: int,
+                **options: object) -> list[Path]:
+    """`src` converted with 0 and 2 workers (raw tar written in place: each of its `parts`
+    parts placed by `TarInPlace`) and on a thread pool (part files, copied: none placed);
+    asserts the three give the same files, and returns their OUTs."""
+    from shardkit.conversion.writers.tar import TarInPlace
+
+    placed: list[int] = []
+    place = TarInPlace.place
+    monkeypatch.setattr(TarInPlace, "place", lambda self, offset, nbytes: (
+        placed.append(offset), place(self, offset, nbytes))[1])
+    outs, hashes, counts = [], [], []
+    with ThreadPoolExecutor(2) as pool:
+        for name, how in (("w0", {"workers": 0}), ("w2", {"workers": 2}), ("copied", {"executor": pool})):
+            placed.clear()
+            out = tmp_path / name
+            shardkit.convert(src, out, **how, **options)  # type: ignore[arg-type]
+            outs.append(out)
+            hashes.append(tree_hashes(out))
+            counts.append(len(placed))
+    assert hashes[0] == hashes[1] == hashes[2]
+    assert counts == [parts, parts, 0]  # every part of the first two was placed; none copied
+    return outs
+
+
+def test_raw_tar_parts_behind_failed_inputs_move_down_in_place(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Fixed-layout raw tar shards joined by this machine are written by their part tasks
     straight into the shard file, each part from where it starts when nothing fails; a failed
     input leaves its part short and the parts behind it are moved down. The shards must be
@@ -128,17 +155,12 @@ def test_raw_tar_parts_behind_failed_inputs_move_down_in_place(tmp_path: Path) -
     bad = (3, 64, 65, 140)  # parts 0, 1 (two) and 2 come back short
     for k in bad:
         files[k].write_bytes(b"not an image")
-    runs = {}
-    for name, options in (("w0", {"workers": 0}), ("w2", {"workers": 2}),
-                          ("copied", {"executor": ThreadPoolExecutor(2)})):
-        out = tmp_path / name
-        summary = shardkit.convert(src, out, size=12, max_errors=4, samples_per_shard=150,
-                                   **options)  # type: ignore[arg-type]
-        assert (summary.samples, summary.failed, summary.shards) == (146, 4, 1)
+    runs = placed_runs(src, tmp_path, monkeypatch, 3, size=12, max_errors=4, samples_per_shard=150)
+    for out in runs:
         assert sorted(p.name for p in out.iterdir()) == ["errors.jsonl", "index.json", "shard-00000.tar"]
-        runs[name] = tree_hashes(out)
-    assert runs["w0"] == runs["w2"] == runs["copied"]
-    out = tmp_path / "w2"
+    assert len(files) == 150 and PART_SAMPLES == 64  # three parts, the bad inputs in each
+    out = runs[1]
+    assert shardkit.open(out).manifest.failed == 4
     assert verify_dataset(out) == []
     good = [k for k in range(150) if k not in bad]
     with tarfile.open(out / "shard-00000.tar") as archive:
@@ -149,6 +171,28 @@ def test_raw_tar_parts_behind_failed_inputs_move_down_in_place(tmp_path: Path) -
     for row in (2, 3, 62, 63, 64, 137, 145):  # around each moved part's first sample
         np.testing.assert_array_equal(batch["image"][row].numpy(),
                                       expected_pixels(files[good[row]], size=(12, 12)))
+
+
+def test_in_place_parts_and_shards_whose_every_input_failed(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Unlabelled grey samples (no .cls member: another stride); shard 0's middle part and all
+    # of shard 1 fail: an empty part to step over, then a shard of the end marker alone.
+    src = tmp_path / "src"
+    files = image_tree(src, classes=(), per_class=150, min_side=20, max_side=40)
+    for k in [*range(64, 128), *range(140, 150)]:
+        files[k].write_bytes(b"not an image")
+    outs = placed_runs(src, tmp_path, monkeypatch, 4, size=10, mode="L", max_errors=74,
+                       samples_per_shard=140)
+    out = outs[1]
+    assert verify_dataset(out) == []
+    assert (out / "shard-00001.tar").read_bytes() == bytes(1024)
+    with tarfile.open(out / "shard-00000.tar") as archive:
+        assert archive.getnames() == [f"{k:06d}.{ext}" for k in [*range(64), *range(128, 140)]
+                                      for ext in ("npy", "json")]
+    batch = next(iter(shardkit.ShardLoader(out, batch_size=76, shuffle=False)))
+    for row, k in ((63, 63), (64, 128), (75, 139)):
+        np.testing.assert_array_equal(batch["image"][row].numpy(),
+                                      expected_pixels(files[k], size=(10, 10), mode="L"))
 
 
 def test_shuffle_is_seeded_and_keeps_every_input(tree: Path, tmp_path: Path) -> None:

@@ -341,3 +341,28 @@ def test_a_decoding_pass_runs_the_loops_torch_single_threaded_and_puts_it_back(
     assert {torch.get_num_threads() for _ in ShardLoader(jpeg_ds, 4, torch_threads=2)} == {2}
     raw = small_dataset(small_tree(tmp_path / "src", 3), tmp_path / "raw", 4)
     assert {torch.get_num_threads() for _ in ShardLoader(raw, 4)} == {before}
+
+
+def test_a_file_too_big_to_read_at_once_decodes_the_same(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Files up to _READ_AT_ONCE are read whole first; a bigger one goes to Pillow as a file.
+    # Both must give the same pixels and the same failures.
+    from shardkit.conversion import images
+
+    jpeg, png, cut = tmp_path / "a.jpg", tmp_path / "b.png", tmp_path / "cut.jpg"
+    picture(400, 300, seed=13).save(jpeg, quality=90)
+    picture(120, 90, seed=14).save(png)
+    cut.write_bytes(jpeg.read_bytes()[:5000])
+    options = ImageOptions(size=(64, 64))
+
+    def outcome(path: Path) -> object:
+        with pillow_limits():
+            try:
+                return load_image(path, options)[0].tobytes()
+            except ImageFailure as failure:
+                return (failure.stage, failure.reason)
+
+    whole = [outcome(p) for p in (jpeg, png, cut)]
+    monkeypatch.setattr(images, "_READ_AT_ONCE", 16)
+    assert [outcome(p) for p in (jpeg, png, cut)] == whole
+    assert whole[2] == ("decode", "truncated")

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from shardkit.conversion.scheduler import Joiner
 from shardkit.conversion.tasks import PartResult
+from shardkit.conversion.writers import tar as tar_writer
 from shardkit.conversion.writers.tar import assemble_tar
 from shardkit.format.tar import BLOCK, END_OF_ARCHIVE, _tarfile_header, padding, tar_header
 
@@ -85,10 +86,15 @@ def test_the_joiner_joins_parts_in_order_whatever_order_they_come_back(tmp_path:
     assert digest == hashlib.sha256(expected.read_bytes()).hexdigest()
 
 
-def test_parts_written_in_place_are_taken_in_order_and_moved_behind_short_ones(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunk", [None, 700])
+def test_parts_written_in_place_are_taken_in_order_and_moved_behind_short_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int | None) -> None:
     # A shard file as three part tasks leave it, each from its offset in a run without
     # failures (4 blocks a part): part 1 came back with 2 blocks (two failed inputs), so
-    # garbage follows it; the joiner must close the gap and cut the tail.
+    # garbage follows it; the joiner must close the gap and cut the tail. A 700-byte buffer
+    # moves each part in pieces that overlap where they came from.
+    if chunk is not None:
+        monkeypatch.setattr(tar_writer, "CHUNK", chunk)
     shard = tmp_path / "s.tar"
     placed = [(0, 4), (4, 2), (8, 3)]  # (first block, blocks written)
     data = bytearray(os.urandom(12 * BLOCK))
@@ -110,16 +116,24 @@ def test_parts_written_in_place_are_taken_in_order_and_moved_behind_short_ones(t
     assert shard.read_bytes() == expected
 
 
-def test_a_part_missing_from_the_shard_file_fails_the_shard(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("blocks", "first", "second", "error", "message"), [
+    # the second part starts inside the first: it would have written over it
+    (8, (0, 4), (3, 2), ValueError, r"a part at byte 1536 overlaps the 2048 bytes"),
+    # the file was cut short: the second part's last block is not there
+    (3, (0, 2), (2, 2), OSError, r"s\.tar: 512 bytes of a part are missing"),
+])
+def test_a_part_that_is_not_where_it_should_be_fails_the_shard(
+        tmp_path: Path, blocks: int, first: tuple[int, int], second: tuple[int, int],
+        error: type[Exception], message: str) -> None:
     shard = tmp_path / "s.tar"
-    shard.write_bytes(bytes(3 * BLOCK))  # cut short: the second part's bytes are not there
+    shard.write_bytes(bytes(blocks * BLOCK))
     joiner = Joiner()
     try:
-        assert joiner.add(done(0, 0, str(shard), 0, 2 * BLOCK), 2, str(shard)) is None
-        failed = joiner.add(done(0, 1, str(shard), 2 * BLOCK, 2 * BLOCK), 2, str(shard))
-        assert failed is not None
-        with pytest.raises(OSError, match=r"s\.tar: 512 bytes of a part are missing"):
-            failed.result(timeout=30)
+        for number, (start, count) in enumerate((first, second)):
+            joined = joiner.add(done(0, number, str(shard), start * BLOCK, count * BLOCK), 2, str(shard))
+        assert joined is not None
+        with pytest.raises(error, match=message):
+            joined.result(timeout=30)
     finally:
         joiner.close()
 

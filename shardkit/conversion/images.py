@@ -81,7 +81,8 @@ _ALPHA_MODES: Final = ("RGBA", "LA", "PA", "La", "RGBa")
 
 
 #: Files up to this size are read whole before decoding (one read for Pillow's header
-#: parsing and libjpeg-turbo both); a larger one is handed to Pillow as a file.
+#: parsing and libjpeg-turbo both; a read error is ``read/unreadable``); a larger one is
+#: handed to Pillow as a file (a read error then surfaces as Pillow's ``decode_error``).
 _READ_AT_ONCE: Final = 64 * 1024 * 1024
 
 #: The details of ``empty_file`` and ``missing_file`` failures, for a local file or a fetched

@@ -56,6 +56,7 @@ class Scheduler:
         self.in_flight: dict[cf.Future[Any], tuple[str, int]] = {}
         self.parts: dict[int, list[PartResult]] = {}
         self.blocks: dict[int, int] = {}  # tar JSON padding of each shard this run writes
+        self.layouts: dict[int, dict[str, int]] = {}  # and the raw layout it gives, if fixed
         self.expected = {k: len(list(plan.parts(k))) for k in range(plan.shard_count)}
         self.records = {k: e.record for k, e in finished.items()}
         self.failures = [f for e in finished.values() for f in e.failures]
@@ -74,7 +75,7 @@ class Scheduler:
         try:
             while True:
                 # A joiner that falls behind (many fast workers) holds back new parts, so part
-                # files never pile up in the run's folder.
+                # files never pile up in the run's folder (nor parts wait long to be hashed).
                 behind = self.joiner.backlog(self.limit) if self.joiner is not None else []
                 while not behind and self._tasks() < self.limit and (task := next(pending, None)):
                     self._submit(kind, task.shard if kind == "part" else task.shard.shard, fn, task)
@@ -106,7 +107,13 @@ class Scheduler:
             whole = plan.shard_slice(shard)
             records = plan.records[whole.start:whole.stop]  # read once (it may be spilled)
             blocks = self.blocks[shard] = plan.json_blocks(records) if plan.config.format == "tar" else 0
-            stride = self._in_place_stride(shard, len(whole))
+            shape = plan.config.image.fixed_shape
+            if plan.config.format == "tar" and plan.config.codec == "raw" and shape is not None:
+                self.layouts[shard] = raw_layout(
+                    shape, len(plan.classes) if plan.classes is not None else None, blocks)
+            stride = self.layouts[shard]["stride"] if self.in_place else 0
+            if stride:
+                self._make_shard_file(shard, len(whole) * stride)
             for number, indices in enumerate(plan.parts(shard)):
                 yield PartTask(
                     shard=shard, part=number, first=indices.start,
@@ -119,18 +126,10 @@ class Scheduler:
                     offset=(indices.start - whole.start) * stride if stride else -1,
                 )
 
-    def _in_place_stride(self, shard: int, samples: int) -> int:
-        """In place: make the shard's file, sized for all its samples, and return a sample's
-        stride in it (the format's fixed raw layout); otherwise 0."""
-        plan = self.plan
-        shape = plan.config.image.fixed_shape
-        if not self.in_place or shape is None:
-            return 0
-        stride = raw_layout(shape, len(plan.classes) if plan.classes is not None else None,
-                            self.blocks[shard])["stride"]
-        with open(self.tmp / plan.shard_file(shard), "wb") as handle:
-            handle.truncate(samples * stride)
-        return stride
+    def _make_shard_file(self, shard: int, size: int) -> None:
+        """The temporary file an in-place shard's part tasks write into, at its full size."""
+        with open(self.tmp / self.plan.shard_file(shard), "wb") as handle:
+            handle.truncate(size)
 
     def _whole_tasks(self) -> Any:
         for shard, parts in itertools.groupby(self._part_tasks(), key=lambda t: t.shard):
@@ -181,6 +180,11 @@ class Scheduler:
             self._shard_done(shard, result)
 
     def _part_done(self, result: PartResult) -> None:
+        if result.offset >= 0 and result.nbytes != result.samples * self.layouts[result.shard]["stride"]:
+            # It wrote past its place, over the next part's: fail before anything is hashed.
+            raise WorkerError(f"converting {self.plan.shard_file(result.shard)} failed: part "
+                              f"{result.part} wrote {result.nbytes} bytes for {result.samples} "
+                              f"samples of {self.layouts[result.shard]['stride']}")
         self._tally(result)
         done = self.parts.setdefault(result.shard, [])
         done.append(result)
@@ -207,13 +211,8 @@ class Scheduler:
         plan = self.plan
         name = plan.shard_file(shard)
         parts = self.parts.pop(shard)
-        layout = None
-        shape = plan.config.image.fixed_shape
-        if plan.config.format == "tar" and plan.config.codec == "raw" and shape is not None:
-            classes = len(plan.classes) if plan.classes is not None else None
-            layout = raw_layout(shape, classes, self.blocks[shard])
         record = ShardRecord(file=name, samples=sum(r.samples for r in parts), bytes=result[0],
-                             sha256=result[1], layout=layout)
+                             sha256=result[1], layout=self.layouts.get(shard))
         self.records[shard] = record
         counts = tuple(sum(c) for c in zip(*(r.label_counts for r in parts), strict=True))
         entry = Entry(shard=shard, record=record, label_counts=counts,
@@ -229,7 +228,8 @@ class Scheduler:
 
 class Joiner:
     """Joins tar shards from their parts on one background thread of this process: each
-    shard's parts are appended in part order as soon as they and all before them are back,
+    shard's parts are appended (or, written in place, placed) in part order as soon as they
+    and all before them are back,
     so joining overlaps converting. `add` returns the future of the shard's (bytes, sha256)
     once its last part is handed over."""
 
@@ -245,18 +245,19 @@ class Joiner:
             self._appends.popleft()
         return list(self._appends) if len(self._appends) > limit else []
 
-    def add(self, part: PartResult, parts: int, tmp_path: str) -> cf.Future[tuple[int, str]] | None:
-        shard = part.shard
+    def add(self, result: PartResult, count: int, tmp_path: str) -> cf.Future[tuple[int, str]] | None:
+        """Hand over one of the `count` parts of `result.shard`, whose file is `tmp_path`."""
+        shard = result.shard
         joining = self._shards.get(shard)
         if joining is None:
-            joining = self._shards[shard] = _Joining(tmp_path)
+            joining = self._shards[shard] = _Joining(tmp_path, in_place=result.offset >= 0)
             self._started = [j for j in self._started if not j.finished]
             self._started.append(joining)
-        joining.ready[part.part] = part
+        joining.ready[result.part] = result
         while joining.next in joining.ready:
             self._appends.append(self._thread.submit(joining.append, joining.ready.pop(joining.next)))
             joining.next += 1
-        if joining.next < parts:
+        if joining.next < count:
             return None
         del self._shards[shard]
         return self._thread.submit(joining.finish)
@@ -275,10 +276,12 @@ class _Joining:
     """One shard being joined; runs on the joiner's thread. An append that fails makes
     `finish` raise its error (the run then fails, naming the shard)."""
 
-    def __init__(self, tmp_path: str) -> None:
+    def __init__(self, tmp_path: str, *, in_place: bool) -> None:
         self.tmp_path = tmp_path
         self.next = 0
         self.ready: dict[int, PartResult] = {}
+        # In place: the parts were written into the shard file (`TarInPlace`); else part files.
+        self._kind = TarInPlace if in_place else TarAssembly
         self._assembly: TarAssembly | TarInPlace | None = None
         self._error: BaseException | None = None
         self.finished = False
@@ -287,15 +290,11 @@ class _Joining:
         if self._error is not None:
             return
         try:
-            if part.offset >= 0:  # written into the shard file: place it there
-                if self._assembly is None:
-                    self._assembly = TarInPlace(self.tmp_path)
-                assert isinstance(self._assembly, TarInPlace)
+            if self._assembly is None:  # opened here, on the joiner's thread
+                self._assembly = self._kind(self.tmp_path)
+            if isinstance(self._assembly, TarInPlace):
                 self._assembly.place(part.offset, part.nbytes)
             else:
-                if self._assembly is None:
-                    self._assembly = TarAssembly(self.tmp_path)
-                assert isinstance(self._assembly, TarAssembly)
                 self._assembly.append(part.path)
         except BaseException as exc:
             self._error = exc

@@ -53,6 +53,8 @@ class PartTask:
     #: -1: write the part file `path`. Otherwise `path` is the shard's temporary file, made by
     #: the scheduler, and the samples are written into it from this byte offset (fixed-layout
     #: raw tar, joined by this machine: see `shardkit.conversion.writers.tar.TarInPlace`).
+    #: Such a task runs once, on the machine that made the file: once the joiner has moved a
+    #: later part down into its space, running it again would overwrite that part.
     offset: int = -1
 
 
@@ -65,7 +67,7 @@ class PartResult:
     failures: tuple[FailureRecord, ...]
     label_counts: tuple[int, ...]
     cpu_seconds: float
-    #: The task's `offset`, and the bytes its samples take from there (-1, 0: a part file).
+    #: The task's `offset` (-1: a part file), and the bytes its samples took.
     offset: int = -1
     nbytes: int = 0
 
@@ -84,7 +86,8 @@ class ShardTask:
 
 
 def run_part(task: PartTask) -> PartResult:
-    """Decode, resize and encode `task.records` into the part file `task.path`."""
+    """Decode, resize and encode `task.records` into the part file `task.path` (or into the
+    shard file `task.path` from `task.offset`)."""
     cpu_start = time.process_time()
     in_place = task.offset >= 0
     scratch = task.path if in_place else _scratch(task.path)

@@ -2,8 +2,9 @@
 
 A conversion task encodes a *part* (a run of consecutive samples of one shard) with a part
 writer; once every part of a shard is done, `assemble` joins them into the shard's temporary
-file and returns its size and sha256. The bytes of a shard depend only on its samples, never
-on how they were split into parts, so the output is the same for any number of workers.
+file and returns its size and sha256 (fixed-layout raw tar joined on this machine skips the
+part files: `tar.TarInPlace`). The bytes of a shard depend only on its samples, never on how
+they were split into parts, so the output is the same for any number of workers.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Tar shard writer: encoded samples → part files of members → one shard with the end marker.
+"""Tar shard writer: encoded samples → part files of members → one shard with the end marker;
+or, for fixed-layout raw samples joined on this machine, the members written into the shard's
+own file and placed there (`TarInPlace`).
 
 The layout (member order, fixed headers, padded JSON, fixed strides for raw samples) is
 `shardkit.format.tar`'s; this module only writes it.
@@ -69,9 +71,11 @@ class TarPartWriter:
         write(meta + b" " * (self._json_size - len(meta)))
 
     def close(self) -> None:
-        self._handle.flush()
-        self.written = self._handle.tell() - self._start
-        self._handle.close()
+        try:
+            self._handle.flush()
+            self.written = self._handle.tell() - self._start
+        finally:
+            self._handle.close()
 
 
 class TarAssembly:
@@ -110,37 +114,50 @@ class TarInPlace:
     """
 
     def __init__(self, tmp_path: str) -> None:
+        self._path = tmp_path
         self._file = open(tmp_path, "r+b", buffering=0)  # noqa: SIM115 - closed in finish()/close()
         self._digest = hashlib.sha256()
         self._size = 0
         self._buffer = bytearray(CHUNK)
 
     def place(self, offset: int, nbytes: int) -> None:
-        """Take the `nbytes` a part wrote from `offset` (which is never below the end so far)."""
+        """Take the `nbytes` a part wrote from `offset`. Parts come in order and never start
+        below the end so far (a part that did would have written over the one before it)."""
+        if offset < self._size:
+            raise ValueError(f"{self._path}: a part at byte {offset} overlaps the {self._size} "
+                             f"bytes placed before it")
         view = memoryview(self._buffer)
         done = 0
         while done < nbytes:
             self._file.seek(offset + done)
-            count = self._file.readinto(view[:min(CHUNK, nbytes - done)])
+            count = self._file.readinto(view[:min(len(view), nbytes - done)])
             if not count:
-                raise OSError(f"{self._file.name}: {nbytes - done} bytes of a part are missing")
+                raise OSError(f"{self._path}: {nbytes - done} bytes of a part are missing")
             chunk = view[:count]
             self._digest.update(chunk)
             if offset != self._size:  # behind a short part: move down (never overlapping ahead)
-                self._file.seek(self._size + done)
-                self._file.write(chunk)
+                self._write(chunk, self._size + done)
             done += count
         self._size += nbytes
 
     def finish(self) -> tuple[int, str]:
         """Cut, write the end marker, fsync and close; (bytes, sha256 hex) of the shard."""
-        self._file.truncate(self._size)
-        self._file.seek(self._size)
-        self._file.write(END_OF_ARCHIVE)
-        self._digest.update(END_OF_ARCHIVE)
-        os.fsync(self._file.fileno())
-        self._file.close()
+        try:
+            self._file.truncate(self._size)
+            self._write(memoryview(END_OF_ARCHIVE), self._size)
+            self._digest.update(END_OF_ARCHIVE)
+            os.fsync(self._file.fileno())
+        finally:
+            self.close()
         return self._size + len(END_OF_ARCHIVE), self._digest.hexdigest()
+
+    def _write(self, data: memoryview, at: int) -> None:
+        self._file.seek(at)
+        while data:  # an unbuffered write may take less than it is given (a full disk)
+            written = self._file.write(data)
+            if not written:
+                raise OSError(f"{self._path}: the disk took none of {len(data)} bytes")
+            data = data[written:]
 
     def close(self) -> None:
         self._file.close()
