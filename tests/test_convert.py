@@ -195,6 +195,25 @@ def test_in_place_parts_and_shards_whose_every_input_failed(tmp_path: Path,
                                       expected_pixels(files[k], size=(10, 10), mode="L"))
 
 
+def test_an_in_place_part_that_outgrows_its_place_fails_the_run(
+        tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A sample bigger than the layout's stride would run into the next part's place: the
+    # run must fail, naming the shard, and publish nothing (never hash what it overwrote).
+    from shardkit.conversion.writers.tar import TarPartWriter
+
+    add = TarPartWriter.add
+
+    def longer(self: TarPartWriter, sample: object) -> None:
+        add(self, sample)  # type: ignore[arg-type]
+        self._handle.write(bytes(512))
+
+    monkeypatch.setattr(TarPartWriter, "add", longer)
+    failed = r"shard-00000\.tar failed: part 0 wrote \d+ bytes for 15 samples"
+    with pytest.raises(shardkit.WorkerError, match=failed):
+        shardkit.convert(tree, tmp_path / "out", size=8, workers=0)
+    assert not (tmp_path / "out" / "index.json").exists()
+
+
 def test_shuffle_is_seeded_and_keeps_every_input(tree: Path, tmp_path: Path) -> None:
     def order(seed: int, name: str) -> list[str]:
         shardkit.convert(tree, tmp_path / name, size=8, workers=0, shuffle=True, seed=seed)
