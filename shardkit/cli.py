@@ -315,6 +315,9 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    from shardkit.conversion.executors import note_interrupt
+
+    note_interrupt()  # raised again between tasks if the KeyboardInterrupt lands in a __del__
     raise KeyboardInterrupt
 
 

@@ -205,3 +205,40 @@ def test_resume_refuses_a_journal_of_other_options(src: Path, tmp_path: Path) ->
     other = cli("convert", src, out, *ARGS, "--size", "40", "--resume")
     assert other.returncode == OutputExistsError.exit_code and "other inputs or options" in other.stderr
     shutil.rmtree(out)
+
+
+class _Interrupting:
+    """Sends this process SIGINT from its __del__, where Python prints the KeyboardInterrupt
+    and drops it: what happens when a Ctrl-C lands while a Dask future is released."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs here, inside __del__
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowing
+def test_a_ctrl_c_swallowed_by_a_del_still_stops_the_run(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from corpus import image_tree
+
+    from shardkit.conversion import tasks
+
+    src = tmp_path / "src"
+    image_tree(src, classes=("a",), per_class=200, min_side=20, max_side=30)
+    run_part = tasks.run_part
+    calls = []
+
+    def interrupted_once(task: tasks.PartTask) -> tasks.PartResult:
+        calls.append(task.part)
+        if len(calls) == 1:
+            _Interrupting()  # dropped at once: its __del__ swallows the interrupt
+        return run_part(task)
+
+    monkeypatch.setattr("shardkit.conversion.scheduler.run_part", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        shardkit.convert(src, tmp_path / "out", size=8, workers=0)
+    assert len(calls) == 1  # stopped after the part it arrived in, not at the end
+    assert not (tmp_path / "out" / "index.json").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    # The next run is not stopped by the last one's interrupt.
+    assert shardkit.convert(src, tmp_path / "again", size=8, workers=0).samples == 200

@@ -18,6 +18,7 @@ import secrets
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,10 +28,13 @@ from shardkit.errors import ConfigError, InputError, WorkerError, require
 __all__ = [
     "InlineExecutor",
     "capacity",
+    "check_interrupt",
     "check_workers",
     "dask_executor",
     "describe_task_error",
+    "interrupts_kept",
     "local_pool",
+    "note_interrupt",
     "start_forkserver",
 ]
 
@@ -40,6 +44,53 @@ _ADDRESS = re.compile(r"^[a-z][a-z0-9+]*://\S+:\d+$")
 _CONNECT_TIMEOUT_S = 10
 _WORKER_WAIT_S = 60
 _SCALE_OUT_DOC = "see docs/scale-out.md"
+
+
+# --------------------------------------------------------------------------- interrupts
+
+# Python raises KeyboardInterrupt wherever the main thread happens to be. When that is a
+# `__del__` or a weakref callback (a Dask future being released, say), the exception is
+# printed and dropped, and the run would go on to publish as if nothing had happened. So an
+# interrupt during a run is also remembered here, and the scheduler raises it again between
+# tasks (`check_interrupt`): a Ctrl-C always stops the run.
+_interrupted = threading.Event()
+_runs = 0  # runs under way in this process (a split runs several inside one)
+
+
+@contextlib.contextmanager
+def interrupts_kept() -> Iterator[None]:
+    """Around a run: Ctrl-C is remembered as well as raised (only where Python's own SIGINT
+    handler is in place and this is the main thread: a caller's own handler is left alone)."""
+    global _runs
+    mine = (_runs == 0 and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if _runs == 0:
+        _interrupted.clear()
+    if mine:
+        signal.signal(signal.SIGINT, _on_interrupt)
+    _runs += 1
+    try:
+        yield
+    finally:
+        _runs -= 1
+        if mine:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _on_interrupt(signum: int, frame: Any) -> None:
+    note_interrupt()
+    raise KeyboardInterrupt
+
+
+def note_interrupt() -> None:
+    """Remember an interrupt that the caller raises as KeyboardInterrupt (the CLI's SIGTERM)."""
+    _interrupted.set()
+
+
+def check_interrupt() -> None:
+    """Raise KeyboardInterrupt again when an interrupt reached this run and was swallowed."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
 
 
 class InlineExecutor(cf.Executor):

@@ -74,6 +74,13 @@ def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
                    executor: cf.Executor | None = None) -> ConvertSummary:
     """Plan, execute and commit (see the module docstring); `convert` with config objects.
     OUT (and SRC) may be URLs: an unusable one is refused before anything is read or written."""
+    with executors.interrupts_kept():
+        return _run_conversion(src, out, config, run, executor)
+
+
+def _run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
+                    config: ConvertConfig, run: RunOptions,
+                    executor: cf.Executor | None) -> ConvertSummary:
     started = time.perf_counter()
     target = resolve_out(out, run)
     if "://" in os.fspath(src) and parse_location(src).is_local:
@@ -174,6 +181,7 @@ def _run_images(plan: Plan, commit: Commit, run: RunOptions, executor: cf.Execut
                                   limit=max(4, 3 * max(workers, 1)), whole_shards=not own and commit.remote,
                                   join_here=own)
             shards, failures, counts = scheduler.run()
+        executors.check_interrupt()  # one that a __del__ swallowed: nothing more is published
     finally:
         if own:
             executor.shutdown(wait=True, cancel_futures=True)

@@ -82,6 +82,7 @@ class Scheduler:
                 if not self.in_flight and not behind:
                     break
                 done, _ = cf.wait([*self.in_flight, *behind], return_when=cf.FIRST_COMPLETED)
+                executors.check_interrupt()
                 for future in done:
                     if future in self.in_flight:
                         self._finish(future)
@@ -146,6 +147,7 @@ class Scheduler:
         )
 
     def _submit(self, kind: str, shard: int, fn: Any, task: Any) -> None:
+        executors.check_interrupt()  # a Ctrl-C that a __del__ swallowed stops the run here
         try:
             future = self.executor.submit(fn, task)
         except BrokenProcessPool:  # a worker died since the last result came back
