@@ -231,9 +231,8 @@ class Scheduler:
 class Joiner:
     """Joins tar shards from their parts on one background thread of this process: each
     shard's parts are appended (or, written in place, placed) in part order as soon as they
-    and all before them are back,
-    so joining overlaps converting. `add` returns the future of the shard's (bytes, sha256)
-    once its last part is handed over."""
+    and all before them are back, so joining overlaps converting. `add` returns the future of
+    the shard's (bytes, sha256) once its last part is handed over."""
 
     def __init__(self) -> None:
         self._thread = cf.ThreadPoolExecutor(1, thread_name_prefix="shardkit-join")
