@@ -54,27 +54,30 @@ _SCALE_OUT_DOC = "see docs/scale-out.md"
 # interrupt during a run is also remembered here, and the scheduler raises it again between
 # tasks (`check_interrupt`): a Ctrl-C always stops the run.
 _interrupted = threading.Event()
-_runs = 0  # runs under way in this process (a split runs several inside one)
+_runs = [0]  # runs under way in this process (a split runs several inside one; threads too)
+_runs_lock = threading.Lock()
 
 
 @contextlib.contextmanager
 def interrupts_kept() -> Iterator[None]:
     """Around a run: Ctrl-C is remembered as well as raised (only where Python's own SIGINT
     handler is in place and this is the main thread: a caller's own handler is left alone)."""
-    global _runs
-    mine = (_runs == 0 and threading.current_thread() is threading.main_thread()
+    with _runs_lock:
+        first = _runs[0] == 0
+        _runs[0] += 1
+        if first:
+            _interrupted.clear()
+    mine = (first and threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
-    if _runs == 0:
-        _interrupted.clear()
     if mine:
         signal.signal(signal.SIGINT, _on_interrupt)
-    _runs += 1
     try:
         yield
     finally:
-        _runs -= 1
         if mine:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        with _runs_lock:
+            _runs[0] -= 1
 
 
 def _on_interrupt(signum: int, frame: Any) -> None:
