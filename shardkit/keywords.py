@@ -27,12 +27,12 @@ from shardkit.config import (
     Format,
     HfOptions,
     ImageOptions,
+    Pixels,
     ReadOptions,
     ResizeMode,
     RunOptions,
     SplitOptions,
 )
-from shardkit.config.convert import Pixels
 from shardkit.errors import ConfigError
 from shardkit.format.retry import RetryPolicy
 

@@ -64,9 +64,6 @@ class Scheduler:
                                            strict=True)] or [0] * len(plan.classes or ())
         self.cpu_seconds = 0.0
         self.joiner = Joiner() if join_here and plan.config.format == "tar" and not whole_shards else None
-        # Fixed-layout raw tar joined here: part tasks write into the shard file itself.
-        self.in_place = (self.joiner is not None and plan.config.codec == "raw"
-                         and plan.config.image.fixed_shape is not None)
         bar.update(sum(len(plan.shard_slice(k)) for k in finished))
 
     def run(self) -> tuple[list[ShardRecord], list[FailureRecord], list[int]]:
@@ -112,7 +109,8 @@ class Scheduler:
             if plan.config.format == "tar" and plan.config.codec == "raw" and shape is not None:
                 self.layouts[shard] = raw_layout(
                     shape, len(plan.classes) if plan.classes is not None else None, blocks)
-            stride = self.layouts[shard]["stride"] if self.in_place else 0
+            # A fixed-layout raw tar shard joined here: its part tasks write into its file.
+            stride = self.layouts[shard]["stride"] if self.joiner is not None and shard in self.layouts else 0
             if stride:
                 self._make_shard_file(shard, len(whole) * stride)
             for number, indices in enumerate(plan.parts(shard)):

@@ -245,16 +245,14 @@ def _array3d_chunk(array: pa.Array, shape: tuple[int, ...]) -> np.ndarray:
     for depth, size in enumerate(shape):
         if array.null_count:
             raise ValueError("the image column holds nulls")
-        offsets = np.frombuffer(array.buffers()[1], dtype=np.int32, count=len(array) + 1,
-                                offset=array.offset * 4)
-        if np.any(np.diff(offsets) != size):
+        if np.any(np.diff(array.offsets.to_numpy()) != size):  # offsets of this slice, no copy
             raise ValueError(f"an image's dimension {depth} is not {size} as index.json's "
                              "shape says")
-        array = array.values[int(offsets[0]):int(offsets[-1])]
+        array = array.flatten()  # the values this slice's lists cover
     if array.null_count:
         raise ValueError("the image column holds nulls")
-    flat = np.frombuffer(array.buffers()[1], dtype=np.uint8, count=len(array), offset=array.offset)
-    return flat.reshape(rows, *shape)
+    pixels: np.ndarray = array.to_numpy()  # zero-copy: uint8 with no nulls
+    return pixels.reshape(rows, *shape)
 
 
 def check_array3d_field(field: pa.Field, shape: Sequence[int]) -> None:

@@ -59,6 +59,11 @@ class Spec:
         return self.codec == "raw" and self.fixed
 
     @property
+    def array3d(self) -> bool:
+        """Raw pixels stored as nested lists (``--pixels array3d``)."""
+        return self.raw_fixed and self.pixels == "array3d"
+
+    @property
     def dims(self) -> tuple[int, ...]:
         """(H, W, C), 0 where shapes vary."""
         return tuple(s or 0 for s in self.shape)
@@ -256,17 +261,16 @@ def walk_parquet(path: Path, spec: Spec, tally: Tally, *, decode: bool) -> int:
             # Quick mode reads only the columns it checks values of; a full check reads them
             # all, so every page is decoded once.
             columns = None
-            array3d = spec.raw_fixed and spec.pixels == "array3d"
             if not decode:
                 columns = ["key", *(["label"] if spec.classes is not None else [])]
-                if not spec.raw_fixed or array3d:
+                if not spec.raw_fixed or spec.array3d:
                     columns += ["image", *(["width", "height"] if not spec.fixed else [])]
             for batch in handle.iter_batches(batch_size=256, columns=columns, use_threads=False):
                 nulls = [name for name, column in zip(batch.schema.names, batch.columns, strict=True)
                          if column.null_count and name not in dict(spec.csv_columns)]
                 if nulls:
                     raise Problem(f"column {nulls[0]} holds nulls")
-                if array3d:  # nested lists of any length: each image's shape is checked here
+                if spec.array3d:  # nested lists of any length: each image's shape is checked here
                     try:
                         array3d_pixels(batch.column("image"), spec.dims)
                     except ValueError as exc:
@@ -294,7 +298,7 @@ def _check_columns(schema: pa.Schema, spec: Spec) -> None:
         def text(fields: list[tuple[str, pa.DataType]]) -> str:
             return ", ".join(f"{name}: {kind}" for name, kind in fields)
         raise Problem(f"columns are ({text(got)}), expected ({text(expected)})")
-    if spec.raw_fixed and spec.pixels == "array3d":
+    if spec.array3d:
         try:
             check_array3d_field(schema.field("image"), spec.dims)
         except ValueError as exc:
