@@ -272,3 +272,23 @@ def test_a_damaged_arrow_file_is_unreadable_for_each_of_its_rows(tmp_path: Path)
     summary = shardkit.convert(tmp_path / "saved", tmp_path / "out", size=3, workers=0,
                                max_errors=4, progress=False)
     assert (summary.samples, summary.failed, summary.reasons) == (0, 4, {"unreadable": 4})
+
+
+def test_a_source_whose_array3d_datasets_cannot_load_is_an_input_error(tmp_path: Path) -> None:
+    # With datasets imported, its deserialiser reads an Array3D declaration first: JSON it
+    # cannot parse is a ValueError, other metadata a TypeError. Either is the file's fault.
+    from test_array3d import declare
+
+    src = tmp_path / "src"
+    image_tree(src, classes=("a", "b"), per_class=3, min_side=20, max_side=30)
+    shards = shardkit.convert(src, tmp_path / "a3d", size=(5, 4), workers=0, format="parquet",
+                              pixels="array3d", progress=False).out
+    source = tmp_path / "hf"
+    source.mkdir()
+    data = source / "train.parquet"
+    for metadata in (b"not json", b'{"a": 1}'):
+        data.write_bytes(next(Path(shards).glob("*.parquet")).read_bytes())
+        declare(data, metadata)
+        with pytest.raises(shardkit.InputError, match=r"train\.parquet: not a readable Parquet/Arrow file"):
+            shardkit.convert(source, tmp_path / "out", size=4, workers=0, progress=False)
+        assert not (tmp_path / "out").exists()

@@ -44,6 +44,7 @@ __all__ = [
     "JSON_KEYS",
     "METADATA_FIELDS",
     "META_TYPES",
+    "PARQUET_ERRORS",
     "TARGET_FIELD",
     "Array3DType",
     "array3d_column",
@@ -59,6 +60,12 @@ __all__ = [
     "part_schema",
 ]
 
+#: What pyarrow raises for a damaged Parquet or Arrow file: its own errors, OSError, ValueError
+#: (UnicodeDecodeError for a column name in the footer that is not UTF-8; JSON that a
+#: registered extension type cannot parse), and TypeError (a registered extension type's
+#: deserialiser, e.g. ``datasets``' Array3D, given other metadata). Readers of shards and of
+#: Hugging Face sources alike catch these.
+PARQUET_ERRORS = (OSError, ValueError, TypeError, pa.ArrowException)
 #: The tar member (extension) holding the image, per codec.
 IMAGE_MEMBER = {"raw": "npy", "jpeg": "jpg", "png": "png"}
 #: The standard metadata fields a batch may carry (``fields=``), after which come an image

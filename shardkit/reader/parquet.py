@@ -26,16 +26,12 @@ import pyarrow.parquet as pq
 from shardkit.config import DEFAULT_PIXELS
 from shardkit.errors import CorruptShardError
 from shardkit.format.manifest import ShardRecord
-from shardkit.format.samples import array3d_pixels
+from shardkit.format.samples import PARQUET_ERRORS, array3d_pixels
 from shardkit.reader.open_ahead import map_shard
 
-__all__ = ["PARQUET_ERRORS", "fixed_images", "int64_values", "map_images", "read_parquet_shard",
+__all__ = ["fixed_images", "int64_values", "map_images", "read_parquet_shard",
            "read_parquet_table"]
 
-#: What pyarrow raises for a damaged file: its own errors, OSError, ValueError
-#: (UnicodeDecodeError for a column name in the footer that is not UTF-8), and TypeError (a
-#: registered extension type's deserialiser, e.g. ``datasets``' Array3D, given other metadata).
-PARQUET_ERRORS = (OSError, ValueError, TypeError, pa.ArrowException)
 
 
 def read_parquet_table(path: str | os.PathLike[str], columns: Sequence[str],

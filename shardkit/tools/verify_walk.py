@@ -22,9 +22,14 @@ from PIL import Image
 
 from shardkit.config import DEFAULT_PIXELS
 from shardkit.format.manifest import Manifest
-from shardkit.format.samples import IMAGE_MEMBER, array3d_pixels, arrow_schema, check_array3d_field
+from shardkit.format.samples import (
+    IMAGE_MEMBER,
+    PARQUET_ERRORS,
+    array3d_pixels,
+    arrow_schema,
+    check_array3d_field,
+)
 from shardkit.format.tar import BLOCK, iter_members
-from shardkit.reader.parquet import PARQUET_ERRORS
 
 __all__ = ["Problem", "Spec", "Tally", "walk_parquet", "walk_tar"]
 

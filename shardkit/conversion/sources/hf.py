@@ -49,6 +49,7 @@ from shardkit.conversion.sources.imagefolder import Listing
 from shardkit.conversion.sources.records import InputRecord, RecordSpool, plan_failure
 from shardkit.errors import ConfigError, InputError
 from shardkit.format.manifest import INDEX_NAME
+from shardkit.format.samples import PARQUET_ERRORS
 
 __all__ = ["hf_source_config", "is_hf_source", "list_hf_dataset", "read_images", "resolve_source"]
 
@@ -204,7 +205,7 @@ def _schema(path: Path) -> pa.Schema:
         if path.suffix == ".parquet":
             return pq.read_schema(path)
         return _arrow_table(path).schema
-    except (OSError, pa.ArrowException) as exc:
+    except PARQUET_ERRORS as exc:
         raise InputError(f"{path}: not a readable Parquet/Arrow file: {exc}") from None
 
 
@@ -258,7 +259,7 @@ def read_images(records: Sequence[InputRecord],
             taken.validate(full=True)  # Arrow files are read with light checks only
             found = [_pixels_file(taken, row) for row in range(len(taken))] if _is_pixels(taken.type) \
                 else list(_files(taken.to_pylist(), os.path.dirname(file)))
-        except (OSError, ValueError, pa.ArrowException) as exc:
+        except PARQUET_ERRORS as exc:
             found = [ImageFailure("read", "unreadable", f"{os.path.basename(file)}: {exc}")] * len(members)
         for i, value in zip(members, found, strict=True):
             out[i] = value
