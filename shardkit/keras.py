@@ -64,8 +64,8 @@ def dataset(path: str | os.PathLike[str], batch_size: int, options: ReadOptions 
     Other options: a `ReadOptions` and/or its fields as keywords, as `ShardLoader` takes
         them (shuffle=True, seed=0, window, drop_last, augment, verify, ...), and
         `pin_memory`. With ``augment=shardkit.Augment(...)`` (or ``Augment.from_keras``) x is
-        the augmented float32 NHWC batch, on the 0-255 scale unless `rescale` or the
-        Augment's own rescale says otherwise.
+        the augmented float32 NHWC batch, on the 0-255 scale times the Augment's own
+        rescale (Keras' ``rescale=``) and times `rescale`.
 
     ``len()`` is the exact number of steps per epoch. Raises ConfigError for a field the
     dataset lacks or a label mode it cannot give, DatasetError for a path that is not a
@@ -131,9 +131,11 @@ class KerasBatches(torch.utils.data.IterableDataset):  # type: ignore[misc]
         if isinstance(batch.get("augment"), torch.Tensor):
             from shardkit.reader.device import to_device
 
-            moved = to_device(batch, self.device or "cpu",
-                              scale=1.0 if self.rescale is None else self.rescale)
-            batch = {**moved, "image": moved["image"].permute(0, 2, 3, 1)}  # NCHW view → NHWC
+            # The Augment's own rescale (from_keras sets 1.0 when Keras would not rescale)
+            # replaces to_device's scale; the dataset's rescale multiplies what comes out.
+            moved = to_device(batch, self.device or "cpu", scale=1.0)
+            image = moved["image"].permute(0, 2, 3, 1)  # NCHW view → NHWC
+            batch = {**moved, "image": image if self.rescale is None else image.mul_(self.rescale)}
         elif self.device is not None:
             batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                      for k, v in batch.items()}

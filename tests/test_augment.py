@@ -334,7 +334,7 @@ def test_from_keras_draws_from_keras_ranges() -> None:
     ({"width_shift_range": 10}, "width_shift_range"), ({"height_shift_range": [1, 2]}, "height_shift_range"),
     ({"interpolation_order": 3}, "interpolation_order"), ({"data_format": "channels_first"}, "data_format"),
     ({"rotaton_range": 10}, "rotaton_range"), ({"zoom_range": 1.5}, "zoom_range"),
-    ({"rotation_range": 200}, "rotation_range")])
+    ({"rotation_range": 400}, "rotation_range")])
 def test_from_keras_refuses_what_it_cannot_honour(kwargs: dict[str, Any], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         Augment.from_keras(**kwargs)
@@ -342,20 +342,41 @@ def test_from_keras_refuses_what_it_cannot_honour(kwargs: dict[str, Any], named:
 
 def test_from_keras_accepts_keras_defaults_of_what_it_cannot_honour() -> None:
     aug = Augment.from_keras(featurewise_center=False, zca_whitening=False, zca_epsilon=1e-6,
-                             channel_shift_range=0.0, interpolation_order=1, width_shift_range=0)
+                             channel_shift_range=0.0, interpolation_order=1, width_shift_range=0,
+                             data_format="channels_last")
     assert aug == Augment.from_keras()
+
+
+def test_numpy_scalars_are_numbers_and_a_full_turn_is_a_range() -> None:
+    aug = Augment(size=np.int64(32), degrees=np.float32(360), hflip=np.float64(0.5))
+    assert (aug.size, aug.degrees, aug.hflip) == ((32, 32), 360.0, 0.5)
+    keras = Augment.from_keras(rotation_range=np.float32(15), zoom_range=np.float32(0.5),
+                               width_shift_range=np.float32(0.25))
+    assert (keras.degrees, keras.zoom, keras.translate) == (15.0, (0.5, 1.5), (0.25, 0.0))
+    with pytest.raises(ConfigError, match="by name"):
+        Augment((8, 8))  # type: ignore[misc]
+
+
+def test_to_device_names_a_mean_or_std_of_the_wrong_length(dataset: Path) -> None:
+    batch = next(iter(ShardLoader(dataset, 4, shuffle=False, augment=Augment(hflip=0.5))))
+    for stats in ({"mean": [0.5, 0.5]}, {"std": [0.2] * 4}):
+        with pytest.raises(ConfigError, match=next(iter(stats))):
+            to_device(batch, "cpu", **stats)
+        with pytest.raises(ConfigError, match=next(iter(stats))):
+            to_device({"image": batch["image"]}, "cpu", **stats)
+    assert to_device(batch, "cpu", mean=[0.5], std=[0.25])["image"].shape[1] == 3
 
 
 @pytest.mark.parametrize("kwargs,named", [
     ({"size": 0}, "size"), ({"size": (3, 4, 5)}, "size"), ({"scale": (0.5, 0.2)}, "scale"),
     ({"scale": (0.0, 1.0)}, "scale"), ({"ratio": (-1, 1)}, "ratio"), ({"hflip": 1.5}, "hflip"),
-    ({"vflip": True}, "vflip"), ({"degrees": 200}, "degrees"), ({"translate": (0.5, 2.0)}, "translate"),
+    ({"vflip": True}, "vflip"), ({"degrees": 361}, "degrees"), ({"translate": (0.5, 2.0)}, "translate"),
     ({"zoom": (0, 1)}, "zoom"), ({"shear": 90}, "shear"), ({"brightness": 1.2}, "brightness"),
     ({"contrast": (1.2, 0.8)}, "contrast"), ({"saturation": (-0.1, 1)}, "saturation"),
     ({"fill": "wrap"}, "fill"), ({"fill_value": float("nan")}, "fill_value"),
     ({"center_crop": 0.0}, "center_crop"), ({"center_crop": 0.9, "scale": (0.5, 1)}, "center_crop"),
     ({"convention": "pil"}, "convention"), ({"convention": "keras", "scale": (0.5, 1)}, "keras"),
-    ({"rescale": 0}, "rescale")])
+    ({"rescale": 0}, "rescale"), ({"bogus": 1}, "bogus"), ({"size": np.float32(8)}, "size")])
 def test_bad_options_raise_config_error_naming_the_option(kwargs: dict[str, Any], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         Augment(**kwargs)

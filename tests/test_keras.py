@@ -126,6 +126,13 @@ def test_rescale_categorical_and_augment(shards: dict[str, Path]) -> None:
     assert ax.shape == (BATCH, SIZE, SIZE, 3) and torch.equal(ay, plain[1])
     torch.testing.assert_close(ax, expected)
     assert not torch.allclose(ax, plain[0].float() / 255)  # the rotation moved pixels
+    # Keras' rescale left out of from_keras: the dataset's rescale applies, as without augment.
+    unscaled = shardkit.Augment.from_keras(horizontal_flip=True, rotation_range=15)
+    bx, _ = next(iter(shardkit.keras.dataset(shards["tar"], BATCH, shuffle=False, augment=unscaled,
+                                             rescale=1 / 255)))
+    torch.testing.assert_close(bx, ax)
+    raw, _ = next(iter(shardkit.keras.dataset(shards["tar"], BATCH, shuffle=False, augment=unscaled)))
+    torch.testing.assert_close(raw, ax * 255)
 
 
 def test_bad_requests_name_the_option(shards: dict[str, Path]) -> None:

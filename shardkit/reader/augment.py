@@ -25,7 +25,8 @@ sample, so the pixels are resampled once.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from shardkit.errors import ConfigError
@@ -50,7 +51,7 @@ class Augment:
         the output's aspect ratio is resized to `size` (the whole image when the aspects
         agree). Boxes are continuous (sub-pixel), not rounded to whole pixels.
     hflip / vflip: flip probabilities (0-1).
-    degrees: rotation drawn uniformly in ±degrees (0-180).
+    degrees: rotation drawn uniformly in ±degrees (0-360).
     translate: maximum shift as fractions of (width, height), each 0-1 (torchvision's
         RandomAffine; continuous, not whole pixels). With ``convention="keras"`` an entry of
         1 or more is a number of pixels, as Keras reads width/height_shift_range.
@@ -71,7 +72,8 @@ class Augment:
     rescale: multiplies the pixels after the colour factors instead of `to_device`'s
         ``scale`` (Keras' rescale); None: `to_device` decides.
 
-    Anything invalid raises ConfigError naming the option.
+    Anything invalid raises ConfigError naming the option, an unknown option too. Numbers
+    may be numpy scalars.
     """
 
     size: int | tuple[int, int] | None = None
@@ -91,6 +93,15 @@ class Augment:
     center_crop: float | None = None
     convention: Convention = "torchvision"
     rescale: float | None = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Augment:
+        # Ahead of the dataclass __init__, whose TypeError for a stray keyword is not ours.
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(kwargs) - set(names))
+        if args or unknown:
+            what = f"unknown option(s) {', '.join(unknown)}" if unknown else "options go by name"
+            raise ConfigError(f"Augment: {what}; options: {', '.join(names)}")
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the stored values once, here
@@ -115,8 +126,8 @@ class Augment:
         for name in ("hflip", "vflip"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"Augment: {name} is a probability (0-1); got {getattr(self, name)}")
-        if not 0.0 <= self.degrees <= 180.0:
-            raise ConfigError(f"Augment: degrees must be 0-180; got {self.degrees}")
+        if not 0.0 <= self.degrees <= 360.0:
+            raise ConfigError(f"Augment: degrees must be 0-360; got {self.degrees}")
         if not 0.0 <= self.shear < 90.0:
             raise ConfigError(f"Augment: shear must be 0 <= shear < 90 degrees; got {self.shear}")
         if self.fill not in FILLS:
@@ -204,11 +215,11 @@ def _size(value: object) -> tuple[int, int] | None:
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ConfigError(f"Augment: {name} must be a finite number; got {value!r}")
     return float(value)
 

@@ -16,6 +16,7 @@ agree on square images with equal shift ranges.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from shardkit.errors import ConfigError
@@ -33,7 +34,8 @@ KERAS_UNSUPPORTED: dict[str, tuple[object, str]] = {
     "zca_epsilon": (1e-6, "ZCA whitening is not supported"),
     "channel_shift_range": (0.0, "channel shifts are not supported"),
     "preprocessing_function": (None, "apply it to to_device's output instead"),
-    "data_format": (None, "the layout is to_device(channels_last=...)'s"),
+    "data_format": ("channels_last", "the batches are NHWC; to_device(channels_last=...) "
+                    "sets the memory layout of its NCHW output"),
     "validation_split": (0.0, "split at conversion: shardkit convert --validation-split"),
     "dtype": (None, "the dtype is to_device(dtype=...)'s"),
     "interpolation_order": (1, "only bilinear (order 1) resampling is supported"),
@@ -80,18 +82,20 @@ def keras_options(kwargs: dict[str, Any]) -> dict[str, Any]:
 def _same(value: object, default: object) -> bool:
     if default is None or isinstance(default, bool):
         return value is default or (default is False and value is None)
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == default
+    if isinstance(default, str):  # data_format: None is Keras' "channels_last" too
+        return value is None or value == default
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == default
 
 
 def _keras_number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigError(f"Augment.from_keras: {name} must be a number; got {value!r}")
     return float(value)
 
 
 def _shift(name: str, value: object) -> float:
     """A shift range as Keras reads a float: a fraction of the side when < 1, else pixels."""
-    if isinstance(value, int) and not isinstance(value, bool) and value != 0:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value != 0:
         # Keras draws np.random.choice(n): whole pixels from range(n), times a random sign.
         raise ConfigError(f"Augment.from_keras: {name}={value} (an int) makes Keras draw whole-pixel "
                           f"shifts from range({value}); shardkit draws continuous shifts: pass "
@@ -103,7 +107,7 @@ def _shift(name: str, value: object) -> float:
 
 
 def _zoom(value: object) -> tuple[float, float]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
         low, high = 1.0 - float(value), 1.0 + float(value)
     elif isinstance(value, (list, tuple)) and len(value) == 2:
         low, high = (_keras_number("zoom_range", v) for v in value)

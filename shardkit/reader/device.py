@@ -14,7 +14,7 @@ from typing import Any, TypeGuard
 
 import numpy as np
 
-from shardkit.errors import require
+from shardkit.errors import ConfigError, require
 from shardkit.reader.decode import decode
 
 torch: Any = require("torch", "torch")
@@ -55,6 +55,8 @@ def to_device(batch: dict[str, Any], device: Any, *, mean: Sequence[float] | Non
     image = out.get("image")
     if _encoded(image):
         image = _decode(image, device)
+    if isinstance(image, torch.Tensor):
+        _check_stats(mean, std, int(image.shape[-1]))
     if isinstance(image, torch.Tensor) and isinstance(batch.get("augment"), torch.Tensor):
         from shardkit.reader.augment_apply import apply_augment
 
@@ -70,6 +72,13 @@ def to_device(batch: dict[str, Any], device: Any, *, mean: Sequence[float] | Non
             x = x.div_(torch.as_tensor(std, dtype=dtype, device=device).view(1, -1, 1, 1))
         out["image"] = x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
     return out
+
+
+def _check_stats(mean: Sequence[float] | None, std: Sequence[float] | None, channels: int) -> None:
+    for name, values in (("mean", mean), ("std", std)):
+        if values is not None and len(values) not in (1, channels):
+            raise ConfigError(f"to_device: {name} has {len(values)} values for images of "
+                              f"{channels} channel(s); give 1 or {channels}")
 
 
 def _encoded(image: Any) -> TypeGuard[list[Any]]:
