@@ -122,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     table.add_argument("--label-col", default=None,
                        help="label column, or several comma-separated (float32 targets); a "
                             "Hugging Face dataset's label column (default label)")
+    table.add_argument("--hf-split", default=None, metavar="NAME",
+                       help="the split to convert when a Hugging Face folder holds several "
+                            "(train-00000-of-00001.parquet, test/..., valid.parquet)")
     table.add_argument("--root", default=None,
                        help="folder relative image paths start from (default: the CSV's folder)")
     table.add_argument("--columns", default=None, help="comma-separated feature columns to keep")
@@ -227,6 +230,7 @@ def _convert(args: argparse.Namespace) -> int:
         "workers": args.workers, "overwrite": args.overwrite, "resume": args.resume,
         "max_errors": args.max_errors,
         "image_col": args.image_col, "label_col": args.label_col, "root": args.root,
+        "hf_split": args.hf_split,
         "columns": args.columns, "exclude": args.exclude, "delimiter": args.delimiter,
         "encoding": args.encoding, "header": args.header, "keep_ints": args.keep_ints,
         "progress": args.progress, "storage_options": parse_storage_options(args.storage_option) or None,

@@ -5,7 +5,8 @@
 `ReadKeywords` type them for editors and mypy (``**options: Unpack[...]``). Their names and
 types are the config fields' (tests/test_options.py holds them to it), plus a few friendly
 forms: ``size=224`` or ``"150x150"``, ``shard_size="256MB"``, ``max_errors="1%"`` or ``5``,
-``label_col="a,b"``, ``split="train=0.8,val=0.2"``, ``validation_split=0.2``.
+``label_col="a,b"``, ``split="train=0.8,val=0.2"``, ``validation_split=0.2``,
+``hf_split="train"``.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ class ConvertKeywords(TypedDict, total=False):
     split: str | Mapping[str, float] | SplitOptions | None
     validation_split: float | None
     hf: HfOptions | None
+    hf_split: str | None
 
 
 def read_options(options: ReadOptions | None, keywords: dict[str, Any]) -> ReadOptions:
@@ -229,7 +231,7 @@ _CONVERT_FIELDS = frozenset(f.name for f in dataclasses.fields(ConvertConfig)) -
 _RUN_FIELDS = frozenset(f.name for f in dataclasses.fields(RunOptions))
 _CSV_FIELDS = frozenset(f.name for f in dataclasses.fields(CsvOptions))
 #: Convenience spellings accepted by `configs_from_options` (and so by ``shardkit.convert``).
-_ALIASES = frozenset({"shard_size", "label_col", "validation_split"}) | _CSV_FIELDS
+_ALIASES = frozenset({"shard_size", "label_col", "validation_split", "hf_split"}) | _CSV_FIELDS
 
 
 def csv_options(options: dict[str, Any]) -> CsvOptions:
@@ -291,6 +293,10 @@ def _from_keywords(options: dict[str, Any]) -> tuple[ConvertConfig, RunOptions]:
         if split is not None:
             raise ConfigError("give --split or --validation-split, not both")
         convert_kw["split"] = SplitOptions.keras(options["validation_split"])
+    if options.get("hf_split") is not None:
+        if convert_kw.get("hf") is not None:
+            raise ConfigError("give hf_split or hf=HfOptions(split=...), not both")
+        convert_kw["hf"] = HfOptions(split=options["hf_split"])
     if "shard_size" in options:
         value = options["shard_size"]
         convert_kw["shard_bytes"] = parse_byte_size(value) if isinstance(value, str) else int(value)

@@ -281,6 +281,10 @@ def test_encoding_forced_header_and_unlabelled_image_csv(image_csv: Path, tmp_pa
     dataset = shardkit.open(tmp_path / "p")
     assert dataset.classes is None and dataset.read_shard(0).labels is None
     np.testing.assert_array_equal(dataset.read_shard(0).images[1], pixels(image_csv / "img" / "p0.jpg", 12))
+    labelled = image_csv / "labelled.csv"  # a label column not named as one collides, and says so
+    labelled.write_text("path,label\nimg/p1.png,0\n")
+    with pytest.raises(shardkit.InputError, match=r"labelled.csv: column\(s\) label .*--label-col label"):
+        shardkit.convert(labelled, tmp_path / "q", image_col="path", size=12, workers=0)
 
 
 @pytest.mark.parametrize("fmt", ["tar", "parquet"])

@@ -18,6 +18,7 @@ from corpus import image_tree
 from PIL import Image
 
 import shardkit
+import shardkit.cli
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # datasets' own setting: nothing to fetch
 datasets = pytest.importorskip("datasets")
@@ -117,6 +118,55 @@ def test_a_dataset_dict_names_its_splits(tree: Path, tmp_path: Path) -> None:
         shardkit.convert(tmp_path / "dd", tmp_path / "out", workers=0)
     out = convert(tmp_path / "dd" / "train", tmp_path / "out")
     assert len(shardkit.open(out)) == len(CLASSES) * PER_CLASS
+
+
+def test_a_hub_folder_of_several_splits_is_refused_unless_one_is_picked(tree: Path, tmp_path: Path) -> None:
+    ds = build(tree, embed=True)
+    train, test = ds.select(range(8)), ds.select(range(8, len(ds)))
+    hub = tmp_path / "hub"
+    train.select(range(5)).to_parquet(str(hub / "data" / "train-00000-of-00002.parquet"))
+    train.select(range(5, 8)).to_parquet(str(hub / "data" / "train-00001-of-00002.parquet"))
+    test.to_parquet(str(hub / "data" / "test-00000-of-00001.parquet"))
+    with pytest.raises(shardkit.InputError, match=r"splits test \(1 file\), train \(2 files\).*--hf-split"):
+        shardkit.convert(hub, tmp_path / "merged", workers=0)
+    expected, labels = pixels(convert(tree, tmp_path / "folder"))
+    out = convert(hub, tmp_path / "train", hf_split="train")
+    images, got = pixels(out)
+    np.testing.assert_array_equal(images, expected[:8])
+    np.testing.assert_array_equal(got, labels[:8])
+    assert shardkit.open(out).manifest.config["hf"]["split"] == "train"
+    assert len(pixels(convert(hub, tmp_path / "test", hf_split="test"))[0]) == len(ds) - 8
+    with pytest.raises(shardkit.InputError, match=r"no split 'valid'.*train"):
+        convert(hub, tmp_path / "valid", hf_split="valid")
+    # Word names and folders, as the Hub reads them; the CLI takes --hf-split.
+    words = tmp_path / "words"
+    train.to_parquet(str(words / "my_train_file.parquet"))
+    test.to_parquet(str(words / "validation" / "0.parquet"))
+    with pytest.raises(shardkit.InputError, match=r"train \(1 file\), validation \(1 file\)"):
+        shardkit.convert(words, tmp_path / "w", workers=0)
+    assert shardkit.cli.main(["convert", str(words), str(tmp_path / "val"), "--size", "12",
+                              "--hf-split", "val", "--workers", "0", "--no-progress"]) == 0
+    assert len(shardkit.open(tmp_path / "val")) == len(ds) - 8
+    with pytest.raises(shardkit.ConfigError, match="hf-split"):
+        convert(tmp_path / "words" / "my_train_file.parquet", tmp_path / "one", hf_split="train")
+    with pytest.raises(shardkit.ConfigError, match="not a Hugging Face dataset"):
+        convert(tree, tmp_path / "folder2", hf_split="train")
+
+
+def test_labels_that_are_floats_or_lists(tree: Path, tmp_path: Path) -> None:
+    files, _ = rows_of(tree)
+    images = [{"bytes": p.read_bytes(), "path": None} for p in files[:6]]
+    table = pa.table({"image": images, "label": [0.0, 1.0, 2.0, float("nan"), 1.5, None]})
+    pq.write_table(table, tmp_path / "floats.parquet")
+    summary = shardkit.convert(tmp_path / "floats.parquet", tmp_path / "out", size=12, workers=0,
+                               max_errors=3, progress=False)
+    assert summary.samples == 3 and summary.reasons == {"missing_label": 2, "bad_label": 1}
+    data = shardkit.open(tmp_path / "out")
+    assert data.classes == ["0", "1", "2"] and data.read_shard(0).labels.tolist() == [0, 1, 2]
+    lists = pa.table({"image": images, "label": [[0], [1], [0, 1], [2], [0], [1]]})
+    pq.write_table(lists, tmp_path / "lists.parquet")
+    with pytest.raises(shardkit.InputError, match=r"lists.parquet: label column 'label' is list"):
+        shardkit.convert(tmp_path / "lists.parquet", tmp_path / "out2", size=12, workers=0)
 
 
 def load(out: Path, tmp_path: Path) -> Any:

@@ -36,7 +36,8 @@ def test_convert_keywords_are_the_config_fields_plus_the_friendly_forms() -> Non
     for cls in (ImageOptions, ConvertConfig, RunOptions, CsvOptions):
         fields |= {f.name for f in dataclasses.fields(cls)}
     fields -= {"image"}
-    assert set(_hints(keywords.ConvertKeywords)) == fields | {"shard_size", "label_col", "validation_split"}
+    assert set(_hints(keywords.ConvertKeywords)) == fields | {"shard_size", "label_col", "validation_split",
+                                                               "hf_split"}
 
 
 def test_loader_dataset_and_numpy_batches_share_options_and_defaults(tmp_path: Path) -> None:

@@ -190,11 +190,17 @@ class SplitOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class HfOptions:
-    """A Hugging Face SRC (conversion.sources.hf): its image column (None: ``image``) and
-    label column (None: ``label`` when there is one)."""
+    """A Hugging Face SRC (conversion.sources.hf): its image column (None: ``image``), label
+    column (None: ``label`` when there is one), and the split to convert when a folder of
+    Parquet files holds several (``--hf-split``; None: refused when it does)."""
 
     image_col: str | None = None
     label_col: str | None = None
+    split: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.split is not None and (not isinstance(self.split, str) or not self.split.strip()):
+            raise ConfigError(f"hf_split must name a split; got {self.split!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,6 +275,8 @@ class ConvertConfig:
                 del resolved[name]  # folder conversions keep the manifest they always had
         if self.pixels == DEFAULT_PIXELS:
             del resolved["pixels"]  # and so do conversions in the default layout
+        if self.hf is not None and self.hf.split is None:
+            del resolved["hf"]["split"]  # and Hugging Face folders of one split
         return resolved
 
 

@@ -6,6 +6,11 @@
   ``dataset_info.json``, or a folder holding Parquet files and no image files. A
   ``DatasetDict`` folder (``dataset_dict.json``) is refused with its splits named: SRC is one
   split's folder.
+* Splits in a folder of Parquet files are read from the names as the Hub reads them
+  (`split_of`): ``<split>-00000-of-00002.parquet``, or train/validation/test words (and
+  their variants: valid, val, dev, eval...) in a folder or file name. A folder holding
+  more than one is refused with the splits named, unless ``--hf-split NAME`` picks one:
+  merged, the test rows would be trained on.
 * The image column (``--image-col``, default ``image``) is an ``Image`` feature, stored as
   the struct {bytes, path}: the encoded file, or when bytes is null the file at path
   (absolute, or relative to the data file's folder); a plain binary column works too. Or it
@@ -19,7 +24,10 @@
 * The label column (``--label-col``, default ``label`` when there is one): a ``ClassLabel``
   feature (the ``huggingface`` schema metadata, or dataset_info.json) gives its names as the
   classes, in order; other integers give classes ``"0"`` .. ``"max"``; strings their sorted
-  distinct values. A null or negative label (ClassLabel's -1: no label) is a listing failure.
+  distinct values; floats holding whole numbers (pandas' integers with nulls) count as
+  integers. A null or NaN label, or ClassLabel's -1, is a ``missing_label`` listing failure;
+  another negative number, a fraction or a number past the classes is ``bad_label``. A
+  column of another type (lists: several labels) is an InputError naming the file.
 * Order: the data files sorted by path (save_to_disk: state.json's order), rows in file
   order. A sample's ``source`` is ``<data file>:<row>``; other columns are not carried.
 * Only pyarrow reads them: the ``datasets`` package is not needed. Conversion tasks read
@@ -33,6 +41,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -101,14 +110,16 @@ def resolve_source(src: str | os.PathLike[str], config: ConvertConfig) -> Conver
 def hf_source_config(src: str | os.PathLike[str], config: ConvertConfig) -> ConvertConfig:
     """`config` with `HfOptions` from ``--image-col``/``--label-col`` (CsvOptions' fields);
     the other CSV options are a ConfigError."""
-    if config.hf is not None:
-        return dataclasses.replace(config, csv=None)
     csv = config.csv or CsvOptions()
     plain = dataclasses.replace(csv, image_col=None, label_cols=())
     if plain != CsvOptions() or len(csv.label_cols) > 1:
         raise ConfigError(f"{src}: a Hugging Face dataset takes --image-col and one --label-col; "
                           "the other CSV options do not apply")
-    hf = HfOptions(image_col=csv.image_col, label_col=csv.label_cols[0] if csv.label_cols else None)
+    hf = config.hf or HfOptions()
+    if csv.image_col is not None:
+        hf = dataclasses.replace(hf, image_col=csv.image_col)
+    if csv.label_cols:
+        hf = dataclasses.replace(hf, label_col=csv.label_cols[0])
     return dataclasses.replace(config, csv=None, hf=hf)
 
 
@@ -117,7 +128,7 @@ def list_hf_dataset(src: str | os.PathLike[str], options: HfOptions, *,
     """The rows of the dataset `src` as input records (see the module docstring). Raises
     InputError naming the file for a missing column or an unusable column type."""
     root = Path(src)
-    files, features = _data_files(root)
+    files, features = _data_files(root, options.split)
     image_col = options.image_col or "image"
     label_col = options.label_col
     listing = Listing(records=RecordSpool(spill_dir), classes=None, image_col=image_col)
@@ -127,8 +138,8 @@ def list_hf_dataset(src: str | os.PathLike[str], options: HfOptions, *,
         _check_image_column(path, schema, image_col)
         if label_col is None and options.label_col is None and path == files[0] and "label" in schema.names:
             label_col = "label"
-        if label_col is not None and label_col not in schema.names:
-            raise InputError(f"{path}: no label column {label_col!r}; columns: {', '.join(schema.names)}")
+        if label_col is not None:
+            _check_label_column(path, schema, label_col)
         values = _column(path, label_col).to_pylist() if label_col else [None] * _rows(path)
         st = path.stat()
         name = path.relative_to(root).as_posix() if path != root else path.name
@@ -145,20 +156,41 @@ def list_hf_dataset(src: str | os.PathLike[str], options: HfOptions, *,
     return listing
 
 
+def _check_label_column(path: Path, schema: pa.Schema, name: str) -> None:
+    if name not in schema.names:
+        raise InputError(f"{path}: no label column {name!r}; columns: {', '.join(schema.names)}")
+    kind = schema.field(name).type
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_string(kind)
+            or pa.types.is_large_string(kind)):
+        raise InputError(f"{path}: label column {name!r} is {kind}; a label is one class: an "
+                         "integer (a ClassLabel among them) or a string")
+
+
+def _whole(value: Any) -> Any:
+    """A float label as the integer it stands for (pandas writes an integer column with
+    nulls as floats); NaN is no label; a fraction stays as it is (a bad label)."""
+    if isinstance(value, float):
+        if value != value:
+            return None
+        return int(value) if value.is_integer() else value
+    return value
+
+
 def _label(listing: Listing, values: list[Any], feature: Any, column: str) -> None:
     """Labels and classes of `listing`'s records from the column's `values`."""
+    values = [_whole(v) for v in values]
     if isinstance(feature, dict) and feature.get("_type") == "ClassLabel":
         classes = [str(n) for n in feature["names"]]
     elif all(isinstance(v, str) for v in values if v is not None):
         classes = sorted({v for v in values if v is not None})
     else:
-        top = max((int(v) for v in values if v is not None), default=-1)
+        top = max((v for v in values if isinstance(v, int)), default=-1)
         classes = [str(i) for i in range(top + 1)]
     index = {name: i for i, name in enumerate(classes)}
     kept = RecordSpool(listing.records.spill_dir)
     for record, value in zip(listing.records, values, strict=True):
         label = index.get(value) if isinstance(value, str) else value
-        if label is None or not 0 <= int(label) < len(classes):
+        if not isinstance(label, int) or not 0 <= label < len(classes):
             listing.failures.append(plan_failure(
                 record.source, "missing_label" if label is None or label == -1 else "bad_label",
                 f"{column} is {value!r}, not one of {len(classes)} classes", record.row))
@@ -168,9 +200,13 @@ def _label(listing: Listing, values: list[Any], feature: Any, column: str) -> No
     listing.records, listing.classes = kept, classes
 
 
-def _data_files(root: Path) -> tuple[list[Path], dict[str, Any]]:
-    """The data files of `root` in order, and the features (from the first file's
-    ``huggingface`` schema metadata, or dataset_info.json)."""
+def _data_files(root: Path, split: str | None) -> tuple[list[Path], dict[str, Any]]:
+    """The data files of `root` in order (those of `split` in a folder of Parquet files), and
+    the features (from the first file's ``huggingface`` schema metadata, or
+    dataset_info.json)."""
+    if split is not None and (root.is_file() or not _parquet_files(root)):
+        raise ConfigError(f"{root}: --hf-split picks one split of a folder of Parquet files; "
+                          "this is one file or a save_to_disk folder (a single split)")
     if root.is_file():
         return [root], _features(root)
     if (root / "dataset_dict.json").is_file():
@@ -185,10 +221,66 @@ def _data_files(root: Path) -> tuple[list[Path], dict[str, Any]]:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{root}: unreadable save_to_disk metadata: {exc}") from None
         return files, info.get("features") or {}
-    files = _parquet_files(root)
+    files = _one_split(root, _parquet_files(root), split)
     if not files:
         raise InputError(f"{root}: no Parquet files")
     return files, _features(files[0])
+
+
+#: The split names the Hub reads in file and folder names, as `datasets` does: each word
+#: stands for its split when set off by the start or end of a name or by ``- . _``, a space
+#: or a digit (``train.parquet``, ``data/valid/0.parquet``, ``my_test_file.parquet``).
+_SPLIT_WORDS: dict[str, tuple[str, ...]] = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "val", "dev"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
+_WORD_SPLIT = re.compile(r"(?:^|[-._ 0-9])(" + "|".join(
+    w for words in _SPLIT_WORDS.values() for w in words) + r")(?=$|[-._ 0-9])")
+#: The Hub's own shard names: ``<split>-00000-of-00003.parquet``, any split name.
+_HUB_SHARD = re.compile(r"^([\w.]+?)-\d{5}-of-\d{5}")
+
+
+def split_of(relative: str) -> str | None:
+    """The split a data file belongs to by its path below SRC (see `_SPLIT_WORDS`), or None."""
+    *folders, name = relative.split("/")
+    hub = _HUB_SHARD.match(name)
+    if hub:
+        return hub.group(1)
+    for part in [*folders, os.path.splitext(name)[0]]:
+        found = _WORD_SPLIT.search(part)
+        if found:
+            return next(s for s, words in _SPLIT_WORDS.items() if found.group(1) in words)
+    return None
+
+
+def _one_split(root: Path, files: list[Path], split: str | None) -> list[Path]:
+    """`files` of the split `split`; with None, all of them when they make one split. A folder
+    of several splits is refused naming them: merged, test rows would train."""
+    groups: dict[str | None, list[Path]] = {}
+    for path in files:
+        groups.setdefault(split_of(path.relative_to(root).as_posix()), []).append(path)
+    if split is not None:
+        wanted = split if split in groups else next(
+            (s for s, words in _SPLIT_WORDS.items() if split in words), split)
+        if wanted not in groups:
+            raise InputError(f"{root}: no split {split!r}; it holds {_splits_text(root, groups)}")
+        return groups[wanted]
+    if len(groups) > 1:
+        raise InputError(f"{root}: holds {_splits_text(root, groups)}; convert one split: "
+                         "--hf-split NAME (hf_split=NAME)")
+    return files
+
+
+def _splits_text(root: Path, groups: dict[str | None, list[Path]]) -> str:
+    def files(paths: list[Path]) -> str:
+        return f"{len(paths)} file{'s' if len(paths) > 1 else ''}"
+    named = [f"{s} ({files(p)})" for s, p in sorted((s, p) for s, p in groups.items() if s is not None)]
+    text = "the splits " + ", ".join(named) if named else ""
+    if None in groups:
+        first = groups[None][0].relative_to(root).as_posix()
+        text += (" and " if text else "") + f"{files(groups[None])} with no split in its name ({first}...)"
+    return text
 
 
 def _features(path: Path) -> dict[str, Any]:

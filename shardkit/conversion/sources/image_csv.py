@@ -55,8 +55,10 @@ def list_image_csv(src: str | os.PathLike[str], options: CsvOptions, *,
             if n != options.image_col and n not in options.label_cols]
     clash = sorted(c.name for c in meta if c.name in RESERVED_COLUMNS)
     if clash:
+        unnamed = "label" in clash and not options.label_cols
+        hint = " (the labels? name it: --label-col label)" if unnamed else ""
         raise InputError(f"{path}: column(s) {', '.join(clash)} would collide with the output's "
-                         "own fields; rename them")
+                         f"own fields; rename them{hint}")
     wanted, types, required, classes = _typed_columns(options, columns, meta, path)
     if paths is None:
         paths = LocalPaths(Path(options.root) if options.root is not None else path.parent)
