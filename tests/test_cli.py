@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,28 @@ def test_exit_codes(tree: Path, tmp_path: Path) -> None:
     (full / "a.txt").write_text("x")
     assert cli("convert", tree, full).returncode == OutputExistsError.exit_code
     assert cli("info", tree).returncode == DatasetError.exit_code
+
+
+def test_unusable_src_and_out_paths_are_one_line_errors(tree: Path, tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    inside = tmp_path / "src"
+    image_tree(inside, classes=("ant", "bee"), per_class=2)
+    csv = tmp_path / "rows.csv"
+    csv.write_text("path,y\nant/0.png,0\n")
+    cases = [
+        (("", tmp_path / "o1"), ConfigError, "SRC is empty"),
+        ((tree, ""), ConfigError, "OUT is empty"),
+        ((tree, tmp_path / "afile" / "sub"), ConfigError, "OUT cannot be made a folder"),
+        ((inside, inside / "shards"), ConfigError, "OUT lies inside SRC"),
+        ((csv, tmp_path / "o2", "--image-col", "path", "--root", tmp_path / "nowhere"),
+         InputError, "--root .*nowhere is not a folder"),
+    ]
+    for args, error, message in cases:
+        result = cli("convert", *args, "--size", "8", "--workers", "0")
+        assert result.returncode == error.exit_code, (args, result.stderr)
+        assert result.stderr.startswith("shardkit: error:") and "Traceback" not in result.stderr
+        assert re.search(message, result.stderr), result.stderr
+    assert not (inside / "shards").exists() and sorted(p.name for p in inside.iterdir()) == ["ant", "bee"]
 
 
 def test_too_many_failures_exit_code_after_writing_everything(tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ from shardkit.conversion.out_folder import (
     TMP_NAME,
     LocalOut,
     OutFolder,
+    make_folder,
     write_journal,
     written_by_us,
 )
@@ -98,7 +99,7 @@ class Commit:
         #: Where this run's tasks write their files (on this machine).
         self.tmp = self.target.scratch()
         if self.state is not State.DONE:
-            self.tmp.mkdir(parents=True)
+            make_folder(self.tmp, "the run's temporary folder")
 
     @property
     def remote(self) -> bool:

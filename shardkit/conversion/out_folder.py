@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shardkit.conversion.report import error_reasons
-from shardkit.errors import CorruptShardError, OutputExistsError
+from shardkit.errors import ConfigError, CorruptShardError, OutputExistsError
 from shardkit.format.files import atomic_write_bytes, check_shard, publish
 from shardkit.format.manifest import ERRORS_NAME, INDEX_NAME, Manifest, ShardRecord, canonical_json
 
-__all__ = ["JOURNAL_NAME", "TMP_NAME", "LocalOut", "OutFolder", "written_by_us"]
+__all__ = ["JOURNAL_NAME", "TMP_NAME", "LocalOut", "OutFolder", "make_folder", "written_by_us"]
 
 TMP_NAME = ".shardkit-tmp"
 JOURNAL_NAME = ".shardkit-journal"
@@ -135,7 +135,7 @@ class LocalOut:
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
-        self.out.mkdir(parents=True, exist_ok=True)
+        make_folder(self.out, "OUT")
 
     def clear_tmp(self) -> None:
         shutil.rmtree(self.out / TMP_NAME, ignore_errors=True)
@@ -169,6 +169,15 @@ class LocalOut:
             gone = scratch
         shutil.rmtree(gone, ignore_errors=True)
         shutil.rmtree(scratch.parent, ignore_errors=True)
+
+
+def make_folder(path: Path, what: str) -> None:
+    """`path` as a folder, its parents too; ConfigError naming it when it cannot be one (a
+    file in the way, no permission, a filesystem that takes no folders)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {what} cannot be made a folder: {exc.strerror or exc}") from None
 
 
 def write_journal(out: Path, entry: dict[str, Any]) -> None:

@@ -82,10 +82,14 @@ def _run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
                     config: ConvertConfig, run: RunOptions,
                     executor: cf.Executor | None) -> ConvertSummary:
     started = time.perf_counter()
+    for name, path in (("SRC", src), ("OUT", out)):
+        if not os.fspath(path).strip():
+            raise ConfigError(f"{name} is empty: name a folder or file (. for this folder)")
     target = resolve_out(out, run)
     if "://" in os.fspath(src) and parse_location(src).is_local:
         src = parse_location(src).path  # file:///data/train is the folder /data/train
     config = resolve_source(src, config)
+    _out_not_in_src(src, target)
     source = remote_source(src, config, run)
     if config.split is not None:
         from shardkit.conversion.split_run import run_split
@@ -111,6 +115,17 @@ def resolve_out(out: str | os.PathLike[str], run: RunOptions) -> Out:
     if not storage.location.is_local:
         return storage
     return Path(storage.location.path) if "://" in os.fspath(out) else Path(out)  # file:// URLs
+
+
+def _out_not_in_src(src: str | os.PathLike[str], out: Out) -> None:
+    """A local OUT inside a local SRC folder would be listed as inputs on the next run (a new
+    class folder, or a flat folder turned into classes): refused before anything is written."""
+    if not isinstance(out, Path) or "://" in os.fspath(src) or not os.path.isdir(src):
+        return
+    inner, outer = os.path.realpath(out), os.path.realpath(src)
+    if os.path.commonpath([inner, outer]) == outer:
+        raise ConfigError(f"{out}: OUT lies inside SRC {src}, whose listing it would join; "
+                          "write it beside SRC")
 
 
 def local_src(src: str | os.PathLike[str], source: Storage | None) -> str:

@@ -61,6 +61,9 @@ def list_image_csv(src: str | os.PathLike[str], options: CsvOptions, *,
                          f"own fields; rename them{hint}")
     wanted, types, required, classes = _typed_columns(options, columns, meta, path)
     if paths is None:
+        if options.root is not None and not Path(options.root).is_dir():
+            raise InputError(f"{path}: --root {options.root} is not a folder (the rows' paths "
+                             "are read below it)")
         paths = LocalPaths(Path(options.root) if options.root is not None else path.parent)
     meta_types = tuple((c.name, _META_TYPES[c.kind][0]) for c in meta)
     listing = Listing(records=RecordSpool(spill_dir), classes=classes,
