@@ -193,15 +193,12 @@ def load_image_bytes(data: bytes, options: ImageOptions) -> tuple[Image.Image, t
 
 def _decode(handle: BinaryIO, options: ImageOptions,
             fast: bool) -> tuple[Image.Image, tuple[int, int]]:
-    try:
-        im = Image.open(handle, formats=ALLOWED_FORMATS)
-    except UnidentifiedImageError:
-        raise ImageFailure("decode", "not_an_image", "not a recognised image (allowed: "
-                           + ", ".join(ALLOWED_FORMATS) + ")") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageFailure("decode", "too_many_pixels", str(exc)) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageFailure("decode", _decode_reason(exc), _describe(exc)) from None
+    with _decoding():
+        try:
+            im = Image.open(handle, formats=ALLOWED_FORMATS)
+        except UnidentifiedImageError:
+            raise ImageFailure("decode", "not_an_image", "not a recognised image (allowed: "
+                               + ", ".join(ALLOWED_FORMATS) + ")") from None
 
     width, height = im.size
     if width * height > options.max_pixels:
@@ -209,27 +206,30 @@ def _decode(handle: BinaryIO, options: ImageOptions,
             "decode", "too_many_pixels",
             f"{width}x{height} = {width * height} pixels exceeds the limit of {options.max_pixels}",
         )
+    jpeg = im.format in ("JPEG", "MPO")
+    if not jpeg:
+        # Decode now, so that a decoding error is a failure: reading the EXIF loads some
+        # formats (a PNG without an eXIf chunk before its pixels), and a load that failed
+        # there would leave partial pixels that a second load() returns without a word. A
+        # JPEG's EXIF never loads it, and it must not be loaded before draft() (nor decoded
+        # twice: libjpeg-turbo may decode it below).
+        with _decoding():
+            im.load()
     try:
         orientation = int(im.getexif().get(_ORIENTATION_TAG, 1))
-    except Exception:
+    except Exception:  # a malformed EXIF block: the pixels are fine, take them as they are
         orientation = 1
     swap = orientation in (5, 6, 7, 8)
     oriented = (height, width) if swap else (width, height)
-    if options.draft and im.format in ("JPEG", "MPO"):
+    if jpeg and options.draft:
         need = _needed_size(oriented, options)
         if need is not None:
             im.draft(None, (need[1], need[0]) if swap else need)
-    try:
+    with _decoding():
         decoded = _turbo_jpeg(im, handle) if fast else None
         if decoded is None:
             im.load()
             decoded = im
-    except Image.DecompressionBombError as exc:
-        raise ImageFailure("decode", "too_many_pixels", str(exc)) from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
-        raise ImageFailure("decode", _decode_reason(exc), _describe(exc)) from None
-    except MemoryError:
-        raise ImageFailure("decode", "out_of_memory", "ran out of memory decoding") from None
     try:
         upright = decoded.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else decoded
         return resize(normalise_mode(upright, options), options, source_size=oriented), oriented
@@ -268,6 +268,21 @@ def _turbo_jpeg(im: Image.Image, handle: BinaryIO) -> Image.Image | None:
     # ICC profile, a JPEG the comment), so the output bytes stay the same.
     decoded.info = dict(im.info)
     return decoded
+
+
+@contextlib.contextmanager
+def _decoding() -> Iterator[None]:
+    """Opening or decoding an image: Pillow's and libjpeg-turbo's errors become
+    `ImageFailure`s of stage ``decode`` (``too_many_pixels``, ``truncated``, ``decode_error``,
+    ``out_of_memory``); an `ImageFailure` raised inside passes as it is."""
+    try:
+        yield
+    except Image.DecompressionBombError as exc:
+        raise ImageFailure("decode", "too_many_pixels", str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
+        raise ImageFailure("decode", _decode_reason(exc), _describe(exc)) from None
+    except MemoryError:
+        raise ImageFailure("decode", "out_of_memory", "ran out of memory decoding") from None
 
 
 def _decode_reason(exc: BaseException) -> str:

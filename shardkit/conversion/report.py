@@ -95,6 +95,11 @@ class ConvertSummary:
     def images_per_second(self) -> float:
         return self.inputs / self.seconds if self.seconds > 0 else 0.0
 
+    def reports(self) -> str:
+        """Where the failures are listed: `errors_path` (a split names the report of each
+        part that holds some)."""
+        return str(self.errors_path)
+
     def line(self) -> str:
         if self.up_to_date:
             return (f"{self.out} is up to date: {self.samples:,} samples in {self.shards:,} shards "
@@ -109,7 +114,7 @@ class ConvertSummary:
             text += f"; {self.reused_shards} shards kept from the interrupted run"
         if self.failed:
             reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.reasons.items()))
-            text += f" ({reasons}; see {self.errors_path})"
+            text += f" ({reasons}; see {self.reports()})"
         return text
 
 

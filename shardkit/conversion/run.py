@@ -221,7 +221,7 @@ def _check_budget(summary: ConvertSummary, run: RunOptions) -> ConvertSummary:
         raise TooManyFailuresError(
             f"{summary.failed} of {summary.inputs} inputs failed, more than --max-errors "
             f"{run.max_errors} allows; the {summary.samples} good samples were written and the "
-            f"failures listed in {summary.errors_path}",
+            f"failures listed in {summary.reports()}",
             summary=summary,
         )
     return summary

@@ -78,7 +78,7 @@ def _groups(labels: np.ndarray) -> list[tuple[int, np.ndarray]]:
     labels = np.asarray(labels, dtype=np.int64)
     order = np.argsort(labels, kind="stable")
     values, starts = np.unique(labels[order], return_index=True)
-    stops = [*starts[1:].tolist(), len(labels)]
+    stops = [*starts[1:].tolist(), len(labels)] if len(labels) else []  # no inputs: no groups
     return [(int(v), order[a:b]) for v, a, b in zip(values.tolist(), starts.tolist(), stops, strict=True)]
 
 

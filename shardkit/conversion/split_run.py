@@ -11,7 +11,12 @@ Error report: **per part**. A part's ``errors.jsonl`` lists the failures of its 
 while listing (an image beside the class folders, a CSV row without a label) have no label
 to be drawn by and are listed once, in the first part's report. Each part is a complete
 dataset (``samples + failed == inputs``) and the parts' inputs add up to SRC's. The error
-budget (``--max-errors``) applies to the whole split.
+budget (``--max-errors``) applies to the whole split; when it is exceeded, the message names
+the report of every part that holds failures.
+
+A source with no usable input at all (every input rejected while listing, every CSV row bad)
+splits as it converts without a split: each part is written, empty, and the first part's
+report lists the failures. Otherwise a part that would hold no input is a ConfigError.
 
 OUT holds nothing but the parts' folders; anything else there is refused.
 """
@@ -43,9 +48,14 @@ __all__ = ["SplitSummary", "run_split"]
 
 @dataclass(frozen=True, kw_only=True)
 class SplitSummary(ConvertSummary):
-    """A split conversion: the totals over its parts, and each part's own summary."""
+    """A split conversion: the totals over its parts, and each part's own summary
+    (``errors_path`` is the first part's report; `reports` names each that holds failures)."""
 
     splits: dict[str, ConvertSummary] = field(default_factory=dict)
+
+    def reports(self) -> str:
+        holding = [str(s.errors_path) for s in self.splits.values() if s.failed]
+        return " and ".join(holding) or str(self.errors_path)
 
     def line(self) -> str:
         return "\n".join(f"{name}: {summary.line()}" for name, summary in self.splits.items())
@@ -109,8 +119,10 @@ def _assign_records(listing: Listing, config: ConvertConfig, split: SplitOptions
 
 def _parts(part: np.ndarray, split: SplitOptions, total: int) -> list[np.ndarray]:
     """The inputs of each part; ConfigError when one would be empty (before anything is
-    written)."""
+    written), unless there are no inputs to split at all."""
     selects = [np.flatnonzero(part == k) for k in range(len(split.parts))]
+    if total == 0:
+        return selects  # nothing usable: every part empty, as the source converts unsplit
     for (name, fraction), select in zip(split.parts, selects, strict=True):
         if not len(select):
             raise ConfigError(f"split part {name!r} ({fraction:g}) would hold none of the "

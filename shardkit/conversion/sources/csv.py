@@ -10,13 +10,18 @@ blocks converted to those types. Rules (docs/format.md, "CSV inputs"):
 * A column is numeric when more than half of its non-null values are decimal numbers
   (``-1``, ``2.5``, ``.5``, ``1e-3``, ``inf``; surrounding spaces ignored), integer when all
   those numbers are integers; otherwise it is a string column, whose categories are its
-  sorted distinct values.
+  sorted distinct values. A column without a single value (every field empty) is an
+  integer column of nulls, so an empty label column gives ``missing_label`` rows, as one
+  empty label field does, not a type error.
 * A row is *bad* when its field count differs from the header's (``wrong_field_count``),
-  when a numeric column holds text (``not_a_number``), when its label is empty
-  (``missing_label``) or when every field is empty (``empty_row``). Bad rows are reported
-  with their row number and skipped; nothing is dropped silently.
+  when a numeric column holds text (``not_a_number``), when an integer stored as int64 (an
+  integer label, image CSV metadata, ``--keep-ints``) lies outside int64's range
+  (``out_of_range``: the row is left out rather than the column retyped, so a column's type
+  never depends on one value), when its label is empty (``missing_label``) or when every
+  field is empty (``empty_row``). Bad rows are reported with their row number and skipped;
+  nothing is dropped silently.
 * Row numbers count records from 1, the header included: the first data row is row 2, as in
-  a spreadsheet. A quoted field holding newlines does not add rows.
+  a spreadsheet. A quoted field holding newlines does not add rows, in the header either.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ __all__ = [
 #: NaN spellings are null values already. Matched after trimming surrounding whitespace.
 NUMBER_RE = r"(?i)^[-+]?((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|inf|infinity)$"
 INT_RE = r"^[-+]?\d+$"
+#: What an int64 column holds; an integer outside is an ``out_of_range`` row.
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 #: String columns with more distinct values are kept as plain text, not categories.
 MAX_CATEGORIES = 1 << 16
 BLOCK_BYTES = 1 << 20
@@ -135,8 +142,11 @@ class CsvStream:
     def blocks(self) -> Iterator[tuple[pa.Table, np.ndarray]]:
         """(text table, row numbers) per block; malformed rows go to `malformed`."""
         self._taken, self.malformed = [], []
+        # The header is skipped as one parsed record, not one line: a quoted header field
+        # may hold newlines (and pyarrow still counts it in the row numbers it reports).
         read = pacsv.ReadOptions(use_threads=False, block_size=BLOCK_BYTES,
-                                 column_names=self.names, skip_rows=1 if self.header else 0,
+                                 column_names=self.names,
+                                 skip_rows_after_names=1 if self.header else 0,
                                  encoding=self.options.encoding)
         parse = pacsv.ParseOptions(delimiter=self.options.delimiter, newlines_in_values=True,
                                    ignore_empty_lines=False, invalid_row_handler=self._on_invalid)
@@ -186,7 +196,7 @@ def infer_columns(stream: CsvStream) -> dict[str, Column]:
     for name in stream.names:
         present, numbers, ints = counts[name]
         if 2 * numbers > present or present == 0:
-            kind = "int" if ints == numbers and present else "float"
+            kind = "int" if ints == numbers else "float"  # no value at all: int (of nulls)
             columns[name] = Column(name, kind)
         else:
             seen = values[name]
@@ -197,8 +207,9 @@ def infer_columns(stream: CsvStream) -> dict[str, Column]:
 def typed_block(table: pa.Table, rows: np.ndarray, columns: list[Column],
                 arrow_types: dict[str, pa.DataType], required: dict[str, str]) -> TypedBlock:
     """Convert one text block: each column of `columns` to ``arrow_types[name]`` (numbers,
-    dictionary codes or text); rows with text in a numeric column, no field at all, or an
-    empty `required` column (name → reason) become BadRows."""
+    dictionary codes or text); rows with text in a numeric column, an integer outside int64
+    where the column is stored as integers, no field at all, or an empty `required` column
+    (name → reason) become BadRows."""
     bad = np.zeros(table.num_rows, dtype=bool)
     reasons: dict[int, BadRow] = {}
     empty = np.ones(table.num_rows, dtype=bool)
@@ -222,13 +233,32 @@ def typed_block(table: pa.Table, rows: np.ndarray, columns: list[Column],
                   lambda i, c=column.name, t=text: f"column {c!r}: {t[i].as_py()!r} is not a number")
             clean = pc.if_else(ok, text, pa.scalar(None, pa.string()))
             target = arrow_types[column.name]
-            via = pa.float64() if pa.types.is_floating(target) or column.kind == "float" else pa.int64()
-            out[column.name] = pc.cast(pc.cast(clean, via), target)
+            if pa.types.is_floating(target) or column.kind == "float":
+                number = pc.cast(clean, pa.float64())
+            else:
+                number = _int64(clean, column.name, rows, reasons, bad)
+            out[column.name] = pc.cast(number, target)
         else:
             out[column.name] = _categorical(text, column, arrow_types[column.name])
     keep = pa.array(~bad)
     good = {name: pc.filter(array, keep) for name, array in out.items()}
     return TypedBlock(columns=good, rows=rows[~bad], bad=[reasons[i] for i in sorted(reasons)])
+
+
+def _int64(text: pa.Array, name: str, rows: np.ndarray, reasons: dict[int, BadRow],
+           bad: np.ndarray) -> pa.Array:
+    """Integer text as int64; a row whose value lies outside int64's range is marked bad
+    (``out_of_range``) and its value is null."""
+    try:
+        return pc.cast(text, pa.int64())
+    except pa.ArrowInvalid:  # some value does not fit: find which (rare; a Python loop)
+        pass
+    values = text.to_pylist()
+    fits = np.array([v is None or _INT64_MIN <= int(v) <= _INT64_MAX for v in values], dtype=bool)
+    _mark(reasons, bad, ~fits, rows, "out_of_range",
+          lambda i: f"column {name!r}: {values[i]} does not fit a 64-bit integer "
+                    f"({_INT64_MIN} to {_INT64_MAX})")
+    return pc.cast(pc.if_else(pa.array(fits), text, pa.scalar(None, pa.string())), pa.int64())
 
 
 def _trimmed(text: Any) -> Any:

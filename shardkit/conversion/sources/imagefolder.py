@@ -10,6 +10,10 @@
 * Order: folders and files sorted by name at every level, so the list never depends on the
   filesystem. Symbolic links are followed; a folder reached twice (a loop) is skipped.
 * FIFOs, sockets and devices named like images are reported (``not_a_file``), never opened.
+* Names below SRC must be valid UTF-8 (the dataset stores them as text): a candidate whose
+  path below SRC is not (its own name, or a folder's on the way) is reported (``bad_name``)
+  under that path with the bad bytes escaped (``\\xff``); a class folder named so is an
+  InputError naming it, raised before anything is written (its name would be a class name).
 """
 
 from __future__ import annotations
@@ -58,6 +62,11 @@ def list_image_folder(src: str | os.PathLike[str], *,
     except PermissionError:
         raise InputError(f"{root}: permission denied") from None
     class_dirs = [e for e in entries if _is_dir(e)]
+    for entry in class_dirs:
+        if not _is_utf8(entry.name):
+            raise InputError(f"{_printable(os.fspath(root))}: the class folder "
+                             f"'{_printable(entry.name)}' has a name that is not valid UTF-8, so it "
+                             "cannot be a class name; rename it")
     listing = Listing(records=RecordSpool(spill_dir),
                       classes=[e.name for e in class_dirs] if class_dirs else None)
     visited = {_dir_id(root)}
@@ -65,7 +74,7 @@ def list_image_folder(src: str | os.PathLike[str], *,
         for entry in entries:
             if not _is_dir(entry) and _is_candidate(entry.name):
                 listing.failures.append(plan_failure(
-                    entry.name, "outside_class_folder",
+                    _printable(entry.name), "outside_class_folder",
                     "image lies directly in SRC next to class folders, so it has no label",
                 ))
         for label, entry in enumerate(class_dirs):
@@ -88,21 +97,32 @@ def _walk(root: Path, folder: Path, label: int | None, listing: Listing,
             _walk(root, Path(entry.path), label, listing, visited)
         elif not _is_candidate(entry.name):
             continue  # not named like an image
+        elif not _is_utf8(relative := _relative(root, entry)):
+            listing.failures.append(plan_failure(
+                _printable(relative), "bad_name",
+                "the file name is not valid UTF-8" if not _is_utf8(entry.name)
+                else "a folder name in its path is not valid UTF-8",
+            ))
         elif _is_special(entry):
             listing.failures.append(plan_failure(
-                Path(entry.path).relative_to(root).as_posix(), "not_a_file",
+                _relative(root, entry), "not_a_file",
                 "a FIFO, socket or device named like an image; it is not read",
             ))
         else:
-            listing.records.append(_record(root, entry, label))
+            listing.records.append(_record(entry, relative, label))
 
 
-def _record(root: Path, entry: os.DirEntry[str], label: int | None) -> InputRecord:
+def _relative(root: Path, entry: os.DirEntry[str]) -> str:
+    """The entry's path relative to SRC, with "/" separators (its ``source``)."""
     # Strings, not Path objects: pathlib interns every path component it parses, which would
     # keep every file name of a huge tree in memory for the life of the process.
     base = str(root)
     relative = entry.path[len(base):].lstrip(os.sep) if entry.path.startswith(base + os.sep) \
         else os.path.relpath(entry.path, base)
+    return relative.replace(os.sep, "/")
+
+
+def _record(entry: os.DirEntry[str], relative: str, label: int | None) -> InputRecord:
     try:
         st = entry.stat()
         size, mtime = st.st_size, st.st_mtime_ns
@@ -110,7 +130,7 @@ def _record(root: Path, entry: os.DirEntry[str], label: int | None) -> InputReco
         size, mtime = -1, 0
     return InputRecord(
         path=os.path.abspath(entry.path),
-        source=relative.replace(os.sep, "/"),
+        source=relative,
         label=label,
         size=size,
         mtime_ns=mtime,
@@ -136,6 +156,21 @@ def _is_special(entry: os.DirEntry[str]) -> bool:
         return not stat.S_ISREG(entry.stat(follow_symlinks=True).st_mode)
     except OSError:
         return False
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (Python decodes them as lone
+    surrogates, which no text encoding takes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(name: str) -> str:
+    """`name` as text, its non-UTF-8 bytes escaped (``b"\\xff.png"`` → ``"\\\\xff.png"``)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _is_candidate(name: str) -> bool:
