@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import operator
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, SupportsIndex
+
+import numpy as np
 
 from shardkit.config.common import check_choice, check_count
 from shardkit.errors import ConfigError
@@ -15,7 +19,7 @@ from shardkit.format.retry import RetryPolicy
 if TYPE_CHECKING:
     from shardkit.reader.augment import Augment
 
-__all__ = ["DECODES", "Decode", "ReadOptions"]
+__all__ = ["DECODES", "Decode", "ReadOptions", "check_position"]
 
 DECODES: tuple[str, ...] = ("cpu", "device")
 Decode = Literal["cpu", "device"]
@@ -33,7 +37,8 @@ class ReadOptions:
     rank / world_size: this process's place in a distributed job; None: from
         torch.distributed when it is initialised (torch loaders), else 0 of 1.
     fields: metadata fields batches carry (key, source, orig_width, orig_height, an image
-        CSV's columns).
+        CSV's columns): names, or one string of them separated by commas (``"key"`` is
+        ``("key",)``, ``"key,source"`` is ``("key", "source")``).
     verify: check every shard's sha256 when it is opened (its size is always checked).
     prefetch: batches assembled ahead in a background thread (0: in the consuming thread).
     cache_shards: shards kept open (None: window + 2; memory-mapped shards up to 64).
@@ -49,6 +54,9 @@ class ReadOptions:
         in docs/performance.md; FFCV sets 1 for the whole process), else unchanged.
     augment: per-sample augmentation (`shardkit.Augment`): each batch carries its samples'
         parameters, drawn from (seed, epoch, stored index), which ``to_device`` applies.
+
+    shuffle, drop_last and verify must be booleans (numpy's too): a string such as ``"no"``
+    is a ConfigError, not True. Every invalid option is a ConfigError naming it.
 
     A dataset at a URL (s3://, gs://, http(s)://, any fsspec URL) is read through a node-local
     cache of verified shards (docs/remote.md): storage_options go to the fsspec filesystem
@@ -84,7 +92,9 @@ class ReadOptions:
 
         if self.augment is not None and not isinstance(self.augment, Augment):
             raise ConfigError(f"augment must be a shardkit.Augment or None; got {self.augment!r}")
-        object.__setattr__(self, "fields", tuple(self.fields))
+        for name in _BOOLS:
+            object.__setattr__(self, name, _check_bool(name, getattr(self, name)))
+        object.__setattr__(self, "fields", _check_names(self.fields))
         self._check_remote()
         check_count("seed", self.seed, 0)
         check_count("prefetch", self.prefetch, 0)
@@ -110,3 +120,38 @@ class ReadOptions:
             raise ConfigError(f"retry must be a shardkit.RetryPolicy or None; got {self.retry!r}")
         object.__setattr__(self, "storage_options", None if options is None else dict(options))
         object.__setattr__(self, "cache_dir", None if folder is None else os.fspath(folder))
+
+
+_BOOLS = ("shuffle", "drop_last", "verify")
+
+
+def _check_bool(name: str, value: object) -> bool:
+    # bool(value) would make any non-empty string True: "no" too.
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ConfigError(f"{name} must be True or False; got {value!r}")
+
+
+def _check_names(value: object) -> tuple[str, ...]:
+    """`fields` as a tuple of names: from names, or from one string of comma-separated names."""
+    if isinstance(value, str):
+        value = [n.strip() for n in value.split(",")] if value.strip() else []
+    elif isinstance(value, (bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ConfigError(f"fields must be field names (a list, or one string such as "
+                          f"'key,source'); got {value!r}")
+    names: list[str] = []
+    for name in value:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"fields must be non-empty field names; got {name!r} in {value!r}")
+        names.append(name)
+    return tuple(names)
+
+
+def check_position(name: str, value: object) -> int:
+    """`value` (an epoch, or samples into one) as an int >= 0; numpy integers are taken too.
+    ConfigError naming `name` for anything else (a bool, a string, a float, a negative)."""
+    if isinstance(value, SupportsIndex) and not isinstance(value, (bool, np.bool_)):
+        with suppress(TypeError):  # a type that says it is an integer and is not
+            if (number := operator.index(value)) >= 0:
+                return number
+    raise ConfigError(f"{name} must be an integer >= 0; got {value!r}")

@@ -13,11 +13,12 @@ import queue
 import sys
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from contextlib import suppress
 from typing import Any
 
 import numpy as np
 
-from shardkit.errors import ConfigError
+from shardkit.errors import ConfigError, ShardkitError
 from shardkit.reader.assign import shard_runs
 from shardkit.reader.decode import DecodePool
 from shardkit.reader.gather import gather
@@ -217,7 +218,18 @@ def stream_batches(cache: ShardCache, starts: np.ndarray, batches: Sequence[np.n
 
 
 _DONE = object()
-_STOPPED = object()
+
+
+class _Pass:
+    """One `Prefetcher.run`: its items, and its own hand-over slots and flags, so that a pass
+    never sees another pass's items."""
+
+    def __init__(self, items: Iterable[Any], depth: int) -> None:
+        self.items = items
+        self.slots: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()  # the consumer left: the thread stops iterating `items`
+        self.left = threading.Event()  # the thread no longer iterates `items`
+        self.over = False  # both sides left it and `items` was closed (consumer side only)
 
 
 class Prefetcher:
@@ -227,84 +239,106 @@ class Prefetcher:
     threads that keep per-thread state (torch's thread count) keep it.
 
     `run(items)` yields what iterating `items` in the thread gives; exceptions are re-raised
-    in the consumer; leaving the loop early stops the pass. `demand` is set while the
-    consumer waits for an item that is not there yet (see `Copier`). `close` ends the thread.
+    in the consumer; leaving the loop early stops the pass. One pass runs at a time: a run
+    that starts (its first ``next``) while an earlier one is still open ends the earlier one
+    first (the thread leaves it, its `items` are closed), and the earlier iterator then
+    simply ends. `items` are closed in the consumer's thread, only once the background
+    thread has left them. `demand` is set while the consumer waits for an item that is not
+    there yet (see `Copier`). `close` ends the thread.
     """
 
     def __init__(self, depth: int = 2, demand: threading.Event | None = None) -> None:
         self.depth, self.demand = max(1, depth), demand
-        self._jobs: queue.Queue[Any] = queue.Queue()
-        self._slots: queue.Queue[Any] = queue.Queue(maxsize=self.depth)
-        self._stop = threading.Event()  # the consumer left this pass
+        self._jobs: queue.Queue[_Pass | None] = queue.Queue()
         self._closing = threading.Event()  # nobody consumes any more: the thread ends
         self._thread: threading.Thread | None = None
+        self._current: _Pass | None = None  # the open pass, if any
+
+    @property
+    def _slots(self) -> queue.Queue[Any]:
+        """The open pass's hand-over slots (an empty queue when none is open): tests wait on
+        them to catch the thread blocked handing over (tests/test_gather.py)."""
+        return self._current.slots if self._current is not None else queue.Queue(maxsize=self.depth)
 
     def _work(self) -> None:
-        while (items := self._jobs.get()) is not None:
+        while (run := self._jobs.get()) is not None:
             try:
-                for item in items:
-                    if not self._put(item):
+                for item in run.items:
+                    if not self._put(run, item):
                         break
                 else:
-                    self._put(_DONE)
+                    self._put(run, _DONE)
             except BaseException as exc:  # handed to the consumer
-                self._put(exc)
-            self._put(_STOPPED, final=True)  # the pass is over: `items` is no longer iterated
+                self._put(run, exc)
+            finally:
+                run.left.set()
 
-    def _put(self, item: Any, *, final: bool = False) -> bool:
-        """Hand `item` over; False when the consumer left (or, for the `final` item that it
-        waits for even then, when nobody consumes any more)."""
-        while not self._closing.is_set() and (final or not self._stop.is_set()):
+    def _put(self, run: _Pass, item: Any) -> bool:
+        """Hand `item` over; False when the consumer left `run` (or nobody consumes any more):
+        the thread then stops iterating its items."""
+        while not self._closing.is_set() and not run.stop.is_set():
             try:
-                self._slots.put(item, timeout=0.1)
-                return True
+                run.slots.put(item, timeout=0.1)
+                return not run.stop.is_set()  # left meanwhile: assemble nothing more for it
             except queue.Full:
                 continue
         return False
 
-    def run(self, items: Iterable[Any]) -> Iterator[Any]:
+    def run(self, items: Iterable[Any]) -> Generator[Any, None, None]:
         if self._thread is None:
+            self._closing.clear()
             self._thread = threading.Thread(target=self._work, name="shardkit-batches", daemon=True)
             self._thread.start()
-        self._stop.clear()
-        self._jobs.put(items)
-        ended = False
+        if self._current is not None:
+            self._finish(self._current)  # an earlier pass still open: this one replaces it
+        run = self._current = _Pass(items, self.depth)
+        self._jobs.put(run)
         try:
-            while True:
-                if self.demand is not None and self._slots.empty():
-                    self.demand.set()
-                item = self._slots.get()
-                if self.demand is not None:
-                    self.demand.clear()
-                if item is _STOPPED:
-                    ended = True
-                    return
-                if item is _DONE:
-                    continue  # _STOPPED follows
+            while (item := self._next(run)) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            if not ended:
-                self._stop.set()
-                self._drain()
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
+            self._finish(run)
 
-    def _drain(self) -> None:
-        """Wait for the thread to leave the pass (it says so with _STOPPED), unless it ended."""
-        while not self._closing.is_set():
+    def _next(self, run: _Pass) -> Any:
+        """`run`'s next item, or _DONE once it is over (at its end, or ended by a later run)."""
+        while not run.over:
+            waiting = run.slots.empty()
+            if waiting and self.demand is not None:
+                self.demand.set()
             try:
-                if self._slots.get(timeout=0.1) is _STOPPED:
-                    return
+                return run.slots.get(timeout=0.1)
             except queue.Empty:
-                continue
+                if run.left.is_set() and run.slots.empty():  # left without a last word: closed
+                    raise ShardkitError("the batches' background thread was closed during a "
+                                        "pass (its loader was closed)") from None
+            finally:
+                if waiting and self.demand is not None:
+                    self.demand.clear()
+        return _DONE
+
+    def _finish(self, run: _Pass) -> None:
+        """Leave `run`: the thread stops it and leaves its items, which are then closed here."""
+        if run.over:
+            return
+        run.over = True
+        run.stop.set()
+        thread = self._thread
+        while not run.left.is_set() and thread is not None and thread.is_alive():
+            with suppress(queue.Empty):  # freed slots let a put that waits return, and see `stop`
+                while True:
+                    run.slots.get_nowait()
+            run.left.wait(0.01)
+        if self._current is run:
+            self._current = None
+        close = getattr(run.items, "close", None)
+        if close is not None:
+            close()
 
     def close(self) -> None:
         if self._thread is not None:
             self._closing.set()
-            self._stop.set()
             self._jobs.put(None)
             self._thread.join()
             self._thread = None

@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from shardkit.config import ReadOptions
-from shardkit.errors import CorruptShardError, DatasetError
+from shardkit.config.read import check_position
+from shardkit.errors import ConfigError, CorruptShardError, DatasetError
 from shardkit.keywords import read_options
+from shardkit.reader.assign import samples_per_rank
 from shardkit.reader.batches import assemble, in_background
 from shardkit.reader.handles import ShardCache, metadata_fields, open_shard
 from shardkit.reader.pipeline import Reading, open_source
@@ -30,6 +32,7 @@ from shardkit.reader.table import TableShard, read_table_shard
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
+    from shardkit.format.manifest import ShardRecord
     from shardkit.keywords import ReadKeywords
 
 __all__ = ["Dataset", "ShardData", "open_dataset"]
@@ -71,10 +74,20 @@ class Dataset:
     def __len__(self) -> int:
         return self.manifest.samples
 
+    def _record(self, number: int) -> ShardRecord:
+        """Shard `number`'s entry in index.json; IndexError naming the valid range unless
+        0 <= number < shards (a negative number is not counted from the end: every method
+        that takes a shard number refuses it alike)."""
+        shards = self.manifest.shards
+        if isinstance(number, (bool, np.bool_)) or not isinstance(number, (int, np.integer)) \
+                or not 0 <= number < len(shards):
+            valid = f"0 to {len(shards) - 1}" if shards else "none: the dataset holds no shards"
+            raise IndexError(f"{self.path}: no shard {number!r}; shard numbers are {valid}")
+        return shards[int(number)]
+
     def _shard(self, number: int) -> AbstractContextManager[str]:
-        """The folder holding shard `number` as a local file while the block runs: the
-        dataset's own, or the cache's, with the copy pinned."""
-        self.manifest.shards[number]  # IndexError for a shard that does not exist
+        """The folder holding shard `number` (checked by `_record`) as a local file while
+        the block runs: the dataset's own, or the cache's, with the copy pinned."""
         if self._source is None:
             return nullcontext(str(self.path))
         if self._remote is None:
@@ -82,19 +95,22 @@ class Dataset:
         return pinned_copy(self._remote, number)
 
     def read_table(self, number: int) -> TableShard:
-        """Shard `number` of a table: features float32 [N, F] and labels."""
+        """Shard `number` of a table: features float32 [N, F] and labels. IndexError for a
+        number not in 0 .. shards - 1."""
         if not self.is_table:
             raise DatasetError(f"{self.path}: holds images; use read_shard")
-        record = self.manifest.shards[number]
+        record = self._record(number)
         with self._shard(number) as folder:
             return read_table_shard(os.path.join(folder, record.file), record.samples,
                                     self.manifest)
 
     def read_shard(self, number: int) -> ShardData:
-        """Every sample of shard `number`, in stored order. Raises CorruptShardError on
-        disagreement with index.json (size, structure or count)."""
+        """Every sample of shard `number` (0 .. shards - 1), in stored order. Raises
+        IndexError for another number (negative ones too), CorruptShardError on disagreement
+        with index.json (size, structure or count)."""
         if self.is_table:
             raise DatasetError(f"{self.path}: holds a table; use read_table or batches")
+        self._record(number)
         index = np.arange(self._starts[number], self._starts[number + 1], dtype=np.int64)
         with self._shard(number) as folder:
             cache = ShardCache(folder, self.manifest, capacity=1, verify=False)
@@ -124,12 +140,22 @@ class Dataset:
         defaults; default: the ones the dataset was opened with); rank and world size default
         to 0 of 1. `epoch` picks the order, `start` resumes after that many samples of this
         rank's epoch. Where a remote dataset's bytes come from is fixed when it is opened.
+
+        Raises ConfigError (at the call, before any reading) for a bad option, an `epoch`
+        that is not an integer >= 0, or a `start` outside 0 .. the samples of this rank's
+        epoch (``start`` equal to them gives an empty, finished pass).
         """
         chosen = read_options(options or self.options, dict(keywords))
+        epoch, start = check_position("epoch", epoch), check_position("start", start)
         if self._source is not None:
             self._source.check(chosen)
         reading = Reading(str(self.path), self.manifest, chosen, batch_size,
                           rank=chosen.rank or 0, world=chosen.world_size or 1, source=self._source)
+        per_rank = samples_per_rank(reading.total, reading.world, drop_last=chosen.drop_last,
+                                    batch_size=batch_size)
+        if start > per_rank:
+            raise ConfigError(f"start must be at most {per_rank} (the samples of this rank's "
+                              f"epoch); got {start}")
         if not chosen.prefetch:
             return reading.stream(reading.order(epoch=epoch, start=start), epoch=epoch, keep_open=False)
         demand = threading.Event()
@@ -140,11 +166,12 @@ class Dataset:
     def metadata(self, number: int) -> list[dict[str, Any]]:
         """Per-sample metadata of shard `number`, the same names for tar and Parquet: key,
         source, orig_width, orig_height, an image CSV's columns, and label and class
-        (labelled datasets)."""
+        (labelled datasets). IndexError for a number not in 0 .. shards - 1 (negative ones
+        too)."""
         if self.is_table:
             raise DatasetError(f"{self.path}: holds a table; it has no per-sample metadata")
         fields = metadata_fields(self.manifest)
-        local = np.arange(self.manifest.shards[number].samples)
+        local = np.arange(self._record(number).samples)
         with self._shard(number) as folder:
             handle = open_shard(folder, self.manifest, number, verify=False, fields=fields)
             columns = {name: handle.metadata(local, name) for name in fields}

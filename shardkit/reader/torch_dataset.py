@@ -15,13 +15,14 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from shardkit.config import ReadOptions
-from shardkit.errors import ConfigError, require
+from shardkit.config.read import check_position
+from shardkit.errors import ConfigError, ShardkitError, require
 from shardkit.keywords import read_options
 from shardkit.reader.assign import Cut, padding, samples_left, samples_per_rank
 from shardkit.reader.batches import Prefetcher
@@ -99,11 +100,16 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        in_process = info is None  # shards stay open between epochs only in this process
-        # Worker processes already copy in parallel; in the training process the copies of a
-        # batch are split over threads.
-        stream = self.reading.stream(self.batches(worker, workers), epoch=self.epoch,
-                                     keep_open=in_process, threads=None if in_process else 1,
+        yield from self._tensors(self.batches(worker, workers), in_process=info is None)
+
+    def _tensors(self, batches: Sequence[np.ndarray], *,
+                 in_process: bool = True) -> Generator[dict[str, Any], None, None]:
+        """The batches (dicts of tensors) of `batches`, index arrays of this epoch."""
+        # Shards stay open between epochs only in the training process. Worker processes
+        # already copy in parallel; in the training process a batch's copies are split over
+        # threads.
+        stream = self.reading.stream(batches, epoch=self.epoch, keep_open=in_process,
+                                     threads=None if in_process else 1,
                                      demand=self.demand if in_process else None)
         try:
             for batch in stream:
@@ -132,6 +138,11 @@ def _cuts_to_state(cuts: Sequence[Cut]) -> list[list[int]]:
     return [[c.world, c.batch_size, c.samples] for c in cuts]
 
 
+#: What every loader state holds (batch_size and cuts came later: a state may lack them).
+_STATE_KEYS = ("fingerprint", "seed", "epoch", "samples", "world_size", "shuffle", "drop_last",
+               "window")
+
+
 def _cuts_of(state: dict[str, Any], batch_size: int) -> tuple[tuple[Cut, ...], Cut]:
     """A state's earlier cuts of its epoch, and where it stands as one more cut (a state
     saved before batch sizes were recorded was saved with this loader's)."""
@@ -144,6 +155,45 @@ def _cuts_of(state: dict[str, Any], batch_size: int) -> tuple[tuple[Cut, ...], C
     return cuts, saved
 
 
+class _LoaderPass:
+    """What ``iter(loader)`` returns: one pass over a `ShardLoader`, which starts with the
+    first ``next``. A pass that starts later (a newer ``iter(loader)``) ends this one: its
+    prefetching stops, its shards and threads are let go, and a later ``next`` on it raises
+    ShardkitError (it would otherwise hand out batches of a pass the loader has left)."""
+
+    def __init__(self, loader: ShardLoader) -> None:
+        self._loader = loader
+        self._batches: Generator[dict[str, Any], None, None] | None = None
+        self._finished = False  # its batches ran out (StopIteration from now on)
+        self._ended = False  # a newer pass ended it
+
+    def __iter__(self) -> _LoaderPass:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._ended:
+            raise ShardkitError(
+                "this ShardLoader iterator was ended by a newer pass over the same loader "
+                "(iter(loader) again): a loader reads one pass at a time; use the newer iterator")
+        if self._batches is None:
+            self._batches = self._loader._start(self)
+        try:
+            return next(self._batches)
+        except StopIteration:
+            self._finished = True
+            raise
+
+    def close(self) -> None:
+        """Stop the pass now (as dropping the iterator does, when it is collected)."""
+        if self._batches is not None:
+            self._batches.close()
+
+    def end(self) -> None:
+        """A newer pass starts: this one stops, and refuses to go on unless it had finished."""
+        self._ended = not self._finished
+        self.close()
+
+
 def _close(prefetcher: Prefetcher, reading: Reading) -> None:
     """A ShardLoader's threads end with it (its finaliser)."""
     prefetcher.close()
@@ -153,10 +203,10 @@ def _close(prefetcher: Prefetcher, reading: Reading) -> None:
 class ShardLoader:
     """Iterate a converted dataset in whole batches: dicts with ``image`` uint8 [B,H,W,C],
     ``label`` int64 [B] (labelled datasets), ``index`` int64 [B] (position in stored order),
-    and metadata when `fields` asks (key, source, orig_width, orig_height, and an image
-    CSV's other columns), as lists. A table (a converted tabular CSV) gives ``features``
-    float32 [B,F] (order: the manifest's ``schema.features.names``), ``label`` (int64 [B], or
-    float32 [B] / [B,K]) and ``index``.
+    and metadata when `fields` asks: orig_width and orig_height as int64 [B] tensors; key,
+    source and an image CSV's other columns as lists (of B values). A table (a converted
+    tabular CSV) gives ``features`` float32 [B,F] (order: the manifest's
+    ``schema.features.names``), ``label`` (int64 [B], or float32 [B] / [B,K]) and ``index``.
 
     `path`: the dataset's folder, or its URL (``s3://``, ``gs://``, ``http(s)://``, any fsspec
     URL): shards then come through a verified node-local cache (docs/remote.md; options
@@ -170,10 +220,20 @@ class ShardLoader:
 
     ``len(loader)`` is the exact number of batches this rank yields per epoch; every rank
     yields the same number (``drop_last`` drops the tail evenly, otherwise ``padding``
-    samples are repeated). After a full pass the epoch advances by itself; ``set_epoch``
-    sets it. ``state_dict()`` is a few numbers; ``load_state_dict`` makes the next pass yield
-    exactly the rest of the saved epoch. Rank and world size come from torch.distributed when
+    samples are repeated). The epoch advances by itself when a pass hands out its last batch
+    (a loop that stops after ``len(loader)`` batches without exhausting the iterator gets the
+    next epoch's order next time); a pass broken off earlier is repeated. ``set_epoch`` sets
+    it. ``state_dict()`` is a few numbers; ``load_state_dict`` makes the next pass yield
+    exactly the rest of the saved epoch (a state taken after the last batch of an epoch
+    resumes at the start of the next). Rank and world size come from torch.distributed when
     it is initialised, unless given.
+
+    Passes: each ``iter(loader)`` is a full pass of its own, as a new epoch is, from where the
+    loader stands (its epoch, and a loaded state's resume point). One pass runs at a time: a
+    pass starts with its iterator's first ``next``, and ends the pass of any earlier
+    iterator still open, whose next ``next`` then raises ShardkitError. Calling ``set_epoch``
+    or ``load_state_dict`` during a pass lets that pass go on with its own order, no longer
+    counted in ``state_dict`` nor advancing the epoch.
 
     Memory: at most `cache_shards` shards are open at once (default ``window + 2``; for
     memory-mapped shards — raw tar, and raw Parquet with an uncompressed image column — whose
@@ -205,7 +265,9 @@ class ShardLoader:
         self.batch_size: int = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory and torch.cuda.is_available()
-        self._consumed = 0
+        self._consumed = 0  # samples the counted pass has handed out
+        self._counted: object | None = None  # the pass whose batches move the position
+        self._live: weakref.ref[_LoaderPass] | None = None  # the iterator of the open pass
         # One background thread for the loader's life (not one per epoch), and the event that
         # tells the copying threads when the loop waits for a batch.
         copying = self.dataset.reading.copy_threads > 1
@@ -234,10 +296,25 @@ class ShardLoader:
         return len(self.dataset)
 
     def set_epoch(self, epoch: int) -> None:
-        """Start the next pass at the beginning of `epoch` (its own seeded order)."""
-        self.dataset.epoch = int(epoch)
+        """Start the next pass at the beginning of `epoch` (its own seeded order). ConfigError
+        unless `epoch` is an integer >= 0."""
+        epoch = check_position("epoch", epoch)
+        self._detach()
+        self.dataset.epoch = epoch
         self.dataset.start = 0
         self.dataset.cuts = ()
+
+    def _detach(self) -> None:
+        """The position is set anew: the open pass, if any, no longer moves it."""
+        self._counted = None
+        self._consumed = 0
+
+    def _next_epoch(self) -> None:
+        ds = self.dataset
+        self._detach()
+        ds.epoch += 1
+        ds.start = 0
+        ds.cuts = ()
 
     def state_dict(self) -> dict[str, Any]:
         """Where this rank stands: enough to resume at the exact next sample. Plain JSON, the
@@ -260,6 +337,14 @@ class ShardLoader:
         ds, o = self.dataset, self.options
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ConfigError(f"not a shardkit loader state: {state!r}")
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing or not isinstance(state["fingerprint"], str):
+            what = f"no {', '.join(missing)}" if missing else "fingerprint is not a string"
+            raise ConfigError(f"not a shardkit loader state ({what}): {state!r}")
+        try:
+            epoch = check_position("epoch", state["epoch"])
+        except ConfigError as exc:
+            raise ConfigError(f"not a shardkit loader state ({exc}): {state!r}") from None
         if state["fingerprint"] != ds.manifest.fingerprint:
             raise ConfigError("this state was saved for a different dataset (fingerprint "
                               f"{state['fingerprint'][:12]}…, this one {ds.manifest.fingerprint[:12]}…)")
@@ -278,30 +363,47 @@ class ShardLoader:
         start = saved.samples
         if (saved.world, saved.batch_size) != (ds.reading.world, self.batch_size):
             cuts, start = (*cuts, saved), 0  # the rest of the epoch, re-split over this world
-        ds.epoch, ds.start, ds.cuts = int(state["epoch"]), start, cuts
-        self._consumed = 0
+        self._detach()
+        ds.epoch, ds.start, ds.cuts = epoch, start, cuts
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        ds = self.dataset
-        self._consumed = 0
-        batches = self._prefetcher.run(iter(ds)) if self.options.prefetch else iter(ds)
+        """A full pass of its own (see the class docstring, "Passes")."""
+        return _LoaderPass(self)
+
+    def _start(self, owner: _LoaderPass) -> Generator[dict[str, Any], None, None]:
+        """`owner`'s pass, which replaces the open one (that pass ends first: its threads
+        leave their shards and its torch thread count is put back before this one sets it)."""
+        live = self._live() if self._live is not None else None
+        if live is not None and live is not owner:
+            live.end()
+        self._live = weakref.ref(owner)
+        return self._run()
+
+    def _run(self) -> Generator[dict[str, Any], None, None]:
+        ds, me = self.dataset, object()
+        order = ds.batches()
+        items = ds._tensors(order)
+        batches = self._prefetcher.run(items) if self.options.prefetch else items
+        self._counted, self._consumed = me, 0
         threads, saved = self._torch_threads(), torch.get_num_threads()
         if threads is not None:
             torch.set_num_threads(threads)  # this (the training) thread's, for this pass
         try:
-            for batch in batches:
+            for step, batch in enumerate(batches, start=1):
                 if self.pin_memory:
                     batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v
                              for k, v in batch.items()}
-                self._consumed += len(batch["index"])
+                if self._counted is me:
+                    self._consumed += len(batch["index"])
+                    if step == len(order):  # the pass is complete once its last batch is out
+                        self._next_epoch()
                 yield batch
+            if self._counted is me:  # a pass with no batch to hand out
+                self._next_epoch()
         finally:
+            batches.close()  # now: the thread leaves the pass, the shards are let go
             if threads is not None:
                 torch.set_num_threads(saved)
-        ds.epoch += 1
-        ds.start = 0
-        ds.cuts = ()
-        self._consumed = 0
 
     def _torch_threads(self) -> int | None:
         """torch's intra-op threads for a pass (see ReadOptions.torch_threads); None: as they are."""
