@@ -286,8 +286,11 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from shardkit.config.common import check_local_file
     from shardkit.tools.bench import BenchOptions, plot, run_bench
 
+    if args.plot:
+        check_local_file("--plot", args.plot)  # before the measuring, not after
     try:
         workers = tuple(int(w) for w in args.workers.split(","))
     except ValueError:

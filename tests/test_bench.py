@@ -117,6 +117,28 @@ def test_bad_input_is_a_clear_error(dataset: tuple[Path, Path], tmp_path: Path) 
     bad = subprocess.run([sys.executable, "-m", "shardkit", "bench", str(out), "--workers", "0,x"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == ConfigError.exit_code and "--workers" in bad.stderr
+    with pytest.raises(ConfigError, match="not a URL"):
+        BenchOptions(baseline="s3://bucket/raw")
+    for plot in (str(tmp_path / "nowhere" / "b.png"), str(tmp_path)):  # refused before measuring
+        refused = subprocess.run([sys.executable, "-m", "shardkit", "bench", str(out), "--workers", "0",
+                                  "--plot", plot], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == ConfigError.exit_code and "--plot" in refused.stderr
+        assert refused.stdout == ""
+
+
+def test_a_damaged_shard_met_while_measuring_is_its_own_error(dataset: tuple[Path, Path],
+                                                              tmp_path: Path) -> None:
+    import shutil
+
+    damaged = tmp_path / "out"
+    shutil.copytree(dataset[1], damaged)
+    first = damaged / "shard-00001.tar"
+    first.write_bytes(first.read_bytes()[:1000])
+    run = subprocess.run([sys.executable, "-m", "shardkit", "bench", str(damaged), "--workers", "0",
+                          "--epochs", "1"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == DatasetError.exit_code, run.stderr
+    assert run.stderr.count("\n") == 1 and "shard-00001.tar" in run.stderr
+    assert run.stderr.startswith("shardkit: error:") and "Traceback" not in run.stderr
 
 
 def test_a_run_too_short_to_measure_cpu_gets_a_verdict() -> None:

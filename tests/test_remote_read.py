@@ -319,3 +319,13 @@ def test_cli_info_and_preview_of_an_s3_dataset(datasets: dict[str, Path], on_s3:
     assert main(["info", "s3://test/none", *flags]) == shardkit.DatasetError.exit_code
     assert "s3://test/none: not a shardkit dataset" in capsys.readouterr().err
     assert main(["info", url, "--storage-option", "novalue"]) == ConfigError.exit_code
+    # A bucket that does not exist is the storage's failure, not a missing index.json.
+    for command in (["info", "s3://nobucket/ds"], ["verify", "s3://nobucket/ds"]):
+        assert main([*command, *flags]) == shardkit.RemoteError.exit_code
+        assert "bucket does not exist" in capsys.readouterr().err
+    # An option the filesystem does not take is a bad option, not a failed request.
+    assert main(["info", url, *flags, "--storage-option", "bogus=1"]) == ConfigError.exit_code
+    assert "bogus" in capsys.readouterr().err
+    for output in (str(tmp_path / "nowhere" / "x.png"), str(tmp_path), "s3://test/x.png"):
+        assert main(["preview", url, "-o", output, *flags]) == ConfigError.exit_code
+        assert capsys.readouterr().err.startswith("shardkit: error: the preview")

@@ -6,7 +6,7 @@ import os
 
 from shardkit.errors import ConfigError
 
-__all__ = ["check_choice", "check_count", "usable_cpus"]
+__all__ = ["check_choice", "check_count", "check_local_file", "usable_cpus"]
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -17,6 +17,20 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 def check_count(name: str, value: object, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{name} must be an integer >= {low}; got {value!r}")
+
+
+def check_local_file(name: str, path: str | os.PathLike[str]) -> str:
+    """`path` as a local file to write: ConfigError naming `name` for a URL, a folder, or a
+    place whose folder does not exist (before any work is done)."""
+    text = os.fspath(path)
+    if "://" in text:
+        raise ConfigError(f"{name} {text}: writes a local file, not a URL")
+    if os.path.isdir(text):
+        raise ConfigError(f"{name} {text}: is a folder; name the file to write")
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{name} {text}: the folder {folder} does not exist")
+    return text
 
 
 def usable_cpus() -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 from shardkit._version import __version__
 from shardkit.config import DEFAULT_PIXELS
-from shardkit.errors import DatasetError
+from shardkit.errors import DatasetError, ShardkitError
 from shardkit.format.files import atomic_write_bytes
 from shardkit.format.manifest_schema import check_manifest
 from shardkit.format.samples import TARGET_FIELD
@@ -205,6 +205,8 @@ class Manifest:
             parsed = json.loads(data)
         except FileNotFoundError:
             raise DatasetError(f"{dataset}: not a shardkit dataset (no {INDEX_NAME})") from None
+        except ShardkitError:
+            raise  # the storage's own verdict (a bad option, a bucket that does not exist)
         except (OSError, ValueError) as exc:
             raise DatasetError(f"{where}: unreadable: {exc}") from None
         return cls.from_json(parsed, where=where), data

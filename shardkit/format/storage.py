@@ -228,8 +228,16 @@ class FsspecStorage(Storage):
                     # fsspec's sync wrapper takes `timeout`: a hard bound on the request.
                     return request(fs, {"timeout": timeout})
                 return _bounded(request, fs, timeout)
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
+                if _no_bucket(exc):
+                    raise RemoteError(f"{action} {url}: the bucket does not exist (or these "
+                                      "credentials cannot see it)") from None
                 raise FileNotFoundError(f"{url}: not found") from None
+            except TypeError as exc:
+                if "unexpected keyword argument" not in str(exc):
+                    raise
+                raise ConfigError(f"{url}: a storage option this filesystem does not take "
+                                  f"({describe(exc)})") from None
             except Exception as exc:
                 if not is_retryable(exc):
                     raise RemoteError(f"{action} {url} failed: {describe(exc)}") from exc
@@ -325,6 +333,19 @@ class FsspecStorage(Storage):
     def copy_to(self, name: str, target: Storage, new_name: str) -> None:
         source, destination = self.location.child(name), target.location.child(new_name)
         self._call("COPY", name, lambda fs, kw: fs.cp_file(source, destination, **kw))
+
+
+def _no_bucket(exc: BaseException) -> bool:
+    """True when a FileNotFoundError is the bucket's, not a key's: s3fs raises it from
+    botocore's NoSuchBucket (gcsfs, adlfs: their own messages say so)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        code = getattr(seen, "response", {}).get("Error", {}).get("Code") \
+            if isinstance(getattr(seen, "response", None), dict) else None
+        if code == "NoSuchBucket" or "NoSuchBucket" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _bounded(request: Callable[[Any, dict[str, Any]], T], fs: Any, timeout: float) -> T:

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shardkit import errors
+from shardkit.config.common import check_local_file
 from shardkit.errors import ConfigError, InputError, ShardkitError, require
 from shardkit.reader.decode import resolve_decode_threads
 
@@ -60,6 +62,9 @@ class BenchOptions:
             raise ConfigError(f"workers must be distinct counts >= 0; got {self.workers}")
         if self.epochs <= 0:
             raise ConfigError(f"epochs must be positive; got {self.epochs}")
+        if self.baseline is not None and "://" in os.fspath(self.baseline):
+            raise ConfigError(f"baseline {self.baseline}: the raw baseline reads a local image "
+                              "folder (decoding each file as PIL does), not a URL")
         if self.baseline_limit is not None and self.baseline_limit <= 0:
             raise ConfigError(f"baseline limit must be positive; got {self.baseline_limit}")
         if self.target_rate <= 0:
@@ -290,10 +295,26 @@ def _measure(spec: dict[str, Any]) -> LoaderRun:
     # The spec goes through stdin: thousands of baseline paths would overflow one argument.
     result = subprocess.run([sys.executable, "-m", "shardkit.tools.bench_run"], input=json.dumps(spec),
                             capture_output=True, text=True, check=False)
+    last = result.stdout.strip().splitlines()[-1:] or [""]
     if result.returncode != 0:
-        raise ShardkitError(f"measuring {spec['loader']} with {spec['workers']} workers failed "
-                            f"(exit {result.returncode}): {result.stderr.strip()[-1500:]}")
-    return LoaderRun(**json.loads(result.stdout.strip().splitlines()[-1]))
+        raise _child_error(last[0]) or ShardkitError(
+            f"measuring {spec['loader']} with {spec['workers']} workers failed "
+            f"(exit {result.returncode}): {result.stderr.strip()[-1500:]}")
+    return LoaderRun(**json.loads(last[0]))
+
+
+def _child_error(line: str) -> ShardkitError | None:
+    """The shardkit error a measuring process reported (`bench_run`), as its own class (a
+    corrupt shard stays exit 6, a storage failure exit 9); None for anything else."""
+    try:
+        report = json.loads(line)
+        kind = getattr(errors, report["error"])
+        message = str(report["message"])
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if not (isinstance(kind, type) and issubclass(kind, ShardkitError)):
+        return None
+    return kind(message)
 
 
 def plot(report: BenchReport, path: str | os.PathLike[str]) -> None:
@@ -322,5 +343,9 @@ def plot(report: BenchReport, path: str | os.PathLike[str]) -> None:
     fig.suptitle(f"shardkit bench: {report.dataset_samples:,} samples, {shape}, "
                  f"batch {report.options.batch_size}, {report.cpu_count} CPUs", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(check_local_file("the plot", path), dpi=110)
+    except OSError as exc:
+        raise ConfigError(f"the plot {path}: cannot be written: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)

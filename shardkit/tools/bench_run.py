@@ -134,5 +134,18 @@ def measure_here(spec: dict[str, Any]) -> dict[str, Any]:
             "workers_peak_rss_bytes": workers_peak, "epoch_seconds": epoch_seconds}
 
 
+def _main() -> int:
+    """Figures as one JSON line; a shardkit error as one JSON line naming its class, and that
+    error's exit code (`shardkit.tools.bench` raises it again in the parent)."""
+    from shardkit.errors import ShardkitError
+
+    try:
+        print(json.dumps(measure_here(json.loads(sys.stdin.read()))))
+    except ShardkitError as exc:
+        print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
+        return exc.exit_code
+    return 0
+
+
 if __name__ == "__main__":
-    print(json.dumps(measure_here(json.loads(sys.stdin.read()))))
+    sys.exit(_main())

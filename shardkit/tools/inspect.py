@@ -10,7 +10,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from shardkit.config import ReadOptions
+from shardkit.config.common import check_local_file
 from shardkit.conversion.report import human_bytes
+from shardkit.errors import ConfigError
 from shardkit.format.manifest import Manifest
 from shardkit.reader import open_dataset
 
@@ -130,7 +132,8 @@ def contact_sheet(path: str | os.PathLike[str], output: str | os.PathLike[str], 
                   n: int = 64, cell: int = 128, options: ReadOptions | None = None) -> int:
     """Write a PNG grid of `n` samples spread evenly over the dataset (a folder, or a URL read
     with `options`), each captioned with its index and class name. Returns the number of
-    samples shown."""
+    samples shown. ConfigError for an output that cannot be written (checked first)."""
+    output = check_local_file("the preview", output)
     dataset = open_dataset(path, options)
     total = len(dataset)
     wanted = sorted({int(i) for i in np.linspace(0, total - 1, num=min(n, total))}) if total else []
@@ -148,7 +151,10 @@ def contact_sheet(path: str | os.PathLike[str], output: str | os.PathLike[str], 
         sheet.paste(im, (x + (cell - im.width) // 2, y + (cell - im.height) // 2))
         name = dataset.classes[label] if dataset.classes is not None and label is not None else ""
         draw.text((x + 3, y + cell), f"{index} {name}"[:22], fill=(230, 230, 230), font=font)
-    sheet.save(output, format="PNG")
+    try:
+        sheet.save(output, format="PNG")
+    except OSError as exc:
+        raise ConfigError(f"the preview {output}: cannot be written: {exc.strerror or exc}") from None
     return len(tiles)
 
 
