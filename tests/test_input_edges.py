@@ -299,3 +299,47 @@ def test_an_image_csv_whose_label_column_is_empty_reports_every_row(tmp_path: Pa
     assert (summary.inputs, summary.samples, summary.failed) == (2, 0, 2)
     assert [(e["row"], e["reason"]) for e in errors(tmp_path / "out")] == [
         (2, "missing_label"), (3, "missing_label")]
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "png"])
+def test_compression_applies_to_an_encoded_image_column(tmp_path: Path, codec: str) -> None:
+    """The Image struct's bytes leaf takes --compression (the column was keyed by its name,
+    which a struct's leaves do not have, and stayed uncompressed)."""
+    for k in range(4):
+        png(tmp_path / "src" / "a" / f"{k}.png", seed=k, size=16)
+    images = {}
+    for compression in ("none", "zstd"):
+        out = tmp_path / compression
+        convert(tmp_path / "src", out, format="parquet", codec=codec, compression=compression)
+        meta = pq.read_metadata(out / "shard-00000.parquet")
+        leaves = {meta.schema.column(i).path: meta.row_group(0).column(i).compression
+                  for i in range(meta.num_columns)}
+        assert leaves["image.bytes"] == {"none": "UNCOMPRESSED", "zstd": "ZSTD"}[compression]
+        images[compression] = shardkit.open(out).read_shard(0).images
+    np.testing.assert_array_equal(images["none"], images["zstd"])
+
+
+def test_infinities_in_an_image_csv_are_null_metadata_or_a_bad_target(tmp_path: Path) -> None:
+    """JSON has no infinity: a float metadata column's inf is null (tar and Parquet alike), an
+    infinite target fails its row; every .json member is strict JSON."""
+    for k in range(3):
+        png(tmp_path / "imgs" / f"{k}.png", seed=k, size=16)
+    csv = tmp_path / "rows.csv"
+    csv.write_text("image,w,dx,dy\nimgs/0.png,inf,1,2\nimgs/1.png,-Infinity,inf,3\nimgs/2.png,1.5,4,5\n")
+    for fmt in ("tar", "parquet"):
+        out = tmp_path / fmt
+        summary = convert(csv, out, image_col="image", label_col="dx,dy", format=fmt, max_errors=1)
+        balanced(summary)
+        assert summary.samples == 2 and summary.reasons == {"bad_label": 1}
+        assert errors(out)[0]["row"] == 3 and "not a finite target" in errors(out)[0]["detail"]
+        data = shardkit.open(out)
+        assert [m["w"] for m in data.metadata(0)] == [None, 1.5]
+    import tarfile
+
+    with tarfile.open(tmp_path / "tar" / "shard-00000.tar") as archive:
+        texts = [archive.extractfile(m).read() for m in archive  # type: ignore[union-attr]
+                 if m.name.endswith(".json")]
+    constants: list[str] = []
+    for text in texts:
+        json.loads(text, parse_constant=constants.append)
+    assert len(texts) == 2 and constants == []  # no Infinity, -Infinity or NaN

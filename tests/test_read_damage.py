@@ -275,8 +275,63 @@ def test_fewer_json_members_than_samples(jpeg_datasets: dict[str, Path], tmp_pat
                 copy.addfile(member, source.extractfile(member))
     shard.write_bytes(kept.getvalue())
     _edit_index(out, lambda d: d["shards"][1].update(bytes=len(kept.getvalue())))
-    _reads_fail_at(out, shard.name, r"3 \.json members for 4 samples", read_shard=False,
+    _reads_fail_at(out, shard.name, r"member 000006\.jpg stands where sample 000005's \.json belongs",
+                   read_shard=False,
                    fields=("source",))
+
+
+def _rewrite_tar(out: Path, shard: str, edit: Any) -> None:
+    """Shard `shard` of `out` written again by tarfile with `edit(members)` applied (the
+    same members, names and data), index.json's size and sha256 made to match."""
+    import hashlib
+    import io
+    import tarfile
+
+    path = out / shard
+    with tarfile.open(path) as source:
+        members = [(m, source.extractfile(m).read()) for m in source]  # type: ignore[union-attr]
+    kept = io.BytesIO()
+    with tarfile.open(fileobj=kept, mode="w", format=tarfile.USTAR_FORMAT) as copy:
+        for member, data in edit(members):
+            copy.addfile(member, io.BytesIO(data))
+    path.write_bytes(kept.getvalue())
+    number = int(shard.split("-")[1].split(".")[0])
+    _edit_index(out, lambda d: d["shards"][number].update(
+        bytes=len(kept.getvalue()), sha256=hashlib.sha256(kept.getvalue()).hexdigest()))
+
+
+def test_a_member_out_of_its_sample_never_pairs_an_image_with_another_label(
+        jpeg_datasets: dict[str, Path], tmp_path: Path) -> None:
+    """Each member sound, its hash in index.json: only the order tells sample 5's image from
+    sample 4's (a reader pairing by position gave it sample 4's label)."""
+    out = _copy(jpeg_datasets["tar"], tmp_path)
+
+    def move_5_ahead(members: list[Any]) -> list[Any]:
+        image = next(m for m in members if m[0].name == "000005.jpg")
+        rest = [m for m in members if m is not image]
+        return [image, *rest]
+
+    _rewrite_tar(out, "shard-00001.tar", move_5_ahead)
+    _reads_fail_at(out, "shard-00001.tar", r"member 000004\.jpg stands where sample 000005's \.cls belongs")
+
+
+@pytest.mark.parametrize("name", [b"/etc/passwd", b"../../evil.npy", b"000001.exe", b"00000x.npy"])
+def test_a_raw_member_not_named_by_its_place(jpeg_datasets: dict[str, Path], tmp_path: Path,
+                                             name: bytes) -> None:
+    """The fixed-layout reader takes members by offset: it checks their names as well (a
+    header renamed in place, its checksum and the shard's sha256 kept right)."""
+    import hashlib
+
+    out = _copy(jpeg_datasets["raw"], tmp_path)
+    shard = out / "shard-00000.tar"
+    data = bytearray(shard.read_bytes())
+    at = data.index(b"000001.npy\0")
+    data[at:at + 100] = name.ljust(100, b"\0")
+    data[at + 148:at + 156] = b" " * 8
+    data[at + 148:at + 156] = b"%06o\0 " % sum(data[at:at + 512])
+    shard.write_bytes(bytes(data))
+    _edit_index(out, lambda d: d["shards"][0].update(sha256=hashlib.sha256(data).hexdigest()))
+    _reads_fail(out, shard.name, "not named <key>.npy")
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])

@@ -106,6 +106,17 @@ def test_a_flipped_pixel_is_caught_by_the_hash_only(out: Path) -> None:
     assert cli(out, "--quick").returncode == 0
 
 
+def test_an_end_marker_that_is_not_zeros(out: Path) -> None:
+    """Tar readers need the two zero blocks; ours would not miss them, so verify looks."""
+    shard = out / "shard-00002.tar"
+    data = bytearray(shard.read_bytes())
+    data[-1024:] = b"\x01" * 1024
+    shard.write_bytes(bytes(data))
+    message = "shard-00002.tar: does not end with the tar end-of-archive marker (two zero blocks)"
+    assert reported(out, quick=True) == [message]
+    assert reported(out) == ["shard-00002.tar: sha256 differs from index.json (corrupted)", message]
+
+
 def test_a_shard_cut_at_a_sample_boundary(out: Path) -> None:
     shard = out / "shard-00002.tar"
     data, step = shard.read_bytes(), stride(out)

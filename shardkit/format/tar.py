@@ -56,6 +56,9 @@ KNOWN_FIELDS = frozenset({"npy", "jpg", "png", "cls", "json"})
 NPY_MAGIC = b"\x93NUMPY"
 #: Offset of the type flag in a tar header; b"0" is a regular file.
 TYPEFLAG = 156
+#: A ustar header's name field (at offset 0), and its prefix field (joined before the name).
+NAME_FIELD = 100
+PREFIX, PREFIX_FIELD = 345, 155
 #: Placeholder wide enough for any image dimension, used to bound JSON sizes at plan time.
 _WIDEST_INT = 9_999_999_999
 
@@ -118,7 +121,10 @@ def sample_json(source: str, class_name: str | None, width: int, height: int,
     if class_name is not None:
         meta["class"] = class_name
     meta.update(extra)
-    return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    # allow_nan=False: JSON has no Infinity or NaN, and a member with them is not JSON to any
+    # strict reader (the sources turn them into null or a failed row first).
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode()
 
 
 def json_blocks(items: Iterable[tuple[str, str | None, tuple[tuple[str, Any], ...]]]) -> int:
@@ -206,13 +212,36 @@ class RawView:
 
     def _check_members(self) -> None:
         layout, rows = self.layout, self.rows
-        headers = [0, layout["meta_offset"]] + (
-            [layout["label_offset"] - BLOCK] if "label_offset" in layout else [])
+        headers = {"npy": 0, "json": layout["meta_offset"],
+                   **({"cls": layout["label_offset"] - BLOCK} if "label_offset" in layout else {})}
         magic = np.frombuffer(NPY_MAGIC, dtype=np.uint8)
         if not (rows[:, BLOCK:BLOCK + len(magic)] == magic).all() or not all(
-                (rows[:, h + TYPEFLAG] == ord("0")).all() for h in headers):
+                (rows[:, h + TYPEFLAG] == ord("0")).all() for h in headers.values()):
             raise CorruptShardError(f"{self.path}: samples are not where index.json puts them "
                                     "(corrupted or not a shardkit shard)")
+        self._check_names(headers)
+
+    def _check_names(self, headers: dict[str, int]) -> None:
+        """Every member named ``<key>.<field>`` (the npy, cls, json a sample's place holds),
+        the key of one width, ASCII digits, the same for a sample's members, and no ustar
+        prefix: what iter_members and verify ask of every other shard."""
+        rows = self.rows
+        if not len(rows):
+            return
+        width = bytes(rows[0, :NAME_FIELD]).find(b".")
+        keys = rows[:, :max(width, 0)]
+        bad = width < 6 or not ((keys >= ord("0")) & (keys <= ord("9"))).all()
+        for field, h in headers.items():
+            if bad:
+                break
+            tail = np.frombuffer(f".{field}".encode().ljust(NAME_FIELD - width, b"\0"), np.uint8)
+            names = rows[:, h:h + NAME_FIELD]
+            bad = not ((names[:, :width] == keys).all() and (names[:, width:] == tail).all()
+                       and (rows[:, h + PREFIX:h + PREFIX + PREFIX_FIELD] == 0).all())
+        if bad:
+            raise CorruptShardError(f"{self.path}: a member is not named <key>.npy, .cls or .json "
+                                    "as its place in the sample says (corrupted or not a shardkit "
+                                    "shard)")
 
     def _labels(self) -> np.ndarray:
         start, digits = self.layout["label_offset"], self.layout["label_digits"]

@@ -28,6 +28,7 @@ from shardkit.errors import ConfigError, CorruptShardError
 from shardkit.format.files import check_shard
 from shardkit.format.manifest import Manifest, ShardRecord
 from shardkit.format.samples import (
+    IMAGE_MEMBER,
     METADATA_FIELDS,
     TARGET_FIELD,
     check_labels,
@@ -123,7 +124,17 @@ def open_encoded(path: str, record: ShardRecord, manifest: Manifest,
     labels: list[int] = []
     if manifest.format == "tar":
         rows: list[dict[str, Any]] = []
+        # A sample is its run of consecutive members, in this order, sharing its key: a
+        # member out of its place would pair one sample's image with another's label.
+        order = (IMAGE_MEMBER[manifest.codec], *(("cls",) if labeled else ()), "json")
+        position, current = 0, ""
         for key, field, data in iter_members(path):
+            if position == 0:
+                current = key
+            if key != current or field != order[position]:
+                raise CorruptShardError(f"{path}: member {key}.{field} stands where sample "
+                                        f"{current}'s .{order[position]} belongs")
+            position = (position + 1) % len(order)
             if field == "cls":
                 labels.append(member_label(path, key, data))
             elif field == "json":
@@ -131,6 +142,8 @@ def open_encoded(path: str, record: ShardRecord, manifest: Manifest,
                                              fields[len(METADATA_FIELDS):]))
             else:
                 stored.append(_npy(path, data) if raw else data)
+        if position:
+            raise CorruptShardError(f"{path}: sample {current} ends without its .{order[position]}")
         if len(rows) != record.samples:
             raise CorruptShardError(f"{path}: {len(rows)} .json members for {record.samples} samples")
         meta = _columns(rows, fields)

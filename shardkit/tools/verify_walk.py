@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import tokenize
 from collections import Counter
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ from shardkit.format.samples import (
     arrow_schema,
     check_array3d_field,
 )
-from shardkit.format.tar import BLOCK, iter_members
+from shardkit.format.tar import BLOCK, END_OF_ARCHIVE, iter_members
 
 __all__ = ["Problem", "Spec", "Tally", "walk_parquet", "walk_tar"]
 
@@ -181,7 +182,17 @@ def walk_tar(path: Path, spec: Spec, layout: dict[str, int] | None, tally: Tally
             count, position = count + 1, 0
     if position:
         raise Problem(f"sample {key} has no .{order[position]} member")
+    _check_end(path)
     return count
+
+
+def _check_end(path: Path) -> None:
+    """The archive ends with two zero blocks, as tar readers other than ours need."""
+    with open(path, "rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, size - len(END_OF_ARCHIVE)))
+        if size < len(END_OF_ARCHIVE) or handle.read() != END_OF_ARCHIVE:
+            raise Problem("does not end with the tar end-of-archive marker (two zero blocks)")
 
 
 def _check_npy(key: str, data: bytes, shape: Sequence[int | None]) -> int:

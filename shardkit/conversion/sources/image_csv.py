@@ -74,6 +74,12 @@ def list_image_csv(src: str | os.PathLike[str], options: CsvOptions, *,
         failures += [(b.row, plan_failure(path.name, b.reason, b.detail, b.row)) for b in block.bad]
         values = {name: array.to_pylist() for name, array in block.columns.items()}
         for i, row in enumerate(block.rows.tolist()):
+            infinite = next((n for n in targets if values[n][i] is not None
+                             and not np.isfinite(values[n][i])), None)
+            if infinite is not None:  # a number, but no target to train on (nor JSON's)
+                failures.append((row, plan_failure(path.name, "bad_label", f"column {infinite!r}: "
+                                                   f"{values[infinite][i]} is not a finite target", row)))
+                continue
             record = _record(paths, values, i, row, options.image_col, label, meta, targets)
             if record is None:
                 written = values[options.image_col][i]
@@ -196,7 +202,8 @@ def _record(paths: Paths, values: dict[str, list[Any]], i: int, row: int, image_
 
 
 def _plain(value: Any) -> Any:
-    """JSON-safe metadata: NaN (an empty numeric field) becomes None."""
+    """JSON-safe metadata: NaN (an empty numeric field) and ±inf (JSON has no infinity)
+    become None, in tar and Parquet shards alike."""
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value

@@ -69,7 +69,10 @@ def assemble_parquet(parts: Sequence[str], tmp_path: str, *, schema: pa.Schema,
     (fsynced); (bytes, sha256)."""
     image = schema.field("image").type
     array3d = image if isinstance(image, Array3DType) else None
-    image_leaf = ARRAY3D_LEAF if array3d is not None else "image"
+    # The leaf that holds the image bytes: Array3D's values, an Image struct's bytes (its path
+    # leaf, null, keeps the writer's default), or the plain binary column itself.
+    image_leaf = ARRAY3D_LEAF if array3d is not None else \
+        "image.bytes" if pa.types.is_struct(image) else "image"
     column_compression = {name: "zstd" for name in schema.names if name != "image"}
     column_compression[image_leaf] = compression
     # An Array3D leaf is dictionary-encoded: 256 values at most, so a byte an index where
