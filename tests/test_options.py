@@ -76,3 +76,10 @@ def test_convert_takes_config_objects_or_keywords_not_both(tmp_path: Path) -> No
     with pytest.raises(shardkit.ConfigError, match="not both"):
         shardkit.convert(src, tmp_path / "c", config, size=8)
     assert "options" in inspect.signature(shardkit.convert).parameters
+
+
+@pytest.mark.parametrize("size", [150, "150", (150,), (True, 3), (0, 8), (8.0, 8)])
+def test_image_options_size_is_validated_on_construction(size: object) -> None:
+    with pytest.raises(shardkit.ConfigError, match="size"):
+        ImageOptions(size=size)  # type: ignore[arg-type]
+    assert ImageOptions(size=[16, 12]).size == (16, 12)  # type: ignore[arg-type]

@@ -94,6 +94,48 @@ def test_kill_9_then_resume_is_byte_identical(src: Path, tmp_path: Path, clean: 
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
+def test_a_kill_9_of_the_converting_process_alone_leaves_no_process_behind(
+        src: Path, tmp_path: Path, clean: dict[str, str]) -> None:
+    """A pool worker waits on its task queue for ever, and keeps the forkserver alive: each
+    worker ends itself once the converting process is gone."""
+    out = tmp_path / "out"
+    process = cli("convert", src, out, *ARGS, wait=False)
+    assert isinstance(process, subprocess.Popen)
+    deadline = time.monotonic() + 120
+    while journal_entries(out) < 2:
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    group = [p for p in psutil.process_iter(["pid"]) if _group_of(p) == process.pid]
+    assert len(group) >= 4, group  # the CLI, its forkserver, 2 workers (and a resource tracker)
+    process.kill()  # the CLI alone, not its process group
+    process.wait(timeout=60)
+    left: list[psutil.Process] = []
+    while time.monotonic() < deadline:
+        left = [p for p in group if _live(p)]
+        if not left:
+            break
+        time.sleep(0.1)
+    assert not left, [p.cmdline()[-1][:60] for p in left]
+    assert_no_partial_files(out, clean)
+    resumed = cli("convert", src, out, *ARGS, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert hashes(out) == clean
+
+
+def _live(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _group_of(process: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(process.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
 def test_killed_after_the_last_shard_before_index_json(src: Path, tmp_path: Path,
                                                       clean: dict[str, str]) -> None:
     out = tmp_path / "out"

@@ -72,7 +72,10 @@ class ImageOptions:
     draft: bool = True
 
     def __post_init__(self) -> None:
-        if len(self.size) != 2 or not all(isinstance(v, int) and v > 0 for v in self.size):
+        if isinstance(self.size, list):
+            object.__setattr__(self, "size", tuple(self.size))  # frozen: normalised once, here
+        if not isinstance(self.size, tuple) or len(self.size) != 2 or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.size):
             raise ConfigError(f"size must be two positive integers (width, height); got {self.size!r}")
         if max(self.size) > 65535:
             raise ConfigError(f"size {self.size} is larger than 65535 pixels on a side")

@@ -150,11 +150,16 @@ class Scheduler:
             future = self.executor.submit(fn, task)
         except BrokenProcessPool:  # a worker died since the last result came back
             raise self._died(shard) from None
+        except (EOFError, ConnectionError) as exc:  # no worker could be started at all
+            raise WorkerError(f"the process pool could not start a worker ({type(exc).__name__}: "
+                              f"its forkserver was killed?); nothing was published for "
+                              f"{self.plan.shard_file(shard)}") from None
         self.in_flight[future] = (kind, shard)
 
     def _died(self, shard: int) -> WorkerError:
         return WorkerError(
-            f"a worker process died (killed, or out of memory?) while converting "
+            f"a worker process died (killed, or out of memory? A script that converts at its "
+            f"top level needs `if __name__ == \"__main__\":` around it) while converting "
             f"{self.plan.shard_file(shard)}; nothing was published for it"
         )
 
