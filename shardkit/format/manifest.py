@@ -17,9 +17,10 @@ from typing import Any
 
 from shardkit._version import __version__
 from shardkit.config import DEFAULT_PIXELS
-from shardkit.errors import DatasetError, ShardkitError
+from shardkit.errors import DatasetError, RemoteError, ShardkitError
 from shardkit.format.files import atomic_write_bytes
 from shardkit.format.manifest_schema import check_manifest
+from shardkit.format.remote_errors import MissingBucket
 from shardkit.format.samples import TARGET_FIELD
 
 __all__ = [
@@ -203,6 +204,8 @@ class Manifest:
         try:
             data = read()
             parsed = json.loads(data)
+        except MissingBucket as exc:  # not the dataset's fault: where it should be is not there
+            raise RemoteError(str(exc)) from None
         except FileNotFoundError:
             raise DatasetError(f"{dataset}: not a shardkit dataset (no {INDEX_NAME})") from None
         except ShardkitError:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
-__all__ = ["describe", "http_status", "is_retryable"]
+__all__ = ["MissingBucket", "describe", "http_status", "is_retryable", "no_bucket"]
 
 #: Answers a retry may mend: request timeout, too many requests, and every server error.
 RETRY_STATUS = frozenset({408, 429})
@@ -91,3 +91,22 @@ def describe(exc: BaseException | None) -> str:
         text = text[:300] + "..."
     prefix = f"HTTP {status}: " if status is not None else ""
     return f"{prefix}{type(exc).__name__}: {text}"
+
+
+class MissingBucket(FileNotFoundError):
+    """The bucket itself is not there (or these credentials cannot see it), not one key of
+    it: the storage says so, each caller says what that means (a SRC that is missing, a
+    store to create first, a failed read)."""
+
+
+def no_bucket(exc: BaseException) -> bool:
+    """True when a FileNotFoundError is the bucket's, not a key's: s3fs raises it from
+    botocore's NoSuchBucket."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+        if code == "NoSuchBucket" or "NoSuchBucket" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

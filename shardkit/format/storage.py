@@ -33,7 +33,7 @@ from shardkit.format.file_info import FileInfo, local_tree, remote_tree, version
 from shardkit.format.files import atomic_write_bytes, publish
 from shardkit.format.location import READ_ONLY, Location, filesystem_class, parse_location
 from shardkit.format.manifest import INDEX_NAME, Manifest
-from shardkit.format.remote_errors import describe, http_status, is_retryable
+from shardkit.format.remote_errors import MissingBucket, describe, http_status, is_retryable, no_bucket
 from shardkit.format.retry import RetryPolicy
 
 __all__ = [
@@ -229,9 +229,9 @@ class FsspecStorage(Storage):
                     return request(fs, {"timeout": timeout})
                 return _bounded(request, fs, timeout)
             except FileNotFoundError as exc:
-                if _no_bucket(exc):
-                    raise RemoteError(f"{action} {url}: the bucket does not exist (or these "
-                                      "credentials cannot see it)") from None
+                if no_bucket(exc):
+                    raise MissingBucket(f"{url}: the bucket does not exist (or these "
+                                        "credentials cannot see it)") from None
                 raise FileNotFoundError(f"{url}: not found") from None
             except TypeError as exc:
                 if "unexpected keyword argument" not in str(exc):
@@ -333,19 +333,6 @@ class FsspecStorage(Storage):
     def copy_to(self, name: str, target: Storage, new_name: str) -> None:
         source, destination = self.location.child(name), target.location.child(new_name)
         self._call("COPY", name, lambda fs, kw: fs.cp_file(source, destination, **kw))
-
-
-def _no_bucket(exc: BaseException) -> bool:
-    """True when a FileNotFoundError is the bucket's, not a key's: s3fs raises it from
-    botocore's NoSuchBucket (gcsfs, adlfs: their own messages say so)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        code = getattr(seen, "response", {}).get("Error", {}).get("Code") \
-            if isinstance(getattr(seen, "response", None), dict) else None
-        if code == "NoSuchBucket" or "NoSuchBucket" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def _bounded(request: Callable[[Any, dict[str, Any]], T], fs: Any, timeout: float) -> T:
