@@ -81,6 +81,26 @@ def test_unusable_src_and_out_paths_are_one_line_errors(tree: Path, tmp_path: Pa
     assert not (inside / "shards").exists() and sorted(p.name for p in inside.iterdir()) == ["ant", "bee"]
 
 
+def test_info_and_preview_of_a_dataset_of_float_targets(tmp_path: Path) -> None:
+    images = tmp_path / "imgs"
+    image_tree(images, classes=("a",), per_class=3)
+    rows = sorted(p.relative_to(tmp_path).as_posix() for p in images.rglob("*.*"))
+    csv = tmp_path / "targets.csv"
+    csv.write_text("file,dx,dy\n" + "".join(f"{r},{k}.5,{k}\n" for k, r in enumerate(rows)))
+    out = tmp_path / "out"
+    assert cli("convert", csv, out, "--image-col", "file", "--label-col", "dx,dy", "--size", "8",
+               "--workers", "0").returncode == 0
+    info = cli("info", out)
+    assert info.returncode == 0 and "labels      float32 targets [2]: dx, dy" in info.stdout
+    sheet = tmp_path / "sheet.png"
+    preview = cli("preview", out, "-o", sheet)  # was a TypeError: a target row is no class index
+    assert preview.returncode == 0, preview.stderr
+    assert f"({len(rows)} samples)" in preview.stdout and Image.open(sheet).size[0] > 0
+    for n in ("0", "-1"):
+        refused = cli("preview", out, "-o", sheet, "--n", n)
+        assert refused.returncode == ConfigError.exit_code and "n >= 1" in refused.stderr
+
+
 def test_too_many_failures_exit_code_after_writing_everything(tmp_path: Path) -> None:
     src = tmp_path / "src"
     image_tree(src, classes=("a",), per_class=2)

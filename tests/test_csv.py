@@ -243,6 +243,18 @@ def test_header_detection_and_bad_options(tmp_path: Path) -> None:
         shardkit.convert(tmp_path, tmp_path / "q", image_col="x")
 
 
+def test_a_table_column_named_row_is_refused_or_left_out(tmp_path: Path) -> None:
+    csv = tmp_path / "rows.csv"
+    csv.write_text("row,a,y\n10,1,0\n20,2,1\n")
+    for label in ("y", "row"):  # a shard's own `row` column holds the CSV row numbers
+        with pytest.raises(shardkit.InputError, match=r"rows.csv: a column named 'row' would collide"):
+            shardkit.convert(csv, tmp_path / f"o-{label}", label_col=label)
+    shardkit.convert(csv, tmp_path / "kept", label_col="y", exclude="row")
+    batch = next(iter(shardkit.open(tmp_path / "kept").batches(4, shuffle=False)))
+    np.testing.assert_array_equal(batch["features"], [[1], [2]])
+    np.testing.assert_array_equal(batch["label"], [0, 1])
+
+
 def test_numpy_batches_of_a_table_equal_the_loader_and_resume(table_csv: Path,
                                                                tmp_path: Path) -> None:
     out = tmp_path / "t"

@@ -343,3 +343,28 @@ def test_infinities_in_an_image_csv_are_null_metadata_or_a_bad_target(tmp_path: 
     for text in texts:
         json.loads(text, parse_constant=constants.append)
     assert len(texts) == 2 and constants == []  # no Infinity, -Infinity or NaN
+
+
+def test_a_transparency_key_of_a_1_bit_or_16_bit_grey_png_is_composited(tmp_path: Path) -> None:
+    """PNG's tRNS for grey images: Pillow keeps it in info for 1-bit and 16-bit files too; the
+    keyed pixels go on the background as for L, P and RGB (they were kept as they were)."""
+    from shardkit.config import ImageOptions
+    from shardkit.conversion.images import load_image
+
+    one_bit, wide = tmp_path / "one.png", tmp_path / "wide.png"
+    Image.fromarray(np.array([[0, 1], [1, 0]], bool)).save(one_bit, transparency=1)
+    Image.fromarray(np.array([[0, 65535], [65535, 0]], np.uint16)).save(wide, transparency=0)
+    options = ImageOptions(size=(2, 2), resize="stretch", background=(10, 200, 30))
+    green, black, white = [10, 200, 30], [0, 0, 0], [255, 255, 255]
+    assert np.asarray(load_image(one_bit, options)[0]).tolist() == [[black, green], [green, black]]
+    assert np.asarray(load_image(wide, options)[0]).tolist() == [[green, white], [white, green]]
+    # Pillow agrees on which 1-bit pixels are transparent.
+    assert np.asarray(Image.open(one_bit).convert("RGBA"))[..., 3].tolist() == [[255, 0], [0, 255]]
+    # Without a key nothing changes; in mode L the keyed pixel is the background's luma.
+    Image.fromarray(np.array([[0, 1], [1, 0]], bool)).save(tmp_path / "plain.png")
+    plain = np.asarray(load_image(tmp_path / "plain.png", options)[0])
+    assert plain.tolist() == [[black, white], [white, black]]
+    grey = np.asarray(load_image(one_bit, ImageOptions(size=(2, 2), resize="stretch", mode="L",
+                                                       background=(10, 200, 30)))[0])
+    luma = Image.new("RGB", (1, 1), (10, 200, 30)).convert("L").getpixel((0, 0))
+    assert grey.tolist() == [[0, luma], [luma, 0]]

@@ -309,3 +309,41 @@ def test_many_passes_leave_no_thread_behind(data: Path) -> None:
         next(peek)
         indices(loader)
     assert threading.active_count() <= before
+
+
+# --- a DataLoader of ShardDataset: epochs ---------------------------------------------------
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_dataloader_of_shard_dataset_moves_on_by_epoch(data: Path, workers: int) -> None:
+    """A complete pass advances the epoch where it ran: in this process, and in persistent
+    workers; fresh workers each epoch take set_epoch (every epoch repeated the first)."""
+    from torch.utils.data import DataLoader
+
+    reference = [epoch_order(data, e) for e in range(3)]
+    persistent = shardkit.ShardDataset(data, BATCH, seed=3)
+    loader = DataLoader(persistent, batch_size=None, num_workers=workers,
+                        persistent_workers=workers > 0)
+    got = [indices(loader) for _ in range(3)]
+    assert got == reference and got[0] != got[1]
+    fresh = shardkit.ShardDataset(data, BATCH, seed=3)
+    loader = DataLoader(fresh, batch_size=None, num_workers=workers)
+    epochs = []
+    for epoch in range(3):
+        fresh.set_epoch(epoch)
+        epochs.append(indices(loader))
+    assert epochs == reference
+    with pytest.raises(ConfigError, match="epoch"):
+        fresh.set_epoch(-1)
+
+
+def test_an_unfinished_numpy_iterator_at_exit_prints_nothing(data: Path) -> None:
+    """At interpreter exit the daemon thread is stopped inside the pass: closing its items
+    then raised 'generator already executing' (a traceback printed at every exit)."""
+    import subprocess
+    import sys
+
+    script = ("import shardkit\n"
+              f"it = shardkit.open({str(data)!r}).batches(4)\n"
+              "print(len(next(it)['index']))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "4\n" and done.stderr == "", done.stderr

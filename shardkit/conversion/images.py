@@ -13,10 +13,10 @@ Policy (docs/format.md repeats it for users):
   same IDCT and upsampling); anything else, or anything simplejpeg refuses, goes through
   Pillow as before. Output bytes do not depend on which of the two decoded.
 * EXIF orientation is applied before resizing. Animated images use their first frame.
-* Modes: 1, L, P, RGB, CMYK, YCbCr, LAB, HSV → RGB; anything with alpha (RGBA, LA, PA, P with
-  transparency) is composited on ``ImageOptions.background`` (white by default); 16-bit
-  (I;16*, I) is scaled to 8 bits (v * 255 / 65535, rounded), never clipped at 255; float
-  (F) is clipped to 0-255. ``mode="L"`` then takes the ITU-R 601-2 luma.
+* Modes: 1, L, P, RGB, CMYK, YCbCr, LAB, HSV → RGB; anything with alpha (RGBA, LA, PA, and P,
+  1, L, 16-bit or RGB with a transparency key) is composited on ``ImageOptions.background``
+  (white by default); 16-bit (I;16*, I) is scaled to 8 bits (v * 255 / 65535, rounded),
+  never clipped at 255; float (F) is clipped to 0-255. ``mode="L"`` then takes the ITU-R 601-2 luma.
 
 Failures are raised as `ImageFailure` (a reason code and a human detail); the conversion task
 turns them into error-report records, so one bad file never stops a run.
@@ -320,11 +320,13 @@ def normalise_mode(im: Image.Image, options: ImageOptions) -> Image.Image:
     if mode in _SIXTEEN_BIT:
         wide = np.asarray(im, dtype=np.int64)
         scaled = (np.clip(wide, 0, 65535) * 255 + 32767) // 65535
-        im = Image.fromarray(scaled.astype(np.uint8), mode="L")
+        im = _keyed(scaled.astype(np.uint8), wide, im.info.get("transparency"))
     elif mode == "F":
         im = Image.fromarray(np.clip(np.asarray(im), 0, 255).round().astype(np.uint8), mode="L")
     elif mode == "1":
-        im = im.convert("L")
+        grey = np.asarray(im.convert("L"))
+        key = im.info.get("transparency")  # Pillow gives a 1-bit key as 0 or 255
+        im = _keyed(grey, grey, None if not isinstance(key, int) else 255 if key else 0)
     elif mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     elif mode == "L" and "transparency" in im.info:
@@ -338,6 +340,15 @@ def normalise_mode(im: Image.Image, options: ImageOptions) -> Image.Image:
     if im.mode != options.mode:
         im = im.convert(options.mode)
     return im
+
+
+def _keyed(grey: np.ndarray, raw: np.ndarray, key: object) -> Image.Image:
+    """The L image `grey`, or, with a transparency `key` (a grey PNG's tRNS), LA whose
+    pixels of `raw` value `key` are transparent: composited on the background as any alpha."""
+    if not isinstance(key, int) or isinstance(key, bool):
+        return Image.fromarray(grey, mode="L")
+    alpha = np.where(raw == key, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.dstack([grey, alpha]))
 
 
 def _composite(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:

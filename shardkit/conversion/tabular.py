@@ -41,6 +41,8 @@ from shardkit.format.manifest import Manifest, ShardRecord, fingerprint, shard_n
 __all__ = ["TableLayout", "TablePlan", "TableWriter", "plan_table", "write_table"]
 
 ROWS_PER_GROUP = 1 << 16
+#: The column of a table shard holding each row's number in the CSV.
+ROW_COLUMN = "row"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +60,10 @@ class TableLayout:
         check_columns(names, [*options.label_cols, *options.columns, *options.exclude], path)
         chosen = [n for n in names if n not in options.label_cols and n not in options.exclude
                   and (not options.columns or n in options.columns)]
+        if ROW_COLUMN in chosen or ROW_COLUMN in options.label_cols:
+            raise InputError(f"{path}: a column named {ROW_COLUMN!r} would collide with the row "
+                             f"numbers a table shard stores as {ROW_COLUMN!r}; rename it, or leave "
+                             f"it out (--exclude {ROW_COLUMN})")
         labels = [columns[n] for n in options.label_cols]
         if len(labels) > 1 and any(c.kind == "string" for c in labels):
             raise ConfigError(f"{path}: several label columns must all be numeric (float32 "
@@ -102,7 +108,7 @@ class TableLayout:
         return [*self.features, *self.labels, *self.text]
 
     def schema(self) -> pa.Schema:
-        return pa.schema([pa.field("row", pa.int64(), nullable=False),
+        return pa.schema([pa.field(ROW_COLUMN, pa.int64(), nullable=False),
                           *(pa.field(c.name, self.arrow_type(c)) for c in self.stored())])
 
     def row_bytes(self) -> int:

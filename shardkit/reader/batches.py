@@ -333,8 +333,11 @@ class Prefetcher:
         if self._current is run:
             self._current = None
         close = getattr(run.items, "close", None)
-        if close is not None:
+        if close is not None and run.left.is_set():
             close()
+        # Else the thread is still inside `items` but no longer runs (the interpreter is
+        # exiting and stopped its daemon threads): closing them would raise "generator
+        # already executing"; the process's end lets them go.
 
     def close(self) -> None:
         if self._thread is not None:

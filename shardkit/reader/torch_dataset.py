@@ -63,6 +63,13 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
     `options` and/or keywords, as `ShardLoader` takes them. The object holds only plain values
     until it is iterated (no open files), so it is cheap to send to worker processes; for a
     URL each worker makes its own cache object over the one cache folder of the node.
+
+    Epochs: a complete pass advances the epoch of the object that made it (the next pass
+    starts the next epoch, from its first sample). In this process (``num_workers=0``) and in
+    ``persistent_workers=True`` workers, whose copies live on, that is all it takes. Workers
+    that are not persistent are new copies each epoch, made from this object: call
+    ``ds.set_epoch(epoch)`` before each epoch, as with torch's DistributedSampler (otherwise
+    every epoch repeats the first one's order).
     """
 
     def __init__(self, path: str | os.PathLike[str], batch_size: int,
@@ -97,10 +104,16 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         return self.reading.order(epoch=self.epoch, start=self.start, worker=worker, workers=workers,
                                   cuts=self.cuts)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next pass at the beginning of `epoch` (its own seeded order). ConfigError
+        unless `epoch` is an integer >= 0."""
+        self.epoch, self.start, self.cuts = check_position("epoch", epoch), 0, ()
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         yield from self._tensors(self.batches(worker, workers), in_process=info is None)
+        self.set_epoch(self.epoch + 1)  # a complete pass (one broken off is repeated)
 
     def _tensors(self, batches: Sequence[np.ndarray], *,
                  in_process: bool = True) -> Generator[dict[str, Any], None, None]:

@@ -14,6 +14,7 @@ from shardkit.config.common import check_local_file
 from shardkit.conversion.report import human_bytes
 from shardkit.errors import ConfigError
 from shardkit.format.manifest import Manifest
+from shardkit.format.samples import TARGET_FIELD
 from shardkit.reader import open_dataset
 
 __all__ = ["contact_sheet", "describe", "info_text"]
@@ -61,8 +62,11 @@ def info_text(facts: dict[str, Any]) -> str:
         f"image       uint8 {shape} (HxWxC), codec {image['codec']}"
         + (f", stored as {facts['config']['pixels']}" if "pixels" in facts["config"] else ""),
     ]
-    if facts["classes"] is None:
-        lines.append("labels      none (flat folder)")
+    if facts["classes"] is None and TARGET_FIELD in facts["schema"]:
+        columns = (facts["config"].get("csv") or {}).get("label_cols") or []
+        lines.append(f"labels      float32 targets [{len(columns)}]: {', '.join(columns)}")
+    elif facts["classes"] is None:
+        lines.append("labels      none (unlabelled)")
     else:
         lines.append(f"classes     {len(facts['classes'])}")
         width = max(len(c["name"]) for c in facts["classes"]) if facts["classes"] else 0
@@ -132,7 +136,10 @@ def contact_sheet(path: str | os.PathLike[str], output: str | os.PathLike[str], 
                   n: int = 64, cell: int = 128, options: ReadOptions | None = None) -> int:
     """Write a PNG grid of `n` samples spread evenly over the dataset (a folder, or a URL read
     with `options`), each captioned with its index and class name. Returns the number of
-    samples shown. ConfigError for an output that cannot be written (checked first)."""
+    samples shown. ConfigError for an output that cannot be written or an `n` below 1
+    (checked first)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"the preview shows n >= 1 samples; got {n!r}")
     output = check_local_file("the preview", output)
     dataset = open_dataset(path, options)
     total = len(dataset)
@@ -168,7 +175,10 @@ def _pick(dataset: Any, wanted: list[int]) -> list[tuple[int, np.ndarray, int | 
             shard = dataset.read_shard(number)
             for i in range(start, stop):
                 if i in wanted_set:
-                    label = int(shard.labels[i - start]) if shard.labels is not None else None
+                    # A class index to caption with; float targets name no class.
+                    labels = shard.labels
+                    label = int(labels[i - start]) if labels is not None and labels.ndim == 1 \
+                        and labels.dtype.kind in "iu" else None
                     tiles.append((i, np.asarray(shard.images[i - start]), label))
         start = stop
     return tiles
