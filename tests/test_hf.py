@@ -118,6 +118,8 @@ def test_a_dataset_dict_names_its_splits(tree: Path, tmp_path: Path) -> None:
         shardkit.convert(tmp_path / "dd", tmp_path / "out", workers=0)
     out = convert(tmp_path / "dd" / "train", tmp_path / "out")
     assert len(shardkit.open(out)) == len(CLASSES) * PER_CLASS
+    picked = convert(tmp_path / "dd", tmp_path / "picked", hf_split="test")  # or by its name
+    np.testing.assert_array_equal(pixels(picked)[0], pixels(out)[0])
 
 
 def test_a_hub_folder_of_several_splits_is_refused_unless_one_is_picked(tree: Path, tmp_path: Path) -> None:
@@ -147,6 +149,13 @@ def test_a_hub_folder_of_several_splits_is_refused_unless_one_is_picked(tree: Pa
     assert shardkit.cli.main(["convert", str(words), str(tmp_path / "val"), "--size", "12",
                               "--hf-split", "val", "--workers", "0", "--no-progress"]) == 0
     assert len(shardkit.open(tmp_path / "val")) == len(ds) - 8
+    # Split folders holding the Hub's shard names: the folder names the split.
+    folders = tmp_path / "folders"
+    train.to_parquet(str(folders / "train" / "data-00000-of-00001.parquet"))
+    test.to_parquet(str(folders / "test" / "data-00000-of-00001.parquet"))
+    with pytest.raises(shardkit.InputError, match=r"splits test \(1 file\), train \(1 file\)"):
+        shardkit.convert(folders, tmp_path / "f", workers=0)
+    assert len(pixels(convert(folders, tmp_path / "f-test", hf_split="test"))[0]) == len(ds) - 8
     with pytest.raises(shardkit.ConfigError, match="hf-split"):
         convert(tmp_path / "words" / "my_train_file.parquet", tmp_path / "one", hf_split="train")
     with pytest.raises(shardkit.ConfigError, match="not a Hugging Face dataset"):

@@ -111,47 +111,31 @@ class InlineExecutor(cf.Executor):
         return future
 
 
-def _worker_init(parent: int) -> None:
+def _worker_init() -> None:
     # Ctrl-C reaches the whole process group; the parent decides how to stop, so workers
     # finish their current part instead of dying with a traceback each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_outlive_not, args=(parent,), name="shardkit-parent-watch",
-                     daemon=True).start()
+    threading.Thread(target=_outlive_not, name="shardkit-parent-watch", daemon=True).start()
 
 
-def _outlive_not(parent: int) -> None:
+def _outlive_not() -> None:
     """End this worker once the converting process is gone (kill -9 of it alone): a pool
     worker waits on its task queue for ever otherwise, and keeps the forkserver, which each
-    worker holds open, alive with it. Linux: a pidfd says when; elsewhere, a poll a second."""
-    try:
-        handle = os.pidfd_open(parent)
-    except (AttributeError, OSError):
-        handle = -1
-    if handle >= 0:
-        import select
+    worker holds open, alive with it. multiprocessing's parent sentinel is the converting
+    process's, under forkserver and spawn alike."""
+    from multiprocessing.connection import wait
 
-        select.select([handle], [], [])
-    else:
-        while _alive(parent):
-            threading.Event().wait(1.0)
-    os._exit(1)  # nobody collects this worker's results any more
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        wait([parent.sentinel])
+        os._exit(1)  # nobody collects this worker's results any more
 
 
 def local_pool(workers: int) -> cf.ProcessPoolExecutor:
     """A process pool that is safe to start from a threaded program (forkserver on POSIX).
     Its workers end on their own when this process dies without shutting it down."""
     return cf.ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(),
-                                  initializer=_worker_init, initargs=(os.getpid(),))
+                                  initializer=_worker_init)
 
 
 def start_forkserver() -> None:

@@ -324,9 +324,7 @@ def normalise_mode(im: Image.Image, options: ImageOptions) -> Image.Image:
     elif mode == "F":
         im = Image.fromarray(np.clip(np.asarray(im), 0, 255).round().astype(np.uint8), mode="L")
     elif mode == "1":
-        grey = np.asarray(im.convert("L"))
-        key = im.info.get("transparency")  # Pillow gives a 1-bit key as 0 or 255
-        im = _keyed(grey, grey, None if not isinstance(key, int) else 255 if key else 0)
+        im = im.convert("LA" if "transparency" in im.info else "L")  # Pillow keys 1-bit alpha
     elif mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     elif mode == "L" and "transparency" in im.info:
@@ -343,8 +341,9 @@ def normalise_mode(im: Image.Image, options: ImageOptions) -> Image.Image:
 
 
 def _keyed(grey: np.ndarray, raw: np.ndarray, key: object) -> Image.Image:
-    """The L image `grey`, or, with a transparency `key` (a grey PNG's tRNS), LA whose
-    pixels of `raw` value `key` are transparent: composited on the background as any alpha."""
+    """The L image `grey`, or, with a transparency `key` (a 16-bit grey PNG's tRNS, which
+    Pillow's convert drops), LA whose pixels of `raw` value `key` are transparent: composited
+    on the background as any alpha."""
     if not isinstance(key, int) or isinstance(key, bool):
         return Image.fromarray(grey, mode="L")
     alpha = np.where(raw == key, 0, 255).astype(np.uint8)

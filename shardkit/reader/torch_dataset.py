@@ -64,9 +64,10 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
     until it is iterated (no open files), so it is cheap to send to worker processes; for a
     URL each worker makes its own cache object over the one cache folder of the node.
 
-    Epochs: a complete pass advances the epoch of the object that made it (the next pass
-    starts the next epoch, from its first sample). In this process (``num_workers=0``) and in
-    ``persistent_workers=True`` workers, whose copies live on, that is all it takes. Workers
+    Epochs: a pass that hands out its last batch advances the epoch of the object that made
+    it (the next pass starts the next epoch, from its first sample). In this process
+    (``num_workers=0``) and in ``persistent_workers=True`` workers, whose copies live on,
+    that is all it takes. Workers
     that are not persistent are new copies each epoch, made from this object: call
     ``ds.set_epoch(epoch)`` before each epoch, as with torch's DistributedSampler (otherwise
     every epoch repeats the first one's order).
@@ -112,8 +113,13 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        yield from self._tensors(self.batches(worker, workers), in_process=info is None)
-        self.set_epoch(self.epoch + 1)  # a complete pass (one broken off is repeated)
+        order = self.batches(worker, workers)
+        for step, batch in enumerate(self._tensors(order, in_process=info is None), start=1):
+            if step == len(order):  # the pass is complete once its last batch is out (as a
+                self.set_epoch(self.epoch + 1)  # ShardLoader's); one broken off is repeated
+            yield batch
+        if not order:
+            self.set_epoch(self.epoch + 1)
 
     def _tensors(self, batches: Sequence[np.ndarray], *,
                  in_process: bool = True) -> Generator[dict[str, Any], None, None]:

@@ -204,16 +204,20 @@ def _data_files(root: Path, split: str | None) -> tuple[list[Path], dict[str, An
     """The data files of `root` in order (those of `split` in a folder of Parquet files), and
     the features (from the first file's ``huggingface`` schema metadata, or
     dataset_info.json)."""
-    if split is not None and (root.is_file() or not _parquet_files(root)):
-        raise ConfigError(f"{root}: --hf-split picks one split of a folder of Parquet files; "
-                          "this is one file or a save_to_disk folder (a single split)")
     if root.is_file():
+        if split is not None:
+            raise ConfigError(f"{root}: --hf-split picks a split of a folder; this is one file")
         return [root], _features(root)
     if (root / "dataset_dict.json").is_file():
         splits = sorted(p.name for p in root.iterdir() if (p / "state.json").is_file())
-        raise InputError(f"{root}: is a DatasetDict; convert one of its splits: "
-                         f"{', '.join(str(root / s) for s in splits) or '(none found)'}")
+        if split in splits:
+            return _data_files(root / split, None)  # a saved DatasetDict: the split's folder
+        raise InputError(f"{root}: is a DatasetDict; convert one of its splits (--hf-split NAME, "
+                         f"or its folder): {', '.join(splits) or '(none found)'}")
     if all((root / n).is_file() for n in _SAVED):
+        if split is not None:
+            raise ConfigError(f"{root}: --hf-split picks a split of a folder; this save_to_disk "
+                              "folder is one split")
         try:
             state = json.loads((root / "state.json").read_text())
             files = [root / f["filename"] for f in state["_data_files"]]
@@ -242,16 +246,20 @@ _HUB_SHARD = re.compile(r"^([\w.]+?)-\d{5}-of-\d{5}")
 
 
 def split_of(relative: str) -> str | None:
-    """The split a data file belongs to by its path below SRC (see `_SPLIT_WORDS`), or None."""
+    """The split a data file belongs to by its path below SRC, or None: a split word in a
+    folder's name (`_SPLIT_WORDS`, the outermost first), else the Hub's shard name
+    (``<split>-00000-of-00002.parquet``), else a split word in the file's own name."""
     *folders, name = relative.split("/")
+    for folder in folders:
+        if (word := _word_split(folder)) is not None:
+            return word
     hub = _HUB_SHARD.match(name)
-    if hub:
-        return hub.group(1)
-    for part in [*folders, os.path.splitext(name)[0]]:
-        found = _WORD_SPLIT.search(part)
-        if found:
-            return next(s for s, words in _SPLIT_WORDS.items() if found.group(1) in words)
-    return None
+    return hub.group(1) if hub else _word_split(os.path.splitext(name)[0])
+
+
+def _word_split(name: str) -> str | None:
+    found = _WORD_SPLIT.search(name)
+    return next(s for s, words in _SPLIT_WORDS.items() if found.group(1) in words) if found else None
 
 
 def _one_split(root: Path, files: list[Path], split: str | None) -> list[Path]:
