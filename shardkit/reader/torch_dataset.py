@@ -317,11 +317,9 @@ class ShardLoader:
     def set_epoch(self, epoch: int) -> None:
         """Start the next pass at the beginning of `epoch` (its own seeded order). ConfigError
         unless `epoch` is an integer >= 0."""
-        epoch = check_position("epoch", epoch)
+        epoch = check_position("epoch", epoch)  # checked before the open pass is let go
         self._detach()
-        self.dataset.epoch = epoch
-        self.dataset.start = 0
-        self.dataset.cuts = ()
+        self.dataset.set_epoch(epoch)
 
     def _detach(self) -> None:
         """The position is set anew: the open pass, if any, no longer moves it."""
@@ -329,11 +327,7 @@ class ShardLoader:
         self._consumed = 0
 
     def _next_epoch(self) -> None:
-        ds = self.dataset
-        self._detach()
-        ds.epoch += 1
-        ds.start = 0
-        ds.cuts = ()
+        self.set_epoch(self.epoch + 1)
 
     def state_dict(self) -> dict[str, Any]:
         """Where this rank stands: enough to resume at the exact next sample. Plain JSON, the
