@@ -202,8 +202,9 @@ def test_a_loader_dropped_mid_pass_lets_its_thread_go(tmp_path: Path) -> None:
     kept = iter(loader)
     assert len(next(kept)["index"]) == 2
     prefetcher = loader._prefetcher
+    slots = prefetcher._current.slots  # the open pass's hand-over slots
     deadline = time.monotonic() + 10
-    while not prefetcher._slots.full() and time.monotonic() < deadline:
+    while not slots.full() and time.monotonic() < deadline:
         time.sleep(0.01)  # until the thread waits to hand over more
     del loader
     gc.collect()

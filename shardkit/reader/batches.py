@@ -254,12 +254,6 @@ class Prefetcher:
         self._thread: threading.Thread | None = None
         self._current: _Pass | None = None  # the open pass, if any
 
-    @property
-    def _slots(self) -> queue.Queue[Any]:
-        """The open pass's hand-over slots (an empty queue when none is open): tests wait on
-        them to catch the thread blocked handing over (tests/test_gather.py)."""
-        return self._current.slots if self._current is not None else queue.Queue(maxsize=self.depth)
-
     def _work(self) -> None:
         while (run := self._jobs.get()) is not None:
             try:
