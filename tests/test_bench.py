@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from corpus import image_tree
 from PIL import Image
@@ -107,8 +108,11 @@ def test_bad_input_is_a_clear_error(dataset: tuple[Path, Path], tmp_path: Path) 
     src, out = dataset
     with pytest.raises(ConfigError, match="workers"):
         BenchOptions(workers=(0, 0))
-    with pytest.raises(ConfigError, match="batch size"):
+    with pytest.raises(ConfigError, match="batch_size"):
         BenchOptions(batch_size=0)
+    with pytest.raises(ConfigError, match="epochs"):
+        BenchOptions(epochs=True)  # a bool is no count (it passed as 1)
+    assert BenchOptions(workers=(np.int64(0), 2)).workers == (0, 2)
     with pytest.raises(DatasetError, match=r"index\.json"):
         run_bench(src, BenchOptions(workers=(0,)))
     (tmp_path / "empty").mkdir()

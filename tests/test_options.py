@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import typing
 from pathlib import Path
 
+import numpy as np
 import pytest
 from corpus import small_dataset, small_tree
 
@@ -83,3 +85,27 @@ def test_image_options_size_is_validated_on_construction(size: object) -> None:
     with pytest.raises(shardkit.ConfigError, match="size"):
         ImageOptions(size=size)  # type: ignore[arg-type]
     assert ImageOptions(size=[16, 12]).size == (16, 12)  # type: ignore[arg-type]
+
+
+def test_numpy_integers_are_integers_everywhere(tmp_path: Path) -> None:
+    # An integer from numpy (a config array, np.arange) is taken wherever an int is, and kept
+    # as a Python int (it goes into JSON: the manifest, state_dict); a bool is no integer.
+    n = np.int64
+    options = ReadOptions(seed=n(3), prefetch=n(2), window=n(2), cache_limit=n(10**9))
+    assert options == ReadOptions(seed=3, prefetch=2, window=2, cache_limit=10**9)
+    assert {type(getattr(options, f)) for f in ("seed", "prefetch", "window", "cache_limit")} == {int}
+    image = ImageOptions(size=(n(16), np.int32(12)), max_pixels=n(10**6))
+    assert image.size == (16, 12) and {type(v) for v in (*image.size, image.max_pixels)} == {int}
+    assert type(shardkit.RetryPolicy(attempts=np.uint8(2)).attempts) is int
+    data = small_dataset(small_tree(tmp_path / "src", 4), tmp_path / "out", 5)
+    loader = shardkit.ShardLoader(data, n(4), shuffle=False, seed=n(1), num_workers=n(0))
+    dataset = shardkit.open(data)
+    assert len(dataset) == 12
+    assert [b["index"].tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert json.loads(json.dumps(loader.state_dict()))["seed"] == 1
+    assert [len(dataset.read_shard(k).labels) for k in np.arange(3)] == [5, 5, 2]
+    for bad in (True, np.True_, 2.0):
+        with pytest.raises(shardkit.ConfigError, match=r"^seed must be an integer >= 0"):
+            ReadOptions(seed=bad)  # type: ignore[arg-type]
+        with pytest.raises(shardkit.ConfigError, match=r"^batch_size must be an integer >= 1"):
+            shardkit.ShardLoader(data, bad)  # type: ignore[arg-type]

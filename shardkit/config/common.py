@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import operator
 import os
+from typing import SupportsIndex
+
+import numpy as np
 
 from shardkit.errors import ConfigError
 
-__all__ = ["check_choice", "check_count", "check_local_file", "usable_cpus"]
+__all__ = ["as_integer", "check_choice", "check_count", "check_local_file", "usable_cpus"]
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -14,9 +18,25 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def check_count(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+def as_integer(value: object) -> int | None:
+    """`value` as a Python int when it is an integer (a numpy integer too), else None (a
+    bool, a float, a string, a type that says it is an integer and is not): the one test
+    of "an integer" that every option and argument goes through."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, SupportsIndex):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_count(name: str, value: object, low: int) -> int:
+    """`value` as an int >= `low` (numpy integers taken); ConfigError naming `name` for
+    anything else."""
+    number = as_integer(value)
+    if number is None or number < low:
         raise ConfigError(f"{name} must be an integer >= {low}; got {value!r}")
+    return number
 
 
 def check_local_file(name: str, path: str | os.PathLike[str]) -> str:

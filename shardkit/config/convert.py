@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from shardkit.config.common import check_choice, usable_cpus
+from shardkit.config.common import as_integer, check_choice, check_count, usable_cpus
 from shardkit.errors import ConfigError
 from shardkit.format.retry import RetryPolicy
 
@@ -72,11 +72,10 @@ class ImageOptions:
     draft: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.size, list):
-            object.__setattr__(self, "size", tuple(self.size))  # frozen: normalised once, here
-        if not isinstance(self.size, tuple) or len(self.size) != 2 or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.size):
+        sides = tuple(as_integer(v) for v in self.size) if isinstance(self.size, (tuple, list)) else ()
+        if len(sides) != 2 or not all(v is not None and v > 0 for v in sides):
             raise ConfigError(f"size must be two positive integers (width, height); got {self.size!r}")
+        object.__setattr__(self, "size", sides)  # frozen: normalised once, here
         if max(self.size) > 65535:
             raise ConfigError(f"size {self.size} is larger than 65535 pixels on a side")
         check_choice("resize", self.resize, RESIZE_MODES)
@@ -89,8 +88,7 @@ class ImageOptions:
                 "--resize shorter-side takes one length (e.g. --size 256), not WxH; "
                 f"got {self.size[0]}x{self.size[1]}"
             )
-        if not isinstance(self.max_pixels, int) or self.max_pixels <= 0:
-            raise ConfigError(f"max_pixels must be a positive integer; got {self.max_pixels!r}")
+        object.__setattr__(self, "max_pixels", check_count("max_pixels", self.max_pixels, 1))
 
     @property
     def channels(self) -> int:

@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import operator
 import os
 from collections.abc import Iterable, Mapping
-from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, SupportsIndex
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -19,7 +17,7 @@ from shardkit.format.retry import RetryPolicy
 if TYPE_CHECKING:
     from shardkit.reader.augment import Augment
 
-__all__ = ["DECODES", "Decode", "ReadOptions", "check_position"]
+__all__ = ["DECODES", "Decode", "ReadOptions"]
 
 DECODES: tuple[str, ...] = ("cpu", "device")
 Decode = Literal["cpu", "device"]
@@ -96,13 +94,12 @@ class ReadOptions:
             object.__setattr__(self, name, _check_bool(name, getattr(self, name)))
         object.__setattr__(self, "fields", _check_names(self.fields))
         self._check_remote()
-        check_count("seed", self.seed, 0)
-        check_count("prefetch", self.prefetch, 0)
-        for name, low in (("window", 1), ("cache_shards", 1), ("copy_threads", 1),
-                          ("decode_threads", 1), ("torch_threads", 1), ("rank", 0),
-                          ("world_size", 1), ("cache_limit", 1), ("prefetch_shards", 0)):
-            if getattr(self, name) is not None:
-                check_count(name, getattr(self, name), low)
+        for name, low in (("seed", 0), ("prefetch", 0), ("window", 1), ("cache_shards", 1),
+                          ("copy_threads", 1), ("decode_threads", 1), ("torch_threads", 1),
+                          ("rank", 0), ("world_size", 1), ("cache_limit", 1),
+                          ("prefetch_shards", 0)):
+            if name in ("seed", "prefetch") or getattr(self, name) is not None:
+                object.__setattr__(self, name, check_count(name, getattr(self, name), low))
         check_choice("decode", self.decode, DECODES)
         if self.rank is not None and self.world_size is not None and self.rank >= self.world_size:
             raise ConfigError(f"rank {self.rank} is not in a world of {self.world_size}")
@@ -146,12 +143,3 @@ def _check_names(value: object) -> tuple[str, ...]:
         names.append(name)
     return tuple(names)
 
-
-def check_position(name: str, value: object) -> int:
-    """`value` (an epoch, or samples into one) as an int >= 0; numpy integers are taken too.
-    ConfigError naming `name` for anything else (a bool, a string, a float, a negative)."""
-    if isinstance(value, SupportsIndex) and not isinstance(value, (bool, np.bool_)):
-        with suppress(TypeError):  # a type that says it is an integer and is not
-            if (number := operator.index(value)) >= 0:
-                return number
-    raise ConfigError(f"{name} must be an integer >= 0; got {value!r}")

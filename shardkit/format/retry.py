@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from shardkit.config.common import check_count
 from shardkit.errors import ConfigError
 
 __all__ = ["RetryPolicy"]
@@ -24,8 +25,7 @@ class RetryPolicy:
     timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.attempts, int) or self.attempts < 1:
-            raise ConfigError(f"retry attempts must be an integer >= 1, got {self.attempts!r}")
+        object.__setattr__(self, "attempts", check_count("retry attempts", self.attempts, 1))
         for name in ("first_delay", "max_delay", "timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0 or (name == "timeout" and value == 0):

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shardkit.config.common import as_integer
+
 __all__ = [
     "Cut",
     "Split",
@@ -76,8 +78,10 @@ class Cut:
     def __post_init__(self) -> None:
         for name, least in (("world", 1), ("batch_size", 1), ("samples", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            number = as_integer(value)
+            if number is None or number < least:
                 raise ValueError(f"invalid cut: {name} {value!r}")
+            object.__setattr__(self, name, number)
 
 
 def epoch_order(sizes: Sequence[int], *, shuffle: bool, seed: int, epoch: int,

@@ -29,6 +29,7 @@ import numbers
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+from shardkit.config.common import as_integer
 from shardkit.errors import ConfigError
 
 __all__ = ["CONVENTIONS", "FILLS", "Augment"]
@@ -206,16 +207,12 @@ class Augment:
 def _size(value: object) -> tuple[int, int] | None:
     if value is None:
         return None
-    if _is_int(value):
+    if as_integer(value) is not None:
         value = (value, value)
-    if (isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value)
-            and all(0 < int(v) <= 65535 for v in value)):
-        return (int(value[0]), int(value[1]))
+    sides = tuple(as_integer(v) for v in value) if isinstance(value, (tuple, list)) else ()
+    if len(sides) == 2 and all(v is not None and 0 < v <= 65535 for v in sides):
+        return (sides[0], sides[1])  # type: ignore[return-value]  # both checked above
     raise ConfigError(f"Augment: size must be a positive int or (height, width); got {value!r}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _number(name: str, value: object) -> float:

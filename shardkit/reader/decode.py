@@ -30,7 +30,8 @@ import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
 from shardkit.config import usable_cpus
-from shardkit.errors import ConfigError, CorruptShardError
+from shardkit.config.common import check_count
+from shardkit.errors import CorruptShardError
 from shardkit.reader.helpers import Helpers
 
 __all__ = ["DecodePool", "decode", "decode_into", "resolve_decode_threads"]
@@ -136,9 +137,7 @@ def resolve_decode_threads(value: int | None) -> int:
     this process may use. Raises ConfigError below 1."""
     if value is None:
         return usable_cpus()
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"decode_threads must be an integer >= 1; got {value!r}")
-    return value
+    return check_count("decode_threads", value, 1)
 
 
 Job = Callable[[int], None]  # decode item i

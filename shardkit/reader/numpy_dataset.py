@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from shardkit.config import ReadOptions
-from shardkit.config.read import check_position
+from shardkit.config.common import as_integer, check_count
 from shardkit.errors import ConfigError, CorruptShardError, DatasetError
 from shardkit.keywords import read_options
 from shardkit.reader.assign import samples_per_rank
@@ -79,11 +79,10 @@ class Dataset:
         0 <= number < shards (a negative number is not counted from the end: every method
         that takes a shard number refuses it alike)."""
         shards = self.manifest.shards
-        if isinstance(number, (bool, np.bool_)) or not isinstance(number, (int, np.integer)) \
-                or not 0 <= number < len(shards):
+        if (index := as_integer(number)) is None or not 0 <= index < len(shards):
             valid = f"0 to {len(shards) - 1}" if shards else "none: the dataset holds no shards"
             raise IndexError(f"{self.path}: no shard {number!r}; shard numbers are {valid}")
-        return shards[int(number)]
+        return shards[index]
 
     def _shard(self, number: int) -> AbstractContextManager[str]:
         """The folder holding shard `number` (checked by `_record`) as a local file while
@@ -146,13 +145,13 @@ class Dataset:
         epoch (``start`` equal to them gives an empty, finished pass).
         """
         chosen = read_options(options or self.options, dict(keywords))
-        epoch, start = check_position("epoch", epoch), check_position("start", start)
+        epoch, start = check_count("epoch", epoch, 0), check_count("start", start, 0)
         if self._source is not None:
             self._source.check(chosen)
         reading = Reading(str(self.path), self.manifest, chosen, batch_size,
                           rank=chosen.rank or 0, world=chosen.world_size or 1, source=self._source)
         per_rank = samples_per_rank(reading.total, reading.world, drop_last=chosen.drop_last,
-                                    batch_size=batch_size)
+                                    batch_size=reading.batch_size)
         if start > per_rank:
             raise ConfigError(f"start must be at most {per_rank} (the samples of this rank's "
                               f"epoch); got {start}")

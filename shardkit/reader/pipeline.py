@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from shardkit.config import ReadOptions
+from shardkit.config.common import check_count
 from shardkit.errors import ConfigError, DatasetError
 from shardkit.format.location import parse_location
 from shardkit.format.manifest import Manifest
@@ -77,8 +78,7 @@ class Reading:
 
     def __init__(self, path: str, manifest: Manifest, options: ReadOptions, batch_size: int, *,
                  rank: int, world: int, source: RemoteSource | None = None) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ConfigError(f"batch_size must be a positive integer; got {batch_size!r}")
+        batch_size = check_count("batch_size", batch_size, 1)
         if not 0 <= rank < world:
             raise ConfigError(f"rank {rank} is not in a world of {world}")
         _check_decode(options, manifest, path)

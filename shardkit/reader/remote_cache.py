@@ -20,6 +20,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
+from shardkit.config.common import check_count
 from shardkit.errors import ConfigError, CorruptShardError, RemoteError
 from shardkit.format.files import check_shard
 from shardkit.format.manifest import Manifest, ShardRecord
@@ -61,10 +62,11 @@ class RemoteCache:
                  cache_dir: str | os.PathLike[str] | None = None, cache_limit: int | None = None,
                  prefetch_shards: int | None = None, held: int = 2, verify: bool = False,
                  download_attempts: int = 3, room_wait: float = 300.0) -> None:
-        _check_int("cache_limit", cache_limit, 1, allow_none=True)
-        _check_int("prefetch_shards", prefetch_shards, 0, allow_none=True)
-        _check_int("held", held, 1)
-        _check_int("download_attempts", download_attempts, 1)
+        cache_limit = None if cache_limit is None else check_count("cache_limit", cache_limit, 1)
+        if prefetch_shards is not None:
+            prefetch_shards = check_count("prefetch_shards", prefetch_shards, 0)
+        held = check_count("held", held, 1)
+        download_attempts = check_count("download_attempts", download_attempts, 1)
         self.storage, self.manifest, self.verify = storage, manifest, verify
         self.download_attempts, self.room_wait = download_attempts, room_wait
         root = os.path.abspath(os.fspath(cache_dir) if cache_dir is not None else user_cache_dir())
@@ -378,13 +380,6 @@ def _fcntl() -> Any:
     import fcntl
 
     return fcntl
-
-
-def _check_int(name: str, value: object, least: int, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
 def _default_limit(root: str) -> int:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from shardkit.config import ReadOptions
-from shardkit.config.read import check_position
+from shardkit.config.common import check_count
 from shardkit.errors import ConfigError, ShardkitError, require
 from shardkit.keywords import read_options
 from shardkit.reader.assign import Cut, padding, samples_left, samples_per_rank
@@ -108,7 +108,7 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
     def set_epoch(self, epoch: int) -> None:
         """Start the next pass at the beginning of `epoch` (its own seeded order). ConfigError
         unless `epoch` is an integer >= 0."""
-        self.epoch, self.start, self.cuts = check_position("epoch", epoch), 0, ()
+        self.epoch, self.start, self.cuts = check_count("epoch", epoch, 0), 0, ()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -275,13 +275,12 @@ class ShardLoader:
     def __init__(self, path: str | os.PathLike[str], batch_size: int,
                  options: ReadOptions | None = None, *, num_workers: int = 0,
                  pin_memory: bool = False, **keywords: Unpack[ReadKeywords]) -> None:
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ConfigError(f"num_workers must be an integer >= 0; got {num_workers!r}")
+        num_workers = check_count("num_workers", num_workers, 0)
         if num_workers:
             warnings.warn(_THREADS_NOT_WORKERS.format(num_workers), UserWarning, stacklevel=2)
         self.dataset = ShardDataset(path, batch_size, options, **keywords)
         self.options: ReadOptions = self.dataset.options
-        self.batch_size: int = batch_size
+        self.batch_size: int = self.dataset.reading.batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self._consumed = 0  # samples the counted pass has handed out
@@ -317,7 +316,7 @@ class ShardLoader:
     def set_epoch(self, epoch: int) -> None:
         """Start the next pass at the beginning of `epoch` (its own seeded order). ConfigError
         unless `epoch` is an integer >= 0."""
-        epoch = check_position("epoch", epoch)  # checked before the open pass is let go
+        epoch = check_count("epoch", epoch, 0)  # checked before the open pass is let go
         self._detach()
         self.dataset.set_epoch(epoch)
 
@@ -355,7 +354,7 @@ class ShardLoader:
             what = f"no {', '.join(missing)}" if missing else "fingerprint is not a string"
             raise ConfigError(f"not a shardkit loader state ({what}): {state!r}")
         try:
-            epoch = check_position("epoch", state["epoch"])
+            epoch = check_count("epoch", state["epoch"], 0)
         except ConfigError as exc:
             raise ConfigError(f"not a shardkit loader state ({exc}): {state!r}") from None
         if state["fingerprint"] != ds.manifest.fingerprint:

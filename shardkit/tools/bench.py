@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from shardkit import errors
-from shardkit.config.common import check_local_file
+from shardkit.config.common import as_integer, check_count, check_local_file
 from shardkit.errors import ConfigError, InputError, ShardkitError, require
 from shardkit.reader.decode import resolve_decode_threads
 
@@ -55,18 +55,18 @@ class BenchOptions:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.batch_size <= 0:
-            raise ConfigError(f"batch size must be positive; got {self.batch_size}")
-        distinct = len(set(self.workers)) == len(self.workers)
-        if not self.workers or not distinct or any(w < 0 for w in self.workers):
+        object.__setattr__(self, "batch_size", check_count("batch_size", self.batch_size, 1))
+        object.__setattr__(self, "epochs", check_count("epochs", self.epochs, 1))
+        workers = tuple(as_integer(w) for w in self.workers)
+        if not workers or len(set(workers)) != len(workers) or any(w is None or w < 0 for w in workers):
             raise ConfigError(f"workers must be distinct counts >= 0; got {self.workers}")
-        if self.epochs <= 0:
-            raise ConfigError(f"epochs must be positive; got {self.epochs}")
+        object.__setattr__(self, "workers", workers)
         if self.baseline is not None and "://" in os.fspath(self.baseline):
             raise ConfigError(f"baseline {self.baseline}: the raw baseline reads a local image "
                               "folder (decoding each file as PIL does), not a URL")
-        if self.baseline_limit is not None and self.baseline_limit <= 0:
-            raise ConfigError(f"baseline limit must be positive; got {self.baseline_limit}")
+        if self.baseline_limit is not None:
+            object.__setattr__(self, "baseline_limit",
+                               check_count("baseline_limit", self.baseline_limit, 1))
         if self.target_rate <= 0:
             raise ConfigError(f"target rate must be positive; got {self.target_rate}")
         try:

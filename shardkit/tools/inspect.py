@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from shardkit.config import ReadOptions
-from shardkit.config.common import check_local_file
+from shardkit.config.common import as_integer, check_local_file
 from shardkit.conversion.report import human_bytes
 from shardkit.errors import ConfigError
 from shardkit.format.manifest import Manifest
@@ -138,7 +138,7 @@ def contact_sheet(path: str | os.PathLike[str], output: str | os.PathLike[str], 
     with `options`), each captioned with its index and class name. Returns the number of
     samples shown. ConfigError for an output that cannot be written or an `n` below 1
     (checked first)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if (count := as_integer(n)) is None or count < 1:
         raise ConfigError(f"the preview shows n >= 1 samples; got {n!r}")
     output = check_local_file("the preview", output)
     dataset = open_dataset(path, options)
