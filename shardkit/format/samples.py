@@ -57,6 +57,7 @@ __all__ = [
     "image_array",
     "image_payloads",
     "image_schema",
+    "member_order",
     "part_schema",
 ]
 
@@ -68,6 +69,14 @@ __all__ = [
 PARQUET_ERRORS = (OSError, ValueError, TypeError, pa.ArrowException)
 #: The tar member (extension) holding the image, per codec.
 IMAGE_MEMBER = {"raw": "npy", "jpeg": "jpg", "png": "png"}
+
+
+def member_order(codec: str, labeled: bool) -> tuple[str, ...]:
+    """A tar sample's members, in the order they stand: its run of consecutive members
+    sharing its key (a member out of its place would pair one sample's image with another's
+    label)."""
+    return (IMAGE_MEMBER[codec], *(("cls",) if labeled else ()), "json")
+
 #: The standard metadata fields a batch may carry (``fields=``), after which come an image
 #: CSV's columns.
 METADATA_FIELDS = ("key", "source", "orig_width", "orig_height")

@@ -28,12 +28,12 @@ from shardkit.errors import ConfigError, CorruptShardError
 from shardkit.format.files import check_shard
 from shardkit.format.manifest import Manifest, ShardRecord
 from shardkit.format.samples import (
-    IMAGE_MEMBER,
     METADATA_FIELDS,
     TARGET_FIELD,
     check_labels,
     fields_from_json,
     image_payloads,
+    member_order,
 )
 from shardkit.format.tar import RawView, iter_members, member_label, member_meta
 from shardkit.reader.gather import Pieces
@@ -124,9 +124,7 @@ def open_encoded(path: str, record: ShardRecord, manifest: Manifest,
     labels: list[int] = []
     if manifest.format == "tar":
         rows: list[dict[str, Any]] = []
-        # A sample is its run of consecutive members, in this order, sharing its key: a
-        # member out of its place would pair one sample's image with another's label.
-        order = (IMAGE_MEMBER[manifest.codec], *(("cls",) if labeled else ()), "json")
+        order = member_order(manifest.codec, labeled)
         position, current = 0, ""
         for key, field, data in iter_members(path):
             if position == 0:

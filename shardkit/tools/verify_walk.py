@@ -24,11 +24,11 @@ from PIL import Image
 from shardkit.config import DEFAULT_PIXELS
 from shardkit.format.manifest import Manifest
 from shardkit.format.samples import (
-    IMAGE_MEMBER,
     PARQUET_ERRORS,
     array3d_pixels,
     arrow_schema,
     check_array3d_field,
+    member_order,
 )
 from shardkit.format.tar import BLOCK, END_OF_ARCHIVE, iter_members
 
@@ -154,7 +154,7 @@ def walk_tar(path: Path, spec: Spec, layout: dict[str, int] | None, tally: Tally
               decode: bool) -> int:
     """Samples in a tar shard, each checked; raises Problem at the first bad one."""
     labeled = spec.classes is not None
-    order = (IMAGE_MEMBER[spec.codec], *(("cls",) if labeled else ()), "json")
+    order = member_order(spec.codec, labeled)
     count, position, key = 0, 0, ""
     sizes: list[int] = []
     npy_header, label = 0, -1
