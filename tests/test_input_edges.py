@@ -368,3 +368,39 @@ def test_a_transparency_key_of_a_1_bit_or_16_bit_grey_png_is_composited(tmp_path
                                                        background=(10, 200, 30)))[0])
     luma = Image.new("RGB", (1, 1), (10, 200, 30)).convert("L").getpixel((0, 0))
     assert grey.tolist() == [[0, luma], [luma, 0]]
+
+
+# --- folders linked from two places ---------------------------------------------------------
+
+
+def test_a_folder_linked_from_two_places_is_listed_under_each_as_imagefolder_does(
+        tmp_path: Path) -> None:
+    # cat/also_dog -> ../dog (a class folder linked into another class) and shared/ linked into
+    # both: one set of every folder seen skipped dog/ itself (its images labelled cat) and the
+    # second link to shared/, with nothing reported. A loop (cat/up -> ..) is still not followed.
+    from torchvision.datasets import ImageFolder
+
+    root = tmp_path / "train"
+    for name in ("cat/c0.png", "cat/c1.png", "dog/d0.png", "dog/d1.png", "dog/d2.png"):
+        png(root / name, seed=len(name) + ord(name[-5]))
+    png(tmp_path / "shared" / "s.png", seed=9)
+    (root / "cat" / "also_dog").symlink_to("../dog")
+    (root / "cat" / "shared").symlink_to(tmp_path / "shared")
+    (root / "dog" / "shared").symlink_to(tmp_path / "shared")
+    (root / "dog" / "up").symlink_to("..")
+    summary = convert(root, tmp_path / "out")
+    dataset = shardkit.open(tmp_path / "out")
+    listed = [(m["source"], m["class"]) for k in range(len(dataset.manifest.shards))
+              for m in dataset.metadata(k)]
+    assert listed == [("cat/also_dog/d0.png", "cat"), ("cat/also_dog/d1.png", "cat"),
+                      ("cat/also_dog/d2.png", "cat"), ("cat/also_dog/shared/s.png", "cat"),
+                      ("cat/c0.png", "cat"), ("cat/c1.png", "cat"), ("cat/shared/s.png", "cat"),
+                      ("dog/d0.png", "dog"), ("dog/d1.png", "dog"), ("dog/d2.png", "dog"),
+                      ("dog/shared/s.png", "dog")]  # dog/up and cat/also_dog/up: the loop
+    assert (summary.samples, summary.failed) == (11, 0)
+    assert dataset.manifest.class_counts == [7, 4]
+    (root / "dog" / "up").unlink()  # torchvision follows a loop until the OS stops it
+    folder = ImageFolder(str(root))
+    assert sorted((os.path.relpath(p, root), folder.classes[c]) for p, c in folder.samples) == listed
+    pixels = dataset.read_shard(0).images
+    assert np.array_equal(pixels[0], pixels[7])  # cat/also_dog/d0.png is dog/d0.png

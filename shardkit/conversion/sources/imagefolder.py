@@ -8,7 +8,9 @@
 * Candidates are files whose extension (any case) is in `IMAGE_EXTENSIONS`; hidden files and
   folders (name starting with ".") are skipped; other files are not inputs.
 * Order: folders and files sorted by name at every level, so the list never depends on the
-  filesystem. Symbolic links are followed; a folder reached twice (a loop) is skipped.
+  filesystem. Symbolic links are followed: a folder linked from two places is listed under
+  each path (as torchvision's ImageFolder lists it), and a link to a folder above it (a
+  loop) is not followed.
 * FIFOs, sockets and devices named like images are reported (``not_a_file``), never opened.
 * Names below SRC must be valid UTF-8 (the dataset stores them as text): a candidate whose
   path below SRC is not (its own name, or a folder's on the way) is reported (``bad_name``)
@@ -69,7 +71,7 @@ def list_image_folder(src: str | os.PathLike[str], *,
                              "cannot be a class name; rename it")
     listing = Listing(records=RecordSpool(spill_dir),
                       classes=[e.name for e in class_dirs] if class_dirs else None)
-    visited = {_dir_id(root)}
+    above = frozenset({_dir_id(root)})
     if class_dirs:
         for entry in entries:
             if not _is_dir(entry) and _is_candidate(entry.name):
@@ -78,23 +80,27 @@ def list_image_folder(src: str | os.PathLike[str], *,
                     "image lies directly in SRC next to class folders, so it has no label",
                 ))
         for label, entry in enumerate(class_dirs):
-            _walk(root, Path(entry.path), label, listing, visited)
+            _walk(root, Path(entry.path), label, listing, above)
     else:
-        _walk(root, root, None, listing, visited)
+        _walk(root, root, None, listing, frozenset())
     if not listing.records and not listing.failures:
         raise InputError(f"{root}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return listing
 
 
 def _walk(root: Path, folder: Path, label: int | None, listing: Listing,
-          visited: set[tuple[int, int]]) -> None:
+          above: frozenset[tuple[int, int]]) -> None:
+    """List `folder`'s images into `listing`; `above` holds the folders on the way to it
+    (one of them again is a symlink loop). A folder seen elsewhere is listed again: a set of
+    every folder seen would skip a class folder linked into another class, its images then
+    labelled as that class, with nothing reported."""
     ident = _dir_id(folder)
-    if folder != root and ident in visited:
-        return  # a symlink loop, or the same folder linked twice
-    visited.add(ident)
+    if ident in above:
+        return
+    above = above | {ident}
     for entry in _sorted_entries(folder):
         if _is_dir(entry):
-            _walk(root, Path(entry.path), label, listing, visited)
+            _walk(root, Path(entry.path), label, listing, above)
         elif not _is_candidate(entry.name):
             continue  # not named like an image
         elif not _is_utf8(relative := _relative(root, entry)):
