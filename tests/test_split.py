@@ -107,6 +107,62 @@ def test_validation_split_is_keras_own_cut(tmp_path: Path) -> None:
             assert {s.split("/")[0] for s in keras_files} == set(indices)
 
 
+def test_validation_split_cuts_what_keras_lists_when_the_folders_hold_more(tmp_path: Path) -> None:
+    # .webp and .gif (shardkit reads them, Keras does not), hidden images (Keras lists them,
+    # shardkit skips them) and a linked folder (shardkit follows it, Keras does not): the val
+    # part is still exactly Keras' validation subset, less the files shardkit does not take;
+    # everything else shardkit lists is in train.
+    os.environ.setdefault("KERAS_BACKEND", "torch")  # the test's choice of Keras backend
+    image = pytest.importorskip("keras.src.legacy.preprocessing.image")
+    root = tmp_path / "src"
+    for k, (name, count) in enumerate({"ant": 13, "bee": 7, "cow": 5}.items()):
+        for i in range(count):
+            png(root / name / f"img_{i:04d}.png", 10 * k + i)
+        Image.new("RGB", (6, 5), (k, 0, 0)).save(root / name / "aa_extra.webp")
+        Image.new("RGB", (6, 5), (k, 9, 0)).save(root / name / "ab_extra.gif")
+        png(root / name / f"._img_{k:04d}.png", 200 + k)
+    png(tmp_path / "more" / "m.png", 99)
+    (root / "bee" / "linked").symlink_to(tmp_path / "more")
+    indices = {c: i for i, c in enumerate(sorted(os.listdir(root)))}
+    for validation in (0.2, 0.3):
+        out = tmp_path / f"out{validation}"
+        convert(root, out, validation_split=validation)
+        keras: dict[str, list[str]] = {}
+        for subset, cut in (("val", (0, validation)), ("train", (validation, 1))):
+            keras[subset] = []
+            for name in sorted(indices):
+                _, files = image._list_valid_filenames_in_directory(
+                    str(root / name), image.DirectoryIterator.white_list_formats, cut, indices, False)
+                keras[subset] += [f.replace(os.sep, "/") for f in files]
+        val, train = sources(out / "val"), sources(out / "train")
+        assert sorted(val) == sorted(f for f in keras["val"] if "/._" not in f), validation
+        assert not set(val) & set(train) and len(val) + len(train) == 3 * 2 + 13 + 7 + 5 + 1
+        assert {"ant/aa_extra.webp", "cow/ab_extra.gif", "bee/linked/m.png"} <= set(train)
+
+
+def test_validation_split_of_an_image_csv_keeps_the_rows_flow_from_dataframe_keeps(
+        tmp_path: Path) -> None:
+    os.environ.setdefault("KERAS_BACKEND", "torch")  # the test's choice of Keras backend
+    image = pytest.importorskip("keras.src.legacy.preprocessing.image")
+    pandas = pytest.importorskip("pandas")
+    lines = ["file,kind"]
+    for i in range(14):
+        name = f"img/{i}.webp" if i in (1, 4) else f"img/{i}.gif" if i == 7 else f"img/{i}.png"
+        (tmp_path / "img").mkdir(exist_ok=True)
+        Image.new("RGB", (6, 5), (i, 0, 0)).save(tmp_path / name)
+        lines.append(f"{name},{'dog' if i % 3 else 'cat'}")
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    convert(tmp_path / "t.csv", tmp_path / "k", validation_split=0.3, image_col="file",
+            label_col="kind")
+    frame = pandas.read_csv(tmp_path / "t.csv")
+    keras = image.ImageDataGenerator(validation_split=0.3).flow_from_dataframe(
+        frame, directory=str(tmp_path), x_col="file", y_col="kind", subset="validation",
+        target_size=(4, 4))
+    assert sources(tmp_path / "k" / "val") == keras.filenames
+    assert sources(tmp_path / "k" / "train") == [
+        line.split(",")[0] for line in lines[1:] if line.split(",")[0] not in keras.filenames]
+
+
 def test_failures_are_reported_by_their_part_and_listing_failures_by_the_first(
         tree: Path, tmp_path: Path) -> None:
     src = tmp_path / "src"

@@ -9,14 +9,17 @@ seed gives the same split every time, and one class's split does not depend on a
 ``keras`` (``--validation-split v``), Keras' own cuts:
 
 * class folders: ``ImageDataGenerator(validation_split=v).flow_from_directory(subset=...)``:
-  per class, the files in Keras' order (``os.walk`` sorted by folder path, then file names
-  sorted), validation the first ``int(v * n)``, training the rest (Keras'
-  ``_list_valid_filenames_in_directory`` with ``split=(0, v)`` and ``(v, 1)``). Exact when
-  the class folders hold only what Keras lists too: its extensions (png, jpg, jpeg, bmp,
-  ppm, tif, tiff), no hidden files, no linked folders.
+  per class, the files Keras lists in its folder, in its order (``os.walk`` sorted by
+  folder path, not following linked folders, then file names sorted; names ending with one
+  of its extensions `KERAS_FORMATS`, hidden ones too), validation the first ``int(v * n)``
+  (Keras' ``_list_valid_filenames_in_directory`` with ``split=(0, v)`` and ``(v, 1)``).
+  An input Keras does not list (a .webp or .gif, an image in a linked folder) goes to
+  training. A remote SRC cannot be walked as Keras walks it: its inputs stand for Keras'
+  listing, exact when the class folders hold only what Keras lists too.
 * image CSVs (and Hugging Face datasets): ``flow_from_dataframe(validation_split=v)``: over
-  the rows whose file exists, in CSV order, validation the first ``int(v * n)``; rows whose
-  file is missing go to training (and are reported there).
+  the rows Keras keeps (the file exists and, for a CSV, its name ends with one of
+  `KERAS_FORMATS`), in CSV order, validation the first ``int(v * n)``; the other rows go
+  to training (a missing file is reported there).
 * tabular CSVs: ``model.fit(validation_split=v)``: training the first ``floor(n * (1 - v))``
   good rows, validation the rest.
 
@@ -32,7 +35,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["keras_folder", "keras_rows", "keras_table", "shares", "stratified"]
+__all__ = ["KERAS_FORMATS", "keras_folder", "keras_rows", "keras_table", "shares", "stratified"]
+
+#: The extensions Keras' flow_from_directory and flow_from_dataframe read (its
+#: ``white_list_formats``), matched as Keras matches them: the lower-cased name ends so.
+KERAS_FORMATS = ("png", "jpg", "jpeg", "bmp", "ppm", "tif", "tiff")
 
 
 def shares(n: int, fractions: Sequence[float]) -> list[int]:
@@ -59,12 +66,21 @@ def stratified(labels: np.ndarray, fractions: Sequence[float], seed: int) -> np.
     return part
 
 
-def keras_folder(labels: np.ndarray, sources: Sequence[str], validation: float) -> np.ndarray:
+def keras_folder(labels: np.ndarray, sources: Sequence[str], validation: float,
+                 listed: Sequence[Sequence[str]] | None = None) -> np.ndarray:
     """flow_from_directory's cut (0 = train, 1 = val) of class-folder inputs; `sources` are
-    paths relative to SRC (``class/sub/file.jpg``)."""
+    paths relative to SRC (``class/sub/file.jpg``). `listed`: per label, the files Keras lists
+    in that class folder, in its order (relative to SRC): validation is the first
+    ``int(v * len)`` of them, and an input Keras does not list (another extension, a linked
+    folder's) goes to training. None: the inputs themselves are taken as Keras' listing."""
     part = np.zeros(len(labels), dtype=np.int64)
-    for _label, group in _groups(labels):
+    for label, group in _groups(labels):
         members = group.tolist()
+        if listed is not None:
+            keras = listed[label]
+            validating = set(keras[:int(validation * len(keras))])
+            part[[i for i in members if sources[i] in validating]] = 1
+            continue
         # os.walk roots sorted as strings, then the files of each root sorted: the roots
         # share SRC as a prefix, so comparing the folder part of `source` is the same.
         members.sort(key=lambda i: posixpath.split(sources[i]))
@@ -82,12 +98,12 @@ def _groups(labels: np.ndarray) -> list[tuple[int, np.ndarray]]:
     return [(int(v), order[a:b]) for v, a, b in zip(values.tolist(), starts.tolist(), stops, strict=True)]
 
 
-def keras_rows(exists: np.ndarray, validation: float) -> np.ndarray:
-    """flow_from_dataframe's cut (0 = train, 1 = val): the first int(v * n) rows whose file
-    exists are validation."""
-    exists = np.asarray(exists, dtype=bool)
-    part = np.zeros(len(exists), dtype=np.int64)
-    present = np.flatnonzero(exists)
+def keras_rows(listed: np.ndarray, validation: float) -> np.ndarray:
+    """flow_from_dataframe's cut (0 = train, 1 = val): of the rows Keras keeps (`listed`:
+    their file exists, with one of `KERAS_FORMATS`), the first int(v * n) are validation."""
+    listed = np.asarray(listed, dtype=bool)
+    part = np.zeros(len(listed), dtype=np.int64)
+    present = np.flatnonzero(listed)
     part[present[:int(validation * len(present))]] = 1
     return part
 

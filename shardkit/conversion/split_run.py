@@ -26,6 +26,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from shardkit.conversion.plan import list_inputs, plan_of
 from shardkit.conversion.report import ConvertSummary
 from shardkit.conversion.run import convert_images, convert_table, local_src, resolve_out, spill_dir
 from shardkit.conversion.sources.imagefolder import Listing
-from shardkit.conversion.split import keras_folder, keras_rows, keras_table, stratified
+from shardkit.conversion.split import KERAS_FORMATS, keras_folder, keras_rows, keras_table, stratified
 from shardkit.conversion.tabular import good_rows, plan_table
 from shardkit.errors import ConfigError, OutputExistsError, RemoteError
 from shardkit.format.manifest import INDEX_NAME, Manifest
@@ -88,7 +89,10 @@ def _split_images(src: str | os.PathLike[str], root: Out, config: ConvertConfig,
     listing = list_inputs(local_src(src, source), config, spill_dir=spill_dir(root), run=run,
                           source=source)
     try:
-        part = _assign_records(listing, config, split)
+        keras = None
+        if split.method == "keras" and config.csv is None and config.hf is None and source is None:
+            keras = _keras_listing(Path(local_src(src, source)), listing.classes or ())
+        part = _assign_records(listing, config, split, keras)
         selects = _parts(part, split, len(listing.records))
         summaries = {}
         for k, name in enumerate(split.names):
@@ -101,20 +105,40 @@ def _split_images(src: str | os.PathLike[str], root: Out, config: ConvertConfig,
         listing.records.close()  # the shared input list (the parts' plans are views of it)
 
 
-def _assign_records(listing: Listing, config: ConvertConfig, split: SplitOptions) -> np.ndarray:
+def _assign_records(listing: Listing, config: ConvertConfig, split: SplitOptions,
+                    keras: list[list[str]] | None) -> np.ndarray:
+    """The part of each input. `keras`: per class, what flow_from_directory lists in its
+    folder (`_keras_listing`; None for a remote SRC, whose own inputs stand for it)."""
     keras_folders = split.method == "keras" and config.csv is None and config.hf is None
-    labels, sources, exists = [], [], []
+    labels, sources, listed = [], [], []
     for record in listing.records:
         labels.append(-1 if record.label is None else record.label)
-        exists.append(record.size >= 0)
+        # flow_from_dataframe keeps the rows whose file exists and ends like an image it reads
+        listed.append(record.size >= 0 and (config.csv is None
+                                            or record.path.lower().endswith(KERAS_FORMATS)))
         if keras_folders:
             sources.append(record.source)
     if split.method == "stratified":
         return stratified(np.asarray(labels), [f for _, f in split.parts], config.seed)
     validation = split.parts[1][1]
     if keras_folders:
-        return keras_folder(np.asarray(labels), sources, validation)
-    return keras_rows(np.asarray(exists, dtype=bool), validation)
+        return keras_folder(np.asarray(labels), sources, validation, keras)
+    return keras_rows(np.asarray(listed, dtype=bool), validation)
+
+
+def _keras_listing(src: Path, classes: Sequence[str]) -> list[list[str]]:
+    """Per class, the files flow_from_directory lists in ``SRC/<class>``, in its order, as
+    paths relative to SRC: ``os.walk`` not following linked folders, the folders sorted, then
+    each one's file names sorted, keeping those whose lower-cased name ends with one of
+    `KERAS_FORMATS` (hidden files too: Keras' own ``_iter_valid_files``)."""
+    listed = []
+    for name in classes:
+        files: list[str] = []
+        for folder, _, names in sorted(os.walk(src / name), key=lambda walked: walked[0]):
+            below = os.path.relpath(folder, src).replace(os.sep, "/")
+            files += [f"{below}/{f}" for f in sorted(names) if f.lower().endswith(KERAS_FORMATS)]
+        listed.append(files)
+    return listed
 
 
 def _parts(part: np.ndarray, split: SplitOptions, total: int) -> list[np.ndarray]:
