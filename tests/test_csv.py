@@ -103,6 +103,31 @@ def test_image_csv_columns_come_with_batches_when_asked(image_csv: Path, tmp_pat
     assert batch["source"][batch["index"].tolist().index(1)] == "img/p1.png"
 
 
+def test_image_csv_columns_and_exclude_choose_the_metadata(image_csv: Path, tmp_path: Path) -> None:
+    # They were taken and ignored for an image CSV (and recorded in index.json as if used).
+    common = {"image_col": "filename", "label_col": "species", "size": 20, "workers": 0,
+              "max_errors": 3}
+    out = tmp_path / "no-weight"
+    summary = shardkit.convert(image_csv / "train.csv", out, exclude="weight", **common)
+    # row 7's "heavy" is in the column left out: no longer a bad row
+    assert (summary.inputs, summary.samples, summary.failed) == (7, 5, 2)
+    assert [(e["row"], e["reason"]) for e in errors(out)] == [(4, "missing_file"), (5, "not_an_image")]
+    meta = shardkit.open(out).metadata(0)
+    assert [m["note"] for m in meta] == ["a, b", "plain", "two\nlines", "x", "abs"]
+    assert not any("weight" in m for m in meta)
+    shardkit.convert(image_csv / "train.csv", tmp_path / "weight", columns="weight", **common)
+    assert [sorted(m) for m in shardkit.open(tmp_path / "weight").metadata(0)][0] == [
+        "class", "key", "label", "orig_height", "orig_width", "source", "weight"]
+    with pytest.raises(shardkit.ConfigError, match="no such column 'nope'"):
+        shardkit.convert(image_csv / "train.csv", tmp_path / "x", exclude="nope", **common)
+    # A column named like an output field is left out instead of renamed.
+    clash = image_csv / "clash.csv"
+    clash.write_text("filename,species,class\nimg/p0.jpg,cat,a\nimg/p1.png,dog,b\n")
+    with pytest.raises(shardkit.InputError, match="class would collide"):
+        shardkit.convert(clash, tmp_path / "y", **common)
+    assert shardkit.convert(clash, tmp_path / "z", exclude="class", **common).samples == 2
+
+
 def test_image_csv_integer_labels_and_same_bytes_for_any_workers(image_csv: Path,
                                                                  tmp_path: Path) -> None:
     csv = image_csv / "ints.csv"

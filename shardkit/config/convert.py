@@ -113,7 +113,8 @@ class CsvOptions:
     label_cols: label column(s); one column gives int64 labels (strings become sorted
         classes), several give float32 targets (``label`` float32 [B, K] when reading).
     root: folder that relative image paths start from (None: the CSV's folder).
-    columns / exclude: feature columns to keep / drop (tabular); default every column.
+    columns / exclude: the columns to keep / drop beside the image and label columns (a tabular
+        CSV's features, an image CSV's metadata); default every column.
     delimiter, encoding: passed to the CSV parser. header: ``auto`` (the first record is a
         header unless every field of it is a number), ``yes`` or ``no``.
     keep_ints: store integer columns as int64 instead of float32 (tabular).

@@ -30,8 +30,8 @@ from shardkit.conversion.sources.csv import (
     BadRow,
     Column,
     CsvStream,
-    check_columns,
     infer_columns,
+    kept_columns,
     typed_block,
 )
 from shardkit.errors import ConfigError, InputError, WorkerError
@@ -57,9 +57,7 @@ class TableLayout:
     @classmethod
     def of(cls, names: list[str], columns: dict[str, Column], options: CsvOptions,
            path: Path) -> TableLayout:
-        check_columns(names, [*options.label_cols, *options.columns, *options.exclude], path)
-        chosen = [n for n in names if n not in options.label_cols and n not in options.exclude
-                  and (not options.columns or n in options.columns)]
+        chosen = kept_columns(names, options, path)
         if ROW_COLUMN in chosen or ROW_COLUMN in options.label_cols:
             raise InputError(f"{path}: a column named {ROW_COLUMN!r} would collide with the row "
                              f"numbers a table shard stores as {ROW_COLUMN!r}; rename it, or leave "

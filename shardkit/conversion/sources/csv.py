@@ -286,6 +286,17 @@ def _mark(reasons: dict[int, BadRow], bad: np.ndarray, mask: np.ndarray, rows: n
     bad |= mask
 
 
+def kept_columns(names: list[str], options: CsvOptions, path: Path) -> list[str]:
+    """The columns of a CSV (`names`, in CSV order) that travel with its rows beside the image
+    and label columns: every other one, or those `--columns` names, less those `--exclude`
+    names (a tabular CSV's features, an image CSV's metadata). ConfigError for a name the
+    CSV does not have."""
+    named = [*options.label_cols, *([options.image_col] if options.image_col else [])]
+    check_columns(names, [*named, *options.columns, *options.exclude], path)
+    return [n for n in names if n not in named and n not in options.exclude
+            and (not options.columns or n in options.columns)]
+
+
 def check_columns(names: list[str], wanted: list[str], path: Path) -> None:
     missing = [w for w in wanted if w not in names]
     if missing:

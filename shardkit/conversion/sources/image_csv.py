@@ -7,7 +7,8 @@ and any other columns, which travel with each sample as typed metadata.
   an integer column gives labels as written (classes ``"0"`` .. ``"max"``); several numeric
   columns give float32 targets, stored as the metadata field ``target`` (no classes); no
   label column gives an unlabelled dataset.
-* Other columns become metadata typed as the CSV source infers them (int64, float64, string).
+* Other columns become metadata typed as the CSV source infers them (int64, float64, string):
+  every one, or those ``--columns`` names, less those ``--exclude`` names.
 * A bad row (see `shardkit.conversion.sources.csv`), an empty path or a negative integer label is a
   listing failure carrying its row number; a missing or undecodable image is reported by the
   conversion task with the row number too. Nothing is dropped silently.
@@ -24,7 +25,7 @@ import pyarrow as pa
 
 from shardkit.config import CsvOptions
 from shardkit.conversion.report import FailureRecord
-from shardkit.conversion.sources.csv import Column, CsvStream, check_columns, infer_columns, typed_block
+from shardkit.conversion.sources.csv import Column, CsvStream, infer_columns, kept_columns, typed_block
 from shardkit.conversion.sources.imagefolder import Listing
 from shardkit.conversion.sources.records import InputRecord, RecordSpool, plan_failure
 from shardkit.errors import ConfigError, InputError
@@ -49,10 +50,9 @@ def list_image_csv(src: str | os.PathLike[str], options: CsvOptions, *,
     stream = CsvStream(path, options)
     targets = list(options.label_cols) if len(options.label_cols) > 1 else []
     label = options.label_cols[0] if len(options.label_cols) == 1 else None
-    check_columns(stream.names, [options.image_col, *options.label_cols], path)
+    kept = kept_columns(stream.names, options, path)
     columns = infer_columns(stream)
-    meta = [columns[n] for n in stream.names
-            if n != options.image_col and n not in options.label_cols]
+    meta = [columns[n] for n in kept]
     clash = sorted(c.name for c in meta if c.name in RESERVED_COLUMNS)
     if clash:
         unnamed = "label" in clash and not options.label_cols
