@@ -127,7 +127,8 @@ def _parser() -> argparse.ArgumentParser:
                             "(train-00000-of-00001.parquet, test/..., valid.parquet)")
     table.add_argument("--root", default=None,
                        help="folder relative image paths start from (default: the CSV's folder)")
-    table.add_argument("--columns", default=None, help="comma-separated columns to keep (a table's features, an image CSV's metadata)")
+    table.add_argument("--columns", default=None,
+                       help="comma-separated columns to keep (a table's features, an image CSV's metadata)")
     table.add_argument("--exclude", default=None, help="comma-separated columns to leave out")
     table.add_argument("--delimiter", default=",", help="field delimiter (default ,)")
     table.add_argument("--encoding", default="utf8", help="text encoding (default utf8)")

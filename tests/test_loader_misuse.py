@@ -8,6 +8,7 @@ import gc
 import itertools
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -338,6 +339,31 @@ def test_a_dataloader_of_shard_dataset_moves_on_by_epoch(data: Path, workers: in
     counted = shardkit.ShardDataset(data, BATCH, seed=3)
     steps = [indices(itertools.islice(counted, len(counted))) for _ in range(2)]
     assert steps == reference[:2] and counted.epoch == 2
+
+
+def test_persistent_workers_after_a_pass_broken_off_read_one_whole_epoch(data: Path) -> None:
+    """Workers make batches ahead of the loop: with each advancing when its own last batch
+    was made, the pass after one broken off mixed worker 0's epoch 0 with worker 1's epoch 1
+    (samples missing, others twice). Every pass after the first is the next epoch, whole."""
+    from torch.utils.data import DataLoader
+
+    dataset = shardkit.ShardDataset(data, 1, seed=3)
+    loader = DataLoader(dataset, batch_size=None, num_workers=2, persistent_workers=True,
+                        prefetch_factor=2)
+    # 27 batches: worker 0 makes 14, worker 1 13. After 22 (11 each) both are asked for 2
+    # more: worker 1 has then made its last one, worker 0 not.
+    batches = iter(loader)
+    first = indices(itertools.islice(batches, 22))
+    time.sleep(1.0)  # let the workers make what they were asked for
+    del batches
+    second, third = indices(loader), indices(loader)
+    reference = []
+    for epoch in range(3):
+        one = ShardLoader(data, 1, seed=3)
+        one.set_epoch(epoch)
+        reference.append(indices(one))
+    assert first == reference[0][:22] and second == reference[1] and third == reference[2]
+    assert sorted(i for b in second for i in b) == list(range(27)) and second != third
 
 
 def test_an_unfinished_numpy_iterator_at_exit_prints_nothing(data: Path) -> None:

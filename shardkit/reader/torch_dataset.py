@@ -64,13 +64,15 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
     until it is iterated (no open files), so it is cheap to send to worker processes; for a
     URL each worker makes its own cache object over the one cache folder of the node.
 
-    Epochs: a pass that hands out its last batch advances the epoch of the object that made
-    it (the next pass starts the next epoch, from its first sample). In this process
-    (``num_workers=0``) and in ``persistent_workers=True`` workers, whose copies live on,
-    that is all it takes. Workers
-    that are not persistent are new copies each epoch, made from this object: call
-    ``ds.set_epoch(epoch)`` before each epoch, as with torch's DistributedSampler (otherwise
-    every epoch repeats the first one's order).
+    Epochs: in this process (``num_workers=0``), a pass that hands out its last batch
+    advances the epoch (the next pass starts the next epoch, from its first sample); one
+    broken off earlier is repeated. In ``persistent_workers=True`` workers, whose copies live
+    on, every pass after the first starts the next epoch: a worker makes its batches ahead of
+    the loop and cannot see where the loop stopped, so all of them move on together (each
+    advancing when its own last batch was made mixed two epochs in the pass after one broken
+    off). Workers that are not persistent are new copies each epoch, made from this object:
+    call ``ds.set_epoch(epoch)`` before each epoch, as with torch's DistributedSampler
+    (otherwise every epoch repeats the first one's order).
     """
 
     def __init__(self, path: str | os.PathLike[str], batch_size: int,
@@ -93,6 +95,8 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         self.cuts: tuple[Cut, ...] = ()
         #: Set by ShardLoader while its loop waits for a batch (copying threads help only then).
         self.demand: threading.Event | None = None
+        #: Passes this copy has started in a DataLoader worker process (see the docstring).
+        self._worker_passes = 0
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "demand": None}  # an Event does not travel to worker processes
@@ -112,9 +116,14 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        order = self.batches(worker, workers)
-        for step, batch in enumerate(self._tensors(order, in_process=info is None), start=1):
+        if info is not None:
+            if self._worker_passes:
+                self.set_epoch(self.epoch + 1)
+            self._worker_passes += 1
+            yield from self._tensors(self.batches(info.id, info.num_workers), in_process=False)
+            return
+        order = self.batches()
+        for step, batch in enumerate(self._tensors(order), start=1):
             if step == len(order):  # the pass is complete once its last batch is out (as a
                 self.set_epoch(self.epoch + 1)  # ShardLoader's); one broken off is repeated
             yield batch
