@@ -315,6 +315,27 @@ def test_grayscale_and_shorter_side_shapes(tree: Path, tmp_path: Path) -> None:
             assert image.shape[:2] == ((12, round(w * 12 / h)) if h <= w else (round(h * 12 / w), 12))
 
 
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_variable_size_batches_are_the_callers_to_change(tree: Path, tmp_path: Path, fmt: str) -> None:
+    # They were the open shard's own arrays: an in-place change in the loop came back in
+    # every later epoch (and Parquet's were views of immutable bytes).
+    out = _convert(tree, tmp_path / fmt, size=12, resize="shorter-side", format=fmt)
+    stored = list(shardkit.open(out).read_shard(0).images)
+    loader = shardkit.ShardLoader(out, 4, shuffle=False)
+    for epoch in range(2):
+        seen = [image.numpy().copy() for batch in loader for image in batch["image"]]
+        assert len(seen) == 15 and all(np.array_equal(a, b) for a, b in zip(seen, stored, strict=True)), epoch
+        for batch in loader:
+            for image in batch["image"]:
+                image.fill_(7)  # what an in-place transform in a training loop does
+    for batch in shardkit.open(out).batches(5, shuffle=False):
+        for image in batch["image"]:
+            assert image.flags.writeable
+            image[...] = 9
+    assert all(np.array_equal(a, b) for a, b in zip(shardkit.open(out).read_shard(0).images, stored, strict=True))
+    assert not any((image == 7).all() for batch in loader for image in batch["image"])
+
+
 def test_index_json_is_complete(tree: Path, tmp_path: Path) -> None:
     _convert(tree, tmp_path / "out", size=8, samples_per_shard=6)
     data = json.loads((tmp_path / "out" / "index.json").read_text())

@@ -160,7 +160,9 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
         rows = local.tolist()
         if isinstance(handle.images, list):  # raw images of varying shapes
             for slot, i in enumerate(rows, start=slots.start):
-                images[slot] = handle.images[i]
+                # a copy, as a gather makes for fixed shapes: the batch is the caller's to
+                # change, and the shard stays open for the next epoch
+                images[slot] = np.array(handle.images[i])
         elif handle.images is not None:
             copies.append((handle.images, local, images[slots]))
         elif encoded:
