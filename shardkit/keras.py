@@ -11,7 +11,9 @@ Epochs: Keras opens a new iterator for each epoch without telling the data which
 is (and opens extra ones: one for the model's first build, one it drops unused at an
 epoch's end). The loader's epoch therefore advances when a pass has handed out its last
 batch, and only then: each complete pass gets a new shuffle and new augmentation draws,
-with no ``set_epoch``, and a pass broken off early is repeated with the same order.
+with no ``set_epoch``, and a pass broken off early is repeated with the same order. The
+epoch is the `ShardLoader`'s (``dataset(...).loader``): its ``set_epoch`` and
+``load_state_dict`` (a job resumed with ``fit(initial_epoch=...)``) hold for the next pass.
 
 This module never imports Keras; Keras never needs to import it either: the numpy and
 torch paths of shardkit are unchanged by it. It needs torch (``shardkit[torch]``; Keras
@@ -111,19 +113,15 @@ class KerasBatches(torch.utils.data.IterableDataset):  # type: ignore[misc]
         self.y, self.label_mode, self.rescale = y, label_mode, rescale
         self.device = None if device is None else torch.device(device)
         self.classes: list[str] | None = manifest.classes
-        #: The epoch the next complete pass reads.
-        self.epoch = loader.epoch
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Any]:
-        loader = self.loader
-        loader.set_epoch(self.epoch)
-        last = len(loader) - 1
-        for step, batch in enumerate(loader):
-            if step == last:  # the pass is complete once its last batch is out
-                self.epoch += 1
+        # The loader keeps the epoch: it advances when a pass hands out its last batch, and
+        # repeats one broken off (the batch Keras takes to build the model), so its own
+        # set_epoch and load_state_dict hold for the next pass.
+        for batch in self.loader:
             yield self.pair(batch)
 
     def pair(self, batch: dict[str, Any]) -> Any:
@@ -174,5 +172,5 @@ class KerasLoader(torch.utils.data.DataLoader):  # type: ignore[misc]
 
     @property
     def epoch(self) -> int:
-        """The epoch the next complete pass reads."""
-        return self.batches.epoch
+        """The epoch the next complete pass reads (the loader's)."""
+        return self.batches.loader.epoch

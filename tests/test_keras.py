@@ -111,6 +111,27 @@ def test_a_new_order_each_complete_pass_and_a_broken_pass_repeats(shards: dict[s
     assert sorted(first) == sorted(second)
 
 
+def test_the_loaders_set_epoch_and_state_hold_for_the_next_pass(shards: dict[str, Path]) -> None:
+    # The adapter kept an epoch of its own and set it on the loader at every pass, so the
+    # loader's set_epoch and load_state_dict (resuming a job) were silently undone.
+    data = shardkit.keras.dataset(shards["tar"], BATCH, seed=5)
+    reference = shardkit.ShardLoader(shards["tar"], BATCH, seed=5)
+    reference.set_epoch(3)
+    epoch3 = [b["label"].tolist() for b in reference]
+    data.loader.set_epoch(3)
+    assert [y.tolist() for _, y in data] == epoch3 and data.epoch == 4
+    reference.set_epoch(1)
+    passing = iter(reference)
+    done = [next(passing)["label"].tolist() for _ in range(2)]
+    state = reference.state_dict()
+    resumed = shardkit.keras.dataset(shards["tar"], BATCH, seed=5)
+    resumed.loader.load_state_dict(state)
+    rest = [y.tolist() for _, y in resumed]
+    reference.set_epoch(1)
+    assert done + rest == [b["label"].tolist() for b in reference] and len(rest) == len(resumed) - 2
+    assert resumed.epoch == 2
+
+
 def test_rescale_categorical_and_augment(shards: dict[str, Path]) -> None:
     plain = next(iter(shardkit.keras.dataset(shards["tar"], BATCH, shuffle=False)))
     x, y = next(iter(shardkit.keras.dataset(shards["tar"], BATCH, shuffle=False, rescale=1 / 255,
