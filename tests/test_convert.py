@@ -332,7 +332,8 @@ def test_variable_size_batches_are_the_callers_to_change(tree: Path, tmp_path: P
         for image in batch["image"]:
             assert image.flags.writeable
             image[...] = 9
-    assert all(np.array_equal(a, b) for a, b in zip(shardkit.open(out).read_shard(0).images, stored, strict=True))
+    again = shardkit.open(out).read_shard(0).images
+    assert all(np.array_equal(a, b) for a, b in zip(again, stored, strict=True))
     assert not any((image == 7).all() for batch in loader for image in batch["image"])
 
 
