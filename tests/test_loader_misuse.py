@@ -267,6 +267,10 @@ def _state(data: Path, **changes: object) -> dict[str, Any]:
     (None, {"epoch": "x"}), (None, {"epoch": -1}), (None, {"epoch": 1.5}),
     (None, {"samples": "x"}), (None, {"fingerprint": 3}), (None, {"world_size": None}),
     (None, {"cuts": "x"}),
+    # numbers that int() took (3.5 → 3, "3", True, 2.7 ranks), and worlds no job has
+    (None, {"samples": 3.5}), (None, {"samples": "3"}), (None, {"samples": True}),
+    (None, {"world_size": 2.7}), (None, {"world_size": 0}), (None, {"batch_size": -2}),
+    (None, {"cuts": [[2, 5]]}), (None, {"cuts": [[2, 5, "1"]]}), (None, {"cuts": [[0, 5, 0]]}),
 ])
 def test_a_broken_state_is_a_config_error(data: Path, drop: str | None,
                                           changes: dict[str, object]) -> None:
@@ -279,6 +283,18 @@ def test_a_broken_state_is_a_config_error(data: Path, drop: str | None,
         loader.load_state_dict(bad)
     assert (loader.epoch, loader.state_dict()["samples"]) == (0, 0)  # nothing was taken from it
     assert indices(loader) == epoch_order(data, 0)
+
+
+def test_a_state_from_far_more_ranks_than_samples_resumes_without_an_array_per_rank(
+        data: Path) -> None:
+    # Each saved rank's run was an array of its own, each the size of the whole padded
+    # order: a million ranks took 24 GB. Past one rank per sample the rest is the same.
+    for world, samples, left in ((10**6, 0, 27), (10**6, 1, 0), (10**20, 0, 27)):
+        loader = ShardLoader(data, BATCH, seed=3)
+        loader.load_state_dict(_state(data, world_size=world, batch_size=1, samples=samples))
+        got = [i for b in indices(loader) for i in b]
+        assert sorted(got) == list(range(left))
+        assert indices(loader) == epoch_order(data, 1)
 
 
 def test_a_state_at_the_end_of_an_epoch_is_an_empty_pass_then_the_next_epoch(data: Path) -> None:

@@ -143,12 +143,20 @@ def remaining_order(order: np.ndarray, cuts: Sequence[Cut], *, drop_last: bool) 
     consumed more than its runs hold."""
     rest = order
     for cut in cuts:
-        runs = [rank_run(rest, rank=r, world=cut.world, drop_last=drop_last,
-                         batch_size=cut.batch_size) for r in range(cut.world)]
-        if cut.samples > len(runs[0]):
-            raise ValueError(f"a cut of {cut.samples} samples per rank; the runs hold {len(runs[0])}")
-        done = np.concatenate([run[:cut.samples] for run in runs])
-        left = np.concatenate([run[cut.samples:] for run in runs])
+        total, world = len(rest), cut.world
+        if not drop_last and total:
+            # More ranks than samples: each run is one sample, the later ones repeats, and
+            # what is left is the same as with one rank per sample (no array per rank).
+            world = min(world, total)
+        per_rank = samples_per_rank(total, world, drop_last=drop_last, batch_size=cut.batch_size)
+        if cut.samples > per_rank:
+            raise ValueError(f"a cut of {cut.samples} samples per rank; the runs hold {per_rank}")
+        # Every rank's run (`rank_run`) as one row, made once.
+        if drop_last:
+            runs = rest[:total // world * world].reshape(world, total // world)[:, :per_rank]
+        else:
+            runs = np.resize(rest, per_rank * world).reshape(world, per_rank)
+        done, left = runs[:, :cut.samples].ravel(), runs[:, cut.samples:].ravel()
         left = left[~np.isin(left, done)]
         _, first = np.unique(left, return_index=True)
         rest = left[np.sort(first)]

@@ -174,11 +174,17 @@ _STATE_KEYS = ("fingerprint", "seed", "epoch", "samples", "world_size", "shuffle
 def _cuts_of(state: dict[str, Any], batch_size: int) -> tuple[tuple[Cut, ...], Cut]:
     """A state's earlier cuts of its epoch, and where it stands as one more cut (a state
     saved before batch sizes were recorded was saved with this loader's)."""
+    def cut(world: object, size: object, samples: object) -> Cut:
+        return Cut(check_count("world_size", world, 1), check_count("batch_size", size, 1),
+                   check_count("samples", samples, 0))
+
     try:
-        cuts = tuple(Cut(*map(int, c)) for c in state.get("cuts", []))
-        saved = Cut(int(state["world_size"]), int(state.get("batch_size", batch_size)),
-                    int(state["samples"]))
-    except (TypeError, ValueError, KeyError) as exc:
+        listed = state.get("cuts", [])
+        if not isinstance(listed, list) or not all(isinstance(c, list) and len(c) == 3 for c in listed):
+            raise ConfigError(f"cuts must be a list of [world_size, batch_size, samples]; got {listed!r}")
+        cuts = tuple(cut(*c) for c in listed)
+        saved = cut(state["world_size"], state.get("batch_size", batch_size), state["samples"])
+    except (ConfigError, KeyError) as exc:
         raise ConfigError(f"not a shardkit loader state ({exc}): {state!r}") from None
     return cuts, saved
 
