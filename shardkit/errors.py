@@ -124,6 +124,13 @@ def require(module: str, extra: str) -> object:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
+        top = module.split(".")[0]
+        if isinstance(exc, ModuleNotFoundError) and exc.name in (top, module):
+            raise MissingExtraError(
+                f"{module} is not installed; install it with: pip install 'shardkit[{extra}]'"
+            ) from exc
+        # installed, and broken (a library it loads, a version clash): say what broke
         raise MissingExtraError(
-            f"{module} is not installed; install it with: pip install 'shardkit[{extra}]'"
+            f"{module} is installed but does not import ({type(exc).__name__}: {exc}); "
+            f"reinstall it, e.g. pip install --force-reinstall 'shardkit[{extra}]'"
         ) from exc

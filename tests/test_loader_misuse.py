@@ -382,6 +382,20 @@ def test_persistent_workers_after_a_pass_broken_off_read_one_whole_epoch(data: P
     assert sorted(i for b in second for i in b) == list(range(27)) and second != third
 
 
+def test_an_open_jpeg_loader_pass_at_exit_prints_nothing(tmp_path: Path) -> None:
+    """A jpeg pass sets torch's thread count and puts it back when it closes; closed at
+    interpreter exit, after torch's module was torn down, that printed a traceback."""
+    import subprocess
+    import sys
+
+    jpeg = small_dataset(small_tree(tmp_path / "src", 3), tmp_path / "jpeg", 4, codec="jpeg")
+    script = ("import shardkit\n"
+              f"it = iter(shardkit.ShardLoader({str(jpeg)!r}, 4))\n"
+              "print(len(next(it)['index']))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "4\n" and done.stderr == "", done.stderr
+
+
 def test_an_unfinished_numpy_iterator_at_exit_prints_nothing(data: Path) -> None:
     """At interpreter exit the daemon thread is stopped inside the pass: closing its items
     then raised 'generator already executing' (a traceback printed at every exit)."""

@@ -264,6 +264,22 @@ def test_numpy_path_works_without_torch(tar_ds: Path) -> None:
     assert lines[1].startswith("MissingExtraError") and "shardkit[torch]" in lines[1]
 
 
+def test_an_extra_that_is_installed_and_broken_says_what_broke(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # It said "is not installed" for any ImportError: a library torch loads failing to map
+    # sent users to install what they had.
+    from shardkit.errors import MissingExtraError, require
+
+    (tmp_path / "broken_extra").mkdir()
+    (tmp_path / "broken_extra" / "__init__.py").write_text(
+        "raise ImportError('libbroken.so: failed to map segment from shared object')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(MissingExtraError, match=r"installed but does not import .*libbroken\.so"):
+        require("broken_extra", "torch")
+    with pytest.raises(MissingExtraError, match=r"^no_such_extra_module is not installed"):
+        require("no_such_extra_module", "torch")
+
+
 def test_to_device_normalises_on_the_device(tar_ds: Path) -> None:
     batch = next(iter(ShardLoader(tar_ds, BATCH)))
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.5]

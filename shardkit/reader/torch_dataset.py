@@ -412,9 +412,11 @@ class ShardLoader:
         items = ds._tensors(order)
         batches = self._prefetcher.run(items) if self.options.prefetch else items
         self._counted, self._consumed = me, 0
-        threads, saved = self._torch_threads(), torch.get_num_threads()
+        # Held here: a pass still open at interpreter exit is closed after torch's module is
+        # torn down, and its `finally` must still put the count back.
+        threads, saved, set_threads = self._torch_threads(), torch.get_num_threads(), torch.set_num_threads
         if threads is not None:
-            torch.set_num_threads(threads)  # this (the training) thread's, for this pass
+            set_threads(threads)  # this (the training) thread's, for this pass
         try:
             for step, batch in enumerate(batches, start=1):
                 if self.pin_memory:
@@ -430,7 +432,7 @@ class ShardLoader:
         finally:
             batches.close()  # now: the thread leaves the pass, the shards are let go
             if threads is not None:
-                torch.set_num_threads(saved)
+                set_threads(saved)
 
     def _torch_threads(self) -> int | None:
         """torch's intra-op threads for a pass (see ReadOptions.torch_threads); None: as they are."""
