@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 from corpus import loader, to_array
 
 import shardkit
@@ -341,6 +342,30 @@ def test_image_csv_several_label_columns_are_float_targets(image_csv: Path, tmp_
     np.testing.assert_array_equal(batch["label"].numpy(), [[0.5, -1], [2, 3.5], [-4, 8]])
     np.testing.assert_array_equal(batch["image"][1].numpy(), pixels(image_csv / "img" / "p2.jpg", 12))
     assert verify_dataset(out) == []
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_image_csv_one_column_of_fractions_is_a_float_target(image_csv: Path, tmp_path: Path,
+                                                             fmt: str) -> None:
+    # Keras' flow_from_dataframe(class_mode="raw") with one column (a regression): it was
+    # refused as "holds fractions", also for 1.0-style integers as pandas writes them.
+    csv = image_csv / f"age-{fmt}.csv"
+    csv.write_text("file,age\nimg/p0.jpg,23.5\nimg/p1.png,40.0\nimg/p2.jpg,\nimg/p3.png,7\n")
+    out = tmp_path / "out"
+    summary = shardkit.convert(csv, out, image_col="file", label_col="age", size=12, format=fmt,
+                               workers=0, max_errors=1)
+    assert (summary.samples, summary.failed) == (3, 1)
+    assert [(e["row"], e["reason"]) for e in errors(out)] == [(4, "missing_label")]
+    dataset = shardkit.open(out)
+    assert dataset.classes is None and dataset.manifest.targets == 1
+    batch = next(iter(shardkit.ShardLoader(out, batch_size=4, shuffle=False)))
+    assert batch["label"].dtype == torch.float32 and tuple(batch["label"].shape) == (3, 1)
+    np.testing.assert_array_equal(batch["label"].numpy(), [[23.5], [40.0], [7.0]])
+    numpy = next(iter(dataset.batches(4, shuffle=False)))
+    np.testing.assert_array_equal(numpy["label"], [[23.5], [40.0], [7.0]])
+    assert verify_dataset(out) == []
+    x, y = next(iter(shardkit.keras.dataset(out, 4, shuffle=False)))
+    assert tuple(y.shape) == (3, 1) and tuple(x.shape) == (3, 12, 12, 3)
 
 
 def test_verify_finds_a_damaged_table_shard(table_csv: Path, tmp_path: Path) -> None:

@@ -215,14 +215,16 @@ def _check_images(data: dict[str, Any]) -> None:
         parent, _, name = at.rpartition(".")
         if needed and name not in _at(data, parent):
             raise _Bad(at, "is missing")
-    if "csv" in config:  # an image CSV: one label column gives classes, several give targets
-        count = len(config["csv"]["label_cols"])
-        if ("target" in schema) != (count > 1):
-            raise _Bad("schema.target", f"is {'missing' if count > 1 else 'there'}, but "
+    if "csv" in config:  # an image CSV: one label column gives classes or (fractions) a
+        # target, several give targets
+        count, targets = len(config["csv"]["label_cols"]), "target" in schema
+        if (targets and count == 0) or (not targets and count > 1):
+            raise _Bad("schema.target", f"is {'there' if targets else 'missing'}, but "
                                         f"config.csv.label_cols names {count} columns")
-        if labelled != (count == 1):
-            raise _Bad("classes", f"is {'null' if count == 1 else 'there'}, but "
-                                  f"config.csv.label_cols names {count} columns")
+        if labelled != (count == 1 and not targets):
+            raise _Bad("classes", f"is {'there' if labelled else 'null'}, but "
+                                  f"config.csv.label_cols names {count} columns"
+                                  + (" and schema.target is there" if targets else ""))
     if config.get("pixels", DEFAULT_PIXELS) != DEFAULT_PIXELS and (
             tar or config["codec"] != "raw" or None in shape):
         raise _Bad("config.pixels", f"is {config['pixels']!r}, which only raw Parquet shards of "

@@ -4,9 +4,10 @@ and any other columns, which travel with each sample as typed metadata.
 * Paths are relative to `root` (default: the CSV's folder) or absolute; ``source`` keeps the
   path as written in the CSV. Order is CSV order.
 * Labels: a string column gives classes = its sorted distinct values, labels their indices;
-  an integer column gives labels as written (classes ``"0"`` .. ``"max"``); several numeric
-  columns give float32 targets, stored as the metadata field ``target`` (no classes); no
-  label column gives an unlabelled dataset.
+  an integer column gives labels as written (classes ``"0"`` .. ``"max"``); a column of
+  fractions (Keras' ``class_mode="raw"``), or several numeric columns, give float32 targets,
+  stored as the metadata field ``target`` (no classes); no label column gives an unlabelled
+  dataset.
 * Other columns become metadata typed as the CSV source infers them (int64, float64, string):
   every one, or those ``--columns`` names, less those ``--exclude`` names.
 * A bad row (see `shardkit.conversion.sources.csv`), an empty path or a negative integer label is a
@@ -48,18 +49,20 @@ def list_image_csv(src: str | os.PathLike[str], options: CsvOptions, *,
     path = Path(src)
     assert options.image_col is not None  # the caller selects image CSVs by it
     stream = CsvStream(path, options)
-    targets = list(options.label_cols) if len(options.label_cols) > 1 else []
-    label = options.label_cols[0] if len(options.label_cols) == 1 else None
     kept = kept_columns(stream.names, options, path)
     columns = infer_columns(stream)
     meta = [columns[n] for n in kept]
+    # one column of fractions is a float target too (Keras' class_mode="raw"), as several are
+    fractions = len(options.label_cols) == 1 and columns[options.label_cols[0]].kind == "float"
+    targets = list(options.label_cols) if len(options.label_cols) > 1 or fractions else []
+    label = options.label_cols[0] if options.label_cols and not targets else None
     clash = sorted(c.name for c in meta if c.name in RESERVED_COLUMNS)
     if clash:
         unnamed = "label" in clash and not options.label_cols
         hint = " (the labels? name it: --label-col label)" if unnamed else ""
         raise InputError(f"{path}: column(s) {', '.join(clash)} would collide with the output's "
                          f"own fields; rename them{hint}")
-    wanted, types, required, classes = _typed_columns(options, columns, meta, path)
+    wanted, types, required, classes = _typed_columns(options, columns, meta, label, targets, path)
     if paths is None:
         if options.root is not None and not Path(options.root).is_dir():
             raise InputError(f"{path}: --root {options.root} is not a folder (the rows' paths "
@@ -99,22 +102,23 @@ def list_image_csv(src: str | os.PathLike[str], options: CsvOptions, *,
 
 
 def _typed_columns(options: CsvOptions, columns: dict[str, Column], meta: list[Column],
+                   label: str | None, targets: list[str],
                    path: Path) -> tuple[list[Column], dict[str, Any], dict[str, str], list[str] | None]:
-    """The columns a block is typed by (image path, metadata, label or float targets), their
-    Arrow types, the reasons of rows missing a required one, and a string label's classes."""
+    """The columns a block is typed by (image path, metadata, the label or the float
+    targets), their Arrow types, the reasons of rows missing a required one, and a string
+    label's classes."""
     assert options.image_col is not None
     wanted = [Column(options.image_col, "string"), *meta]
     types: dict[str, Any] = {options.image_col: pa.string(),
                              **{c.name: _META_TYPES[c.kind][1] for c in meta}}
     required = {options.image_col: "missing_path"}
     classes = None
-    if len(options.label_cols) == 1:
-        label = options.label_cols[0]
+    if label is not None:
         classes = _string_classes(columns[label], path)
         wanted.append(Column(label, columns[label].kind, columns[label].categories))
         types[label] = pa.int64()
         required[label] = "missing_label"
-    for name in options.label_cols if len(options.label_cols) > 1 else ():
+    for name in targets:
         if columns[name].kind == "string":
             raise ConfigError(f"{path}: label column {name!r} holds text; several label columns "
                               "must all be numeric (float32 targets)")
@@ -125,9 +129,6 @@ def _typed_columns(options: CsvOptions, columns: dict[str, Column], meta: list[C
 
 
 def _string_classes(column: Column, path: Path) -> list[str] | None:
-    if column.kind == "float":
-        raise ConfigError(f"{path}: label column {column.name!r} holds fractions; image CSVs "
-                          "take string or integer labels")
     if column.kind == "int":
         return None  # decided after reading, from the largest label
     if column.categories is None:
