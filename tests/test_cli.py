@@ -19,6 +19,7 @@ from shardkit.errors import (
     InputError,
     OutputExistsError,
     TooManyFailuresError,
+    WorkerError,
 )
 
 SHARDKIT = [sys.executable, "-m", "shardkit"]
@@ -57,6 +58,50 @@ def test_exit_codes(tree: Path, tmp_path: Path) -> None:
     (full / "a.txt").write_text("x")
     assert cli("convert", tree, full).returncode == OutputExistsError.exit_code
     assert cli("info", tree).returncode == DatasetError.exit_code
+
+
+def test_a_write_the_os_refuses_in_this_process_is_one_line_and_exit_7(tmp_path: Path) -> None:
+    # OUT's disk full (here: a file-size limit) while this process writes a table's shard,
+    # or errors.jsonl, or a journal entry: a traceback and exit 1. Nothing is published, and
+    # a rerun with room resumes.
+    lines = ["x,y"] + [f"{i},{i % 3}" for i in range(30000)]
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (40000, 40000))\n"
+              "from shardkit.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "out"
+    limited = subprocess.run([sys.executable, "-c", script, "convert", str(tmp_path / "t.csv"), str(out),
+                              "--label-col", "y"], capture_output=True, text=True, timeout=120)
+    assert limited.returncode == WorkerError.exit_code, limited.stderr
+    assert limited.stderr.startswith(f"shardkit: error: converting into {out} stopped: ")
+    assert "File too large" in limited.stderr and "Traceback" not in limited.stderr
+    assert not (out / "index.json").exists()
+    done = cli("convert", tmp_path / "t.csv", out, "--label-col", "y", "--resume")
+    assert done.returncode == 0, done.stderr
+    assert shardkit.open(out).manifest.samples == 30000
+
+
+def test_a_second_conversion_into_an_out_in_use_is_refused(tree: Path, tmp_path: Path) -> None:
+    # It was told to pass --resume or --overwrite, which cleared the running one's temporary
+    # files (that one then died with a traceback). A conversion holds a lock on OUT.
+    import fcntl
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    held = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a running conversion holds it
+        for extra in ((), ("--resume",), ("--overwrite",)):
+            second = cli("convert", tree, out, "--size", "8", *extra)
+            assert second.returncode == OutputExistsError.exit_code, second.stderr
+            assert "another conversion is writing into it now" in second.stderr
+    finally:
+        os.close(held)
+    assert cli("convert", tree, out, "--size", "8").returncode == 0
+    assert shardkit.open(out).manifest.samples == 8
 
 
 def test_unusable_src_and_out_paths_are_one_line_errors(tree: Path, tmp_path: Path) -> None:

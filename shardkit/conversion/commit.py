@@ -95,11 +95,16 @@ class Commit:
 
             self.target = RemoteOut(out)
         self.out, self.fingerprint = self.target.where, fingerprint
-        self.state = _prepare(self.target, fingerprint, overwrite=overwrite, resume=resume)
         #: Where this run's tasks write their files (on this machine).
         self.tmp = self.target.scratch()
-        if self.state is not State.DONE:
-            make_folder(self.tmp, "the run's temporary folder")
+        self.target.hold()
+        try:
+            self.state = _prepare(self.target, fingerprint, overwrite=overwrite, resume=resume)
+            if self.state is not State.DONE:
+                make_folder(self.tmp, "the run's temporary folder")
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def remote(self) -> bool:

@@ -10,6 +10,7 @@ temporary folder ``.shardkit-tmp/``. Anything else in OUT is someone else's.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 from pathlib import Path
@@ -37,6 +38,11 @@ def written_by_us(name: str) -> bool:
 
 class OutFolder(Protocol):
     """OUT as the commit protocol uses it (a local folder or an object-store prefix)."""
+
+    def hold(self) -> None:
+        """Keep other conversions out of OUT for this run (released by `close`);
+        OutputExistsError when one is writing it now."""
+        ...
 
     @property
     def where(self) -> Path | str:
@@ -103,6 +109,32 @@ class LocalOut:
     def __init__(self, out: Path) -> None:
         self.where: Path = out
         self.out = out
+        self._lock: int | None = None  # the folder's descriptor, flocked while this run lasts
+
+    def hold(self) -> None:
+        """An exclusive flock on the OUT folder (made now if need be), which goes with the
+        process: a second run into OUT, by its --resume or --overwrite, cleared the first
+        one's temporary files under it. A filesystem without locks is used without."""
+        if self.out.exists() and not self.out.is_dir():
+            return  # `names` says what is wrong with it
+        make_folder(self.out, "OUT")
+        import fcntl
+
+        try:
+            descriptor = os.open(self.out, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise OutputExistsError(f"{self.out}: another conversion is writing into it now; "
+                                    "wait for it to end (then rerun: it finds OUT up to date, or "
+                                    "resumes it with --resume)") from None
+        except OSError:
+            os.close(descriptor)
+            return
+        self._lock = descriptor
 
     def names(self) -> list[str]:
         if self.out.exists() and not self.out.is_dir():
@@ -129,12 +161,16 @@ class LocalOut:
         return True
 
     def clear(self, names: list[str]) -> None:
-        for name in sorted(names, key=lambda n: n != INDEX_NAME):
-            entry = self.out / name
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+        try:
+            for name in sorted(names, key=lambda n: n != INDEX_NAME):
+                entry = self.out / name
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        except OSError as exc:  # a read-only filesystem, no permission
+            raise ConfigError(f"{exc.filename or self.out}: OUT cannot be cleared: "
+                              f"{exc.strerror or exc}") from None
         make_folder(self.out, "OUT")
 
     def clear_tmp(self) -> None:
@@ -159,16 +195,21 @@ class LocalOut:
 
     def close(self, scratch: Path) -> None:
         """Renamed first: a cancelled task still running on a cluster may create files in it
-        by name while rmtree works, and after the rename none can."""
-        if not scratch.exists():
-            return
-        gone = scratch.with_name(f"{scratch.name}.gone")
+        by name while rmtree works, and after the rename none can. Then OUT is let go."""
         try:
-            scratch.rename(gone)
-        except OSError:
-            gone = scratch
-        shutil.rmtree(gone, ignore_errors=True)
-        shutil.rmtree(scratch.parent, ignore_errors=True)
+            if not scratch.exists():
+                return
+            gone = scratch.with_name(f"{scratch.name}.gone")
+            try:
+                scratch.rename(gone)
+            except OSError:
+                gone = scratch
+            shutil.rmtree(gone, ignore_errors=True)
+            shutil.rmtree(scratch.parent, ignore_errors=True)
+        finally:
+            if self._lock is not None:
+                os.close(self._lock)  # the flock goes with it
+                self._lock = None
 
 
 def make_folder(path: Path, what: str) -> None:

@@ -187,6 +187,10 @@ class RemoteOut:
         except FileNotFoundError:
             return {}
 
+    def hold(self) -> None:
+        """Nothing: an object store offers no lock, so two runs into one remote OUT at once
+        are not told apart (a local OUT refuses the second)."""
+
     def close(self, scratch: Path) -> None:
         """Stop the uploads (those not started are cancelled; those running end within the
         retry policy's bounds), remove the scratch folder and this run's task uploads."""

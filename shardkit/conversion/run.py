@@ -9,6 +9,7 @@ incomplete (and no ``index.json``, so no dataset).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import os
 import sys
 import time
@@ -27,7 +28,7 @@ from shardkit.conversion.scheduler import Scheduler
 from shardkit.conversion.sources.hf import resolve_source
 from shardkit.conversion.sources.remote import remote_source
 from shardkit.conversion.tabular import TablePlan, plan_table, write_table
-from shardkit.errors import ConfigError, TooManyFailuresError
+from shardkit.errors import ConfigError, ShardkitError, TooManyFailuresError, WorkerError
 from shardkit.format.location import parse_location
 from shardkit.format.manifest import Manifest
 from shardkit.format.samples import image_schema
@@ -75,7 +76,21 @@ def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
     """Plan, execute and commit (see the module docstring); `convert` with config objects.
     OUT (and SRC) may be URLs: an unusable one is refused before anything is read or written."""
     with executors.interrupts_kept():
-        return _run_conversion(src, out, config, run, executor)
+        try:
+            return _run_conversion(src, out, config, run, executor)
+        except ShardkitError:
+            raise
+        except OSError as exc:  # in this process: OUT's disk full, a file that went away
+            raise WorkerError(_stopped_by(exc, out)) from exc
+
+
+def _stopped_by(exc: OSError, out: str | os.PathLike[str]) -> str:
+    """The one line a conversion stopped by the OS in this process ends with (nothing was
+    published: the finished shards are kept for --resume)."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    full = " (the disk is full: free some space, then rerun with --resume)" \
+        if exc.errno == errno.ENOSPC else ""
+    return f"converting into {os.fspath(out)} stopped: {where}{exc.strerror or exc}{full}"
 
 
 def _run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],

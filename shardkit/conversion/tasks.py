@@ -139,7 +139,8 @@ def _require_source_root(path: str, source: str) -> None:
     if root and not os.path.isdir(root):
         raise FileNotFoundError(
             f"SRC {root.rstrip(os.sep)} is not visible on {socket.gethostname()} (pid {os.getpid()}): "
-            f"SRC and OUT must be on a filesystem every worker mounts at the same path "
+            f"it was removed or unmounted during the run, or (on a cluster) this worker does not "
+            f"mount it: SRC and OUT must be on a filesystem every worker mounts at the same path "
             f"(see docs/scale-out.md)"
         )
 
