@@ -163,6 +163,25 @@ def test_validation_split_of_an_image_csv_keeps_the_rows_flow_from_dataframe_kee
         line.split(",")[0] for line in lines[1:] if line.split(",")[0] not in keras.filenames]
 
 
+def test_overwrite_replaces_an_earlier_conversion_with_a_split_and_splits_with_others(
+        tree: Path, tmp_path: Path) -> None:
+    # --overwrite refused a plain dataset (or an earlier split's part folders) in a split's
+    # OUT, although shardkit wrote all of it; it still refuses anyone else's file.
+    out = tmp_path / "out"
+    convert(tree, out)
+    with pytest.raises(shardkit.OutputExistsError, match="a split conversion writes only"):
+        convert(tree, out, validation_split=0.2)
+    convert(tree, out, validation_split=0.2, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["train", "val"]
+    convert(tree, out, split="a=0.5,b=0.5", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b"]
+    assert sum(shardkit.open(out / p).manifest.samples for p in "ab") == sum(SIZES.values())
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(shardkit.OutputExistsError, match=r"notes\.txt"):
+        convert(tree, out, validation_split=0.2, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "a" / "index.json").exists()
+
+
 def test_failures_are_reported_by_their_part_and_listing_failures_by_the_first(
         tree: Path, tmp_path: Path) -> None:
     src = tmp_path / "src"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ import numpy as np
 
 from shardkit.config import ConvertConfig, RunOptions, SplitOptions
 from shardkit.conversion.commit import Out, out_child, out_where
+from shardkit.conversion.out_folder import written_by_us
 from shardkit.conversion.plan import list_inputs, plan_of
 from shardkit.conversion.report import ConvertSummary
 from shardkit.conversion.run import convert_images, convert_table, local_src, resolve_out, spill_dir
@@ -71,7 +73,7 @@ def run_split(src: str | os.PathLike[str], out: str | os.PathLike[str] | Out, co
     assert config.split is not None
     started = time.perf_counter()
     root = out if isinstance(out, (Path, Storage)) else resolve_out(out, run)
-    _check_out(root, config.split.names)
+    _check_out(root, config.split.names, overwrite=run.overwrite)
     if config.csv is not None and config.csv.image_col is None:
         if executor is not None:
             raise ConfigError(f"{src}: a tabular CSV converts in this process; executor= "
@@ -186,7 +188,10 @@ def _done(out: Out, fingerprint: str) -> bool:
         return False
 
 
-def _check_out(root: Out, names: tuple[str, ...]) -> None:
+def _check_out(root: Out, names: tuple[str, ...], *, overwrite: bool) -> None:
+    """OUT as a split's root: refused when it holds anything but the parts' folders, unless
+    `overwrite` is given and that is an earlier conversion's (a dataset's own files, or the
+    folders of an earlier split's parts), which is removed then (a local OUT)."""
     if isinstance(root, Storage):
         try:
             files = [f.name for f in root.walk()]
@@ -201,8 +206,26 @@ def _check_out(root: Out, names: tuple[str, ...]) -> None:
     if root.exists() and not root.is_dir():
         raise OutputExistsError(f"{root}: exists and is not a folder")
     others = sorted(e.name for e in root.iterdir() if e.name not in names) if root.exists() else []
-    _refuse_others(root, others, names)
+    earlier = [n for n in others if _converted_here(root / n)] if overwrite else []
+    _refuse_others(root, [n for n in others if n not in earlier], names)  # before removing any
+    for name in earlier:
+        try:
+            shutil.rmtree(root / name) if (root / name).is_dir() else (root / name).unlink()
+        except OSError as exc:
+            raise ConfigError(f"{exc.filename or root}: OUT cannot be cleared: "
+                              f"{exc.strerror or exc}") from None
     root.mkdir(parents=True, exist_ok=True)
+
+
+def _converted_here(path: Path) -> bool:
+    """`path` (in a split's OUT) is what a conversion wrote: one of a dataset's own names, or
+    a folder holding only those (an earlier split's part)."""
+    if written_by_us(path.name):
+        return True
+    if not path.is_dir() or path.is_symlink():
+        return False
+    entries = [e.name for e in path.iterdir()]
+    return bool(entries) and all(written_by_us(name) for name in entries)
 
 
 def _refuse_others(root: Path | str, others: list[str], names: tuple[str, ...]) -> None:
