@@ -55,8 +55,8 @@ def dataset(path: str | os.PathLike[str], batch_size: int, options: ReadOptions 
     x: the batch field(s) the model takes: ``"image"`` (uint8 [B, H, W, C], NHWC as Keras
         expects), ``"features"`` for a table; several names give a dict (a model with named
         inputs). y: the target field (``"label"``), or None to yield x alone (predict).
-    label_mode: ``int`` (labels as stored: int64 [B]; a multi-column image CSV's or a
-        table's float32 targets [B, K] as they are), ``categorical`` (one-hot float32 [B, K],
+    label_mode: ``int`` (labels as stored: int64 [B]; an image CSV's float32 targets
+        [B, K] or a table's as they are), ``categorical`` (one-hot float32 [B, K],
         for categorical_crossentropy) or ``binary`` (float32 [B, 1]); as Keras'
         ``image_dataset_from_directory`` names them.
     rescale: None keeps the pixels uint8 (4× fewer bytes to the device; put

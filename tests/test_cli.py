@@ -104,6 +104,19 @@ def test_a_second_conversion_into_an_out_in_use_is_refused(tree: Path, tmp_path:
     assert shardkit.open(out).manifest.samples == 8
 
 
+def test_workers_forked_during_a_run_do_not_keep_out_locked(tree: Path, tmp_path: Path) -> None:
+    # A fork-started pool's workers, forked at the first task (while OUT is locked), got a copy
+    # of the lock's descriptor: the next run into OUT with the same pool was refused.
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        first = shardkit.convert(tree, tmp_path / "out", size=8, executor=pool, progress=False)
+        again = shardkit.convert(tree, tmp_path / "out", size=8, executor=pool, progress=False,
+                                 overwrite=True)
+        assert (first.samples, again.samples) == (8, 8)
+
+
 def test_unusable_src_and_out_paths_are_one_line_errors(tree: Path, tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("x")
     inside = tmp_path / "src"

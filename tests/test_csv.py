@@ -352,8 +352,9 @@ def test_image_csv_one_column_of_fractions_is_a_float_target(image_csv: Path, tm
     csv = image_csv / f"age-{fmt}.csv"
     csv.write_text("file,age\nimg/p0.jpg,23.5\nimg/p1.png,40.0\nimg/p2.jpg,\nimg/p3.png,7\n")
     out = tmp_path / "out"
-    summary = shardkit.convert(csv, out, image_col="file", label_col="age", size=12, format=fmt,
-                               workers=0, max_errors=1)
+    with pytest.warns(UserWarning, match="'age' holds fractions: its values are float32 targets"):
+        summary = shardkit.convert(csv, out, image_col="file", label_col="age", size=12,
+                                   format=fmt, workers=0, max_errors=1)
     assert (summary.samples, summary.failed) == (3, 1)
     assert [(e["row"], e["reason"]) for e in errors(out)] == [(4, "missing_label")]
     dataset = shardkit.open(out)

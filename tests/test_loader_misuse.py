@@ -295,6 +295,15 @@ def test_a_state_from_far_more_ranks_than_samples_resumes_without_an_array_per_r
         got = [i for b in indices(loader) for i in b]
         assert sorted(got) == list(range(left))
         assert indices(loader) == epoch_order(data, 1)
+    # With drop_last no rank of such a world holds a sample: nothing is left of the epoch
+    # (a [10**20, 0] array was asked for); nor after a cut that left nothing.
+    dropping = ShardLoader(data, BATCH, seed=3, drop_last=True)
+    dropping.load_state_dict(_state(data, world_size=10**20, batch_size=1, samples=0, drop_last=True))
+    assert indices(dropping) == []
+    chained = ShardLoader(data, BATCH, seed=3)
+    chained.load_state_dict(_state(data, world_size=1, batch_size=BATCH, samples=0,
+                                   cuts=[(10**20, 1, 1)]))  # tuples, as a config library keeps them
+    assert indices(chained) == [] and indices(chained) == epoch_order(data, 1)
 
 
 def test_a_state_at_the_end_of_an_epoch_is_an_empty_pass_then_the_next_epoch(data: Path) -> None:

@@ -180,6 +180,41 @@ def test_overwrite_replaces_an_earlier_conversion_with_a_split_and_splits_with_o
     with pytest.raises(shardkit.OutputExistsError, match=r"notes\.txt"):
         convert(tree, out, validation_split=0.2, overwrite=True)
     assert (out / "notes.txt").read_text() == "mine" and (out / "a" / "index.json").exists()
+    (out / "notes.txt").unlink()
+    # A split that cannot go ahead (no inputs) removes nothing; a plain conversion is told
+    # it finds a split, and replaces it with --overwrite.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(shardkit.InputError):
+        convert(tmp_path / "empty", out, validation_split=0.2, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b"]
+    with pytest.raises(shardkit.OutputExistsError, match=r"holds a split conversion \(a/, b/\)"):
+        convert(tree, out)
+    convert(tree, out, overwrite=True)
+    assert (out / "index.json").exists() and not (out / "a").exists()
+
+
+def test_a_split_holds_its_out_for_the_whole_run(tree: Path, tmp_path: Path) -> None:
+    import fcntl
+
+    out = tmp_path / "out"
+    convert(tree, out)
+    held = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a conversion running in OUT
+        with pytest.raises(shardkit.OutputExistsError, match="another conversion is writing"):
+            convert(tree, out, validation_split=0.2, overwrite=True)
+    finally:
+        os.close(held)
+    assert (out / "index.json").exists()  # its files were not removed under it
+
+
+def test_validation_split_of_a_flat_folder(tmp_path: Path) -> None:
+    # No class folders, nothing Keras lists by class: the inputs stand for Keras' listing
+    # (it raised an IndexError).
+    for i in range(10):
+        png(tmp_path / "flat" / f"{i}.png", i)
+    convert(tmp_path / "flat", tmp_path / "out", validation_split=0.3)
+    assert sources(tmp_path / "out" / "val") == ["0.png", "1.png", "2.png"]
 
 
 def test_failures_are_reported_by_their_part_and_listing_failures_by_the_first(

@@ -110,8 +110,9 @@ class CsvOptions:
     """How a CSV source is read (SRC ending in ``.csv``); see docs/format.md, "CSV inputs".
 
     image_col: the column of image paths (an image CSV); None: a tabular CSV.
-    label_cols: label column(s); one column gives int64 labels (strings become sorted
-        classes), several give float32 targets (``label`` float32 [B, K] when reading).
+    label_cols: label column(s); one column of strings or integers gives int64 labels
+        (strings become sorted classes); one column of fractions, or several numeric ones,
+        give float32 targets (``label`` float32 [B, K] when reading).
     root: folder that relative image paths start from (None: the CSV's folder).
     columns / exclude: the columns to keep / drop beside the image and label columns (a tabular
         CSV's features, an image CSV's metadata); default every column.

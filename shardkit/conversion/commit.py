@@ -211,7 +211,7 @@ def _parse(data: dict[str, Any]) -> Entry:
 def _prepare(out: OutFolder, fingerprint: str, *, overwrite: bool, resume: bool) -> State:
     """Decide what to do with `out` (see the module docstring) and clear it when starting over."""
     names = out.names()
-    others = [n for n in names if not written_by_us(n)]
+    others = out.foreign(names)
     if others:
         raise OutputExistsError(
             f"{out.where}: not empty: it holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}"
@@ -236,6 +236,12 @@ def _existing(out: OutFolder, names: list[str], fingerprint: str, resume: bool) 
         raise OutputExistsError(
             f"{out.where}: holds a conversion of other inputs or options (its fingerprint differs); "
             "pass --overwrite to replace it"
+        )
+    parts = [n for n in names if not written_by_us(n)]  # an earlier split's part folders
+    if parts:
+        raise OutputExistsError(
+            f"{out.where}: holds a split conversion ({', '.join(p + '/' for p in parts[:3])}"
+            f"{' ...' if len(parts) > 3 else ''}); pass --overwrite to replace it"
         )
     if {str(e.get("fingerprint")) for e in out.journal()} - {fingerprint}:
         raise OutputExistsError(

@@ -9,6 +9,7 @@ temporary folder ``.shardkit-tmp/``. Anything else in OUT is someone else's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -21,10 +22,29 @@ from shardkit.errors import ConfigError, CorruptShardError, OutputExistsError
 from shardkit.format.files import atomic_write_bytes, check_shard, publish
 from shardkit.format.manifest import ERRORS_NAME, INDEX_NAME, Manifest, ShardRecord, canonical_json
 
-__all__ = ["JOURNAL_NAME", "TMP_NAME", "LocalOut", "OutFolder", "make_folder", "written_by_us"]
+__all__ = ["JOURNAL_NAME", "TMP_NAME", "LocalOut", "OutFolder", "converted_here", "make_folder",
+           "written_by_us"]
 
 TMP_NAME = ".shardkit-tmp"
 JOURNAL_NAME = ".shardkit-journal"
+
+#: The descriptors of the OUT folders this process holds flocked (`LocalOut.hold`). Process
+#: state, because fork copies descriptors: a child forked during a run (the workers of a
+#: fork-started pool passed as executor=) would hold the lock for as long as it lives, and a
+#: next run into OUT would be refused. The child closes its copies at once; the parent's
+#: own keep the lock.
+_HELD: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for descriptor in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 def written_by_us(name: str) -> bool:
@@ -34,6 +54,17 @@ def written_by_us(name: str) -> bool:
         or (name.startswith("shard-") and name.endswith((".tar", ".parquet")))
         or name.startswith((f".{INDEX_NAME}.tmp-", f".{ERRORS_NAME}.tmp-"))
     )
+
+
+def converted_here(path: Path) -> bool:
+    """`path`, an entry of a local OUT, is what a conversion wrote: one of a dataset's own
+    names (`written_by_us`), or a folder holding only those (a split conversion's part)."""
+    if written_by_us(path.name):
+        return True
+    if not path.is_dir() or path.is_symlink():
+        return False
+    entries = [e.name for e in path.iterdir()]
+    return bool(entries) and all(written_by_us(name) for name in entries)
 
 
 class OutFolder(Protocol):
@@ -57,6 +88,11 @@ class OutFolder(Protocol):
     def names(self) -> list[str]:
         """OUT's top-level names ([] when it does not exist); nested names that no shardkit
         folder explains come whole (``a/b``), so that they are never taken for ours."""
+        ...
+
+    def foreign(self, names: list[str]) -> list[str]:
+        """Those of `names` (from `names`) that no conversion wrote: never cleared, not even
+        by --overwrite."""
         ...
 
     def manifest(self) -> Manifest:
@@ -118,8 +154,10 @@ class LocalOut:
         if self.out.exists() and not self.out.is_dir():
             return  # `names` says what is wrong with it
         make_folder(self.out, "OUT")
-        import fcntl
-
+        try:
+            import fcntl
+        except ImportError:  # no flock here (Windows): OUT is used without a lock
+            return
         try:
             descriptor = os.open(self.out, os.O_RDONLY)
         except OSError:
@@ -135,11 +173,15 @@ class LocalOut:
             os.close(descriptor)
             return
         self._lock = descriptor
+        _HELD.add(descriptor)
 
     def names(self) -> list[str]:
         if self.out.exists() and not self.out.is_dir():
             raise OutputExistsError(f"{self.out}: exists and is not a folder")
         return sorted(e.name for e in self.out.iterdir()) if self.out.exists() else []
+
+    def foreign(self, names: list[str]) -> list[str]:
+        return [n for n in names if not converted_here(self.out / n)]
 
     def manifest(self) -> Manifest:
         return Manifest.read(self.out)
@@ -207,9 +249,14 @@ class LocalOut:
             shutil.rmtree(gone, ignore_errors=True)
             shutil.rmtree(scratch.parent, ignore_errors=True)
         finally:
-            if self._lock is not None:
-                os.close(self._lock)  # the flock goes with it
-                self._lock = None
+            self.release()
+
+    def release(self) -> None:
+        """Let go of OUT (`hold`)."""
+        if self._lock is not None:
+            _HELD.discard(self._lock)
+            os.close(self._lock)  # the flock goes with it
+            self._lock = None
 
 
 def make_folder(path: Path, what: str) -> None:

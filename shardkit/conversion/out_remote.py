@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from shardkit.conversion.out_folder import JOURNAL_NAME, TMP_NAME
+from shardkit.conversion.out_folder import JOURNAL_NAME, TMP_NAME, written_by_us
 from shardkit.conversion.report import reasons_of
 from shardkit.errors import RemoteError
 from shardkit.format.file_info import FileInfo
@@ -186,6 +186,9 @@ class RemoteOut:
             return reasons_of(self.storage.read_bytes(ERRORS_NAME))
         except FileNotFoundError:
             return {}
+
+    def foreign(self, names: list[str]) -> list[str]:
+        return [n for n in names if not written_by_us(n)]
 
     def hold(self) -> None:
         """Nothing: an object store offers no lock, so two runs into one remote OUT at once

@@ -28,7 +28,7 @@ from shardkit.conversion.scheduler import Scheduler
 from shardkit.conversion.sources.hf import resolve_source
 from shardkit.conversion.sources.remote import remote_source
 from shardkit.conversion.tabular import TablePlan, plan_table, write_table
-from shardkit.errors import ConfigError, ShardkitError, TooManyFailuresError, WorkerError
+from shardkit.errors import ConfigError, InputError, ShardkitError, TooManyFailuresError, WorkerError
 from shardkit.format.location import parse_location
 from shardkit.format.manifest import Manifest
 from shardkit.format.samples import image_schema
@@ -80,16 +80,24 @@ def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
             return _run_conversion(src, out, config, run, executor)
         except ShardkitError:
             raise
-        except OSError as exc:  # in this process: OUT's disk full, a file that went away
+        except OSError as exc:  # in this process: OUT's disk full, a folder of SRC unreadable
+            if exc.filename is not None and _below(os.fspath(exc.filename), src):
+                raise InputError(f"{exc.filename}: SRC cannot be read: {exc.strerror or exc}") from exc
             raise WorkerError(_stopped_by(exc, out)) from exc
+
+
+def _below(path: str, src: str | os.PathLike[str]) -> bool:
+    """`path` is SRC or lies below it (a local SRC)."""
+    path, root = os.path.abspath(path), os.path.abspath(os.fspath(src))
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _stopped_by(exc: OSError, out: str | os.PathLike[str]) -> str:
     """The one line a conversion stopped by the OS in this process ends with (nothing was
     published: the finished shards are kept for --resume)."""
     where = f"{exc.filename}: " if exc.filename else ""
-    full = " (the disk is full: free some space, then rerun with --resume)" \
-        if exc.errno == errno.ENOSPC else ""
+    full = " (no space left: free some, then rerun with --resume)" \
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
     return f"converting into {os.fspath(out)} stopped: {where}{exc.strerror or exc}{full}"
 
 

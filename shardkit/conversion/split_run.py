@@ -35,7 +35,7 @@ import numpy as np
 
 from shardkit.config import ConvertConfig, RunOptions, SplitOptions
 from shardkit.conversion.commit import Out, out_child, out_where
-from shardkit.conversion.out_folder import written_by_us
+from shardkit.conversion.out_folder import LocalOut, converted_here
 from shardkit.conversion.plan import list_inputs, plan_of
 from shardkit.conversion.report import ConvertSummary
 from shardkit.conversion.run import convert_images, convert_table, local_src, resolve_out, spill_dir
@@ -73,29 +73,39 @@ def run_split(src: str | os.PathLike[str], out: str | os.PathLike[str] | Out, co
     assert config.split is not None
     started = time.perf_counter()
     root = out if isinstance(out, (Path, Storage)) else resolve_out(out, run)
-    _check_out(root, config.split.names, overwrite=run.overwrite)
-    if config.csv is not None and config.csv.image_col is None:
-        if executor is not None:
-            raise ConfigError(f"{src}: a tabular CSV converts in this process; executor= "
-                              "and --dask-scheduler apply to image inputs")
-        summaries = _split_table(src, root, config, run)
-    else:
-        summaries = _split_images(src, root, config, run, executor, source)
+    guard = LocalOut(root) if isinstance(root, Path) else None
+    if guard is not None:
+        guard.hold()  # for the whole split: a second one into OUT is refused
+    try:
+        earlier = _check_out(root, config.split.names, overwrite=run.overwrite)
+        if config.csv is not None and config.csv.image_col is None:
+            if executor is not None:
+                raise ConfigError(f"{src}: a tabular CSV converts in this process; executor= "
+                                  "and --dask-scheduler apply to image inputs")
+            summaries = _split_table(src, root, config, run, earlier)
+        else:
+            summaries = _split_images(src, root, config, run, executor, source, earlier)
+    finally:
+        if guard is not None:
+            guard.release()
     return _combined(root, summaries, time.perf_counter() - started)
 
 
 def _split_images(src: str | os.PathLike[str], root: Out, config: ConvertConfig, run: RunOptions,
-                  executor: cf.Executor | None, source: Storage | None) -> dict[str, ConvertSummary]:
+                  executor: cf.Executor | None, source: Storage | None,
+                  earlier: list[str]) -> dict[str, ConvertSummary]:
     split = config.split
     assert split is not None
     listing = list_inputs(local_src(src, source), config, spill_dir=spill_dir(root), run=run,
                           source=source)
     try:
         keras = None
-        if split.method == "keras" and config.csv is None and config.hf is None and source is None:
-            keras = _keras_listing(Path(local_src(src, source)), listing.classes or ())
+        if split.method == "keras" and config.csv is None and config.hf is None and source is None \
+                and listing.classes is not None:  # Keras lists class folders only
+            keras = _keras_listing(Path(local_src(src, source)), listing.classes)
         part = _assign_records(listing, config, split, keras)
         selects = _parts(part, split, len(listing.records))
+        _remove(root, earlier)  # now that the split is known to go ahead
         summaries = {}
         for k, name in enumerate(split.names):
             plan = plan_of(listing, config, select=selects[k], failures=None if k == 0 else [],
@@ -157,7 +167,7 @@ def _parts(part: np.ndarray, split: SplitOptions, total: int) -> list[np.ndarray
 
 
 def _split_table(src: str | os.PathLike[str], root: Out, config: ConvertConfig,
-                 run: RunOptions) -> dict[str, ConvertSummary]:
+                 run: RunOptions, earlier: list[str]) -> dict[str, ConvertSummary]:
     split = config.split
     assert split is not None
     plans = [plan_table(src, config, subset=name) for name in split.names]
@@ -175,6 +185,7 @@ def _split_table(src: str | os.PathLike[str], root: Out, config: ConvertConfig,
         selects = _parts(part, split, len(rows))
         plans = [plan_table(src, config, subset=name, rows=rows[selects[k]], report_bad=k == 0)
                  for k, name in enumerate(split.names)]
+    _remove(root, earlier)  # now that the split is known to go ahead
     return {name: convert_table(plan, out_child(root, name), run, time.perf_counter())
             for name, plan in zip(split.names, plans, strict=True)}
 
@@ -188,10 +199,11 @@ def _done(out: Out, fingerprint: str) -> bool:
         return False
 
 
-def _check_out(root: Out, names: tuple[str, ...], *, overwrite: bool) -> None:
+def _check_out(root: Out, names: tuple[str, ...], *, overwrite: bool) -> list[str]:
     """OUT as a split's root: refused when it holds anything but the parts' folders, unless
     `overwrite` is given and that is an earlier conversion's (a dataset's own files, or the
-    folders of an earlier split's parts), which is removed then (a local OUT)."""
+    folders of an earlier split's parts; a local OUT): those names are returned, for
+    `_remove` once the split has been planned."""
     if isinstance(root, Storage):
         try:
             files = [f.name for f in root.walk()]
@@ -202,30 +214,25 @@ def _check_out(root: Out, names: tuple[str, ...], *, overwrite: bool) -> None:
         folders = {name.split("/", 1)[0] for name in files if "/" in name}
         _refuse_others(root.url, sorted((folders - set(names)) | {n for n in files if "/" not in n}),
                        names)
-        return
+        return []
     if root.exists() and not root.is_dir():
         raise OutputExistsError(f"{root}: exists and is not a folder")
     others = sorted(e.name for e in root.iterdir() if e.name not in names) if root.exists() else []
-    earlier = [n for n in others if _converted_here(root / n)] if overwrite else []
-    _refuse_others(root, [n for n in others if n not in earlier], names)  # before removing any
+    earlier = [n for n in others if converted_here(root / n)] if overwrite else []
+    _refuse_others(root, [n for n in others if n not in earlier], names)
+    root.mkdir(parents=True, exist_ok=True)
+    return earlier
+
+
+def _remove(root: Out, earlier: list[str]) -> None:
+    """Remove the earlier conversion's `earlier` names from the local OUT `root`."""
     for name in earlier:
+        assert isinstance(root, Path)  # `_check_out` names some for a local OUT only
         try:
             shutil.rmtree(root / name) if (root / name).is_dir() else (root / name).unlink()
         except OSError as exc:
             raise ConfigError(f"{exc.filename or root}: OUT cannot be cleared: "
                               f"{exc.strerror or exc}") from None
-    root.mkdir(parents=True, exist_ok=True)
-
-
-def _converted_here(path: Path) -> bool:
-    """`path` (in a split's OUT) is what a conversion wrote: one of a dataset's own names, or
-    a folder holding only those (an earlier split's part)."""
-    if written_by_us(path.name):
-        return True
-    if not path.is_dir() or path.is_symlink():
-        return False
-    entries = [e.name for e in path.iterdir()]
-    return bool(entries) and all(written_by_us(name) for name in entries)
 
 
 def _refuse_others(root: Path | str, others: list[str], names: tuple[str, ...]) -> None:

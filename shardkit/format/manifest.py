@@ -144,7 +144,8 @@ class Manifest:
 
     @property
     def targets(self) -> int:
-        """Float targets per sample (image CSVs with several label columns), else 0."""
+        """Float targets per sample (image CSVs with several label columns, or one of
+        fractions), else 0."""
         if self.kind != "images" or TARGET_FIELD not in self.schema:
             return 0
         return len(self.config["csv"]["label_cols"])

@@ -151,6 +151,9 @@ def remaining_order(order: np.ndarray, cuts: Sequence[Cut], *, drop_last: bool) 
         per_rank = samples_per_rank(total, world, drop_last=drop_last, batch_size=cut.batch_size)
         if cut.samples > per_rank:
             raise ValueError(f"a cut of {cut.samples} samples per rank; the runs hold {per_rank}")
+        if per_rank == 0:  # no run holds a sample (drop_last cut them all, or none were left)
+            rest = rest[:0]
+            continue
         # Every rank's run (`rank_run`) as one row, made once.
         if drop_last:
             runs = rest[:total // world * world].reshape(world, total // world)[:, :per_rank]

@@ -1,4 +1,5 @@
-"""Float targets of image CSVs with several label columns (``--label-col a,b``).
+"""Float targets of image CSVs with several label columns (``--label-col a,b``), or with one
+column of fractions (``--label-col age``).
 
 They are stored with each sample as the metadata field ``target`` (a list of float32, one per
 label column, in ``config.csv.label_cols`` order): a key of the tar ``.json`` member, or a

@@ -171,6 +171,13 @@ _STATE_KEYS = ("fingerprint", "seed", "epoch", "samples", "world_size", "shuffle
                "window")
 
 
+def _triples(value: object) -> bool:
+    """A sequence of 3-item sequences (lists from JSON, tuples or a config library's lists)."""
+    text = (str, bytes)
+    return isinstance(value, Sequence) and not isinstance(value, text) and all(
+        isinstance(c, Sequence) and not isinstance(c, text) and len(c) == 3 for c in value)
+
+
 def _cuts_of(state: dict[str, Any], batch_size: int) -> tuple[tuple[Cut, ...], Cut]:
     """A state's earlier cuts of its epoch, and where it stands as one more cut (a state
     saved before batch sizes were recorded was saved with this loader's)."""
@@ -180,7 +187,7 @@ def _cuts_of(state: dict[str, Any], batch_size: int) -> tuple[tuple[Cut, ...], C
 
     try:
         listed = state.get("cuts", [])
-        if not isinstance(listed, list) or not all(isinstance(c, list) and len(c) == 3 for c in listed):
+        if not _triples(listed):
             raise ConfigError(f"cuts must be a list of [world_size, batch_size, samples]; got {listed!r}")
         cuts = tuple(cut(*c) for c in listed)
         saved = cut(state["world_size"], state.get("batch_size", batch_size), state["samples"])

@@ -18,6 +18,7 @@ and any other columns, which travel with each sample as typed metadata.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,6 +55,10 @@ def list_image_csv(src: str | os.PathLike[str], options: CsvOptions, *,
     meta = [columns[n] for n in kept]
     # one column of fractions is a float target too (Keras' class_mode="raw"), as several are
     fractions = len(options.label_cols) == 1 and columns[options.label_cols[0]].kind == "float"
+    if fractions:  # said, since a classification CSV with a stray "2.5" lands here too
+        warnings.warn(f"{path}: label column {options.label_cols[0]!r} holds fractions: its "
+                      "values are float32 targets (label float32 [B, 1], no classes); write "
+                      "class labels as integers or text", UserWarning, stacklevel=2)
     targets = list(options.label_cols) if len(options.label_cols) > 1 or fractions else []
     label = options.label_cols[0] if options.label_cols and not targets else None
     clash = sorted(c.name for c in meta if c.name in RESERVED_COLUMNS)
@@ -61,7 +66,7 @@ def list_image_csv(src: str | os.PathLike[str], options: CsvOptions, *,
         unnamed = "label" in clash and not options.label_cols
         hint = " (the labels? name it: --label-col label)" if unnamed else ""
         raise InputError(f"{path}: column(s) {', '.join(clash)} would collide with the output's "
-                         f"own fields; rename them{hint}")
+                         f"own fields; rename them, or leave them out (--exclude){hint}")
     wanted, types, required, classes = _typed_columns(options, columns, meta, label, targets, path)
     if paths is None:
         if options.root is not None and not Path(options.root).is_dir():
