@@ -231,6 +231,21 @@ def test_the_cache_limit_is_held_over_epochs_and_a_too_small_one_is_refused_up_f
     assert shard_gets(proxy, "/test/tar", datasets["tar"]) == [0] * 7  # refused before any GET
 
 
+def test_a_cache_limit_of_the_whole_dataset_reads_a_global_shuffle(
+        datasets: dict[str, Path], on_s3: Any, tmp_path: Path) -> None:
+    # docs/remote.md: with window=None the cache must hold the whole dataset. Holding exactly
+    # that was refused: one more shard than the dataset has was asked for.
+    url, options, _ = on_s3("tar")
+    shards = Manifest.read(datasets["tar"]).shards
+    limit = len(shards) * max(s.bytes for s in shards)
+    loader = shardkit.ShardLoader(url, 4, window=None, seed=3, storage_options=options,
+                                  cache_dir=str(tmp_path / "c"), cache_limit=limit, prefetch_shards=0)
+    assert epochs(loader, 2) == epochs(shardkit.ShardLoader(datasets["tar"], 4, window=None, seed=3), 2)
+    with pytest.raises(ConfigError, match="lower cache_shards or the shuffle window"):
+        shardkit.ShardLoader(url, 4, window=None, storage_options=options,
+                             cache_dir=str(tmp_path / "c"), cache_limit=limit - 1, prefetch_shards=0)
+
+
 @pytest.mark.parametrize("bad", [{"cache_limit": 0}, {"prefetch_shards": -1}, {"cache_dir": 3},
                                  {"storage_options": "endpoint"}, {"retry": 5}])
 def test_remote_options_are_validated(bad: dict[str, Any]) -> None:

@@ -85,8 +85,9 @@ class RemoteCache:
                 f"cache_limit (default: {FREE_FRACTION:.0%} of the free space in {root})"
             raise ConfigError(f"{origin} is {limit} bytes, smaller than reading needs: "
                               f"(prefetch_shards {ahead} + {held} held) × the largest shard "
-                              f"({largest} bytes) = {need} bytes; raise cache_limit or lower "
-                              "prefetch_shards")
+                              f"({largest} bytes) = {need} bytes; raise cache_limit, or lower "
+                              + ("prefetch_shards" if ahead else "cache_shards or the shuffle "
+                                 "window (window=None holds every shard)"))
         self.limit, self.prefetch_shards, self.held = limit, ahead, held
         self.store = CacheFolder(root, storage.url, index_bytes, limit)
         self.store.sweep()

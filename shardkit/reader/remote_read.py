@@ -80,12 +80,14 @@ class RemoteSource:
 
     def cache(self, manifest: Manifest, *, held: int, verify: bool) -> RemoteCache:
         """A RemoteCache for a reader keeping `held` shards open (one more is allowed for: a
-        shard evicted while it was still being opened pins until its open ends). ConfigError
+        shard evicted while it was still being opened pins until its open ends; never more
+        than the dataset's shards, of which none is evicted once all are held). ConfigError
         when the cache limit cannot hold them and the look-ahead."""
         o = self.options
+        pinned = min(held + 1, max(1, len(manifest.shards)))
         return RemoteCache(self.storage, manifest, self.index_bytes, cache_dir=o.cache_dir,
                            cache_limit=o.cache_limit, prefetch_shards=o.prefetch_shards,
-                           held=held + 1, verify=verify)
+                           held=pinned, verify=verify)
 
     def check(self, options: ReadOptions) -> None:
         """ConfigError when `options` set where the bytes come from differently than the
