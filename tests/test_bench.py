@@ -161,6 +161,38 @@ def test_a_run_too_short_to_measure_cpu_gets_a_verdict() -> None:
     assert "shards' CPU per sample too small to measure" in verdict
 
 
+def test_the_verdict_says_which_side_is_faster_and_keeps_small_ratios() -> None:
+    # When the raw folder beat the shards it said "0× the CPU per sample, 0× slower".
+    def run(loader: str, seconds: float, cpu: float) -> LoaderRun:
+        return LoaderRun(loader=loader, workers=0, epochs=1, samples=100, bytes=100 * 300,
+                         seconds=seconds, cpu_seconds=cpu, first_batch_seconds=0.01,
+                         peak_rss_bytes=1, workers_peak_rss_bytes=0)
+
+    def verdict(shards: LoaderRun, raw: LoaderRun) -> str:
+        return BenchReport(dataset="d", dataset_samples=100, image_shape=[10, 10, 3], baseline="s",
+                           baseline_samples=100, options=BenchOptions(workers=(0,)),
+                           runs=[shards, raw]).verdict()
+
+    slow = verdict(run("shards", 2.5, 2.5), run("raw", 0.08, 0.1))  # 40/s, 25 ms against 1,250/s, 1 ms
+    assert "(25× less CPU per sample, 31× faster)" in slow
+    fast = verdict(run("shards", 0.1, 0.05), run("raw", 0.25, 0.2))
+    assert "(4.0× the CPU per sample, 2.5× slower)" in fast and "cores of decoding" in fast
+
+
+def test_a_dataset_with_no_samples_is_refused_in_one_line(tmp_path: Path) -> None:
+    # Every input failed: the dataset is valid and empty; bench divided by its 0 samples.
+    (tmp_path / "src").mkdir()
+    for i in range(3):
+        (tmp_path / "src" / f"{i}.jpg").write_text("not an image")
+    summary = shardkit.convert(tmp_path / "src", tmp_path / "out", size=8, workers=0, max_errors="100%")
+    assert (summary.samples, summary.failed) == (0, 3)
+    with pytest.raises(InputError, match="holds no samples"):
+        run_bench(tmp_path / "out", BenchOptions(workers=(0,), epochs=1))
+    bench = subprocess.run([sys.executable, "-m", "shardkit", "bench", str(tmp_path / "out"),
+                            "--workers", "0"], capture_output=True, text=True, timeout=120)
+    assert bench.returncode == InputError.exit_code and "Traceback" not in bench.stderr
+
+
 def test_baseline_skips_and_counts_files_that_do_not_decode(dataset: tuple[Path, Path],
                                                             tmp_path: Path) -> None:
     """The folders people point the baseline at are the ones with broken files: it leaves them

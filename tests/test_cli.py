@@ -208,3 +208,14 @@ def test_a_closed_pipe_ends_info_quietly(tree: Path, tmp_path: Path) -> None:
     stderr = process.stderr.read()
     assert process.wait(timeout=60) == 1
     assert stderr == ""
+
+
+def test_preview_of_a_table_is_an_option_error_not_a_damaged_dataset(tmp_path: Path) -> None:
+    # A valid table (it verifies) got exit 6, "not a shardkit dataset / corrupt shard", and
+    # Python advice ("use read_table or batches").
+    (tmp_path / "t.csv").write_text("x,y\n1,a\n2,b\n")
+    assert cli("convert", tmp_path / "t.csv", tmp_path / "out", "--label-col", "y").returncode == 0
+    assert cli("verify", tmp_path / "out").returncode == 0
+    refused = cli("preview", tmp_path / "out", "-o", tmp_path / "p.png")
+    assert refused.returncode == ConfigError.exit_code and "holds a table" in refused.stderr
+    assert not (tmp_path / "p.png").exists()

@@ -93,20 +93,20 @@ class LoaderRun:
 
     @property
     def samples_per_second(self) -> float:
-        return self.samples / self.seconds
+        return self.samples / self.seconds if self.seconds else 0.0
 
     @property
     def cpu_ms_per_sample(self) -> float:
-        return self.cpu_seconds * 1000 / self.samples
+        return self.cpu_seconds * 1000 / self.samples if self.samples else 0.0
 
     @property
     def cores(self) -> float:
         """CPU cores kept busy while it ran."""
-        return self.cpu_seconds / self.seconds
+        return self.cpu_seconds / self.seconds if self.seconds else 0.0
 
     @property
     def mb_per_second(self) -> float:
-        return self.bytes / 1e6 / self.seconds
+        return self.bytes / 1e6 / self.seconds if self.seconds else 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "samples_per_second": self.samples_per_second,
@@ -154,13 +154,18 @@ class BenchReport:
         if raw_best is None or raw_lean is None:
             return (f"{text} — a model consuming {rate:,.0f} samples/s needs "
                     f"{rate * lean.cpu_ms_per_sample / 1000:.2f} cores of loading")
-        more = (f"{raw_lean.cpu_ms_per_sample / lean.cpu_ms_per_sample:,.0f}× the CPU per sample"
-                if lean.cpu_ms_per_sample > 0 else "shards' CPU per sample too small to measure")
+        cpu = raw_lean.cpu_ms_per_sample / lean.cpu_ms_per_sample if lean.cpu_ms_per_sample else 0.0
+        more = ("shards' CPU per sample too small to measure" if not cpu
+                else f"{_times(cpu)} the CPU per sample" if cpu >= 1
+                else f"{_times(1 / cpu)} less CPU per sample")
+        speed = best.samples_per_second / raw_best.samples_per_second \
+            if raw_best.samples_per_second else 0.0
+        pace = (f"{_times(speed)} slower" if speed >= 1 else f"{_times(1 / speed)} faster") \
+            if speed else "too fast to time"
         return (f"{text}; raw folder: {raw_best.samples_per_second:,.0f} samples/s with "
                 f"{raw_best.workers} workers, {_per_core(raw_lean.cpu_ms_per_sample)} ({more}, "
-                f"{best.samples_per_second / raw_best.samples_per_second:,.0f}× slower) — "
-                f"a model consuming {rate:,.0f} samples/s needs "
-                f"{rate * raw_lean.cpu_ms_per_sample / 1000:.1f} cores of JPEG decoding or "
+                f"{pace}) — a model consuming {rate:,.0f} samples/s needs "
+                f"{rate * raw_lean.cpu_ms_per_sample / 1000:.1f} cores of decoding or "
                 f"{rate * lean.cpu_ms_per_sample / 1000:.2f} cores with shards")
 
     def to_json(self) -> dict[str, Any]:
@@ -212,6 +217,11 @@ def _per_core(cpu_ms_per_sample: float) -> str:
 
 # ---------------------------------------------------------------- the parent: plan and run
 
+def _times(ratio: float) -> str:
+    """A ratio of at least 1 as "31×" or, below 10, "2.5×"."""
+    return f"{ratio:,.0f}×" if ratio >= 10 else f"{ratio:.1f}×"
+
+
 def run_bench(path: str | os.PathLike[str], options: BenchOptions) -> BenchReport:
     """Measure ShardLoader over the dataset at `path` (and the raw baseline) for each worker
     count. Raises DatasetError (not a dataset), InputError (baseline folder unusable),
@@ -224,6 +234,9 @@ def run_bench(path: str | os.PathLike[str], options: BenchOptions) -> BenchRepor
         storage_options=options.storage_options, cache_dir=options.cache_dir))
     if manifest.kind != "images":
         raise ConfigError(f"{path}: holds {manifest.kind!r}; shardkit bench measures image datasets")
+    if not manifest.samples:
+        raise InputError(f"{path}: holds no samples (its inputs all failed: see errors.jsonl); "
+                         "nothing to measure")
     shape = manifest.image_shape
     files: list[tuple[str, int]] = []
     skipped: dict[str, int] = {}

@@ -137,11 +137,14 @@ def contact_sheet(path: str | os.PathLike[str], output: str | os.PathLike[str], 
     """Write a PNG grid of `n` samples spread evenly over the dataset (a folder, or a URL read
     with `options`), each captioned with its index and class name. Returns the number of
     samples shown. ConfigError for an output that cannot be written or an `n` below 1
-    (checked first)."""
+    (checked first), and for a table."""
     if (count := as_integer(n)) is None or count < 1:
         raise ConfigError(f"the preview shows n >= 1 samples; got {n!r}")
     output = check_local_file("the preview", output)
     dataset = open_dataset(path, options)
+    if dataset.is_table:
+        raise ConfigError(f"{path}: holds a table (a converted tabular CSV); preview shows image "
+                          "datasets (shardkit info describes its columns)")
     total = len(dataset)
     wanted = sorted({int(i) for i in np.linspace(0, total - 1, num=min(n, total))}) if total else []
     tiles = _pick(dataset, wanted)
