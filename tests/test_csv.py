@@ -420,3 +420,15 @@ def test_a_label_of_spaces_is_a_missing_label(image_csv: Path, tmp_path: Path) -
                                workers=0, max_errors=1)
     assert (summary.samples, summary.failed) == (1, 1)
     assert [(e["row"], e["reason"]) for e in errors(tmp_path / "i")] == [(3, "missing_label")]
+
+
+def test_a_table_of_only_a_header_is_refused_as_holding_no_inputs(tmp_path: Path) -> None:
+    # It converted to a dataset of 0 rows with exit 0, where an image CSV or folder with
+    # nothing in it is an InputError (exit 3).
+    (tmp_path / "t.csv").write_text("x,y\n")
+    with pytest.raises(shardkit.InputError, match="no rows"):
+        shardkit.convert(tmp_path / "t.csv", tmp_path / "out", label_col="y")
+    assert not (tmp_path / "out" / "index.json").exists()
+    (tmp_path / "bad.csv").write_text("x,y\nabc,\n")  # one row, bad: reported, not refused
+    summary = shardkit.convert(tmp_path / "bad.csv", tmp_path / "b", label_col="y", max_errors="100%")
+    assert (summary.inputs, summary.failed) == (1, 1)

@@ -180,6 +180,8 @@ def write_table(plan: TablePlan, commit: Commit, started: float) -> ConvertSumma
     rows_per_shard = config.samples_per_shard or max(1, (config.shard_bytes or 0) // layout.row_bytes())
     writer = TableWriter(commit, layout, rows_per_shard, keep=plan.rows)
     bad = writer.run(stream)
+    if not writer.rows and not bad:  # as an image CSV or folder holding nothing: refused
+        raise InputError(f"{plan.path}: no rows (the CSV holds only its header)")
     if not plan.report_bad:
         bad = []  # a split's bad rows are reported once, by its first part
     failures = [FailureRecord(source=plan.path.name, stage="parse", reason=b.reason, detail=b.detail,
