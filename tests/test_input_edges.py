@@ -404,3 +404,21 @@ def test_a_folder_linked_from_two_places_is_listed_under_each_as_imagefolder_doe
     assert sorted((os.path.relpath(p, root), folder.classes[c]) for p, c in folder.samples) == listed
     pixels = dataset.read_shard(0).images
     assert np.array_equal(pixels[0], pixels[7])  # cat/also_dog/d0.png is dog/d0.png
+
+
+def test_a_refused_conversion_leaves_no_out_folder(tmp_path: Path) -> None:
+    # A run refused before it wrote anything left the empty OUT folder it had made; one into
+    # a folder that was there keeps that folder.
+    (tmp_path / "empty.csv").write_bytes(b"")
+    with pytest.raises(shardkit.InputError):
+        convert(tmp_path / "empty.csv", tmp_path / "a" / "out")
+    assert not (tmp_path / "a" / "out").exists()
+    png(tmp_path / "one" / "cat" / "0.png")
+    with pytest.raises(shardkit.ConfigError, match="would hold none of the 1 inputs"):
+        convert(tmp_path / "one", tmp_path / "b", split="train=0.8,val=0.2")
+    assert not (tmp_path / "b").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(shardkit.InputError):
+        convert(tmp_path / "empty.csv", tmp_path / "kept")
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
+    assert convert(tmp_path / "one", tmp_path / "c").samples == 1  # a run that writes keeps it

@@ -146,6 +146,7 @@ class LocalOut:
         self.where: Path = out
         self.out = out
         self._lock: int | None = None  # the folder's descriptor, flocked while this run lasts
+        self._made = False  # `hold` made the folder: `release` removes it if it stayed empty
 
     def hold(self) -> None:
         """An exclusive flock on the OUT folder (made now if need be), which goes with the
@@ -153,6 +154,7 @@ class LocalOut:
         one's temporary files under it. A filesystem without locks is used without."""
         if self.out.exists() and not self.out.is_dir():
             return  # `names` says what is wrong with it
+        self._made = not self.out.exists()
         make_folder(self.out, "OUT")
         try:
             import fcntl
@@ -252,11 +254,16 @@ class LocalOut:
             self.release()
 
     def release(self) -> None:
-        """Let go of OUT (`hold`)."""
+        """Let go of OUT (`hold`); a folder `hold` made that is still empty (the run was
+        refused before writing anything) is removed: a refusal leaves nothing behind."""
         if self._lock is not None:
             _HELD.discard(self._lock)
             os.close(self._lock)  # the flock goes with it
             self._lock = None
+        if self._made:
+            self._made = False
+            with contextlib.suppress(OSError):  # not empty: the run wrote something
+                self.out.rmdir()
 
 
 def make_folder(path: Path, what: str) -> None:
