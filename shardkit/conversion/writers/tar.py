@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 from shardkit.conversion.writers import EncodedSample
 from shardkit.format.files import CHUNK, copy_hashed
-from shardkit.format.samples import IMAGE_MEMBER
+from shardkit.format.samples import IMAGE_MEMBER, member_order
 from shardkit.format.tar import (
     BLOCK,
     END_OF_ARCHIVE,
@@ -44,9 +44,16 @@ class TarPartWriter:
         self._ext = IMAGE_MEMBER[codec]
         self._json_size = json_blocks * BLOCK
         self._npy_headers: dict[tuple[int, int, int], bytes] = {}
+        # The members of a sample, in the format's order (`member_order`, defined once).
+        writers = {self._ext: self._image, "cls": self._label, "json": self._meta}
+        self._members = [writers[field] for field in member_order(codec, classes is not None)]
         self.written = 0  # bytes, once closed
 
     def add(self, sample: EncodedSample) -> None:
+        for member in self._members:
+            member(sample)
+
+    def _image(self, sample: EncodedSample) -> None:
         write = self._handle.write
         if self._ext == "npy":
             header = self._npy_headers.get(sample.shape)
@@ -60,15 +67,20 @@ class TarPartWriter:
             write(tar_header(f"{sample.key}.{self._ext}", size))
         write(sample.payload)
         write(padding(size))
-        if sample.label is not None:
-            text = f"{sample.label:0{self._digits}d}".encode()
-            write(tar_header(f"{sample.key}.cls", len(text)))
-            write(text + padding(len(text)))
+
+    def _label(self, sample: EncodedSample) -> None:
+        if sample.label is None:  # every input of a labelled dataset has one, or failed
+            raise RuntimeError(f"sample {sample.key} of a labelled dataset has no label")
+        text = f"{sample.label:0{self._digits}d}".encode()
+        self._handle.write(tar_header(f"{sample.key}.cls", len(text)))
+        self._handle.write(text + padding(len(text)))
+
+    def _meta(self, sample: EncodedSample) -> None:
         meta = sample_json(sample.source, sample.class_name, *sample.orig_size, sample.meta)
         if len(meta) > self._json_size:
             raise RuntimeError(f"metadata of {sample.key} outgrew its planned size")
-        write(tar_header(f"{sample.key}.json", self._json_size))
-        write(meta + b" " * (self._json_size - len(meta)))
+        self._handle.write(tar_header(f"{sample.key}.json", self._json_size))
+        self._handle.write(meta + b" " * (self._json_size - len(meta)))
 
     def close(self) -> None:
         try:
