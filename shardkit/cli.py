@@ -173,7 +173,9 @@ def _parser() -> argparse.ArgumentParser:
 
     preview = commands.add_parser("preview", help="write a contact sheet of samples")
     preview.add_argument("path", metavar="OUT")
-    preview.add_argument("-o", "--output", required=True, help="PNG file to write")
+    preview.add_argument("-o", "--output", required=True,
+                         help="image file to write: PNG, unless its extension names another "
+                              "format (.jpg, .webp)")
     preview.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     _add_remote(preview)
     _add_bench(commands)

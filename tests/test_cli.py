@@ -189,6 +189,11 @@ def test_info_and_preview(tree: Path, tmp_path: Path) -> None:
     assert shown.returncode == 0 and "6 samples" in shown.stdout
     with Image.open(grid) as im:
         assert im.format == "PNG" and im.size == (3 * 128, 2 * (128 + 14))
+    # The name's format, where it names one (PNG bytes were written under grid.jpg); else PNG.
+    for name, kind in (("grid.jpg", "JPEG"), ("grid.webp", "WEBP"), ("grid.out", "PNG")):
+        assert cli("preview", tmp_path / "out", "-o", tmp_path / name, "--n", "4").returncode == 0
+        with Image.open(tmp_path / name) as im:
+            assert im.format == kind and im.size == (2 * 128, 2 * (128 + 14))
 
 
 def test_console_script_and_version() -> None:

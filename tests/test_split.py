@@ -318,3 +318,11 @@ def test_bad_splits_are_refused(tree: Path, tmp_path: Path) -> None:
     (tmp_path / "b" / "notes.txt").write_text("mine")
     with pytest.raises(shardkit.OutputExistsError, match=r"notes\.txt"):
         convert(tree, tmp_path / "b", split="train=0.5,val=0.5")
+
+
+def test_a_splits_folder_is_not_a_dataset_and_says_which_parts_are(tree: Path, tmp_path: Path) -> None:
+    convert(tree, tmp_path / "out", validation_split=0.2)
+    with pytest.raises(shardkit.DatasetError, match=r"holds the parts of a split \(train/, val/\)"):
+        shardkit.open(tmp_path / "out")
+    assert main(["info", str(tmp_path / "out")]) == shardkit.DatasetError.exit_code
+    assert len(shardkit.open(tmp_path / "out" / "val")) > 0

@@ -192,9 +192,21 @@ class Manifest:
 
     @classmethod
     def read(cls, folder: str | os.PathLike[str]) -> Manifest:
-        """Read and validate ``folder/index.json``; DatasetError says what is wrong."""
-        return cls.load(lambda: (Path(folder) / INDEX_NAME).read_bytes(), str(folder),
-                        str(Path(folder) / INDEX_NAME))[0]
+        """Read and validate ``folder/index.json``; DatasetError says what is wrong (for the
+        folder of a split conversion: that it holds the parts' datasets, naming them)."""
+        try:
+            return cls.load(lambda: (Path(folder) / INDEX_NAME).read_bytes(), str(folder),
+                            str(Path(folder) / INDEX_NAME))[0]
+        except DatasetError:
+            root = Path(folder)
+            if (root / INDEX_NAME).exists() or not root.is_dir():
+                raise
+            parts = sorted(p.name for p in root.iterdir() if (p / INDEX_NAME).is_file())
+            if not parts:
+                raise
+            raise DatasetError(f"{folder}: not a shardkit dataset (no {INDEX_NAME}): it holds the "
+                               f"parts of a split ({', '.join(p + '/' for p in parts)}); name one, "
+                               f"e.g. {root / parts[0]}") from None
 
     @classmethod
     def load(cls, read: Callable[[], builtins.bytes], dataset: str,

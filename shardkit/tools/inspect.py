@@ -134,7 +134,7 @@ def _table_text(facts: dict[str, Any]) -> str:
 
 def contact_sheet(path: str | os.PathLike[str], output: str | os.PathLike[str], *,
                   n: int = 64, cell: int = 128, options: ReadOptions | None = None) -> int:
-    """Write a PNG grid of `n` samples spread evenly over the dataset (a folder, or a URL read
+    """Write a grid of `n` samples spread evenly over the dataset (a folder, or a URL read
     with `options`), each captioned with its index and class name. Returns the number of
     samples shown. ConfigError for an output that cannot be written or an `n` below 1
     (checked first), and for a table."""
@@ -161,8 +161,10 @@ def contact_sheet(path: str | os.PathLike[str], output: str | os.PathLike[str], 
         sheet.paste(im, (x + (cell - im.width) // 2, y + (cell - im.height) // 2))
         name = dataset.classes[label] if dataset.classes is not None and label is not None else ""
         draw.text((x + 3, y + cell), f"{index} {name}"[:22], fill=(230, 230, 230), font=font)
+    # PNG, unless the name asks for another image format Pillow writes (grid.jpg, grid.webp)
+    kind = Image.registered_extensions().get(os.path.splitext(output)[1].lower())
     try:
-        sheet.save(output, format="PNG")
+        sheet.save(output, format=kind if kind in Image.SAVE else "PNG")
     except OSError as exc:
         raise ConfigError(f"the preview {output}: cannot be written: {exc.strerror or exc}") from None
     return len(tiles)
