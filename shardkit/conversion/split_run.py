@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -100,7 +99,7 @@ def _split_images(src: str | os.PathLike[str], root: Out, config: ConvertConfig,
                           source=source)
     try:
         keras = None
-        if split.method == "keras" and config.csv is None and config.hf is None and source is None \
+        if _keras_folders(config, split) and source is None \
                 and listing.classes is not None:  # Keras lists class folders only
             keras = _keras_listing(Path(local_src(src, source)), listing.classes)
         part = _assign_records(listing, config, split, keras)
@@ -121,7 +120,7 @@ def _assign_records(listing: Listing, config: ConvertConfig, split: SplitOptions
                     keras: list[list[str]] | None) -> np.ndarray:
     """The part of each input. `keras`: per class, what flow_from_directory lists in its
     folder (`_keras_listing`; None for a remote SRC, whose own inputs stand for it)."""
-    keras_folders = split.method == "keras" and config.csv is None and config.hf is None
+    keras_folders = _keras_folders(config, split)
     labels, sources, listed = [], [], []
     for record in listing.records:
         labels.append(-1 if record.label is None else record.label)
@@ -136,6 +135,11 @@ def _assign_records(listing: Listing, config: ConvertConfig, split: SplitOptions
     if keras_folders:
         return keras_folder(np.asarray(labels), sources, validation, keras)
     return keras_rows(np.asarray(listed, dtype=bool), validation)
+
+
+def _keras_folders(config: ConvertConfig, split: SplitOptions) -> bool:
+    """Keras' cut of an image folder (flow_from_directory's), not of rows."""
+    return split.method == "keras" and config.csv is None and config.hf is None
 
 
 def _keras_listing(src: Path, classes: Sequence[str]) -> list[list[str]]:
@@ -225,14 +229,11 @@ def _check_out(root: Out, names: tuple[str, ...], *, overwrite: bool) -> list[st
 
 
 def _remove(root: Out, earlier: list[str]) -> None:
-    """Remove the earlier conversion's `earlier` names from the local OUT `root`."""
-    for name in earlier:
+    """Remove the earlier conversion's `earlier` names from the local OUT `root` (as a
+    plain conversion's --overwrite clears its OUT)."""
+    if earlier:
         assert isinstance(root, Path)  # `_check_out` names some for a local OUT only
-        try:
-            shutil.rmtree(root / name) if (root / name).is_dir() else (root / name).unlink()
-        except OSError as exc:
-            raise ConfigError(f"{exc.filename or root}: OUT cannot be cleared: "
-                              f"{exc.strerror or exc}") from None
+        LocalOut(root).clear(earlier)
 
 
 def _refuse_others(root: Path | str, others: list[str], names: tuple[str, ...]) -> None:
