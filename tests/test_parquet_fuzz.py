@@ -114,20 +114,21 @@ def test_damaged_shards_map_or_fall_back_or_are_corrupt(tmp_path: Path, case: tu
     path.write_bytes(data)
     record = ShardRecord(file=path.name, samples=ROWS, bytes=len(data), sha256="0" * 64)
     try:
-        pages = map_images(str(path), record, SHAPE)
+        mapped = map_images(str(path), record, SHAPE)
     except CorruptShardError as exc:
         assert str(path) in str(exc)
         return
-    if pages is None:
+    if mapped is None:
         return
+    pages = mapped[1]
     assert sum(len(p) for p in pages) == ROWS
     assert all(p.shape[1:] == SHAPE and p.dtype == np.uint8 for p in pages)
-    mapped = np.concatenate(pages).reshape(ROWS, WIDTH)
+    rows = np.concatenate(pages).reshape(ROWS, WIDTH)
     try:
         stored = pq.read_table(pa.py_buffer(data), columns=["image"]).column("image").to_pylist()
     except (OSError, pa.ArrowException):
         return  # pyarrow refuses what the page walk accepted: damage outside what it checks
-    assert [bytes(row) for row in mapped] == stored
+    assert [bytes(row) for row in rows] == stored
 
 
 @pytest.mark.parametrize("name", sorted(SHARDS))
@@ -136,7 +137,8 @@ def test_the_undamaged_shards_map(tmp_path: Path, name: str) -> None:
     path = tmp_path / "shard.parquet"
     path.write_bytes(SHARDS[name])
     record = ShardRecord(file=path.name, samples=ROWS, bytes=path.stat().st_size, sha256="0" * 64)
-    pages = map_images(str(path), record, SHAPE)
-    assert pages is not None and len(pages) > 3
+    mapped = map_images(str(path), record, SHAPE)
+    assert mapped is not None and len(mapped[1]) > 3
+    pages = mapped[1]
     stored = pq.read_table(path, columns=["image"]).column("image").to_pylist()
     assert [bytes(row) for row in np.concatenate(pages).reshape(ROWS, WIDTH)] == stored

@@ -65,8 +65,9 @@ def record(path: Path, rows: int) -> ShardRecord:
 def test_mapped_pages_hold_what_pyarrow_reads(tmp_path: Path, rows: int, options: dict[str, Any]) -> None:
     path = tmp_path / "shard.parquet"
     images = write(path, rows, **options)
-    pages = map_images(str(path), record(path, rows), SHAPE)
-    assert pages is not None
+    mapped = map_images(str(path), record(path, rows), SHAPE)
+    assert mapped is not None
+    pages = mapped[1]
     assert all(p.shape[1:] == SHAPE and not p.flags.writeable and not p.flags.owndata for p in pages)
     mapped = np.concatenate(pages) if pages else np.empty((0, *SHAPE), np.uint8)
     stored = pq.read_table(path).column("image").to_pylist()

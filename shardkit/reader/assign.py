@@ -203,6 +203,12 @@ def shard_runs(starts: np.ndarray, index: np.ndarray) -> Iterator[tuple[int, sli
     """Split a sorted batch `index` by shard: (shard number, its slots in the batch, its
     positions inside the shard) for each shard the batch touches, in order. `starts` holds
     each shard's first sample index, then the total."""
+    if not len(index):
+        return
+    first, last = (np.searchsorted(starts, (index[0], index[-1]), side="right") - 1).tolist()
+    if first == last:  # the common case, one shard: no search per sample
+        yield first, slice(0, len(index)), index - starts[first]
+        return
     shard_of = np.searchsorted(starts, index, side="right") - 1
     cuts = [0, *(np.flatnonzero(np.diff(shard_of)) + 1).tolist(), len(index)]
     for a, b in itertools.pairwise(cuts):

@@ -143,11 +143,20 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
     metadata `fields`. Images are one [B,H,W,C] uint8 array when shapes are fixed, else a list;
     with `encoded` (jpeg/png shards) a list of the stored files as 1-D uint8 arrays, for the
     caller to decode (on the GPU: see `to_device`). jpeg/png payloads are otherwise decoded
-    by `decoder` (default: in this thread) straight into the batch array."""
+    by `decoder` (default: in this thread) straight into the batch array. Consecutive samples
+    of one memory-mapped raw shard are a view of its mapping, lent to the batch (see
+    `shardkit.reader.mapping`: the caller's to change as a copy would be; for tar shards its
+    samples are not adjacent in memory)."""
     manifest = cache.manifest
     size = len(index)
     fixed = None if encoded else manifest.image_shape
-    images: Any = alloc((size, *fixed)) if fixed is not None else [None] * size
+    runs = list(shard_runs(starts, index))
+    # Consecutive samples of one mapped shard (a stored-order read) are lent, not copied.
+    images: Any = cache.get(runs[0][0]).lend(runs[0][2]) \
+        if fixed is not None and len(runs) == 1 else None
+    lent = images is not None
+    if not lent:
+        images = alloc((size, *fixed)) if fixed is not None else [None] * size
     labels = np.empty((size, manifest.targets), dtype=np.float32) if manifest.targets \
         else np.empty(size, dtype=np.int64) if manifest.labeled else None
     meta: dict[str, list[Any]] = {f: [] for f in fields}
@@ -155,7 +164,7 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
     payloads: list[Any] = []
     targets: list[int] = []  # the batch slot of each of `payloads`
     where: list[str] = []
-    for number, slots, local in shard_runs(starts, index):
+    for number, slots, local in runs:
         handle = cache.get(number)
         rows = local.tolist()
         if isinstance(handle.images, list):  # raw images of varying shapes
@@ -164,7 +173,8 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
                 # change, and the shard stays open for the next epoch
                 images[slot] = np.array(handle.images[i])
         elif handle.images is not None:
-            copies.append((handle.images, local, images[slots]))
+            if not lent:
+                copies.append((handle.images, local, images[slots]))
         elif encoded:
             assert handle.payloads is not None
             for slot, i in enumerate(rows, start=slots.start):

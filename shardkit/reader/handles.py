@@ -17,6 +17,7 @@ background thread, so a batch rarely waits for a shard.
 from __future__ import annotations
 
 import io
+import mmap
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -37,7 +38,8 @@ from shardkit.format.samples import (
 )
 from shardkit.format.tar import RawView, iter_members, member_label, member_meta
 from shardkit.reader.gather import Pieces
-from shardkit.reader.open_ahead import OpenAhead, map_shard
+from shardkit.reader.mapping import Lender, map_shard
+from shardkit.reader.open_ahead import OpenAhead
 from shardkit.reader.parquet import int64_values, map_images, read_parquet_shard, read_parquet_table
 from shardkit.reader.targets import read_targets
 
@@ -63,15 +65,36 @@ def check_fields(manifest: Manifest, fields: Sequence[str]) -> tuple[str, ...]:
 
 class ShardHandle:
     """One opened shard: `images` (an [N,H,W,C] array, `Pieces`, or one array per sample when
-    shapes vary), or `payloads` (stored jpeg/png files); `labels`; metadata read when asked."""
+    shapes vary), or `payloads` (stored jpeg/png files); `labels`; metadata read when asked.
+    `lender`, when the images are views of the shard's mapping (`shardkit.reader.mapping`):
+    what lends runs of them out as batches."""
 
     def __init__(self, *, path: str, images: np.ndarray | Pieces | list[np.ndarray] | None,
-                 payloads: list[bytes] | None, labels: np.ndarray | None, metadata: Any) -> None:
+                 payloads: list[bytes] | None, labels: np.ndarray | None, metadata: Any,
+                 lender: Lender | None = None) -> None:
         self.path = path
         self.images = images
         self.payloads = payloads
         self.labels = labels
         self._metadata = metadata
+        self.lender = lender
+
+    def lend(self, local: np.ndarray) -> np.ndarray | None:
+        """Images `local` (sorted) as a view of the mapping, for a batch to own, when they
+        are consecutive and lie in one piece; else None (they are to be copied)."""
+        if self.lender is None or not len(local) \
+                or int(local[-1]) - int(local[0]) != len(local) - 1:
+            return None
+        first, end = int(local[0]), int(local[-1]) + 1
+        images = self.images
+        if isinstance(images, Pieces):
+            piece = int(np.searchsorted(images.starts, first, side="right")) - 1
+            if end > images.starts[piece + 1]:
+                return None
+            first, end = first - int(images.starts[piece]), end - int(images.starts[piece])
+            images = images.arrays[piece]
+        assert isinstance(images, np.ndarray)
+        return self.lender.lend(images[first:end])
 
     def metadata(self, local: np.ndarray, field: str) -> list[Any]:
         values = self._metadata() if callable(self._metadata) else self._metadata
@@ -85,25 +108,34 @@ def _columns(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, 
 
 def open_raw_tar(path: str, record: ShardRecord, shape: Sequence[int], classes: int | None,
                  fields: Sequence[str] = METADATA_FIELDS) -> ShardHandle:
-    view = RawView(path, map_shard(path) if record.samples else b"", record, shape, classes)
+    mapped = map_shard(path) if record.samples else None
+    view = RawView(path, mapped if mapped is not None else b"", record, shape, classes)
     extra = fields[len(METADATA_FIELDS):]
 
     def metadata() -> dict[str, list[Any]]:
         return _columns([fields_from_json(key, meta, extra) for key, meta in view.metadata()], fields)
 
     return ShardHandle(path=path, images=view.images, payloads=None, labels=view.labels,
-                       metadata=metadata)
+                       metadata=metadata, lender=_lender(mapped))
+
+
+def _lender(mapped: mmap.mmap | None) -> Lender | None:
+    """What lends batches out of `mapped` (a shard's mapping), when it can be written to."""
+    if mapped is None or not np.frombuffer(mapped, dtype=np.uint8).flags.writeable:
+        return None
+    return Lender(mapped)
 
 
 def open_parquet_raw(path: str, record: ShardRecord, shape: Sequence[int], labeled: bool,
                      fields: Sequence[str] = METADATA_FIELDS, *,
                      pixels: str = DEFAULT_PIXELS) -> ShardHandle:
-    pages = map_images(path, record, shape) if pixels == DEFAULT_PIXELS else None
+    mapped = map_images(path, record, shape) if pixels == DEFAULT_PIXELS else None
     images: np.ndarray | Pieces
     labels: np.ndarray | None
-    if pages is None:  # a layout that cannot be mapped (compressed, Array3D): pyarrow copies it
+    if mapped is None:  # a layout that cannot be mapped (compressed, Array3D): pyarrow copies it
         images, labels = read_parquet_shard(path, record.samples, shape, labeled, pixels=pixels)
     else:
+        buffer, pages = mapped
         images = Pieces(pages)
         labels = int64_values(read_parquet_table(path, ["label"], record.samples).column("label")) \
             if labeled else None
@@ -112,7 +144,8 @@ def open_parquet_raw(path: str, record: ShardRecord, shape: Sequence[int], label
         meta = read_parquet_table(path, fields, record.samples)
         return {name: meta.column(name).to_pylist() for name in fields}
 
-    return ShardHandle(path=path, images=images, payloads=None, labels=labels, metadata=metadata)
+    return ShardHandle(path=path, images=images, payloads=None, labels=labels, metadata=metadata,
+                       lender=_lender(buffer) if mapped is not None else None)
 
 
 def open_encoded(path: str, record: ShardRecord, manifest: Manifest,
@@ -233,3 +266,11 @@ class ShardCache(OpenAhead[ShardHandle]):
     def _load(self, number: int) -> ShardHandle:
         return open_shard(self.folder, self.manifest, number, verify=self.verify,
                           fields=self.fields)
+
+    def _lent(self, opened: ShardHandle) -> bool:
+        return opened.lender is not None and opened.lender.lent
+
+    def _stale(self, opened: ShardHandle) -> bool:
+        """A shard that lent batches serves another pass only as its file is (see
+        `shardkit.reader.mapping`)."""
+        return opened.lender is not None and not opened.lender.fresh()

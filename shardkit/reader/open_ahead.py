@@ -1,9 +1,9 @@
-"""Opened shards: the read-only memory map of a shard, and a least-recently-used cache that
-opens the shards a reader announces next in a background thread."""
+"""Opened shards: a least-recently-used cache that opens the shards a reader announces next
+in a background thread, and the loop that announces them."""
 
 from __future__ import annotations
 
-import mmap
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Sequence
@@ -12,21 +12,12 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-__all__ = ["OpenAhead", "map_shard", "read_ahead"]
+from shardkit.reader.assign import shard_runs
+
+__all__ = ["OpenAhead", "read_ahead"]
 
 T = TypeVar("T")
 B = TypeVar("B")
-
-
-def map_shard(path: str) -> mmap.mmap:
-    """Map a shard read-only. On Linux the pages are populated at once (MAP_POPULATE): this
-    runs in the prefetch thread, so the gathers in the hot loop take no page faults and a
-    shard not yet in the page cache is read ahead in one go."""
-    with open(path, "rb") as handle:
-        if hasattr(mmap, "MAP_POPULATE"):
-            return mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                             prot=mmap.PROT_READ)
-        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 class OpenAhead(Generic[T]):
@@ -51,10 +42,13 @@ class OpenAhead(Generic[T]):
             for number in numbers[:self.capacity]:
                 if number in self._open:
                     continue
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.thread_name)
-                self._open[number] = self._pool.submit(self._load, number)
+                self._open[number] = self._submit(self._load, number)
                 self._evict()
+
+    def _submit(self, job: Callable[..., T], *args: Any) -> Future[T]:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.thread_name)
+        return self._pool.submit(job, *args)
 
     def get(self, number: int) -> T:
         """Shard `number`, opened now if nobody asked for it before."""
@@ -73,6 +67,35 @@ class OpenAhead(Generic[T]):
                 if self._open.get(number) is future:
                     del self._open[number]
             raise
+
+    def renew(self) -> None:
+        """Before a pass: the opened shards that `_lent` says were lent out of are checked in
+        the background, and those `_stale` says may not serve the pass are opened again."""
+        with self._lock:
+            for number, future in list(self._open.items()):
+                if future.done() and not future.cancelled() and future.exception() is None \
+                        and self._lent(future.result()):
+                    renewed = self._open[number] = self._submit(self._renewed, number, future)
+                    renewed.add_done_callback(functools.partial(self._unless_cancelled, number, future))
+
+    def _unless_cancelled(self, number: int, old: Future[T], renewed: Future[T]) -> None:
+        """A check that never ran (the cache was closed first) lets go of the old shard."""
+        if renewed.cancelled():
+            self._dropped(number, old)
+
+    def _renewed(self, number: int, future: Future[T]) -> T:
+        if not self._stale(future.result()):
+            return future.result()
+        self._dropped(number, future)
+        return self._load(number)
+
+    def _lent(self, opened: T) -> bool:
+        """Whether `opened` lent anything out in the last pass; a subclass says."""
+        return False
+
+    def _stale(self, opened: T) -> bool:
+        """Whether `opened`, which lent something out, may not serve another pass."""
+        return False
 
     def _dropped(self, number: int, future: Future[T]) -> None:
         """The cache let go of shard `number` (evicted, or closed; `future` may still be
@@ -99,21 +122,25 @@ def read_ahead(cache: OpenAhead[Any], starts: np.ndarray, batches: Sequence[np.n
                assemble: Callable[[np.ndarray], B], *, lookahead: int = 2,
                keep_open: bool = False) -> Generator[B, None, None]:
     """`assemble(index)` for each of `batches` in order, first asking `cache` to open the
-    shards of that batch and the next `lookahead` ones in the background. The cache is closed
+    shards of that batch and the next `lookahead` ones in the background (after letting go of
+    the shards that may not serve a new pass: `OpenAhead.renew`). The cache is closed
     at the end unless `keep_open` (a later epoch in this process then finds its shards open)."""
     def shards_of(number: int) -> list[int]:
-        shard_of = np.searchsorted(starts, batches[number], side="right") - 1
-        # A batch is sorted: its shards are the values where shard_of changes.
-        return shard_of[np.r_[True, shard_of[1:] != shard_of[:-1]]].tolist() if len(shard_of) else []
+        return [shard for shard, _, _ in shard_runs(starts, batches[number])]
 
     ahead: dict[int, list[int]] = {}  # the shards of the batches within the look-ahead
+    asked: list[int] = []
+    cache.renew()
     try:
         for number, index in enumerate(batches):
             ahead.pop(number - 1, None)
             for later in range(number, min(number + 1 + lookahead, len(batches))):
                 if later not in ahead:
                     ahead[later] = shards_of(later)
-            cache.prefetch(list(dict.fromkeys(s for later in sorted(ahead) for s in ahead[later])))
+            wanted = list(dict.fromkeys(s for later in sorted(ahead) for s in ahead[later]))
+            if wanted != asked:  # batches of one shard ask for the same ones again and again
+                cache.prefetch(wanted)
+                asked = wanted
             yield assemble(index)
     finally:
         if not keep_open:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from shardkit.config import DEFAULT_PIXELS
 from shardkit.errors import CorruptShardError
 from shardkit.format.manifest import ShardRecord
 from shardkit.format.samples import PARQUET_ERRORS, array3d_pixels
-from shardkit.reader.open_ahead import map_shard
+from shardkit.reader.mapping import map_shard
 
 __all__ = ["fixed_images", "int64_values", "map_images", "read_parquet_shard",
            "read_parquet_table"]
@@ -99,11 +100,13 @@ _PLAIN = 0
 _DICTIONARY_ENCODINGS = {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}
 
 
-def map_images(path: str, record: ShardRecord, shape: Sequence[int]) -> list[np.ndarray] | None:
+def map_images(path: str, record: ShardRecord,
+               shape: Sequence[int]) -> tuple[mmap.mmap, list[np.ndarray]] | None:
     """The ``image`` column of a raw fixed-shape shard as read-only [n_i,H,W,C] uint8 views
-    into the memory-mapped file, one per data page, in row order (together `record.samples`
-    rows); None when the column is stored in a layout this cannot map (compressed,
-    dictionary-encoded, not PLAIN, with definition or repetition levels...).
+    into the memory-mapped file (`shardkit.reader.mapping.map_shard`), one per data page, in
+    row order (together `record.samples` rows), with that mapping; None when the column is
+    stored in a layout this cannot map (compressed, dictionary-encoded, not PLAIN, with
+    definition or repetition levels...).
 
     Raises CorruptShardError naming the file when its structure is damaged: an unreadable
     footer or page header, an image column that is not fixed_size_binary(H*W*C), sizes that
@@ -134,6 +137,7 @@ def map_images(path: str, record: ShardRecord, shape: Sequence[int]) -> list[np.
                                                              for chunk in chunks):
         return None
     size, pixels = len(mapped), np.frombuffer(mapped, dtype=np.uint8)
+    pixels.flags.writeable = False  # the pages are read here; a batch lent out is a twin
     images: list[np.ndarray] = []
     rows = 0
     for group, chunk in enumerate(chunks):
@@ -157,7 +161,7 @@ def map_images(path: str, record: ShardRecord, shape: Sequence[int]) -> list[np.
         rows += group_rows
     if rows != record.samples:
         raise CorruptShardError(f"{path}: row groups hold {rows} rows, index.json says {record.samples}")
-    return images
+    return mapped, images
 
 
 def _data_pages(data: Any, begin: int, end: int, width: int,

@@ -104,6 +104,13 @@ class Reading:
         self.stored = stored_size(manifest, path) if options.augment is not None else None
 
     @property
+    def lends(self) -> bool:
+        """Whether batches are lent, not copied (`batches.assemble`): a stored-order read of
+        fixed-shape raw shards mapped in memory. A batch is then a few bookkeeping steps, less
+        work than handing it over from another thread."""
+        return self.manifest.mapped and not self.options.shuffle
+
+    @property
     def total(self) -> int:
         return int(self.starts[-1])
 

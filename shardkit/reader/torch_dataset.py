@@ -284,9 +284,14 @@ class ShardLoader:
     Threads: a background thread assembles the next `prefetch` batches (one copy per shard a
     batch touches); `copy_threads=2` lets a second thread share each batch's copies, which
     helps a loop that leaves the CPU idle and slows one that copies its batches (the default
-    is 1: docs/performance.md). jpeg/png shards are decoded by `decode_threads` threads (one
-    per CPU). In DataLoader worker processes (a ``DataLoader(ShardDataset(...))`` built by
-    hand) each worker copies and decodes alone.
+    is 1: docs/performance.md). A stored-order read (``shuffle=False``) of memory-mapped
+    shards copies nothing: a batch of consecutive samples of one shard is a view of the
+    shard's mapping, lent to you (change it as you would a copy: the file, the pass's other
+    batches and later passes never see it; in tar shards its samples are not adjacent in
+    memory, so ``image.is_contiguous()`` is False), and such a pass is assembled in the loop's
+    own thread, which is quicker than a hand-over. jpeg/png shards are decoded by
+    `decode_threads` threads (one per CPU). In DataLoader worker processes (a
+    ``DataLoader(ShardDataset(...))`` built by hand) each worker copies and decodes alone.
 
     Augmentation: with ``augment=Augment(...)`` each batch also holds ``augment`` (float32
     [B, k]), every sample's parameters drawn from (seed, epoch, its stored index) — the same
@@ -417,7 +422,8 @@ class ShardLoader:
         ds, me = self.dataset, object()
         order = ds.batches()
         items = ds._tensors(order)
-        batches = self._prefetcher.run(items) if self.options.prefetch else items
+        ahead = self.options.prefetch and not ds.reading.lends
+        batches = self._prefetcher.run(items) if ahead else items
         self._counted, self._consumed = me, 0
         # Held here: a pass still open at interpreter exit is closed after torch's module is
         # torn down, and its `finally` must still put the count back.

@@ -1,0 +1,149 @@
+"""Stored-order batches of raw shards lent out of the mapped shard instead of copied: they
+hold the stored pixels, are the caller's to change, and a change never reaches the file,
+another batch of the pass, or a later pass (whether the batch was let go or is still held)."""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from corpus import image_tree
+
+import shardkit
+from shardkit import ShardLoader
+from shardkit.reader.mapping import Lender, map_shard, written
+
+SIZE = (48, 40)  # 5,760 bytes a sample: samples span pages, and neighbours share some
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("src")
+    image_tree(root, classes=("a", "b"), per_class=13, min_side=50, max_side=90)
+    return root
+
+
+@pytest.fixture(scope="module", params=["tar", "parquet"])
+def dataset(request: pytest.FixtureRequest, src: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("d") / request.param
+    shardkit.convert(src, out, size=SIZE, workers=0, format=request.param, samples_per_shard=10)
+    return out
+
+
+def stored(path: Path) -> np.ndarray:
+    ds = shardkit.open(path)
+    return np.concatenate([np.array(ds.read_shard(i).images) for i in range(len(ds.manifest.shards))])
+
+
+def shard_hashes(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.glob("shard-*"))}
+
+
+def test_stored_order_batches_are_the_mapping_itself(dataset: Path) -> None:
+    """No copy: a batch inside one shard is a view of the shard's mapping, so a second
+    epoch (nothing written, nothing held) hands out the very same memory; a batch that spans
+    two shards is a copy, and shuffled batches are gathered copies, as before."""
+    images = stored(dataset)
+    loader = ShardLoader(dataset, BATCH, shuffle=False)
+    first = [(b["index"].tolist(), b["image"].data_ptr()) for b in loader]
+    second = [(b["index"].tolist(), b["image"].data_ptr()) for b in loader]
+    assert first == second
+    starts = np.cumsum([0] + [s.samples for s in shardkit.open(dataset).manifest.shards])
+    spans = [int(np.searchsorted(starts, i[0], "right")) != int(np.searchsorted(starts, i[-1], "right"))
+             for i, _ in first]
+    assert any(spans) and not all(spans)
+    for batch in ShardLoader(dataset, BATCH, shuffle=False):
+        np.testing.assert_array_equal(batch["image"].numpy(), images[batch["index"].numpy()])
+    for batch in ShardLoader(dataset, BATCH, shuffle=True, seed=3):
+        assert batch["image"].is_contiguous()
+        np.testing.assert_array_equal(batch["image"].numpy(), images[batch["index"].numpy()])
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_a_lent_batch_changed_in_place_changes_nothing_else(dataset: Path, prefetch: int) -> None:
+    """Every batch is zeroed in place as it comes: the next batch of the pass (which may
+    share a page with it) and every batch of the next pass still hold the stored pixels, and
+    the shard files are byte for byte what they were."""
+    images, before = stored(dataset), shard_hashes(dataset)
+    loader = ShardLoader(dataset, BATCH, shuffle=False, prefetch=prefetch)
+    for _ in range(2):
+        for batch in loader:
+            image = batch["image"]
+            np.testing.assert_array_equal(image.numpy(), images[batch["index"].numpy()])
+            image.zero_()
+            image.numpy()[:, 0, 0] = 255  # numpy's view of it is writable too
+        del batch, image
+    assert shard_hashes(dataset) == before
+
+
+def test_a_batch_held_from_an_earlier_pass_and_changed_later_changes_nothing(dataset: Path) -> None:
+    """A caller keeps every batch of the first epoch and writes into all of them while the
+    second epoch runs: the second epoch's batches are the stored pixels all the same."""
+    images = stored(dataset)
+    loader = ShardLoader(dataset, BATCH, shuffle=False)
+    held = [b["image"] for b in loader]
+    for step, batch in enumerate(loader):
+        for kept in held:
+            kept.fill_(step + 1)
+        np.testing.assert_array_equal(batch["image"].numpy(), images[batch["index"].numpy()])
+    assert all(bool((kept == len(held)).all()) for kept in held)  # the caller's own changes stay
+
+
+def test_numpy_batches_and_worker_processes_lend_the_same_pixels(dataset: Path) -> None:
+    """Dataset.batches (numpy) and a DataLoader over ShardDataset with worker processes read
+    stored order the same way: the stored pixels, writable, a change not seen again."""
+    images = stored(dataset)
+    ds = shardkit.open(dataset)
+    for _ in range(2):
+        for batch in ds.batches(BATCH, shuffle=False):
+            np.testing.assert_array_equal(batch["image"], images[batch["index"]])
+            batch["image"][...] = 7
+    workers = torch.utils.data.DataLoader(shardkit.ShardDataset(dataset, BATCH, shuffle=False),
+                                          batch_size=None, num_workers=2)
+    for _ in range(2):
+        for batch in workers:
+            np.testing.assert_array_equal(batch["image"].numpy(), images[batch["index"].numpy()])
+            batch["image"].zero_()
+
+
+def test_written_tells_a_written_page_from_a_read_one(tmp_path: Path) -> None:
+    """pagemap: reading a private mapping leaves its pages the file's; writing one byte makes
+    that page a private copy; a new mapping of the file is the file again."""
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(range(256)) * 64)  # 16 KiB: four pages
+    mapped = map_shard(str(path))
+    buffer = np.frombuffer(mapped, dtype=np.uint8)
+    assert int(buffer.sum()) == 64 * sum(range(256))
+    if written(buffer):
+        pytest.skip("this system cannot tell written pages apart (no /proc/self/pagemap)")
+    buffer[mmap.PAGESIZE + 3] ^= 1
+    assert written(buffer) and not written(buffer[:mmap.PAGESIZE])
+    assert path.read_bytes() == bytes(range(256)) * 64
+    assert not written(np.frombuffer(map_shard(str(path)), dtype=np.uint8))
+
+
+def test_a_lender_serves_again_only_when_nothing_lent_is_alive_or_written(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(3 * mmap.PAGESIZE))
+    lender = Lender(map_shard(str(path)))
+    inside = np.frombuffer(lender.mapping, dtype=np.uint8)[10:20]
+    inside.flags.writeable = False
+    assert lender.fresh() and not lender.lent  # nothing lent
+    twin = lender.lend(inside)
+    assert twin.flags.writeable and np.shares_memory(twin, inside) and lender.lent
+    assert not lender.fresh()  # still alive: its owner may write into it later
+    twin = lender.lend(inside)
+    del twin
+    if written(np.frombuffer(lender.mapping, dtype=np.uint8)):
+        pytest.skip("this system cannot tell written pages apart (no /proc/self/pagemap)")
+    assert lender.fresh()  # let go, unwritten
+    twin = lender.lend(inside)
+    twin[0] = 1
+    del twin
+    assert not lender.fresh()
