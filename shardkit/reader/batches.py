@@ -138,22 +138,22 @@ def resolve_copy_threads(value: int | None) -> int:
 
 def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: Sequence[str],
              alloc: Allocator = _empty, *, encoded: bool = False, copier: Copier | None = None,
-             decoder: DecodePool | None = None) -> dict[str, Any]:
+             decoder: DecodePool | None = None, lend: bool = False) -> dict[str, Any]:
     """The batch holding samples `index` (sorted): image, label (if any), index, and any
     metadata `fields`. Images are one [B,H,W,C] uint8 array when shapes are fixed, else a list;
     with `encoded` (jpeg/png shards) a list of the stored files as 1-D uint8 arrays, for the
     caller to decode (on the GPU: see `to_device`). jpeg/png payloads are otherwise decoded
-    by `decoder` (default: in this thread) straight into the batch array. Consecutive samples
-    of one memory-mapped raw shard are a view of its mapping, lent to the batch (see
-    `shardkit.reader.mapping`: the caller's to change as a copy would be; for tar shards its
-    samples are not adjacent in memory)."""
+    by `decoder` (default: in this thread) straight into the batch array. With `lend`,
+    consecutive samples of one mapped run of a raw shard are a view of its mapping, lent to
+    the batch (see `shardkit.reader.mapping`: the caller's to change as a copy would be; for
+    tar shards its samples are not adjacent in memory)."""
     manifest = cache.manifest
     size = len(index)
     fixed = None if encoded else manifest.image_shape
     runs = list(shard_runs(starts, index))
     # Consecutive samples of one mapped shard (a stored-order read) are lent, not copied.
     images: Any = cache.get(runs[0][0]).lend(runs[0][2]) \
-        if fixed is not None and len(runs) == 1 else None
+        if lend and fixed is not None and len(runs) == 1 else None
     lent = images is not None
     if not lent:
         images = alloc((size, *fixed)) if fixed is not None else [None] * size
@@ -214,18 +214,18 @@ def _decode(decoder: DecodePool, payloads: list[Any], images: Any, targets: list
 def stream_batches(cache: ShardCache, starts: np.ndarray, batches: Sequence[np.ndarray],
                    fields: Sequence[str], *, alloc: Allocator | None = None,
                    lookahead: int = 2, keep_open: bool = False, encoded: bool = False,
-                   copier: Copier | None = None,
-                   decoder: DecodePool | None = None) -> Generator[dict[str, Any], None, None]:
+                   copier: Copier | None = None, decoder: DecodePool | None = None,
+                   lend: bool = False) -> Generator[dict[str, Any], None, None]:
     """Assemble `batches` in order, asking the cache to open the shards of the next
     `lookahead` batches in the background, each batch's copies made by `copier` and its
-    jpeg/png payloads decoded by `decoder` (default: this thread alone). The cache is closed
-    at the end unless `keep_open` (a later epoch in the same process then finds its shards
-    mapped)."""
+    jpeg/png payloads decoded by `decoder` (default: this thread alone); `lend`: see
+    `assemble`. The cache is closed at the end unless `keep_open` (a later epoch in the same
+    process then finds its shards mapped)."""
     pool = alloc or BufferPool()
     return read_ahead(
         cache, starts, batches,
         lambda index: assemble(cache, starts, index, fields, pool, encoded=encoded, copier=copier,
-                               decoder=decoder),
+                               decoder=decoder, lend=lend),
         lookahead=lookahead, keep_open=keep_open)
 
 
@@ -270,7 +270,9 @@ class Prefetcher:
         while (run := self._jobs.get()) is not None:
             try:
                 for item in run.items:
-                    if not self._put(run, item):
+                    handed = self._put(run, item)
+                    item = None  # the consumer's now: held here, a lent batch would look in use
+                    if not handed:
                         break
                 else:
                     self._put(run, _DONE)

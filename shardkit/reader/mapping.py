@@ -17,6 +17,7 @@ of what reading a raw shard in stored order costs (docs/performance.md).
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import weakref
@@ -35,12 +36,22 @@ _LIBC: list[Any] = []
 def map_shard(path: str) -> mmap.mmap:
     """Map a shard copy-on-write (see the module docstring). On Linux its page tables are
     filled at once: this runs in the prefetch thread, so the copies in the hot loop take no
-    page faults, and a shard not yet in the page cache is read ahead in one go."""
+    page faults, and a shard not yet in the page cache is read ahead in one go.
+
+    A writable private mapping counts against the process's commit charge (and
+    RLIMIT_DATA) as if it were memory: where the system refuses it, the shard is mapped
+    shared and read-only (MAP_POPULATE), and nothing is lent out of it."""
     with open(path, "rb") as handle:
         if not hasattr(mmap, "MAP_PRIVATE"):
             return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-        mapped = mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_PRIVATE,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            mapped = mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_PRIVATE,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            if exc.errno != errno.ENOMEM:
+                raise
+            return mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ,
+                             flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     if len(mapped) and not _populate(mapped):
         mapped.madvise(mmap.MADV_WILLNEED)
     return mapped

@@ -3,7 +3,7 @@ in a background thread, and the loop that announces them."""
 
 from __future__ import annotations
 
-import functools
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Sequence
@@ -12,6 +12,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from shardkit.errors import ShardkitError
 from shardkit.reader.assign import shard_runs
 
 __all__ = ["OpenAhead", "read_ahead"]
@@ -29,8 +30,17 @@ class OpenAhead(Generic[T]):
     def __init__(self, capacity: int) -> None:
         self.capacity = max(1, capacity)
         self._open: OrderedDict[int, Future[T]] = OrderedDict()
+        self._checking: dict[int, Future[T]] = {}  # what `renew` is checking, by shard
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._pid = os.getpid()
+
+    def _check_process(self) -> None:
+        """In a forked child (a DataLoader worker of a dataset read in the parent first) the
+        parent's thread and the shards it was still opening are not there: start afresh."""
+        if self._pid != os.getpid():
+            self._open, self._checking = OrderedDict(), {}
+            self._lock, self._pool, self._pid = threading.Lock(), None, os.getpid()
 
     def _load(self, number: int) -> T:
         raise NotImplementedError
@@ -38,6 +48,7 @@ class OpenAhead(Generic[T]):
     def prefetch(self, numbers: Sequence[int]) -> None:
         """Start opening `numbers` in the background (if not open yet); at most `capacity`
         of them, so that none is evicted before it is used."""
+        self._check_process()
         with self._lock:
             for number in numbers[:self.capacity]:
                 if number in self._open:
@@ -52,6 +63,7 @@ class OpenAhead(Generic[T]):
 
     def get(self, number: int) -> T:
         """Shard `number`, opened now if nobody asked for it before."""
+        self._check_process()
         with self._lock:
             future = self._open.get(number)
             if future is None:
@@ -71,19 +83,19 @@ class OpenAhead(Generic[T]):
     def renew(self) -> None:
         """Before a pass: the opened shards that `_lent` says were lent out of are checked in
         the background, and those `_stale` says may not serve the pass are opened again."""
+        self._check_process()
         with self._lock:
             for number, future in list(self._open.items()):
                 if future.done() and not future.cancelled() and future.exception() is None \
                         and self._lent(future.result()):
-                    renewed = self._open[number] = self._submit(self._renewed, number, future)
-                    renewed.add_done_callback(functools.partial(self._unless_cancelled, number, future))
+                    self._checking[number] = future
+                    self._open[number] = self._submit(self._renewed, number)
 
-    def _unless_cancelled(self, number: int, old: Future[T], renewed: Future[T]) -> None:
-        """A check that never ran (the cache was closed first) lets go of the old shard."""
-        if renewed.cancelled():
-            self._dropped(number, old)
-
-    def _renewed(self, number: int, future: Future[T]) -> T:
+    def _renewed(self, number: int) -> T:
+        with self._lock:
+            future = self._checking.pop(number, None)
+        if future is None:  # closed meanwhile, and let go of there
+            raise ShardkitError(f"shard {number}: the cache was closed")
         if not self._stale(future.result()):
             return future.result()
         self._dropped(number, future)
@@ -112,7 +124,9 @@ class OpenAhead(Generic[T]):
             own = threading.current_thread().name.startswith(self.thread_name)
             self._pool.shutdown(wait=not own, cancel_futures=True)
             self._pool = None
-        dropped = list(self._open.items())
+        with self._lock:  # checks that never ran: their shards are let go of here
+            unchecked, self._checking = self._checking, {}
+        dropped = [*self._open.items(), *unchecked.items()]
         self._open.clear()
         for number, future in dropped:
             self._dropped(number, future)

@@ -105,10 +105,17 @@ class Reading:
 
     @property
     def lends(self) -> bool:
-        """Whether batches are lent, not copied (`batches.assemble`): a stored-order read of
-        fixed-shape raw shards mapped in memory. A batch is then a few bookkeeping steps, less
-        work than handing it over from another thread."""
+        """Whether batches inside one mapped run are lent, not copied (`batches.assemble`): a
+        stored-order read of fixed-shape raw shards mapped in memory."""
         return self.manifest.mapped and not self.options.shuffle
+
+    @property
+    def inline(self) -> bool:
+        """Whether a pass is better assembled in the consuming thread: when every batch inside
+        one shard is lent (raw tar: a shard is one mapped run; a Parquet shard's runs are its
+        data pages, which may hold fewer images than a batch), a batch is a few bookkeeping
+        steps, less work than handing it over from another thread."""
+        return self.lends and self.manifest.format == "tar"
 
     @property
     def total(self) -> int:
@@ -193,7 +200,7 @@ class Reading:
         decoder = self._decoders.get(decoding) or self._decoders.setdefault(decoding, DecodePool(decoding))
         return stream_batches(shards, self.starts, batches, self.fields, alloc=self._pool,
                               keep_open=keep_open, encoded=self.options.decode == "device",
-                              copier=copier, decoder=decoder)
+                              copier=copier, decoder=decoder, lend=self.lends)
 
     def _remote_pass(self, batches: Sequence[np.ndarray], *, keep_open: bool,
                      threads: int | None,

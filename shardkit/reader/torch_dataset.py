@@ -288,8 +288,10 @@ class ShardLoader:
     shards copies nothing: a batch of consecutive samples of one shard is a view of the
     shard's mapping, lent to you (change it as you would a copy: the file, the pass's other
     batches and later passes never see it; in tar shards its samples are not adjacent in
-    memory, so ``image.is_contiguous()`` is False), and such a pass is assembled in the loop's
-    own thread, which is quicker than a hand-over. jpeg/png shards are decoded by
+    memory, so ``image.is_contiguous()`` is False; a batch that spans two shards is a copy),
+    and for tar shards such a pass is assembled in the loop's own thread, which is quicker
+    than a hand-over. A lent batch holds its shard's mapping (and an open file) while you
+    hold it. jpeg/png shards are decoded by
     `decode_threads` threads (one per CPU). In DataLoader worker processes (a
     ``DataLoader(ShardDataset(...))`` built by hand) each worker copies and decodes alone.
 
@@ -422,7 +424,7 @@ class ShardLoader:
         ds, me = self.dataset, object()
         order = ds.batches()
         items = ds._tensors(order)
-        ahead = self.options.prefetch and not ds.reading.lends
+        ahead = self.options.prefetch and not ds.reading.inline
         batches = self._prefetcher.run(items) if ahead else items
         self._counted, self._consumed = me, 0
         # Held here: a pass still open at interpreter exit is closed after torch's module is
