@@ -9,6 +9,7 @@ import itertools
 import mmap
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -192,3 +193,92 @@ def test_a_lender_serves_again_only_when_nothing_lent_is_alive_or_written(tmp_pa
     twin[0] = 1
     del twin
     assert not lender.fresh()
+
+
+def test_two_passes_open_at_once_never_share_a_batch(dataset: Path) -> None:
+    """Two passes over one in-process ShardDataset read the same samples from the same
+    opened shards: while both are open nothing is lent, so zeroing one pass's batch leaves
+    the other's alone."""
+    images = stored(dataset)
+    reading = shardkit.ShardDataset(dataset, BATCH, shuffle=False)
+    for first, second in zip(iter(reading), iter(reading), strict=True):
+        first["image"].zero_()
+        np.testing.assert_array_equal(second["image"].numpy(), images[second["index"].numpy()])
+
+
+def test_read_shard_and_worker_batches_are_copies(dataset: Path) -> None:
+    """Whole shards read with read_shard are the caller's arrays (holding them holds no
+    file), and batches from DataLoader worker processes are plain copies in shared memory,
+    not a shard's bytes with its tar members between the pixels."""
+    ds = shardkit.open(dataset)
+    before = len(os.listdir("/proc/self/fd"))
+    held = [ds.read_shard(i) for i in range(len(ds.manifest.shards))]
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert all(shard.images.flags.owndata or (shard.images.base is not None
+                                              and shard.images.base.flags.owndata)
+               for shard in held)
+    workers = torch.utils.data.DataLoader(shardkit.ShardDataset(dataset, BATCH, shuffle=False),
+                                          batch_size=None, num_workers=2)
+    for batch in workers:
+        image = batch["image"]
+        assert image.is_contiguous() and image.untyped_storage().nbytes() == image.nbytes
+
+
+def test_remote_shards_opened_again_keep_one_pin_each(dataset: Path, http_folder: Any,
+                                                     tmp_path: Path) -> None:
+    """Over HTTP, shards that lent batches written into are opened again every pass: each
+    still holds one pin in the node cache (a pin never let go would stall eviction)."""
+    import shutil
+
+    shutil.copytree(dataset, Path(http_folder.root) / "ds")
+    images = stored(dataset)
+    loader = ShardLoader(f"{http_folder.url}/ds", BATCH, shuffle=False,
+                         cache_dir=str(tmp_path / "cache"))
+    for _ in range(4):
+        for batch in loader:
+            np.testing.assert_array_equal(batch["image"].numpy(), images[batch["index"].numpy()])
+            batch["image"].zero_()
+    remote = loader.dataset.reading._remote
+    assert remote is not None
+    assert [pin.readers for pin in remote._pins.values()] == [1] * len(shardkit.open(dataset).manifest.shards)
+
+
+REFUSED = """
+import hashlib, resource, sys, threading
+import numpy as np
+import torch  # noqa: F401  (loaded before the limit: a library's own mappings count too)
+from shardkit import ShardLoader
+threading.stack_size(512 * 1024)  # the loader's threads: small stacks, not 8 MiB of data each
+expected = np.load(sys.argv[2])
+data = [line for line in open("/proc/self/status") if line.startswith("VmData")][0]
+room = int(data.split()[1]) * 1024 + (20 << 20)  # less than the one 30 MB shard
+resource.setrlimit(resource.RLIMIT_DATA, (room, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+for _ in range(2):
+    for batch in ShardLoader(sys.argv[1], 16, shuffle=False):
+        assert batch["image"].is_contiguous()  # copies: nothing lent from a shared mapping
+        first, last = batch["index"][0].item(), batch["index"][-1].item()
+        # hashes, not an array of comparisons: the limit leaves little room
+        assert hashlib.sha256(batch["image"].numpy()).digest() == \
+            hashlib.sha256(expected[first:last + 1]).digest()
+        batch["image"].zero_()
+print("read", len(expected))
+"""
+
+
+def test_a_private_mapping_the_system_refuses_reads_through_a_shared_one(tmp_path: Path) -> None:
+    """A writable private mapping counts against the commit limit and RLIMIT_DATA as memory
+    would: where the system refuses one, the shard is mapped shared and read-only, and the
+    pass reads the same pixels (copied, not lent)."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    image_tree(src, classes=("a",), per_class=200, min_side=30, max_side=40)
+    out = tmp_path / "big"
+    shardkit.convert(src, out, size=(224, 224), workers=0)
+    assert len(shardkit.open(out).manifest.shards) == 1
+    np.save(tmp_path / "expected.npy", stored(out))
+    done = subprocess.run([sys.executable, "-c", REFUSED, str(out), str(tmp_path / "expected.npy")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["read", "200"]

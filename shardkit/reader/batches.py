@@ -146,14 +146,15 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
     by `decoder` (default: in this thread) straight into the batch array. With `lend`,
     consecutive samples of one mapped run of a raw shard are a view of its mapping, lent to
     the batch (see `shardkit.reader.mapping`: the caller's to change as a copy would be; for
-    tar shards its samples are not adjacent in memory)."""
+    tar shards its samples are not adjacent in memory), unless another pass reads the same
+    cache (its batches would hold the same samples)."""
     manifest = cache.manifest
     size = len(index)
     fixed = None if encoded else manifest.image_shape
     runs = list(shard_runs(starts, index))
     # Consecutive samples of one mapped shard (a stored-order read) are lent, not copied.
     images: Any = cache.get(runs[0][0]).lend(runs[0][2]) \
-        if lend and fixed is not None and len(runs) == 1 else None
+        if lend and fixed is not None and len(runs) == 1 and cache.passes == 1 else None
     lent = images is not None
     if not lent:
         images = alloc((size, *fixed)) if fixed is not None else [None] * size
@@ -351,7 +352,10 @@ class Prefetcher:
         if self._thread is not None:
             self._closing.set()
             self._jobs.put(None)
-            self._thread.join()
+            if self._thread is not threading.current_thread():
+                # A loader's finaliser may run in this very thread (the garbage collector
+                # runs where it likes): it ends by itself once it reads the None.
+                self._thread.join()
             self._thread = None
 
 

@@ -34,6 +34,9 @@ class OpenAhead(Generic[T]):
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pid = os.getpid()
+        #: Passes reading through this cache now (`read_ahead`): batches are lent only while
+        #: there is one, since two passes read the same samples.
+        self.passes = 0
 
     def _check_process(self) -> None:
         """In a forked child (a DataLoader worker of a dataset read in the parent first) the
@@ -41,6 +44,7 @@ class OpenAhead(Generic[T]):
         if self._pid != os.getpid():
             self._open, self._checking = OrderedDict(), {}
             self._lock, self._pool, self._pid = threading.Lock(), None, os.getpid()
+            self.passes = 0
 
     def _load(self, number: int) -> T:
         raise NotImplementedError
@@ -118,6 +122,7 @@ class OpenAhead(Generic[T]):
             self._dropped(*self._open.popitem(last=False))
 
     def close(self) -> None:
+        self._check_process()
         if self._pool is not None:
             # A loader's finaliser may run in the pool's own thread (the garbage collector
             # runs where it likes): that thread cannot wait for itself.
@@ -145,6 +150,7 @@ def read_ahead(cache: OpenAhead[Any], starts: np.ndarray, batches: Sequence[np.n
     ahead: dict[int, list[int]] = {}  # the shards of the batches within the look-ahead
     asked: list[int] = []
     cache.renew()
+    cache.passes += 1
     try:
         for number, index in enumerate(batches):
             ahead.pop(number - 1, None)
@@ -157,5 +163,6 @@ def read_ahead(cache: OpenAhead[Any], starts: np.ndarray, batches: Sequence[np.n
                 asked = wanted
             yield assemble(index)
     finally:
+        cache.passes -= 1
         if not keep_open:
             cache.close()

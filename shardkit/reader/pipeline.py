@@ -149,14 +149,16 @@ class Reading:
                            cuts=cuts))
 
     def stream(self, batches: Sequence[np.ndarray], *, epoch: int, keep_open: bool,
-               threads: int | None = None,
-               demand: threading.Event | None = None) -> Generator[dict[str, Any], None, None]:
+               threads: int | None = None, demand: threading.Event | None = None,
+               lend: bool = True) -> Generator[dict[str, Any], None, None]:
         """numpy batches of `batches` (of `epoch`), in order. `keep_open`: the shards stay
         open for the next pass (in the training process); `threads`: copying threads (default
         `copy_threads`), used while `demand` is set when it is given (`batches.Copier`). With
         augmentation, each batch also holds ``augment`` float32 [B, k]: its samples'
-        parameters, drawn from (seed, epoch, stored index)."""
-        stream = self._assembled(batches, keep_open=keep_open, threads=threads, demand=demand)
+        parameters, drawn from (seed, epoch, stored index). `lend`: a stored-order pass may
+        lend its batches (`lends`)."""
+        stream = self._assembled(batches, keep_open=keep_open, threads=threads, demand=demand,
+                                 lend=lend and self.lends)
         if self.stored is None:
             return stream
         return self._augmented(stream, epoch)
@@ -174,9 +176,11 @@ class Reading:
             stream.close()
 
     def _assembled(self, batches: Sequence[np.ndarray], *, keep_open: bool, threads: int | None,
-                   demand: threading.Event | None) -> Generator[dict[str, Any], None, None]:
+                   demand: threading.Event | None,
+                   lend: bool) -> Generator[dict[str, Any], None, None]:
         if self.source is not None:
-            return self._remote_pass(batches, keep_open=keep_open, threads=threads, demand=demand)
+            return self._remote_pass(batches, keep_open=keep_open, threads=threads, demand=demand,
+                                     lend=lend)
         if self.manifest.kind == "table":
             tables = self._cache if isinstance(self._cache, TableCache) else \
                 TableCache(self.path, self.manifest, capacity=self.capacity,
@@ -185,11 +189,12 @@ class Reading:
             return stream_table_batches(tables, self.starts, batches, keep_open=keep_open)
         shards = self._cache if isinstance(self._cache, ShardCache) else ShardCache(
             self.path, self.manifest, capacity=self.capacity, verify=self.options.verify)
-        return self._images(shards, batches, keep_open=keep_open, threads=threads, demand=demand)
+        return self._images(shards, batches, keep_open=keep_open, threads=threads, demand=demand,
+                            lend=lend)
 
     def _images(self, shards: ShardCache, batches: Sequence[np.ndarray], *, keep_open: bool,
-                threads: int | None,
-                demand: threading.Event | None) -> Generator[dict[str, Any], None, None]:
+                threads: int | None, demand: threading.Event | None,
+                lend: bool) -> Generator[dict[str, Any], None, None]:
         self._cache = shards if keep_open else None
         # `threads` (1 in DataLoader worker processes, which already run in parallel) caps
         # both the copying and the decoding threads.
@@ -200,11 +205,11 @@ class Reading:
         decoder = self._decoders.get(decoding) or self._decoders.setdefault(decoding, DecodePool(decoding))
         return stream_batches(shards, self.starts, batches, self.fields, alloc=self._pool,
                               keep_open=keep_open, encoded=self.options.decode == "device",
-                              copier=copier, decoder=decoder, lend=self.lends)
+                              copier=copier, decoder=decoder, lend=lend)
 
     def _remote_pass(self, batches: Sequence[np.ndarray], *, keep_open: bool,
-                     threads: int | None,
-                     demand: threading.Event | None) -> Generator[dict[str, Any], None, None]:
+                     threads: int | None, demand: threading.Event | None,
+                     lend: bool) -> Generator[dict[str, Any], None, None]:
         """A pass over a remote dataset: this pass's shard sequence announced to the cache
         (which downloads ahead along it), shards opened from their pinned local copies."""
         if self._remote is None:
@@ -219,7 +224,7 @@ class Reading:
             shards = self._cache if isinstance(self._cache, RemoteShardCache) else \
                 RemoteShardCache(remote, self.manifest, capacity=self.capacity)
             stream = self._images(shards, batches, keep_open=keep_open, threads=threads,
-                                  demand=demand)
+                                  demand=demand, lend=lend)
         remote.announce(shard_sequence(self.starts, batches))
         return _then_quiet(stream, remote)
 

@@ -136,9 +136,12 @@ class ShardDataset(_IterableDataset):  # type: ignore[misc]
         # Shards stay open between epochs only in the training process. Worker processes
         # already copy in parallel; in the training process a batch's copies are split over
         # threads.
+        # Worker processes do not lend: their batches are copied into shared memory anyway,
+        # and a lent tar batch's storage holds the members between its pixels too.
         stream = self.reading.stream(batches, epoch=self.epoch, keep_open=in_process,
                                      threads=None if in_process else 1,
-                                     demand=self.demand if in_process else None)
+                                     demand=self.demand if in_process else None,
+                                     lend=in_process)
         try:
             for batch in stream:
                 yield _to_tensors(batch)
@@ -237,8 +240,10 @@ class _LoaderPass:
 
 def _close(prefetcher: Prefetcher, reading: Reading) -> None:
     """A ShardLoader's threads end with it (its finaliser)."""
-    prefetcher.close()
-    reading.close()
+    try:
+        prefetcher.close()
+    finally:
+        reading.close()
 
 
 class ShardLoader:
@@ -291,9 +296,12 @@ class ShardLoader:
     memory, so ``image.is_contiguous()`` is False; a batch that spans two shards is a copy),
     and for tar shards such a pass is assembled in the loop's own thread, which is quicker
     than a hand-over. A lent batch holds its shard's mapping (and an open file) while you
-    hold it. jpeg/png shards are decoded by
-    `decode_threads` threads (one per CPU). In DataLoader worker processes (a
-    ``DataLoader(ShardDataset(...))`` built by hand) each worker copies and decodes alone.
+    hold it; a tar batch's storage spans the tar members between its pixels, so ``.clone()``
+    it before ``torch.save``. Two passes open at once over one ShardDataset lend nothing, nor
+    do DataLoader worker processes (their batches are copied into shared memory anyway).
+    jpeg/png shards are decoded by `decode_threads` threads (one per CPU). In DataLoader
+    worker processes (a ``DataLoader(ShardDataset(...))`` built by hand) each worker copies
+    and decodes alone.
 
     Augmentation: with ``augment=Augment(...)`` each batch also holds ``augment`` (float32
     [B, k]), every sample's parameters drawn from (seed, epoch, its stored index) — the same
