@@ -39,6 +39,8 @@ class ReadOptions:
         ``("key",)``, ``"key,source"`` is ``("key", "source")``).
     verify: check every shard's sha256 when it is opened (its size is always checked).
     prefetch: batches assembled ahead in a background thread (0: in the consuming thread).
+        A stored-order pass of raw tar shards lends its batches and is assembled in the
+        consuming thread whatever this says (a batch is then a few bookkeeping steps).
     cache_shards: shards kept open (None: window + 2; memory-mapped shards up to 64).
     decode: ``cpu`` (batches hold pixels) or ``device`` (a jpeg dataset's batches hold the
         stored files, which ``to_device`` decodes on the accelerator).
