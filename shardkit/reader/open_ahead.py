@@ -84,6 +84,16 @@ class OpenAhead(Generic[T]):
                     del self._open[number]
             raise
 
+    def begin_pass(self) -> None:
+        """A pass starts reading through this cache (counted in `passes`), after `renew`."""
+        self.renew()
+        with self._lock:
+            self.passes += 1
+
+    def end_pass(self) -> None:
+        with self._lock:
+            self.passes -= 1
+
     def renew(self) -> None:
         """Before a pass: the opened shards that `_lent` says were lent out of are checked in
         the background, and those `_stale` says may not serve the pass are opened again."""
@@ -142,15 +152,14 @@ def read_ahead(cache: OpenAhead[Any], starts: np.ndarray, batches: Sequence[np.n
                keep_open: bool = False) -> Generator[B, None, None]:
     """`assemble(index)` for each of `batches` in order, first asking `cache` to open the
     shards of that batch and the next `lookahead` ones in the background (after letting go of
-    the shards that may not serve a new pass: `OpenAhead.renew`). The cache is closed
+    the shards that may not serve a new pass: `OpenAhead.begin_pass`). The cache is closed
     at the end unless `keep_open` (a later epoch in this process then finds its shards open)."""
     def shards_of(number: int) -> list[int]:
         return [shard for shard, _, _ in shard_runs(starts, batches[number])]
 
     ahead: dict[int, list[int]] = {}  # the shards of the batches within the look-ahead
     asked: list[int] = []
-    cache.renew()
-    cache.passes += 1
+    cache.begin_pass()
     try:
         for number, index in enumerate(batches):
             ahead.pop(number - 1, None)
@@ -163,6 +172,6 @@ def read_ahead(cache: OpenAhead[Any], starts: np.ndarray, batches: Sequence[np.n
                 asked = wanted
             yield assemble(index)
     finally:
-        cache.passes -= 1
+        cache.end_pass()
         if not keep_open:
             cache.close()
