@@ -151,9 +151,9 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
     manifest = cache.manifest
     size = len(index)
     fixed = None if encoded else manifest.image_shape
-    runs = list(shard_runs(starts, index))
+    runs = [(cache.get(number), slots, local) for number, slots, local in shard_runs(starts, index)]
     # Consecutive samples of one mapped shard (a stored-order read) are lent, not copied.
-    images: Any = cache.get(runs[0][0]).lend(runs[0][2]) \
+    images: Any = runs[0][0].lend(runs[0][2]) \
         if lend and fixed is not None and len(runs) == 1 and cache.passes == 1 else None
     lent = images is not None
     if not lent:
@@ -165,8 +165,7 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
     payloads: list[Any] = []
     targets: list[int] = []  # the batch slot of each of `payloads`
     where: list[str] = []
-    for number, slots, local in runs:
-        handle = cache.get(number)
+    for handle, slots, local in runs:
         rows = local.tolist()
         if isinstance(handle.images, list):  # raw images of varying shapes
             for slot, i in enumerate(rows, start=slots.start):

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from shardkit.reader.mapping import address
+
 __all__ = ["Pieces", "gather", "torch_or_none"]
 
 _THREAD = threading.local()
@@ -49,18 +51,14 @@ class Pieces:
                                                      for a in self.arrays):
             return
         width = int(np.prod(self.arrays[0].shape[1:]))
-        origin = _address(base)
+        origin = address(base)
         self.offsets = np.concatenate(
-            [_address(a) - origin + width * np.arange(len(a), dtype=np.int64) for a in self.arrays])
+            [address(a) - origin + width * np.arange(len(a), dtype=np.int64) for a in self.arrays])
         # Row k holds bytes k .. k+width-1, so row offsets[i] is image i. Only ever read.
         self._rows = torch.from_numpy(base).as_strided((len(base) - width + 1, width), (1, 1))
 
     def __len__(self) -> int:
         return int(self.starts[-1])
-
-
-def _address(array: np.ndarray) -> int:
-    return int(array.__array_interface__["data"][0])
 
 
 def gather(images: np.ndarray | Pieces, local: np.ndarray, out: np.ndarray) -> None:

@@ -17,7 +17,6 @@ background thread, so a batch rarely waits for a shard.
 from __future__ import annotations
 
 import io
-import mmap
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -116,14 +115,7 @@ def open_raw_tar(path: str, record: ShardRecord, shape: Sequence[int], classes: 
         return _columns([fields_from_json(key, meta, extra) for key, meta in view.metadata()], fields)
 
     return ShardHandle(path=path, images=view.images, payloads=None, labels=view.labels,
-                       metadata=metadata, lender=_lender(mapped))
-
-
-def _lender(mapped: mmap.mmap | None) -> Lender | None:
-    """What lends batches out of `mapped` (a shard's mapping), when it can be written to."""
-    if mapped is None or not np.frombuffer(mapped, dtype=np.uint8).flags.writeable:
-        return None
-    return Lender(mapped)
+                       metadata=metadata, lender=Lender.of(mapped))
 
 
 def open_parquet_raw(path: str, record: ShardRecord, shape: Sequence[int], labeled: bool,
@@ -145,7 +137,7 @@ def open_parquet_raw(path: str, record: ShardRecord, shape: Sequence[int], label
         return {name: meta.column(name).to_pylist() for name in fields}
 
     return ShardHandle(path=path, images=images, payloads=None, labels=labels, metadata=metadata,
-                       lender=_lender(buffer) if mapped is not None else None)
+                       lender=Lender.of(buffer) if mapped is not None else None)
 
 
 def open_encoded(path: str, record: ShardRecord, manifest: Manifest,

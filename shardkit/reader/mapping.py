@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Lender", "map_shard", "written"]
+__all__ = ["Lender", "address", "map_shard", "written"]
 
 # madvise(2)'s MADV_POPULATE_READ (Linux 5.14): fill the page tables from the page cache
 # without writing (MAP_POPULATE on a private writable mapping copies every page).
@@ -71,7 +71,7 @@ def _populate(mapped: mmap.mmap) -> bool:
     if libc is None:
         return False
     flat = np.frombuffer(mapped, dtype=np.uint8)
-    if libc.madvise(_address(flat), len(flat), _POPULATE_READ) == 0:
+    if libc.madvise(address(flat), len(flat), _POPULATE_READ) == 0:
         return True
     _LIBC[0] = None  # an older kernel: not again
     return False
@@ -84,7 +84,7 @@ def written(buffer: np.ndarray) -> bool:
     if not len(buffer):
         return False
     page = mmap.PAGESIZE
-    first, last = _address(buffer) // page, (_address(buffer) + len(buffer) - 1) // page
+    first, last = address(buffer) // page, (address(buffer) + len(buffer) - 1) // page
     try:
         fd = os.open("/proc/self/pagemap", os.O_RDONLY)
     except OSError:
@@ -107,14 +107,23 @@ class Lender:
     def __init__(self, mapping: mmap.mmap) -> None:
         self.mapping = mapping
         self.buffer = np.frombuffer(mapping, dtype=np.uint8)
-        self._origin = _address(self.buffer)
+        self._origin = address(self.buffer)
         self._lent: list[weakref.ref[np.ndarray]] = []
+
+    @classmethod
+    def of(cls, mapping: mmap.mmap | None) -> Lender | None:
+        """The lender of `mapping`, when there is one and it can be written to (a shared
+        read-only fallback of `map_shard` lends nothing)."""
+        if mapping is None:
+            return None
+        lender = cls(mapping)
+        return lender if lender.buffer.flags.writeable else None
 
     def lend(self, view: np.ndarray) -> np.ndarray:
         """The writable twin of `view` (a read-only view into the mapping): the same bytes,
         for a caller to own. Kept track of until `fresh` is asked."""
         twin: np.ndarray = np.ndarray(view.shape, np.uint8, self.mapping,
-                                      _address(view) - self._origin, view.strides)
+                                      address(view) - self._origin, view.strides)
         self._lent.append(weakref.ref(twin))
         return twin
 
@@ -133,5 +142,6 @@ class Lender:
         return not alive and not written(self.buffer)
 
 
-def _address(array: np.ndarray) -> int:
+def address(array: np.ndarray) -> int:
+    """Where `array`'s first byte lies in memory."""
     return int(array.__array_interface__["data"][0])
