@@ -14,12 +14,11 @@ Public API::
     shardkit.keras.dataset(path, batch_size, ...)  (Keras 3 model.fit; the [keras] extra)
 """
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from shardkit._version import __version__
 from shardkit.config import ConvertConfig, CsvOptions, ErrorBudget, ImageOptions, ReadOptions, RunOptions
-from shardkit.conversion.report import ConvertSummary
-from shardkit.conversion.run import convert
 from shardkit.errors import (
     ConfigError,
     CorruptShardError,
@@ -33,11 +32,17 @@ from shardkit.errors import (
     UnsafeContentError,
     WorkerError,
 )
-from shardkit.format.storage import RetryPolicy
-from shardkit.reader import Dataset
-from shardkit.reader import open_dataset as open
-from shardkit.reader.augment import Augment
-from shardkit.tools.monitor import monitor
+
+if TYPE_CHECKING:
+    from shardkit.conversion.report import ConvertSummary
+    from shardkit.conversion.run import convert
+    from shardkit.format.retry import RetryPolicy
+    from shardkit.reader import Dataset
+    from shardkit.reader import open_dataset as open
+    from shardkit.reader.augment import Augment
+    from shardkit.reader.device import to_device
+    from shardkit.reader.torch_dataset import ShardDataset, ShardLoader
+    from shardkit.tools.monitor import monitor
 
 __all__ = [
     "Augment",
@@ -70,18 +75,34 @@ __all__ = [
     "to_device",
 ]
 
-_TORCH_NAMES = {"ShardDataset": "torch_dataset", "ShardLoader": "torch_dataset", "to_device": "device"}
+#: The rest of the API, imported on first use (PEP 562): ``import shardkit`` stays light, so
+#: a conversion's worker processes, which import the task code through this package, start
+#: without the reader, the scheduler or pyarrow.compute, and torch (an optional extra) is
+#: imported only by the names that need it. name: (module, attribute in it).
+_LAZY = {
+    "ConvertSummary": ("shardkit.conversion.report", "ConvertSummary"),
+    "convert": ("shardkit.conversion.run", "convert"),
+    "RetryPolicy": ("shardkit.format.retry", "RetryPolicy"),
+    "Dataset": ("shardkit.reader", "Dataset"),
+    "open": ("shardkit.reader", "open_dataset"),
+    "Augment": ("shardkit.reader.augment", "Augment"),
+    "monitor": ("shardkit.tools.monitor", "monitor"),
+    "ShardDataset": ("shardkit.reader.torch_dataset", "ShardDataset"),
+    "ShardLoader": ("shardkit.reader.torch_dataset", "ShardLoader"),
+    "to_device": ("shardkit.reader.device", "to_device"),
+}
 
 
 def __getattr__(name: str) -> Any:
-    # torch is an optional extra: import the torch-based reader only when it is asked for.
-    if name in _TORCH_NAMES:
-        import importlib
-
-        module = importlib.import_module(f"shardkit.reader.{_TORCH_NAMES[name]}")
-        return getattr(module, name)
+    if name in _LAZY:
+        module, attribute = _LAZY[name]
+        value = getattr(importlib.import_module(module), attribute)
+        globals()[name] = value  # found directly from now on
+        return value
     if name == "keras":  # a submodule, imported when used (it needs torch)
-        import importlib
-
         return importlib.import_module("shardkit.keras")
     raise AttributeError(f"module 'shardkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -13,7 +13,9 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Generator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import PIL
 import pyarrow as pa
@@ -21,14 +23,15 @@ import pyarrow as pa
 from shardkit.config import ConvertConfig
 from shardkit.conversion.images import ImageFailure, encode, load_image, load_image_bytes, pillow_limits
 from shardkit.conversion.report import FailureRecord
-from shardkit.conversion.sources.hf import read_images
 from shardkit.conversion.sources.records import InputRecord
-from shardkit.conversion.sources.remote import fetch_inputs
 from shardkit.conversion.writers import EncodedSample
 from shardkit.conversion.writers.parquet import ParquetPartWriter, assemble_parquet
 from shardkit.conversion.writers.tar import TarPartWriter, assemble_tar
 from shardkit.format.samples import arrow_schema, part_schema
-from shardkit.format.storage import Storage
+
+if TYPE_CHECKING:
+    from shardkit.conversion.sources.remote import Fetched
+    from shardkit.format.storage import Storage
 
 __all__ = ["PartResult", "PartTask", "ShardTask", "run_part", "run_shard"]
 
@@ -95,8 +98,8 @@ def run_part(task: PartTask) -> PartResult:
     failures: list[FailureRecord] = []
     counts = [0] * len(task.classes or ())
     written = 0
-    held = read_images(task.records, task.image_col) if task.image_col else None
-    fetched = fetch_inputs(task.source, task.records) if task.source is not None else None
+    held = _held_images(task)
+    fetched = _fetched_inputs(task)
     with pillow_limits():
         try:
             for offset, record in enumerate(task.records):
@@ -128,6 +131,24 @@ def run_part(task: PartTask) -> PartResult:
                       failures=tuple(failures), label_counts=tuple(counts),
                       cpu_seconds=time.process_time() - cpu_start, offset=task.offset,
                       nbytes=nbytes)
+
+
+def _held_images(task: PartTask) -> list[tuple[bytes | None, str | None] | ImageFailure] | None:
+    """A Hugging Face source's images of `task`, read from its data files (else None)."""
+    if not task.image_col:
+        return None
+    from shardkit.conversion.sources.hf import read_images  # only Hugging Face sources need it
+
+    return read_images(task.records, task.image_col)
+
+
+def _fetched_inputs(task: PartTask) -> Generator[Fetched, None, None] | None:
+    """A remote source's inputs of `task`, fetched ahead as the task goes (else None)."""
+    if task.source is None:
+        return None
+    from shardkit.conversion.sources.remote import fetch_inputs  # only remote sources need it
+
+    return fetch_inputs(task.source, task.records)
 
 
 def _require_source_root(path: str, source: str) -> None:

@@ -2,10 +2,6 @@
 
 Sources never decode anything; they list what there is, in a deterministic order
 (`imagefolder`: sorted paths; `image_csv`: CSV order). `csv` streams CSV files for both image
-and tabular CSVs.
+and tabular CSVs. Import the module you need: this package imports none of them, so a
+conversion worker loads only what its tasks use.
 """
-
-from shardkit.conversion.sources.image_csv import list_image_csv
-from shardkit.conversion.sources.imagefolder import InputRecord, Listing, list_image_folder
-
-__all__ = ["InputRecord", "Listing", "list_image_csv", "list_image_folder"]
