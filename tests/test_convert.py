@@ -373,3 +373,37 @@ def test_a_bug_in_shardkit_fails_the_run_instead_of_blaming_the_input(
         shardkit.convert(tree, tmp_path / "out", size=16, workers=0)
     assert caught.value.exit_code == 7
     assert not (tmp_path / "out" / "index.json").exists()
+
+
+def test_imports_stay_light() -> None:
+    # `import shardkit` loads the rest of the API on first use, and what a conversion's
+    # forkserver preloads for its workers (shardkit.conversion.tasks) leaves out the reader,
+    # the scheduler, the Hugging Face and remote sources and torch: each worker start pays
+    # only for what its tasks run. The names still resolve, to the same objects.
+    import subprocess
+    import sys
+
+    heavy = ["torch", "shardkit.reader", "shardkit.conversion.run", "shardkit.conversion.scheduler",
+             "shardkit.conversion.sources.hf", "shardkit.conversion.sources.remote",
+             "shardkit.conversion.sources.csv", "pyarrow.compute"]
+    script = (
+        "import sys, json\n"
+        f"heavy = {heavy!r}\n"
+        "import shardkit\n"
+        "bare = [m for m in heavy if m in sys.modules]\n"
+        "import shardkit.conversion.tasks\n"
+        "tasks = [m for m in heavy if m in sys.modules]\n"
+        "from shardkit.conversion.run import convert\n"
+        "from shardkit.reader import open_dataset, Dataset\n"
+        "same = [shardkit.convert is convert, shardkit.open is open_dataset, shardkit.Dataset is Dataset]\n"
+        "print(json.dumps([bare, tasks, same, 'convert' in dir(shardkit)]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          check=True)
+    bare, tasks, same, listed = json.loads(done.stdout)
+    assert bare == []
+    assert tasks == []
+    assert same == [True, True, True]
+    assert listed
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+        shardkit.nonsense  # noqa: B018
