@@ -220,8 +220,6 @@ def _read_options(args: argparse.Namespace) -> ReadOptions:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from shardkit.conversion.run import run_conversion
-
     config, run = configs_from_options({
         "size": args.size, "resize": args.resize, "mode": args.mode, "filter": args.filter,
         "background": _rgb(args.background), "pad_color": _rgb(args.pad_color),
@@ -239,6 +237,14 @@ def _convert(args: argparse.Namespace) -> int:
         "progress": args.progress, "storage_options": parse_storage_options(args.storage_option) or None,
         **({"shard_size": args.shard_size} if args.shard_size else {}),
     })
+    if not args.dask_scheduler and run.resolved_workers > 0 and os.path.isdir(args.src):
+        # An image folder converts on a local pool: its forkserver imports the task code
+        # while this process imports the rest of the conversion, not after it.
+        from shardkit.conversion.executors import start_forkserver
+
+        start_forkserver()
+    from shardkit.conversion.run import run_conversion
+
     try:
         summary = _run_on_cluster(args, config, run) if args.dask_scheduler else \
             run_conversion(args.src, args.out, config, run)
