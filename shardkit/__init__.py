@@ -34,8 +34,8 @@ from shardkit.errors import (
 )
 
 if TYPE_CHECKING:
+    from shardkit.conversion.entry import convert
     from shardkit.conversion.report import ConvertSummary
-    from shardkit.conversion.run import convert
     from shardkit.format.retry import RetryPolicy
     from shardkit.reader import Dataset
     from shardkit.reader import open_dataset as open
@@ -81,7 +81,7 @@ __all__ = [
 #: imported only by the names that need it. name: (module, attribute in it).
 _LAZY = {
     "ConvertSummary": ("shardkit.conversion.report", "ConvertSummary"),
-    "convert": ("shardkit.conversion.run", "convert"),
+    "convert": ("shardkit.conversion.entry", "convert"),
     "RetryPolicy": ("shardkit.format.retry", "RetryPolicy"),
     "Dataset": ("shardkit.reader", "Dataset"),
     "open": ("shardkit.reader", "open_dataset"),

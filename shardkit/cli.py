@@ -27,6 +27,7 @@ from shardkit.config import (
     RESIZE_MODES,
     ReadOptions,
 )
+from shardkit.conversion.entry import start_pool_early
 from shardkit.errors import (
     EXIT_INTERRUPTED,
     ConfigError,
@@ -237,12 +238,8 @@ def _convert(args: argparse.Namespace) -> int:
         "progress": args.progress, "storage_options": parse_storage_options(args.storage_option) or None,
         **({"shard_size": args.shard_size} if args.shard_size else {}),
     })
-    if not args.dask_scheduler and run.resolved_workers > 0 and os.path.isdir(args.src):
-        # An image folder converts on a local pool: its forkserver imports the task code
-        # while this process imports the rest of the conversion, not after it.
-        from shardkit.conversion.executors import start_forkserver
-
-        start_forkserver()
+    if not args.dask_scheduler:
+        start_pool_early(args.src, run)  # its imports overlap this process's (see entry)
     from shardkit.conversion.run import run_conversion
 
     try:

@@ -393,7 +393,7 @@ def test_imports_stay_light() -> None:
         "bare = [m for m in heavy if m in sys.modules]\n"
         "import shardkit.conversion.tasks\n"
         "tasks = [m for m in heavy if m in sys.modules]\n"
-        "from shardkit.conversion.run import convert\n"
+        "from shardkit.conversion.entry import convert\n"
         "from shardkit.reader import open_dataset, Dataset\n"
         "same = [shardkit.convert is convert, shardkit.open is open_dataset, shardkit.Dataset is Dataset]\n"
         "print(json.dumps([bare, tasks, same, 'convert' in dir(shardkit)]))\n"

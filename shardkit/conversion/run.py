@@ -1,4 +1,5 @@
-"""Run a conversion: plan → part and shard tasks on an executor → atomic commit → index.json.
+"""Run a conversion: plan → part and shard tasks on an executor → atomic commit → index.json
+(entered through `shardkit.conversion.entry.convert`).
 
 The calling process plans, schedules and commits; executors only run `shardkit.conversion.tasks`. A
 shard becomes visible by an atomic rename after fsync, ``errors.jsonl`` and ``index.json``
@@ -14,7 +15,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -33,41 +33,8 @@ from shardkit.format.location import parse_location
 from shardkit.format.manifest import Manifest
 from shardkit.format.samples import image_schema
 from shardkit.format.storage import Storage, open_storage
-from shardkit.keywords import configs_from_options
 
-if TYPE_CHECKING:
-    from typing_extensions import Unpack
-
-    from shardkit.keywords import ConvertKeywords
-
-__all__ = ["convert", "convert_images", "convert_table", "resolve_out", "run_conversion"]
-
-
-def convert(src: str | os.PathLike[str], out: str | os.PathLike[str],
-            config: ConvertConfig | None = None, run: RunOptions | None = None, *,
-            executor: cf.Executor | None = None,
-            **options: Unpack[ConvertKeywords]) -> ConvertSummary:
-    """Convert the image folder, CSV file or Hugging Face dataset `src` into a shardkit
-    dataset in `out` (or, with ``split=``/``validation_split=``, one per part in OUT/<part>/).
-
-    Options come as config objects (`config`: what decides the bytes; `run`: how the run
-    goes) or as keywords (`shardkit.keywords.ConvertKeywords`): any field of `ImageOptions`,
-    `ConvertConfig` or `RunOptions` (size, resize, mode, format, codec, quality, shard_size
-    or samples_per_shard, shuffle, seed, workers, overwrite, max_errors, ...), and for a
-    ``.csv`` SRC any field of `CsvOptions` (image_col, label_col="a" or "a,b", root, columns,
-    exclude, delimiter, encoding, header, keep_ints): with image_col an image CSV, else a
-    tabular CSV (Parquet of typed columns); a Hugging Face SRC takes image_col and label_col.
-    split="train=0.8,val=0.2" (or a dict, or a `SplitOptions`): a stratified split drawn by
-    seed; validation_split=0.2: Keras' own cut (shardkit.conversion.split). The summary of a
-    split is a `SplitSummary` (``.splits``: each part's).
-    executor: run tasks there instead of a local process pool (image inputs).
-
-    Returns a `ConvertSummary`. Raises ConfigError, InputError, OutputExistsError,
-    WorkerError; raises TooManyFailuresError (carrying ``.summary``) after writing the whole
-    dataset when more inputs failed than ``max_errors`` allows.
-    """
-    config, run = configs_from_options(dict(options), config, run)
-    return run_conversion(src, out, config, run, executor=executor)
+__all__ = ["convert_images", "convert_table", "resolve_out", "run_conversion"]
 
 
 def run_conversion(src: str | os.PathLike[str], out: str | os.PathLike[str],
