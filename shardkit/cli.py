@@ -27,7 +27,7 @@ from shardkit.config import (
     RESIZE_MODES,
     ReadOptions,
 )
-from shardkit.conversion.entry import start_pool_early
+from shardkit.conversion.entry import convert
 from shardkit.errors import (
     EXIT_INTERRUPTED,
     ConfigError,
@@ -238,13 +238,9 @@ def _convert(args: argparse.Namespace) -> int:
         "progress": args.progress, "storage_options": parse_storage_options(args.storage_option) or None,
         **({"shard_size": args.shard_size} if args.shard_size else {}),
     })
-    if not args.dask_scheduler:
-        start_pool_early(args.src, run)  # its imports overlap this process's (see entry)
-    from shardkit.conversion.run import run_conversion
-
     try:
         summary = _run_on_cluster(args, config, run) if args.dask_scheduler else \
-            run_conversion(args.src, args.out, config, run)
+            convert(args.src, args.out, config, run)
     except TooManyFailuresError as exc:
         if exc.summary is not None:
             print(exc.summary.line())  # type: ignore[attr-defined]
@@ -255,13 +251,12 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _run_on_cluster(args: argparse.Namespace, config: ConvertConfig, run: RunOptions) -> ConvertSummary:
     from shardkit.conversion.executors import dask_executor
-    from shardkit.conversion.run import run_conversion
 
     if args.workers is not None:
         raise ConfigError("--workers does not apply with --dask-scheduler: the cluster's workers "
                           "run the tasks")
     with dask_executor(args.dask_scheduler) as executor:
-        return run_conversion(args.src, args.out, config, run, executor=executor)
+        return convert(args.src, args.out, config, run, executor=executor)
 
 
 def _info(args: argparse.Namespace) -> int:
