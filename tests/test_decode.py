@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import struct
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from shardkit.config import ImageOptions
 from shardkit.conversion.images import ImageFailure, load_image, pillow_limits
 from shardkit.conversion.images import _turbo_jpeg as turbo_jpeg
 from shardkit.reader.decode import DecodePool, _fast_shape, decode, decode_into
+from shardkit.reader.helpers import Helpers
 from shardkit.tools.synth import photo_like
 
 
@@ -149,6 +151,61 @@ def test_pool_names_the_bad_sample(threads: int) -> None:
         pool.decode_batch(payloads, np.empty((6, 30, 40, 3), np.uint8), 3, where)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_started_batches_finish_whole_and_help_with_the_next(threads: int) -> None:
+    """`start_batch` hands a batch to the helpers; `finish(then=...)` completes it, taking
+    images of the next batch while it waits: every slot of both is decoded exactly once."""
+    payloads = [[encoded(picture(40, 30, seed=10 * b + s), "JPEG", quality=90) for s in range(9)]
+                for b in range(3)]
+    expected = [np.stack([pillow(d, "RGB") for d in batch]) for batch in payloads]
+    outs = [np.zeros_like(e) for e in expected]
+    with DecodePool(threads) as pool:
+        started = [pool.start_batch(batch, out, 3) for batch, out in zip(payloads, outs, strict=True)]
+        started[0].finish(then=started[1])
+        np.testing.assert_array_equal(outs[0], expected[0])
+        started[1].finish(then=started[2])
+        started[2].finish()
+    for out, want in zip(outs, expected, strict=True):
+        np.testing.assert_array_equal(out, want)
+    assert all(s.taken == s.finished == len(s.jobs) for s in started)
+
+
+def test_a_cancelled_share_runs_no_further_job() -> None:
+    ran: list[int] = []
+    pool = Helpers(1, "test")
+    share = pool.start([lambda i=i: ran.append(i) for i in range(5)])  # type: ignore[misc]
+    assert ran == list(range(5))  # one thread: done at once
+    gate = threading.Event()
+    pool = Helpers(2, "test")
+    try:
+        # Two jobs, so one goes to the helper, which is busy with the first until the gate opens.
+        def hold() -> None:
+            gate.wait()
+
+        blocked = pool.start([hold, lambda: None])
+        later = pool.start([lambda i=i: ran.append(i) for i in range(5, 9)])  # type: ignore[misc]
+        later.cancel()  # none taken yet: cancelled at once, nothing runs
+        gate.set()
+        blocked.finish()
+        share.finish()
+        assert later.done() and later.taken == 0
+    finally:
+        gate.set()
+        pool.close()
+    assert ran == list(range(5))
+
+
+def test_an_error_in_a_started_batch_is_raised_by_finish() -> None:
+    payloads = [encoded(picture(40, 30, seed=s), "JPEG") for s in range(6)]
+    payloads[2] = b"broken"
+    with DecodePool(2) as pool:
+        started = pool.start_batch(payloads, np.empty((6, 30, 40, 3), np.uint8), 3,
+                                   [f"sample {i}" for i in range(6)])
+        with pytest.raises(CorruptShardError, match="sample 2: a stored image"):
+            started.finish()
+        assert started.done()
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_decode_threads_must_be_a_positive_integer(bad: object) -> None:
     with pytest.raises(ConfigError, match="decode_threads"):
@@ -213,6 +270,43 @@ def test_loader_names_a_corrupt_payload(jpeg_ds: Path, tmp_path: Path) -> None:
     loader = ShardLoader(copy, 4, shuffle=False, decode_threads=2)
     with pytest.raises(CorruptShardError, match=r"shard-00001\.tar: sample 0: a stored image"):
         list(loader)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batches_before_a_corrupt_payload_arrive_whole_first(jpeg_ds: Path, tmp_path: Path,
+                                                            threads: int) -> None:
+    """A batch decoding on the helpers while the next one is prepared: the error of the next
+    one still comes after the batch before it, whole, as with one thread."""
+    import shutil
+
+    copy = Path(shutil.copytree(jpeg_ds, tmp_path / "copy"))
+    files = stored_files(jpeg_ds)
+    shard = copy / "shard-00001.tar"
+    data = bytearray(shard.read_bytes())
+    start = data.index(files[6])  # sample 6, the first of shard 1, in the second batch
+    data[start + 2: start + 2 + 64] = bytes(64)
+    shard.write_bytes(bytes(data))
+    got: list[dict[str, torch.Tensor]] = []
+    with pytest.raises(CorruptShardError, match=r"shard-00001\.tar: sample 0"):
+        for batch in ShardLoader(copy, 4, shuffle=False, decode_threads=threads):
+            got.append({k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)})
+    assert [b["index"].tolist() for b in got] == [[0, 1, 2, 3]]
+    np.testing.assert_array_equal(got[0]["image"].numpy(),
+                                  np.stack([pillow(files[i], "RGB") for i in range(4)]))
+
+
+def test_leaving_a_pass_early_leaves_the_next_one_whole(jpeg_ds: Path) -> None:
+    """Left after one batch (the next one still decoding on the helpers): the next pass, on
+    the same loader and its kept threads, gives every batch as a fresh loader does."""
+    files = stored_files(jpeg_ds)
+    loader = ShardLoader(jpeg_ds, 4, shuffle=False, decode_threads=2)
+    for _ in range(3):
+        first = next(iter(loader))
+        assert first["index"].tolist() == [0, 1, 2, 3]
+    batches = [b["image"].clone() for b in loader]
+    assert len(batches) == 7
+    images = torch.cat(batches).numpy()
+    np.testing.assert_array_equal(images, np.stack([pillow(files[i], "RGB") for i in range(27)]))
 
 
 # --- conversion: the fast path against Pillow ----------------------------------------------

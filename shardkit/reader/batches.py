@@ -23,12 +23,11 @@ from shardkit.reader.assign import shard_runs
 from shardkit.reader.decode import DecodePool
 from shardkit.reader.gather import gather
 from shardkit.reader.handles import ShardCache
-from shardkit.reader.helpers import Helpers
+from shardkit.reader.helpers import Helpers, Share
 from shardkit.reader.open_ahead import read_ahead
 
 __all__ = ["BufferPool", "Copier", "Prefetcher", "assemble", "in_background",
-           "resolve_copy_threads",
-           "stream_batches"]
+           "resolve_copy_threads", "start_assembly", "stream_batches"]
 
 Allocator = Callable[[tuple[int, ...]], np.ndarray]
 
@@ -139,11 +138,26 @@ def resolve_copy_threads(value: int | None) -> int:
 def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: Sequence[str],
              alloc: Allocator = _empty, *, encoded: bool = False, copier: Copier | None = None,
              decoder: DecodePool | None = None, lend: bool = False) -> dict[str, Any]:
+    """The batch holding samples `index` (sorted), whole: `start_assembly`, then its
+    decoding finished."""
+    batch, decoding = start_assembly(cache, starts, index, fields, alloc, encoded=encoded,
+                                     copier=copier, decoder=decoder, lend=lend)
+    if decoding is not None:
+        decoding.finish()
+    return batch
+
+
+def start_assembly(cache: ShardCache, starts: np.ndarray, index: np.ndarray,
+                   fields: Sequence[str], alloc: Allocator = _empty, *, encoded: bool = False,
+                   copier: Copier | None = None, decoder: DecodePool | None = None,
+                   lend: bool = False) -> tuple[dict[str, Any], Share | None]:
     """The batch holding samples `index` (sorted): image, label (if any), index, and any
     metadata `fields`. Images are one [B,H,W,C] uint8 array when shapes are fixed, else a list;
     with `encoded` (jpeg/png shards) a list of the stored files as 1-D uint8 arrays, for the
     caller to decode (on the GPU: see `to_device`). jpeg/png payloads are otherwise decoded
-    by `decoder` (default: in this thread) straight into the batch array. With `lend`,
+    by `decoder` (default: in this thread) straight into the batch array: for fixed shapes
+    that decoding is only started, and returned beside the batch (None when there is none),
+    for the caller to finish before the batch is used. With `lend`,
     consecutive samples of one mapped run of a raw shard are a view of its mapping, lent to
     the batch (see `shardkit.reader.mapping`: the caller's to change as a copy would be; for
     tar shards its samples are not adjacent in memory), unless another pass reads the same
@@ -190,25 +204,25 @@ def assemble(cache: ShardCache, starts: np.ndarray, index: np.ndarray, fields: S
         for field in fields:
             meta[field].extend(handle.metadata(local, field))
     (copier or gather_all)(copies)
-    if payloads:
-        _decode(decoder or DecodePool(1), payloads, images, targets, where, manifest.channels,
-                fixed is not None)
+    decoding = _decode(decoder or DecodePool(1), payloads, images, targets, where,
+                       manifest.channels, fixed is not None) if payloads else None
     batch: dict[str, Any] = {"image": images, "index": index}
     if labels is not None:
         batch["label"] = labels
     batch.update(meta)
-    return batch
+    return batch, decoding
 
 
 def _decode(decoder: DecodePool, payloads: list[Any], images: Any, targets: list[int],
-            where: list[str], channels: int, fixed: bool) -> None:
+            where: list[str], channels: int, fixed: bool) -> Share | None:
     """Decode `payloads` into their batch slots (`targets`): straight into the batch array
-    when shapes are fixed, else as one array each."""
+    when shapes are fixed (started on the decoder's threads: what is returned finishes it),
+    else as one array each, now."""
     if fixed:
-        decoder.decode_batch(payloads, [images[slot] for slot in targets], channels, where)
-        return
+        return decoder.start_batch(payloads, [images[slot] for slot in targets], channels, where)
     for slot, array in zip(targets, decoder.decode_list(payloads, channels, where), strict=True):
         images[slot] = array
+    return None
 
 
 def stream_batches(cache: ShardCache, starts: np.ndarray, batches: Sequence[np.ndarray],
@@ -220,13 +234,54 @@ def stream_batches(cache: ShardCache, starts: np.ndarray, batches: Sequence[np.n
     `lookahead` batches in the background, each batch's copies made by `copier` and its
     jpeg/png payloads decoded by `decoder` (default: this thread alone); `lend`: see
     `assemble`. The cache is closed at the end unless `keep_open` (a later epoch in the same
-    process then finds its shards mapped)."""
+    process then finds its shards mapped). A batch's decoding runs on the decoder's helper
+    threads while this thread prepares the next batch (`_one_behind`)."""
     pool = alloc or BufferPool()
-    return read_ahead(
+    return _one_behind(read_ahead(
         cache, starts, batches,
-        lambda index: assemble(cache, starts, index, fields, pool, encoded=encoded, copier=copier,
-                               decoder=decoder, lend=lend),
-        lookahead=lookahead, keep_open=keep_open)
+        lambda index: start_assembly(cache, starts, index, fields, pool, encoded=encoded,
+                                     copier=copier, decoder=decoder, lend=lend),
+        lookahead=lookahead, keep_open=keep_open))
+
+
+def _one_behind(started: Iterator[tuple[dict[str, Any], Share | None]],
+                ) -> Generator[dict[str, Any], None, None]:
+    """The batches of `started`, in order, each once its decoding is finished. A batch that
+    is still decoding is handed on only after the next one was started, so the helper threads
+    go from one batch's images to the next without waiting for this thread's bookkeeping (a
+    few images' time per batch), and this thread decodes images of the next batch while it
+    waits for the helpers' last images of this one. A batch with nothing to decode passes at once; an error
+    while starting the next batch is raised after the batch before it was handed on."""
+    held: tuple[dict[str, Any], Share] | None = None
+    ready: tuple[dict[str, Any], Share] | None
+    try:
+        while True:
+            try:
+                batch, decoding = next(started)
+            except StopIteration:
+                break
+            except BaseException:
+                if held is not None:
+                    ready, held = held, None
+                    ready[1].finish()
+                    yield ready[0]
+                raise
+            ready, held = held, (batch, decoding) if decoding is not None else None
+            if ready is not None:
+                ready[1].finish(then=decoding)
+                yield ready[0]
+            if decoding is None:
+                yield batch
+        if held is not None:
+            ready, held = held, None
+            ready[1].finish()
+            yield ready[0]
+    finally:
+        if held is not None:  # left early, or failed: no helper writes into it afterwards
+            held[1].cancel()
+        close = getattr(started, "close", None)
+        if close is not None:
+            close()
 
 
 _DONE = object()

@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from shardkit.config import usable_cpus
 from shardkit.config.common import check_count
 from shardkit.errors import CorruptShardError
-from shardkit.reader.helpers import Helpers
+from shardkit.reader.helpers import Helpers, Share
 
 __all__ = ["DecodePool", "decode", "decode_into", "resolve_decode_threads"]
 
@@ -161,13 +161,25 @@ class DecodePool:
         """Decode ``payloads[i]`` into ``out[i]`` for every i (`out`: a [B,H,W,C] array or a
         list of slot views). `where` names each sample in errors (say, its shard and index).
         Raises CorruptShardError naming the first bad sample."""
+        self._helpers.run(self._batch_jobs(payloads, out, channels, where))
+
+    def start_batch(self, payloads: Sequence[Any], out: Sequence[np.ndarray] | np.ndarray,
+                    channels: int | None = None, where: Sequence[str] | None = None) -> Share:
+        """`decode_batch` handed to the helper threads without waiting: the caller goes on
+        (preparing the next batch, say) and then calls ``finish()`` on what this returns, which
+        decodes what is left in the calling thread and raises as `decode_batch` would, or
+        ``cancel()``. The helpers finish earlier batches first, so they always have work."""
+        return self._helpers.start(self._batch_jobs(payloads, out, channels, where))
+
+    def _batch_jobs(self, payloads: Sequence[Any], out: Sequence[np.ndarray] | np.ndarray,
+                    channels: int | None, where: Sequence[str] | None) -> list[Callable[[], None]]:
         if len(payloads) != len(out):
             raise ValueError(f"{len(payloads)} payloads for {len(out)} slots")
 
         def one(i: int) -> None:
             decode_into(payloads[i], out[i], channels)
 
-        self._run(len(payloads), one, where)
+        return self._jobs(len(payloads), one, where)
 
     def decode_list(self, payloads: Sequence[Any], channels: int | None = None,
                     where: Sequence[str] | None = None) -> list[np.ndarray]:
@@ -177,10 +189,10 @@ class DecodePool:
         def one(i: int) -> None:
             results[i] = decode(payloads[i], channels)
 
-        self._run(len(payloads), one, where)
+        self._helpers.run(self._jobs(len(payloads), one, where))
         return results
 
-    def _run(self, count: int, job: Job, where: Sequence[str] | None) -> None:
+    def _jobs(self, count: int, job: Job, where: Sequence[str] | None) -> list[Callable[[], None]]:
         def span(start: int, stop: int) -> None:
             for i in range(start, stop):
                 try:
@@ -192,7 +204,7 @@ class DecodePool:
         # Runs of a few images, taken by whichever thread is free (see `Helpers`).
         parts = max(1, min(count, 4 * self.threads))
         cuts = [count * k // parts for k in range(parts + 1)]
-        self._helpers.run([functools.partial(span, cuts[k], cuts[k + 1]) for k in range(parts)])
+        return [functools.partial(span, cuts[k], cuts[k + 1]) for k in range(parts)]
 
     def close(self) -> None:
         self._helpers.close()

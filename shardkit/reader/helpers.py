@@ -6,10 +6,10 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["Helpers"]
+__all__ = ["Helpers", "Share"]
 
 
-class _Share:
+class Share:
     """One batch's jobs, taken one at a time by whichever thread is free."""
 
     def __init__(self, jobs: Sequence[Callable[[], None]]) -> None:
@@ -19,21 +19,26 @@ class _Share:
         self.changed = threading.Condition()
 
     def work(self) -> None:
-        while True:
+        while self.work_one():
+            pass
+
+    def work_one(self) -> bool:
+        """Take the next job and run it; False when none is left (or one failed)."""
+        with self.changed:
+            if self.taken == len(self.jobs) or self.error is not None:
+                return False
+            number = self.taken
+            self.taken += 1
+        try:
+            self.jobs[number]()
+        except BaseException as exc:  # handed to the thread that waits
             with self.changed:
-                if self.taken == len(self.jobs) or self.error is not None:
-                    return
-                number = self.taken
-                self.taken += 1
-            try:
-                self.jobs[number]()
-            except BaseException as exc:  # handed to the thread that waits
-                with self.changed:
-                    self.error = self.error or exc
-            finally:
-                with self.changed:
-                    self.finished += 1
-                    self.changed.notify_all()
+                self.error = self.error or exc
+        finally:
+            with self.changed:
+                self.finished += 1
+                self.changed.notify_all()
+        return True
 
     def wait(self) -> None:
         """Until every job taken is finished (no more are taken once the caller's `work`
@@ -42,6 +47,29 @@ class _Share:
             self.changed.wait_for(lambda: self.finished == self.taken)
             if self.error is not None:
                 raise self.error
+
+    def finish(self, then: Share | None = None) -> None:
+        """The jobs nobody took yet done in this thread, then `wait`. Until the other
+        threads' last jobs are done, this thread takes jobs of `then` (the next batch)
+        instead of waiting idle."""
+        try:
+            self.work()
+            if then is not None:
+                while not self.done() and then.work_one():
+                    pass
+        finally:
+            self.wait()
+
+    def done(self) -> bool:
+        """Whether every job taken is finished."""
+        with self.changed:
+            return self.finished == self.taken
+
+    def cancel(self) -> None:
+        """No job is taken any more; returns once those taken are finished (errors dropped)."""
+        with self.changed:
+            self.jobs = self.jobs[:self.taken]
+            self.changed.wait_for(lambda: self.finished == self.taken)
 
 
 class Helpers:
@@ -64,15 +92,21 @@ class Helpers:
             for job in jobs:
                 job()
             return
+        self.start(jobs).finish()
+
+    def start(self, jobs: Sequence[Callable[[], None]]) -> Share:
+        """`jobs` handed to the helpers now, none run in this thread yet: the caller goes on
+        (say, preparing the next batch) and calls `finish` (it then takes what is left) or
+        `cancel` on what this returns. Helpers finish the jobs of earlier calls first."""
+        share = Share(jobs)
+        if self.threads == 1:
+            share.work()  # no helper to hand them to: done now (an error waits for `finish`)
+            return share
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix=self.name)
-        share = _Share(jobs)
         for _ in range(min(self.threads, len(jobs)) - 1):
             self._pool.submit(share.work)
-        try:
-            share.work()
-        finally:
-            share.wait()
+        return share
 
     def close(self) -> None:
         if self._pool is not None:
