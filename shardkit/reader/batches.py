@@ -244,14 +244,14 @@ def stream_batches(cache: ShardCache, starts: np.ndarray, batches: Sequence[np.n
         lookahead=lookahead, keep_open=keep_open))
 
 
-def _one_behind(started: Iterator[tuple[dict[str, Any], Share | None]],
+def _one_behind(started: Generator[tuple[dict[str, Any], Share | None], None, None],
                 ) -> Generator[dict[str, Any], None, None]:
     """The batches of `started`, in order, each once its decoding is finished. A batch that
     is still decoding is handed on only after the next one was started, so the helper threads
     go from one batch's images to the next without waiting for this thread's bookkeeping (a
     few images' time per batch), and this thread decodes images of the next batch while it
-    waits for the helpers' last images of this one. A batch with nothing to decode passes at once; an error
-    while starting the next batch is raised after the batch before it was handed on."""
+    waits for the helpers' last images of this one. A batch with nothing to decode passes at
+    once; an error while starting the next batch is raised after the batch before it."""
     held: tuple[dict[str, Any], Share] | None = None
     ready: tuple[dict[str, Any], Share] | None
     try:
@@ -279,9 +279,7 @@ def _one_behind(started: Iterator[tuple[dict[str, Any], Share | None]],
     finally:
         if held is not None:  # left early, or failed: no helper writes into it afterwards
             held[1].cancel()
-        close = getattr(started, "close", None)
-        if close is not None:
-            close()
+        started.close()
 
 
 _DONE = object()
