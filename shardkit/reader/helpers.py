@@ -44,7 +44,7 @@ class Share:
         """Until every job taken is finished (no more are taken once the caller's `work`
         returned); the first error is raised."""
         with self.changed:
-            self.changed.wait_for(lambda: self.finished == self.taken)
+            self.changed.wait_for(self._settled)
             if self.error is not None:
                 raise self.error
 
@@ -63,13 +63,16 @@ class Share:
     def done(self) -> bool:
         """Whether every job taken is finished."""
         with self.changed:
-            return self.finished == self.taken
+            return self._settled()
+
+    def _settled(self) -> bool:  # with `changed` held
+        return self.finished == self.taken
 
     def cancel(self) -> None:
         """No job is taken any more; returns once those taken are finished (errors dropped)."""
         with self.changed:
             self.jobs = self.jobs[:self.taken]
-            self.changed.wait_for(lambda: self.finished == self.taken)
+            self.changed.wait_for(self._settled)
 
 
 class Helpers:
