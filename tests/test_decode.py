@@ -26,7 +26,7 @@ from shardkit import ConfigError, CorruptShardError, ShardLoader
 from shardkit.config import ImageOptions
 from shardkit.conversion.images import ImageFailure, load_image, pillow_limits
 from shardkit.conversion.images import _turbo_jpeg as turbo_jpeg
-from shardkit.reader.decode import DecodePool, _fast_shape, decode, decode_into
+from shardkit.reader.decode import DecodePool, _fast_shape, _fast_slots, decode, decode_into, jpeg_headers
 from shardkit.reader.helpers import Helpers
 from shardkit.tools.synth import photo_like
 
@@ -139,6 +139,51 @@ def test_pool_decodes_every_slot_like_one_thread(threads: int) -> None:
         listed = pool.decode_list(payloads, 3)
     assert len(listed) == 11
     np.testing.assert_array_equal(np.stack(listed), expected)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_headers_read_at_open_give_the_same_pixels_and_choices(channels: int, threads: int) -> None:
+    """A batch given its payloads' `jpeg_headers` (what an opened shard holds) decodes every
+    codec and mode to Pillow's pixels, sends exactly the payloads `_fast_shape` would to
+    libjpeg-turbo, and leaves a payload whose header does not fit its slot to decode_into's
+    checks and errors."""
+    names = sorted(PAYLOADS)
+    payloads = [PAYLOADS[name]() for name in names]
+    mode = "L" if channels == 1 else "RGB"
+    expected = np.stack([pillow(d, mode) for d in payloads])
+    headers = jpeg_headers(payloads)
+    assert headers.shape == (len(names), 3) and headers.dtype == np.int64
+    assert [tuple(h[:2]) for h, n in zip(headers, names, strict=True) if n in FAST] == \
+        [(45, 67)] * len(FAST)
+    fast = _fast_slots(headers, expected.shape[1:]).tolist()
+    assert fast == [_fast_shape(d, channels) is not None for d in payloads]
+    assert fast == [n in FAST and (channels == 3 or n == "jpeg-l") for n in names]
+    out = np.zeros_like(expected)
+    with DecodePool(threads) as pool:
+        pool.decode_batch(payloads, out, channels, headers=headers)
+        np.testing.assert_array_equal(out, expected)
+        slots = np.zeros_like(expected)
+        pool.decode_batch(payloads, list(slots), channels, headers=headers)  # slot views
+        np.testing.assert_array_equal(slots, expected)
+        other = [encoded(picture(66, 45), "JPEG", quality=90), PAYLOADS["jpeg-rgb-420"]()[:800]]
+        where = ["s: sample 0", "s: sample 1"]
+        with pytest.raises(CorruptShardError, match=r"s: sample 0: a stored image is 45×66×3"):
+            pool.decode_batch(other[:1], np.empty((1, 45, 67, 3), np.uint8), 3, where,
+                              headers=jpeg_headers(other[:1]))
+        assert _fast_slots(jpeg_headers(other[1:]), (45, 67, 3)).tolist() == [True]
+        with pytest.raises(CorruptShardError, match=r"s: sample 0: a stored image does not decode"):
+            pool.decode_batch(other[1:], np.empty((1, 45, 67, 3), np.uint8), 3, where,
+                              headers=jpeg_headers(other[1:]))  # cut: strict mode, then Pillow
+
+
+def test_headers_of_a_bomb_do_not_send_it_to_libjpeg_turbo() -> None:
+    data = bytearray(PAYLOADS["jpeg-rgb-420"]())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5: sof + 9] = struct.pack(">HH", 60000, 60000)
+    headers = jpeg_headers([bytes(data)])
+    assert headers.tolist() == [[60000, 60000, 3]]
+    assert _fast_slots(headers, (60000, 60000, 3)).tolist() == [False]
 
 
 @pytest.mark.parametrize("threads", [1, 3])

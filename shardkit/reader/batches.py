@@ -177,6 +177,7 @@ def start_assembly(cache: ShardCache, starts: np.ndarray, index: np.ndarray,
     meta: dict[str, list[Any]] = {f: [] for f in fields}
     copies: list[Copy] = []
     payloads: list[Any] = []
+    headers: list[np.ndarray] | None = []  # their `jpeg_headers` rows, run by run
     targets: list[int] = []  # the batch slot of each of `payloads`
     where: list[str] = []
     for handle, slots, local in runs:
@@ -196,6 +197,10 @@ def start_assembly(cache: ShardCache, starts: np.ndarray, index: np.ndarray,
         else:
             assert handle.payloads is not None
             payloads.extend(handle.payloads[i] for i in rows)
+            if headers is not None and handle.headers is not None:
+                headers.append(handle.headers[local])
+            else:
+                headers = None
             targets.extend(range(slots.start, slots.stop))
             where.extend(f"{handle.path}: sample {i}" for i in rows)
         if labels is not None:
@@ -204,8 +209,9 @@ def start_assembly(cache: ShardCache, starts: np.ndarray, index: np.ndarray,
         for field in fields:
             meta[field].extend(handle.metadata(local, field))
     (copier or gather_all)(copies)
+    known = np.concatenate(headers) if headers else None
     decoding = _decode(decoder or DecodePool(1), payloads, images, targets, where,
-                       manifest.channels, fixed is not None) if payloads else None
+                       manifest.channels, fixed is not None, known) if payloads else None
     batch: dict[str, Any] = {"image": images, "index": index}
     if labels is not None:
         batch["label"] = labels
@@ -214,12 +220,14 @@ def start_assembly(cache: ShardCache, starts: np.ndarray, index: np.ndarray,
 
 
 def _decode(decoder: DecodePool, payloads: list[Any], images: Any, targets: list[int],
-            where: list[str], channels: int, fixed: bool) -> Share | None:
-    """Decode `payloads` into their batch slots (`targets`): straight into the batch array
-    when shapes are fixed (started on the decoder's threads: what is returned finishes it),
-    else as one array each, now."""
+            where: list[str], channels: int, fixed: bool,
+            headers: np.ndarray | None) -> Share | None:
+    """Decode `payloads` (`headers`: their `jpeg_headers`, if known) into their batch slots
+    (`targets`): straight into the batch array when shapes are fixed (started on the
+    decoder's threads: what is returned finishes it), else as one array each, now."""
     if fixed:
-        return decoder.start_batch(payloads, [images[slot] for slot in targets], channels, where)
+        return decoder.start_batch(payloads, [images[slot] for slot in targets], channels, where,
+                                   headers)
     for slot, array in zip(targets, decoder.decode_list(payloads, channels, where), strict=True):
         images[slot] = array
     return None

@@ -34,7 +34,8 @@ from shardkit.config.common import check_count
 from shardkit.errors import CorruptShardError
 from shardkit.reader.helpers import Helpers, Share
 
-__all__ = ["DecodePool", "decode", "decode_into", "resolve_decode_threads"]
+__all__ = ["COLOUR", "GREY", "PILLOW", "DecodePool", "decode", "decode_into", "jpeg_headers",
+           "resolve_decode_threads"]
 
 #: A stored file: bytes from a tar member or a Parquet cell, or a 1-D uint8 array.
 Payload = bytes | bytearray | memoryview | np.ndarray
@@ -48,24 +49,64 @@ _PILLOW_ERRORS: Final = (OSError, SyntaxError, ValueError, EOFError, IndexError,
                          UnidentifiedImageError, Image.DecompressionBombError)
 
 
-def _fast_shape(data: Payload, channels: int | None) -> tuple[int, int, int] | None:
-    """(H, W, C) that simplejpeg decodes `data` to exactly as Pillow would, or None when
-    Pillow must do it (not a JPEG, CMYK/YCCK, a header libjpeg-turbo refuses)."""
+#: `jpeg_headers` kinds: what libjpeg-turbo decodes exactly as Pillow would.
+PILLOW, GREY, COLOUR = 0, 1, 3
+
+
+def jpeg_headers(payloads: Sequence[Payload]) -> np.ndarray:
+    """[N, 3] int64: (height, width, kind) from each payload's JPEG header: kind `GREY` or
+    `COLOUR` (YCbCr, RGB) for a JPEG libjpeg-turbo decodes as Pillow does, `PILLOW` (sizes
+    0) for anything Pillow must decode. A shard's are read once, when it is opened, so that
+    its batches decode without reading them again (`DecodePool.start_batch`)."""
+    out = np.zeros((len(payloads), 3), dtype=np.int64)
+    for i, data in enumerate(payloads):
+        header = _jpeg_header(data)
+        if header is not None:
+            out[i] = header
+    return out
+
+
+def _jpeg_header(data: Payload) -> tuple[int, int, int] | None:
+    """(height, width, kind) of a JPEG libjpeg-turbo decodes exactly as Pillow, else None
+    (not a JPEG, CMYK/YCCK, a header libjpeg-turbo refuses)."""
     if bytes(data[:3]) != _JPEG_MAGIC:
         return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
         return None
-    if colorspace not in _EXACT_COLORSPACES or (channels == 1 and colorspace != "Gray"):
-        # L of a colour JPEG is Pillow's luma of the RGB pixels, not the stored Y channel.
+    if colorspace not in _EXACT_COLORSPACES:
         return None
+    return int(height), int(width), GREY if colorspace == "Gray" else COLOUR
+
+
+def _fast_shape(data: Payload, channels: int | None) -> tuple[int, int, int] | None:
+    """(H, W, C) that simplejpeg decodes `data` to exactly as Pillow would, or None when
+    Pillow must do it (see `_jpeg_header`, `_fast_slots`)."""
+    header = _jpeg_header(data)
+    if header is None:
+        return None
+    height, width, kind = header
+    if channels is None:
+        channels = kind
+    return (height, width, channels) \
+        if _fast_slots(np.array([header]), (height, width, channels))[0] else None
+
+
+def _fast_slots(headers: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Which of the images `headers` (`jpeg_headers` rows) simplejpeg decodes into H×W×C
+    slots of `shape` exactly as Pillow would."""
+    height, width, channels = shape
+    kind = headers[:, 2]
+    # L of a colour JPEG is Pillow's luma of the RGB pixels, not the stored Y channel; a
+    # grey JPEG's RGB is its Y three times over, in both.
+    fits = kind == GREY if channels == 1 else kind != PILLOW if channels == 3 \
+        else np.zeros(len(headers), dtype=bool)
+    fast: np.ndarray = (headers[:, 0] == height) & (headers[:, 1] == width) & fits
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and height * width > 2 * limit:
-        return None  # Pillow refuses it as a decompression bomb, before allocating
-    if channels is None:
-        channels = 1 if colorspace == "Gray" else 3
-    return int(height), int(width), channels
+        fast[:] = False  # Pillow refuses it as a decompression bomb, before allocating
+    return fast
 
 
 def decode_into(data: Payload, out: np.ndarray, channels: int | None = None) -> None:
@@ -128,6 +169,13 @@ def _load_npy(data: Payload) -> np.ndarray:
     return array
 
 
+def _all_fit(out: Sequence[np.ndarray] | np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Every slot of `out` is a C-contiguous uint8 array of `shape` (what simplejpeg writes)."""
+    if isinstance(out, np.ndarray):
+        return out.dtype == np.uint8 and out.flags.c_contiguous and out.shape[1:] == shape
+    return all(o.dtype == np.uint8 and o.flags.c_contiguous and o.shape == shape for o in out)
+
+
 def _shape_text(shape: tuple[int, ...]) -> str:
     return "×".join(str(v) for v in shape)
 
@@ -157,26 +205,46 @@ class DecodePool:
         self._helpers = Helpers(self.threads, "shardkit-decode")
 
     def decode_batch(self, payloads: Sequence[Any], out: Sequence[np.ndarray] | np.ndarray,
-                     channels: int | None = None, where: Sequence[str] | None = None) -> None:
+                     channels: int | None = None, where: Sequence[str] | None = None,
+                     headers: np.ndarray | None = None) -> None:
         """Decode ``payloads[i]`` into ``out[i]`` for every i (`out`: a [B,H,W,C] array or a
-        list of slot views). `where` names each sample in errors (say, its shard and index).
+        list of slot views of one shape). `where` names each sample in errors (say, its shard
+        and index); `headers`, the payloads' `jpeg_headers` rows when the caller has them.
         Raises CorruptShardError naming the first bad sample."""
-        self._helpers.run(self._batch_jobs(payloads, out, channels, where))
+        self._helpers.run(self._batch_jobs(payloads, out, channels, where, headers))
 
     def start_batch(self, payloads: Sequence[Any], out: Sequence[np.ndarray] | np.ndarray,
-                    channels: int | None = None, where: Sequence[str] | None = None) -> Share:
+                    channels: int | None = None, where: Sequence[str] | None = None,
+                    headers: np.ndarray | None = None) -> Share:
         """`decode_batch` handed to the helper threads without waiting: the caller goes on
         (preparing the next batch, say) and then calls ``finish()`` on what this returns, which
         decodes what is left in the calling thread and raises as `decode_batch` would, or
         ``cancel()``. The helpers finish earlier batches first, so they always have work."""
-        return self._helpers.start(self._batch_jobs(payloads, out, channels, where))
+        return self._helpers.start(self._batch_jobs(payloads, out, channels, where, headers))
 
     def _batch_jobs(self, payloads: Sequence[Any], out: Sequence[np.ndarray] | np.ndarray,
-                    channels: int | None, where: Sequence[str] | None) -> list[Callable[[], None]]:
+                    channels: int | None, where: Sequence[str] | None,
+                    headers: np.ndarray | None) -> list[Callable[[], None]]:
         if len(payloads) != len(out):
             raise ValueError(f"{len(payloads)} payloads for {len(out)} slots")
+        if not len(payloads):
+            return []
+        # With the headers known, an image whose size and kind fit its slot goes straight to
+        # libjpeg-turbo: no header read again, no check per image with the GIL held.
+        shape = tuple(out[0].shape)
+        fast = _fast_slots(headers, shape).tolist() \
+            if headers is not None and len(shape) == 3 and channels in (None, shape[-1]) \
+            and _all_fit(out, shape) \
+            else [False] * len(payloads)
+        colorspace = "gray" if shape[-1] == 1 else "rgb"
 
         def one(i: int) -> None:
+            if fast[i]:
+                try:
+                    simplejpeg.decode_jpeg(payloads[i], colorspace=colorspace, buffer=out[i])
+                    return
+                except ValueError:
+                    pass  # strict mode refused it: decode_into lets Pillow decide
             decode_into(payloads[i], out[i], channels)
 
         return self._jobs(len(payloads), one, where)

@@ -36,6 +36,7 @@ from shardkit.format.samples import (
     member_order,
 )
 from shardkit.format.tar import RawView, iter_members, member_label, member_meta
+from shardkit.reader.decode import jpeg_headers
 from shardkit.reader.gather import Pieces
 from shardkit.reader.mapping import Lender, map_shard
 from shardkit.reader.open_ahead import OpenAhead
@@ -66,7 +67,7 @@ class ShardHandle:
     """One opened shard: `images` (an [N,H,W,C] array, `Pieces`, or one array per sample when
     shapes vary), or `payloads` (stored jpeg/png files); `labels`; metadata read when asked.
     `lender`, when the images are views of the shard's mapping (`shardkit.reader.mapping`):
-    what lends runs of them out as batches."""
+    what lends runs of them out as batches. `headers`: the payloads' `jpeg_headers`."""
 
     def __init__(self, *, path: str, images: np.ndarray | Pieces | list[np.ndarray] | None,
                  payloads: list[bytes] | None, labels: np.ndarray | None, metadata: Any,
@@ -74,6 +75,7 @@ class ShardHandle:
         self.path = path
         self.images = images
         self.payloads = payloads
+        self.headers = jpeg_headers(payloads) if payloads is not None else None
         self.labels = labels
         self._metadata = metadata
         self.lender = lender
