@@ -19,7 +19,7 @@ from corpus import loader, small_dataset, small_tree
 
 import shardkit
 from shardkit import CorruptShardError, ShardLoader, UnsafeContentError
-from shardkit.format.tar import iter_members
+from shardkit.format.tar_members import iter_members
 
 BATCH = 5
 

@@ -1,11 +1,11 @@
 """`iter_members`, the tar parser every reader of a tar shard goes through: the same members
 and bytes as tarfile reads from real shards and from hand-built tars, the names tarfile's own
-encoding writes, and each kind of damage ending in the stated error naming the file."""
+encoding writes, nothing but zeros after the end of the archive, and each kind of damage
+ending in the stated error naming the file."""
 
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 from pathlib import Path
 
@@ -18,17 +18,19 @@ from hypothesis import strategies as st
 from shardkit.errors import CorruptShardError, UnsafeContentError
 from shardkit.format.tar import (
     BLOCK,
+    CHECKSUM_FIELD,
     END_OF_ARCHIVE,
     KNOWN_FIELDS,
+    PREFIX,
+    SIZE_FIELD,
     TYPEFLAG,
-    _number,
     _tarfile_header,
-    iter_members,
+    checksum_bytes,
     padding,
     tar_header,
 )
+from shardkit.format.tar_members import _number, iter_members
 
-SIZE, CHECKSUM = slice(124, 136), slice(148, 156)
 MEMBERS = [("000000.jpg", b"\xff\xd8" + bytes(998)), ("000000.cls", b"7"),
            ("000000.json", b'{"a": 1}'), ("000001.jpg", bytes(512)), ("000001.cls", b"12"),
            ("000001.json", b"{}")]
@@ -45,11 +47,15 @@ def starts(data: bytes) -> list[int]:
         return [m.offset for m in tar.getmembers()]
 
 
+def sums(header: bytes | bytearray) -> tuple[int, int]:
+    """The unsigned and the signed checksum of `header` (512 bytes), as tarfile computes them."""
+    return tarfile.calc_chksums(bytes(header))  # type: ignore[attr-defined,no-any-return]
+
+
 def with_checksum(header: bytes | bytearray) -> bytes:
-    """`header` (512 bytes) with its checksum field made right, as tarfile writes it."""
+    """`header` (512 bytes) with its checksum field made right, as the writer writes it."""
     fixed = bytearray(header)
-    fixed[CHECKSUM] = b" " * 8
-    fixed[CHECKSUM] = b"%06o\0 " % sum(fixed)
+    fixed[CHECKSUM_FIELD] = checksum_bytes(sums(fixed)[0])
     return bytes(fixed)
 
 
@@ -142,7 +148,7 @@ def test_a_long_name_is_joined_from_the_prefix_field(tmp_path: Path) -> None:
     is refused for its "/" (what tarfile's name would be)."""
     name = "k" * 120 + "/000000.jpg"
     header = _tarfile_header(name, 1)
-    assert header[345:465] == b"k" * 120 and header[:11] == b"000000.jpg\0"
+    assert header[PREFIX:PREFIX + 120] == b"k" * 120 and header[:11] == b"000000.jpg\0"
     path = write(tmp_path, header + b"x" + padding(1) + END_OF_ARCHIVE)
     with tarfile.open(path) as tar:
         assert tar.getnames() == [name]
@@ -160,10 +166,9 @@ def test_checksum_fields_as_other_writers_write_them(tmp_path: Path, field: byte
     data = archive(MEMBERS)
     for offset in starts(data):
         header = bytearray(data[offset:offset + BLOCK])
-        header[CHECKSUM] = b" " * 8
-        value = (field % sum(header)).ljust(8, b" ")
+        value = (field % sums(header)[0]).ljust(8, b" ")
         assert len(value) == 8
-        header[CHECKSUM] = value
+        header[CHECKSUM_FIELD] = value
         data = data[:offset] + bytes(header) + data[offset + BLOCK:]
     path = write(tmp_path, data)
     assert list(iter_members(path)) == by_tarfile(path)
@@ -173,13 +178,12 @@ def test_checksum_fields_as_other_writers_write_them(tmp_path: Path, field: byte
 def test_the_signed_checksum_is_accepted_as_by_tarfile(tmp_path: Path) -> None:
     """Some old tars summed the header's bytes as signed chars; tarfile takes either sum."""
     header = bytearray(tar_header("ключ.cls", 1))
-    assert max(header) >= 0x80
-    header[CHECKSUM] = b" " * 8
-    signed = int(np.frombuffer(bytes(header), np.int8).sum())
-    header[CHECKSUM] = b"%06o\0 " % signed
+    unsigned, signed = sums(header)
+    assert max(header) >= 0x80 and signed != unsigned
+    header[CHECKSUM_FIELD] = checksum_bytes(signed)
     path = write(tmp_path, bytes(header) + b"3" + padding(1) + END_OF_ARCHIVE)
     assert list(iter_members(path)) == by_tarfile(path) == [("ключ", "cls", b"3")]
-    header[CHECKSUM] = b"%06o\0 " % (signed + 1)
+    header[CHECKSUM_FIELD] = checksum_bytes(signed + 1)
     refused(write(tmp_path, bytes(header) + b"3" + padding(1) + END_OF_ARCHIVE),
             CorruptShardError, "bad checksum in the header at offset 0")
 
@@ -189,7 +193,7 @@ def test_the_signed_checksum_is_accepted_as_by_tarfile(tmp_path: Path) -> None:
     b"\x80" + (3).to_bytes(11, "big"),  # GNU base-256
 ])
 def test_size_fields_as_tarfile_reads_them(tmp_path: Path, size_field: bytes) -> None:
-    data = edited(archive([("000000.cls", b"123")]), 0, SIZE.start, size_field)
+    data = edited(archive([("000000.cls", b"123")]), 0, SIZE_FIELD.start, size_field)
     path = write(tmp_path, data)
     assert list(iter_members(path)) == by_tarfile(path) == [("000000", "cls", b"123")]
 
@@ -215,13 +219,53 @@ def test_number_fields_as_tarfile_reads_them(field: bytes) -> None:
     assert _number(field) == expected
 
 
-def test_a_zero_block_ends_the_archive(tmp_path: Path) -> None:
-    """The first zero block ends the walk, as it ended tarfile's: what follows is not read."""
-    path = write(tmp_path, archive(MEMBERS[:2], bytes(BLOCK)) + os.urandom(3000))
-    assert list(iter_members(path)) == by_tarfile(path)[:2] == [
+@pytest.mark.parametrize("end", [bytes(BLOCK), END_OF_ARCHIVE, bytes(BLOCK + 100),
+                                 bytes(20 * BLOCK)])
+def test_zeros_to_the_end_of_the_file_end_the_archive(tmp_path: Path, end: bytes) -> None:
+    """A zero block, then nothing but zeros: shardkit writes two blocks, tarfile pads an
+    archive to a whole record of 20."""
+    path = write(tmp_path, archive(MEMBERS[:2], end))
+    assert list(iter_members(path)) == by_tarfile(path) == [
         ("000000", "jpg", MEMBERS[0][1]), ("000000", "cls", b"7")]
-    assert list(iter_members(write(tmp_path, bytes(BLOCK)))) == []
-    assert list(iter_members(write(tmp_path, END_OF_ARCHIVE))) == []
+    assert list(iter_members(write(tmp_path, end))) == []
+
+
+def test_a_tar_written_by_tarfile(tmp_path: Path) -> None:
+    """A tar that tarfile writes (zero blocks to a whole record at the end) reads as tarfile
+    reads it: the tests that rewrite a shard with tarfile count on it."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, payload in MEMBERS:
+            member = tarfile.TarInfo(name)
+            member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+    assert len(buffer.getvalue()) % (20 * BLOCK) == 0
+    path = write(tmp_path, buffer.getvalue())
+    assert list(iter_members(path)) == by_tarfile(path)
+    assert len(by_tarfile(path)) == len(MEMBERS)
+
+
+@pytest.mark.parametrize("after", ["members", "a zeroed header", "noise", "one byte"])
+def test_data_after_a_zero_block(tmp_path: Path, after: str) -> None:
+    """The first zero block ends the archive, and anything but zeros after it is damage (a
+    header zeroed in place, members after an end marker): an error naming both offsets."""
+    data = archive(MEMBERS)
+    at = starts(data)
+    zero, follows = at[2], at[2] + BLOCK
+    if after == "members":
+        damaged = archive(MEMBERS[:2], bytes(BLOCK)) + archive(MEMBERS[2:])
+    elif after == "a zeroed header":  # member 3's payload is zeros: member 4's header follows
+        zero, follows = at[3], at[4]
+        damaged = data[:zero] + bytes(BLOCK) + data[zero + BLOCK:]
+    elif after == "noise":
+        noise = np.random.default_rng(7).integers(1, 256, 3000, dtype=np.uint8).tobytes()
+        damaged = archive(MEMBERS[:2], bytes(BLOCK)) + noise
+    else:
+        follows = zero + 700
+        damaged = archive(MEMBERS[:2], bytes(700) + b"\x01" + bytes(323))
+    refused(write(tmp_path, damaged), CorruptShardError,
+            f"not a readable tar file: the zero block at offset {zero} ends the archive, "
+            f"but data follows at offset {follows}$")
 
 
 def test_a_file_cut_at_a_member_boundary_reads_as_a_shorter_archive(tmp_path: Path) -> None:
@@ -233,10 +277,15 @@ def test_a_file_cut_at_a_member_boundary_reads_as_a_shorter_archive(tmp_path: Pa
 
 
 def test_a_damaged_end_marker_is_left_to_verify(tmp_path: Path) -> None:
-    """Garbage where a shard's end-of-archive blocks belong loses no member: readers read
-    on, as they did through tarfile, and verify reports the marker (tests/test_verify.py)."""
+    """A header with a wrong checksum that starts the file's last 1,024 bytes, after a
+    member, is where the end-of-archive marker belongs: it ends the archive, and verify
+    reports the marker (tests/test_verify.py). Anywhere else it is an error."""
     path = write(tmp_path, archive(MEMBERS, b"\x01" * len(END_OF_ARCHIVE)))
-    assert len(list(iter_members(path))) == len(MEMBERS)
+    assert [(k, f, len(d)) for k, f, d in iter_members(path)] == [
+        (*name.split("."), len(payload)) for name, payload in MEMBERS]
+    members_end = len(archive(MEMBERS, b""))
+    refused(write(tmp_path, archive(MEMBERS, b"\x01" * len(END_OF_ARCHIVE) + END_OF_ARCHIVE)),
+            CorruptShardError, f"bad checksum in the header at offset {members_end}$")
 
 
 def test_a_missing_file_is_an_os_error(tmp_path: Path) -> None:
@@ -248,10 +297,11 @@ def test_a_missing_file_is_an_os_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("member", [0, 3, 5])
-@pytest.mark.parametrize("byte", [148, 150, 155 - 1])
+@pytest.mark.parametrize("byte", [CHECKSUM_FIELD.start, CHECKSUM_FIELD.start + 2,
+                                  CHECKSUM_FIELD.stop - 2])  # digits, the NUL after them
 def test_a_flipped_checksum_byte(tmp_path: Path, member: int, byte: int) -> None:
-    """tarfile raised for the first header only, and took a bad one further on for the end
-    of the archive: a shard damaged there read as a shorter one."""
+    """A wrong checksum is an error naming its header's offset, in the first header as in
+    any later one."""
     data = bytearray(archive(MEMBERS))
     offset = starts(bytes(data))[member]
     data[offset + byte] ^= 0x01
@@ -259,7 +309,7 @@ def test_a_flipped_checksum_byte(tmp_path: Path, member: int, byte: int) -> None
             f"not a readable tar file: bad checksum in the header at offset {offset}")
 
 
-@pytest.mark.parametrize("position", [0, 5, 100, SIZE.start + 3, TYPEFLAG, 257, 400, 511])
+@pytest.mark.parametrize("position", [0, 5, 100, SIZE_FIELD.start + 3, TYPEFLAG, 257, 400, 511])
 def test_a_flipped_header_byte(tmp_path: Path, position: int) -> None:
     data = bytearray(archive(MEMBERS))
     offset = starts(bytes(data))[4]
@@ -291,7 +341,7 @@ def test_a_file_cut_inside_a_payload(tmp_path: Path, member: int, into: int) -> 
     b"\x80" + (1 << 80).to_bytes(11, "big"),  # base-256: far more than any file
 ])
 def test_a_size_past_the_end_of_the_file(tmp_path: Path, size_field: bytes) -> None:
-    data = edited(archive(MEMBERS[:2]), starts(archive(MEMBERS[:2]))[1], SIZE.start, size_field)
+    data = edited(archive(MEMBERS[:2]), starts(archive(MEMBERS[:2]))[1], SIZE_FIELD.start, size_field)
     refused(write(tmp_path, data), CorruptShardError, "unexpected end of data")
 
 
@@ -302,7 +352,7 @@ def test_a_size_past_the_end_of_the_file(tmp_path: Path, size_field: bytes) -> N
     b"\xe9" * 12,
 ])
 def test_a_size_field_that_is_no_size(tmp_path: Path, size_field: bytes) -> None:
-    data = edited(archive(MEMBERS), 0, SIZE.start, size_field)
+    data = edited(archive(MEMBERS), 0, SIZE_FIELD.start, size_field)
     refused(write(tmp_path, data), CorruptShardError, "invalid size field in the header at offset 0")
 
 
@@ -336,21 +386,31 @@ def test_damage_anywhere_raises_before_any_member(tmp_path: Path) -> None:
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
 def test_any_flipped_bit_or_cut(tmp_path: Path, data: st.DataObject) -> None:
-    """Whatever the damage, a shard reads as it was written (a flip in a payload or in a
-    header's unsummed bytes aside) or ends in one of the two errors: never anything else."""
+    """Whatever the damage, one of the two errors or every member the damage leaves: all of
+    them after a flipped bit (in a payload, its padding, the end marker's first block, a
+    checksum field's NUL or space), the ones before a cut that falls on a member boundary.
+    A shard never reads as a shorter one than the damage made it."""
     original = archive(MEMBERS)
+    boundaries = [*starts(original), len(original) - len(END_OF_ARCHIVE)]
     damaged = bytearray(original)
+    cut = None
     if data.draw(st.booleans()):
         position = data.draw(st.integers(0, len(damaged) - 1))
         damaged[position] ^= 1 << data.draw(st.integers(0, 7))
     else:
-        del damaged[data.draw(st.integers(0, len(damaged) - 1)):]
+        cut = data.draw(st.integers(0, len(damaged) - 1))
+        del damaged[cut:]
     try:
         members = list(iter_members(write(tmp_path, bytes(damaged))))
     except (CorruptShardError, UnsafeContentError):
         return
     expected = [(*name.split("."), len(payload)) for name, payload in MEMBERS]
-    assert [(k, f, len(d)) for k, f, d in members] == expected[:len(members)]
+    read = [(k, f, len(d)) for k, f, d in members]
+    if cut is None:
+        assert read == expected
+    else:  # a cut after the last member leaves them all, but only from the marker's start
+        assert read == expected[:len(read)]
+        assert cut == boundaries[len(read)] if len(read) < len(MEMBERS) else cut >= boundaries[-1]
 
 
 # --- unsafe members: UnsafeContentError -------------------------------------------------
@@ -377,7 +437,7 @@ def info(name: str, kind: bytes, **fields: object) -> tarfile.TarInfo:
     info("000000.jpg", tarfile.DIRTYPE),
     info("000000.jpg", tarfile.CHRTYPE, devmajor=1, devminor=3),
     info("000000.jpg", tarfile.FIFOTYPE),
-    info("000000.jpg", tarfile.CONTTYPE),  # tarfile took it for a regular file
+    info("000000.jpg", tarfile.CONTTYPE),  # tarfile reads it as a regular file
 ])
 def test_members_that_are_not_regular_files(tmp_path: Path, member: tarfile.TarInfo) -> None:
     path = write(tmp_path, spliced(member.tobuf(tarfile.USTAR_FORMAT)))
@@ -388,8 +448,9 @@ def test_members_that_are_not_regular_files(tmp_path: Path, member: tarfile.TarI
 @pytest.mark.parametrize("header", ["pax", "pax global", "gnu long name", "gnu long link"])
 def test_extended_headers(tmp_path: Path, header: str) -> None:
     """Pax and GNU extended headers (type flags x, g, L, K), which shardkit never writes:
-    tarfile applied them to the member after them unasked (a pax header can rename it, give
-    it any size); they are refused here as members that are not regular files."""
+    tarfile applies them to the member after them (a pax header can rename it, give it any
+    size) and lists no member for them; they are refused here as members that are not
+    regular files."""
     payload = b"x"
     if header == "pax":
         member = info("000001.jpg", tarfile.REGTYPE, size=1, pax_headers={"comment": "hi"})
@@ -405,7 +466,7 @@ def test_extended_headers(tmp_path: Path, header: str) -> None:
     flag = {"pax": b"x", "pax global": b"g", "gnu long name": b"L", "gnu long link": b"K"}[header]
     assert data[TYPEFLAG:TYPEFLAG + 1] == flag
     path = write(tmp_path, spliced(data + payload + padding(len(payload))))
-    if header != "gnu long link":  # what tarfile's stream mode made of it
+    if header != "gnu long link":  # what tarfile's stream mode makes of it
         with tarfile.open(path, mode="r|") as tar:
             assert all(m.isreg() for m in tar)
     refused(path, UnsafeContentError, "is not a regular file$")

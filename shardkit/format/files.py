@@ -1,5 +1,6 @@
 """Files: atomic publication (write to a temporary name, fsync, rename, fsync the folder),
-streamed hashing, and the one check of a shard file against its index.json record.
+streamed hashing, the one check of a shard file against its index.json record, and the one
+read-only mapping of a file (`map_read_only`).
 
 A file under its final name is always complete: a crash leaves at worst a temporary file,
 never a partial one under the final name (unlike click's atomic helper, an exception here
@@ -9,6 +10,7 @@ removes the temporary file and publishes nothing).
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,7 +21,8 @@ from shardkit.errors import CorruptShardError
 if TYPE_CHECKING:
     from shardkit.format.manifest import ShardRecord
 
-__all__ = ["CHUNK", "atomic_write_bytes", "check_shard", "copy_hashed", "fsync_dir", "hash_file", "publish"]
+__all__ = ["CHUNK", "atomic_write_bytes", "check_shard", "copy_hashed", "fsync_dir", "hash_file",
+           "map_read_only", "publish"]
 
 #: The buffer size of every streamed copy and hash of shard bytes.
 CHUNK = 4 * 1024 * 1024
@@ -105,3 +108,17 @@ def check_shard(path: str | os.PathLike[str], record: ShardRecord, *, verify: bo
             raise CorruptShardError(f"{path}: unreadable: {exc.strerror or exc}") from None
         if digest != record.sha256:
             raise CorruptShardError(f"{path}: sha256 differs from index.json (corrupted)")
+
+
+def map_read_only(handle: BinaryIO) -> mmap.mmap:
+    """The whole file open in `handle`, mapped shared and read-only; where the system has
+    MAP_POPULATE (Linux) its page tables are filled at once (the callers read all of it),
+    and where it has no MAP_SHARED, mmap's portable read-only mapping.
+
+    ValueError for an empty file (mmap maps none); other failures raise OSError. A file cut
+    by another process while it is mapped ends this process with SIGBUS when a page past its
+    new end is read: a limit of mapping a file, not one this function lifts."""
+    if not hasattr(mmap, "MAP_SHARED"):
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    return mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ,
+                     flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))

@@ -12,7 +12,8 @@ from an upper bound computed at plan time. Sample ``i``'s pixels then start at
 ``i * stride + offset``; both numbers are in the shard's manifest record (`raw_layout`), and
 `RawView` locates a whole shard's pixels and labels by that arithmetic alone.
 
-Reading never unpickles anything, and `iter_members` refuses unsafe members.
+Reading never unpickles anything. Readers of jpeg/png shards and verify walk the members with
+`shardkit.format.tar_members.iter_members`, which refuses unsafe ones.
 """
 
 from __future__ import annotations
@@ -20,25 +21,34 @@ from __future__ import annotations
 import io
 import json
 import math
-import mmap
 import os
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from shardkit.errors import CorruptShardError, UnsafeContentError
+from shardkit.errors import CorruptShardError
 from shardkit.format.manifest import ShardRecord
+
+if TYPE_CHECKING:
+    # `shardkit.reader.handles` still imports iter_members from here; once it imports
+    # shardkit.format.tar_members, this and `__getattr__` below go.
+    from shardkit.format.tar_members import iter_members as iter_members
 
 __all__ = [
     "BLOCK",
+    "CHECKSUM_FIELD",
     "END_OF_ARCHIVE",
     "KNOWN_FIELDS",
+    "NAME_FIELD",
     "NPY_MAGIC",
+    "PREFIX",
+    "PREFIX_FIELD",
+    "SIZE_FIELD",
     "TYPEFLAG",
     "RawView",
-    "iter_members",
+    "checksum_bytes",
     "json_blocks",
     "label_digits",
     "member_label",
@@ -60,6 +70,9 @@ TYPEFLAG = 156
 #: A ustar header's name field (at offset 0), and its prefix field (joined before the name).
 NAME_FIELD = 100
 PREFIX, PREFIX_FIELD = 345, 155
+#: A header's size field (a number of bytes) and checksum field (see `checksum_bytes`).
+SIZE_FIELD = slice(124, 136)
+CHECKSUM_FIELD = slice(148, 156)
 #: Placeholder wide enough for any image dimension, used to bound JSON sizes at plan time.
 _WIDEST_INT = 9_999_999_999
 
@@ -69,7 +82,7 @@ def tar_header(name: str, size: int) -> bytes:
 
     The bytes are tarfile's own (`_tarfile_header`); the common case, an ASCII name of at
     most 100 bytes and a size under 8 GiB, is assembled here without building a TarInfo,
-    which cost a conversion about as much per image as writing its pixels.
+    which costs about as much per image as writing its pixels.
     """
     encoded = name.encode("utf-8")
     if len(encoded) > 100 or not encoded.isascii() or not 0 <= size < 0o77777777777:
@@ -77,7 +90,13 @@ def tar_header(name: str, size: int) -> bytes:
     size_field = b"%011o\0" % size
     head = encoded.ljust(100, b"\0") + _MODE_UID_GID + size_field
     checksum = _FIXED_SUM + sum(encoded) + sum(size_field)
-    return head + _MTIME + b"%06o\0 " % checksum + _AFTER_CHECKSUM
+    return head + _MTIME + checksum_bytes(checksum) + _AFTER_CHECKSUM
+
+
+def checksum_bytes(checksum: int) -> bytes:
+    """A header's checksum field as tarfile writes it: six octal digits, a NUL and a space.
+    The checksum is the sum of the header's bytes, the field itself counted as eight spaces."""
+    return b"%06o\0 " % checksum
 
 
 def _tarfile_header(name: str, size: int) -> bytes:
@@ -259,157 +278,6 @@ class RawView:
                 for key, row in zip(keys, self.rows, strict=True)]
 
 
-def iter_members(path: str | os.PathLike[str]) -> Iterator[tuple[str, str, bytes]]:
-    """Yield (key, field, data) for each member, up to the end-of-archive block.
-
-    Refuses (UnsafeContentError) anything a shard must not hold: links and other members
-    that are not regular files (pax and GNU extended headers included: shardkit never writes
-    them, and tarfile applied them unasked), absolute or parent-relative or nested names,
-    unknown fields. A damaged file (a header whose checksum is wrong, a truncated header, a
-    member running past the end of the file, an empty file, not a tar at all) raises
-    CorruptShardError naming it; an OSError opening it passes through.
-
-    The file is mapped and walked by offset arithmetic, and every header's checksum is
-    checked at once with numpy before the first member is yielded: tarfile parsed each header
-    in Python, holding the GIL most of a second for a shard of 18,000 members.
-    """
-    with open(path, "rb") as handle:
-        try:
-            mapped = _map(handle)
-        except ValueError:  # mmap refuses an empty file
-            raise CorruptShardError(f"{path}: not a readable tar file: empty file") from None
-    with mapped:
-        for offset, size in _member_headers(path, mapped):
-            name = _text(mapped[offset:offset + NAME_FIELD])
-            if mapped[offset + PREFIX]:  # a ustar name split in two (tarfile's rule)
-                name = f"{_text(mapped[offset + PREFIX:offset + PREFIX + PREFIX_FIELD])}/{name}"
-            if mapped[offset + TYPEFLAG] not in _REGULAR:
-                raise UnsafeContentError(f"{path}: member {name!r} is not a regular file")
-            if name.startswith("/") or "/" in name or ".." in name or "\\" in name:
-                raise UnsafeContentError(f"{path}: member name {name!r} is not a plain key")
-            key, _, field = name.partition(".")
-            if field not in KNOWN_FIELDS:
-                raise UnsafeContentError(f"{path}: member {name!r} has an unknown field")
-            start = offset + BLOCK
-            yield key, field, mapped[start:start + size]
-
-
-#: Type flags of a regular file: b"0", and b"\0" (pre-POSIX tars). tarfile also took "7"
-#: (contiguous) and "S" (GNU sparse) for regular files; shardkit writes neither.
-_REGULAR = (ord("0"), 0)
-_ZERO_BLOCK = bytes(BLOCK)
-#: A header's size and checksum fields.
-_SIZE, _CHECKSUM, _CHECKSUM_END = 124, 148, 156
-#: Never a header's checksum: stands for a checksum field that holds no number.
-_NO_CHECKSUM = 1 << 40
-
-
-def _map(handle: io.BufferedReader) -> mmap.mmap:
-    """`handle`'s file mapped read-only; on Linux its pages are mapped at once (as
-    `shardkit.reader.mapping` does): every member is copied out of it, so none is spared."""
-    if hasattr(mmap, "MAP_POPULATE"):
-        return mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                         prot=mmap.PROT_READ)
-    return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-
-
-def _member_headers(path: str | os.PathLike[str], data: mmap.mmap) -> list[tuple[int, int]]:
-    """(offset, size) of every member header up to the end-of-archive block, or up to and
-    including the first one that is not a regular file (which the caller refuses), each
-    header's checksum checked. Raises CorruptShardError.
-
-    Where tarfile's stream mode met a bad header after the first (a wrong checksum, a number
-    field that is not one, a truncated block), it silently took it for the end of the
-    archive, and a shard cut or damaged there read as a shorter one; here that is
-    CorruptShardError. But a bad header where a shard's end-of-archive blocks belong (the
-    file's last two blocks, after a member) still ends the archive: no member is lost, and
-    verify reports the marker. (In a file without the marker, a small last member whose
-    header is damaged then goes unread, as with tarfile: readers count the samples.) As with
-    tarfile, the first zero block ends the walk whatever follows it, and so does a file that
-    ends exactly where a header would start.
-    """
-    headers: list[tuple[int, int]] = []
-    end, offset, damage = len(data), 0, ""
-    while True:
-        if offset + BLOCK > end:
-            if offset < end:
-                damage = f"truncated header at offset {offset}"
-            break
-        if data[offset] == 0 and data[offset:offset + BLOCK] == _ZERO_BLOCK:
-            break
-        size = _number(data[offset + _SIZE:offset + _SIZE + 12])
-        headers.append((offset, size if size is not None else -1))
-        if size is None or size < 0:
-            damage = f"invalid size field in the header at offset {offset}"
-            break
-        if data[offset + TYPEFLAG] not in _REGULAR:
-            break
-        offset += BLOCK + size + -size % BLOCK
-        if offset > end:
-            damage = (f"unexpected end of data: the member at offset {headers[-1][0]} ends at byte "
-                      f"{offset}, the file has {end} bytes")
-            break
-    bad = _first_bad_checksum(data, [offset for offset, _ in headers])
-    if bad is not None and 0 < headers[bad][0] == end - len(END_OF_ARCHIVE):
-        del headers[bad:]  # the end of the archive, as tarfile took it; nothing after is read
-        damage = ""
-    elif bad is not None:  # before any other damage: a garbage header's fields mean nothing
-        damage = f"bad checksum in the header at offset {headers[bad][0]}"
-    if damage:
-        raise CorruptShardError(f"{path}: not a readable tar file: {damage}")
-    return headers
-
-
-def _first_bad_checksum(data: mmap.mmap, offsets: list[int]) -> int | None:
-    """Index in `offsets` of the first header whose checksum field holds neither sum tarfile
-    accepts: the unsigned and the signed sum of the header's bytes, the field itself counted
-    as eight spaces."""
-    if not offsets:
-        return None
-    blocks = np.frombuffer(data, np.uint8, count=len(data) // BLOCK * BLOCK).reshape(-1, BLOCK)
-    headers = blocks[np.asarray(offsets) // BLOCK]
-    field = headers[:, _CHECKSUM:_CHECKSUM_END]
-    unsigned = (headers.sum(axis=1, dtype=np.int64) - field.sum(axis=1, dtype=np.int64)
-                + 8 * ord(" "))
-    # tarfile writes the field as six octal digits, a NUL and a space: read those at once,
-    # anything else as tarfile would.
-    digits = field[:, :6].astype(np.int64) - ord("0")
-    written = (((digits >= 0) & (digits < 8)).all(axis=1) & (field[:, 6] == 0)
-               & (field[:, 7] == ord(" ")))
-    stored = digits @ (8 ** np.arange(5, -1, -1, dtype=np.int64))
-    for row in np.flatnonzero(~written):
-        value = _number(field[row].tobytes())
-        stored[row] = value if value is not None and abs(value) < _NO_CHECKSUM else _NO_CHECKSUM
-    wrong = np.flatnonzero(stored != unsigned)
-    if len(wrong):
-        high = (headers[wrong] >= 0x80).sum(axis=1) - (field[wrong] >= 0x80).sum(axis=1)
-        wrong = wrong[stored[wrong] != unsigned[wrong] - 0x100 * high]  # the signed sum
-    return int(wrong[0]) if len(wrong) else None
-
-
-def _number(field: bytes) -> int | None:
-    """A header's number field as tarfile reads it: octal digits up to a NUL (spaces around
-    them allowed, none at all meaning 0), or GNU base-256 after a first byte 0x80 (positive)
-    or 0xff (negative). None for anything else."""
-    if field[-1] == 0:  # as tarfile writes it: digits filling the field, then a NUL
-        try:
-            return int(field[:-1], 8)
-        except ValueError:  # fewer digits, base-256, not a number: the general rule below
-            pass
-    if field[0] in (0x80, 0xFF):
-        value = int.from_bytes(field[1:], "big")
-        return value - 256 ** (len(field) - 1) if field[0] == 0xFF else value
-    try:
-        return int(field.split(b"\0", 1)[0].decode("ascii").strip() or "0", 8)
-    except ValueError:  # UnicodeDecodeError included
-        return None
-
-
-def _text(field: bytes) -> str:
-    """A header's name or prefix field as tarfile decodes it (up to the first NUL)."""
-    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-
-
 def member_label(path: str | os.PathLike[str], key: str, data: bytes) -> int:
     """The label a ``.cls`` member holds: ASCII digits. Raises CorruptShardError naming the file."""
     if not (data.isascii() and data.isdigit()):
@@ -427,3 +295,13 @@ def member_meta(path: str | os.PathLike[str], key: str, data: bytes) -> dict[str
     if not (isinstance(meta, dict) and all(name in meta for name in ("source", "width", "height"))):
         raise CorruptShardError(f"{path}: sample {key}: .json lacks source, width or height")
     return meta
+
+
+if not TYPE_CHECKING:
+    def __getattr__(name: str) -> Any:
+        # The alias kept for `shardkit.reader.handles` (see the imports): resolved on first
+        # use, since shardkit.format.tar_members imports this module.
+        if name == "iter_members":
+            from shardkit.format.tar_members import iter_members
+            return iter_members
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from shardkit.format.files import map_read_only
+
 __all__ = ["Lender", "address", "map_shard", "written"]
 
 # madvise(2)'s MADV_POPULATE_READ (Linux 5.14): fill the page tables from the page cache
@@ -50,8 +52,7 @@ def map_shard(path: str) -> mmap.mmap:
         except OSError as exc:
             if exc.errno != errno.ENOMEM:
                 raise
-            return mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ,
-                             flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+            return map_read_only(handle)
     if len(mapped) and not _populate(mapped):
         mapped.madvise(mmap.MADV_WILLNEED)
     return mapped

@@ -16,7 +16,8 @@ import numpy as np
 from shardkit.errors import CorruptShardError
 from shardkit.format.manifest import Manifest, ShardRecord
 from shardkit.format.samples import TARGET_FIELD
-from shardkit.format.tar import iter_members, member_meta
+from shardkit.format.tar import member_meta
+from shardkit.format.tar_members import iter_members
 from shardkit.reader.parquet import read_parquet_table
 
 __all__ = ["read_targets"]

@@ -30,7 +30,8 @@ from shardkit.format.samples import (
     check_array3d_field,
     member_order,
 )
-from shardkit.format.tar import BLOCK, END_OF_ARCHIVE, iter_members
+from shardkit.format.tar import BLOCK, END_OF_ARCHIVE
+from shardkit.format.tar_members import iter_members
 
 __all__ = ["Problem", "Spec", "Tally", "walk_parquet", "walk_tar"]
 
