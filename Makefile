@@ -7,11 +7,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-# The package's bytecode, brought up to date before each target runs it. Python writes it itself
-# on first import, except where PYTHONDONTWRITEBYTECODE is set (as on these machines): then every
-# process a run starts (the forkserver, pool and DataLoader workers) compiles the package again,
-# a tenth of a second each before it does any work. pip does the same for an installed wheel.
-BYTECODE := $(PY) -m compileall -q -j 0 shardkit >/dev/null
+# The package's bytecode, brought up to date before each target runs it, as pip compiles an
+# installed wheel's. Python writes it itself on first import unless PYTHONDONTWRITEBYTECODE is
+# set; then every process a run starts (the forkserver, pool and DataLoader workers) compiles the
+# package again, a tenth of a second each before it does any work.
+BYTECODE := $(PY) -m compileall -q -j 0 shardkit
 
 .PHONY: help demo test lint bench clean
 
@@ -61,3 +61,4 @@ bench: $(STAMP) ## conversion (local, Dask, into S3), reading (local, workers, r
 
 clean: ## remove the virtualenv, demo and benchmark output, caches
 	rm -rf $(VENV) demo bench-out build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find shardkit -name __pycache__ -prune -exec rm -rf {} +

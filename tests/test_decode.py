@@ -26,7 +26,8 @@ from shardkit import ConfigError, CorruptShardError, ShardLoader
 from shardkit.config import ImageOptions
 from shardkit.conversion.images import ImageFailure, load_image, pillow_limits
 from shardkit.conversion.images import _turbo_jpeg as turbo_jpeg
-from shardkit.reader.decode import DecodePool, _fast_shape, _fast_slots, decode, decode_into, jpeg_headers
+from shardkit.reader import decode as decode_module
+from shardkit.reader.decode import DecodePool, _fast_shape, decode, decode_into, jpeg_headers
 from shardkit.reader.helpers import Helpers
 from shardkit.tools.synth import photo_like
 
@@ -143,47 +144,74 @@ def test_pool_decodes_every_slot_like_one_thread(threads: int) -> None:
 
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_headers_read_at_open_give_the_same_pixels_and_choices(channels: int, threads: int) -> None:
-    """A batch given its payloads' `jpeg_headers` (what an opened shard holds) decodes every
-    codec and mode to Pillow's pixels, sends exactly the payloads `_fast_shape` would to
-    libjpeg-turbo, and leaves a payload whose header does not fit its slot to decode_into's
-    checks and errors."""
+def test_headers_read_at_open_give_the_same_pixels_and_choices(
+        channels: int, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch given its payloads' `jpeg_headers` (what an opened jpeg shard holds) decodes
+    every codec and mode to Pillow's pixels; exactly the payloads libjpeg-turbo decodes as
+    Pillow does skip decode_into's per-image checks, and the rest go through them."""
     names = sorted(PAYLOADS)
     payloads = [PAYLOADS[name]() for name in names]
     mode = "L" if channels == 1 else "RGB"
     expected = np.stack([pillow(d, mode) for d in payloads])
     headers = jpeg_headers(payloads)
-    assert headers.shape == (len(names), 3) and headers.dtype == np.int64
-    assert [tuple(h[:2]) for h, n in zip(headers, names, strict=True) if n in FAST] == \
-        [(45, 67)] * len(FAST)
-    fast = _fast_slots(headers, expected.shape[1:]).tolist()
-    assert fast == [_fast_shape(d, channels) is not None for d in payloads]
-    assert fast == [n in FAST and (channels == 3 or n == "jpeg-l") for n in names]
-    out = np.zeros_like(expected)
+    assert headers.tolist() == [[45, 67, 1 if n == "jpeg-l" else 3] if n in FAST else [0, 0, 0]
+                                for n in names]
+    checked: list[int] = []
+    real = decode_module.decode_into
+
+    def counted(data: bytes, out: np.ndarray, channels: int | None = None) -> None:
+        checked.append(payloads.index(data))
+        real(data, out, channels)
+
+    monkeypatch.setattr(decode_module, "decode_into", counted)
+    slow = sorted(i for i, n in enumerate(names) if not (n in FAST and (channels == 3 or n == "jpeg-l")))
     with DecodePool(threads) as pool:
+        out = np.zeros_like(expected)
         pool.decode_batch(payloads, out, channels, headers=headers)
         np.testing.assert_array_equal(out, expected)
+        assert sorted(checked) == slow
+        checked.clear()
         slots = np.zeros_like(expected)
         pool.decode_batch(payloads, list(slots), channels, headers=headers)  # slot views
         np.testing.assert_array_equal(slots, expected)
-        other = [encoded(picture(66, 45), "JPEG", quality=90), PAYLOADS["jpeg-rgb-420"]()[:800]]
-        where = ["s: sample 0", "s: sample 1"]
+        assert sorted(checked) == slow
+        checked.clear()
+        pool.decode_batch(payloads, np.zeros_like(expected), channels)  # no headers: all checked
+        assert sorted(checked) == list(range(len(names)))
+        with pytest.raises(ValueError, match="headers for"):
+            pool.decode_batch(payloads, out, channels, headers=headers[1:])
+
+
+def test_headers_that_do_not_fit_leave_the_payload_to_the_checks() -> None:
+    """A payload of another size than its slot, or one strict mode refuses, keeps the errors
+    decode_into gives, whatever its header row says."""
+    other = encoded(picture(66, 45), "JPEG", quality=90)
+    cut = PAYLOADS["jpeg-rgb-420"]()[:800]  # its header is whole, its entropy data cut
+    assert jpeg_headers([other, cut]).tolist() == [[45, 66, 3], [45, 67, 3]]
+    where = ["s: sample 0"]
+    slot = np.empty((1, 45, 67, 3), np.uint8)
+    with DecodePool(1) as pool:
         with pytest.raises(CorruptShardError, match=r"s: sample 0: a stored image is 45×66×3"):
-            pool.decode_batch(other[:1], np.empty((1, 45, 67, 3), np.uint8), 3, where,
-                              headers=jpeg_headers(other[:1]))
-        assert _fast_slots(jpeg_headers(other[1:]), (45, 67, 3)).tolist() == [True]
+            pool.decode_batch([other], slot, 3, where, headers=jpeg_headers([other]))
+        lying = np.array([[45, 67, 3]])  # a row not read from this payload
+        with pytest.raises(CorruptShardError, match=r"s: sample 0: a stored image is 45×66×3"):
+            pool.decode_batch([other], slot, 3, where, headers=lying)
         with pytest.raises(CorruptShardError, match=r"s: sample 0: a stored image does not decode"):
-            pool.decode_batch(other[1:], np.empty((1, 45, 67, 3), np.uint8), 3, where,
-                              headers=jpeg_headers(other[1:]))  # cut: strict mode, then Pillow
+            pool.decode_batch([cut], slot, 3, where, headers=jpeg_headers([cut]))
 
 
-def test_headers_of_a_bomb_do_not_send_it_to_libjpeg_turbo() -> None:
+@pytest.mark.parametrize("limit", [None, 10**9])
+def test_headers_of_a_bomb_do_not_send_it_to_libjpeg_turbo(
+        limit: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
     data = bytearray(PAYLOADS["jpeg-rgb-420"]())
     sof = data.index(b"\xff\xc0")
     data[sof + 5: sof + 9] = struct.pack(">HH", 60000, 60000)
     headers = jpeg_headers([bytes(data)])
     assert headers.tolist() == [[60000, 60000, 3]]
-    assert _fast_slots(headers, (60000, 60000, 3)).tolist() == [False]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    # 3.6e9 pixels: past twice a limit of 1e9, Pillow refuses it before allocating; without
+    # a limit libjpeg-turbo may take it.
+    assert decode_module._fits(60000, 60000, 3, (60000, 60000, 3)) is (limit is None)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -300,6 +328,44 @@ def test_loader_batches_do_not_depend_on_decode_threads(jpeg_ds: Path) -> None:
             assert got.keys() == want.keys()
             for key in want:
                 assert torch.equal(got[key], want[key]), (name, key)
+
+
+def test_batches_over_several_shards_carry_their_payloads_headers(
+        jpeg_ds: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each batch hands the decoder the header rows of exactly its payloads, in their order,
+    when its samples come from several shards. Every row read at open is tagged with its
+    payload (a height no slot has: decode_into's checks then decode them all)."""
+    from shardkit.reader import handles
+
+    tags: dict[int, int] = {}
+
+    def tagged(payloads: list[bytes]) -> np.ndarray:
+        rows = jpeg_headers(payloads)
+        assert (rows[:, 2] == 3).all()
+        for row, data in zip(rows, payloads, strict=True):
+            row[0] = tags[id(data)] = 1000 + len(tags)
+        return rows
+
+    calls: list[tuple[list[bytes], np.ndarray | None]] = []
+    real = DecodePool.start_batch
+
+    def spied(self: DecodePool, payloads: list[bytes], out: object, channels: object = None,
+              where: object = None, headers: np.ndarray | None = None) -> object:
+        calls.append((list(payloads), headers))
+        return real(self, payloads, out, channels, where, headers)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(handles, "jpeg_headers", tagged)
+    monkeypatch.setattr(DecodePool, "start_batch", spied)
+    batches = epoch(jpeg_ds, decode_threads=2)
+    assert len(calls) == len(batches) == 7 and len(tags) == 27
+    assert max(len({i // 6 for i in b["index"].tolist()}) for b in batches) > 1  # 6 a shard
+    for payloads, headers in calls:
+        assert headers is not None
+        assert headers[:, 0].tolist() == [tags[id(data)] for data in payloads]
+    files = stored_files(jpeg_ds)
+    for batch in batches:  # decoded all the same
+        expected = np.stack([pillow(files[i], "RGB") for i in batch["index"].tolist()])
+        np.testing.assert_array_equal(batch["image"].numpy(), expected)
 
 
 def test_loader_names_a_corrupt_payload(jpeg_ds: Path, tmp_path: Path) -> None:

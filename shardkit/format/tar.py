@@ -24,17 +24,12 @@ import math
 import os
 import tarfile
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from shardkit.errors import CorruptShardError
 from shardkit.format.manifest import ShardRecord
-
-if TYPE_CHECKING:
-    # `shardkit.reader.handles` still imports iter_members from here; once it imports
-    # shardkit.format.tar_members, this and `__getattr__` below go.
-    from shardkit.format.tar_members import iter_members as iter_members
 
 __all__ = [
     "BLOCK",
@@ -295,13 +290,3 @@ def member_meta(path: str | os.PathLike[str], key: str, data: bytes) -> dict[str
     if not (isinstance(meta, dict) and all(name in meta for name in ("source", "width", "height"))):
         raise CorruptShardError(f"{path}: sample {key}: .json lacks source, width or height")
     return meta
-
-
-if not TYPE_CHECKING:
-    def __getattr__(name: str) -> Any:
-        # The alias kept for `shardkit.reader.handles` (see the imports): resolved on first
-        # use, since shardkit.format.tar_members imports this module.
-        if name == "iter_members":
-            from shardkit.format.tar_members import iter_members
-            return iter_members
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,8 +34,7 @@ from shardkit.config.common import check_count
 from shardkit.errors import CorruptShardError
 from shardkit.reader.helpers import Helpers, Share
 
-__all__ = ["COLOUR", "GREY", "PILLOW", "DecodePool", "decode", "decode_into", "jpeg_headers",
-           "resolve_decode_threads"]
+__all__ = ["DecodePool", "decode", "decode_into", "jpeg_headers", "resolve_decode_threads"]
 
 #: A stored file: bytes from a tar member or a Parquet cell, or a 1-D uint8 array.
 Payload = bytes | bytearray | memoryview | np.ndarray
@@ -49,15 +48,11 @@ _PILLOW_ERRORS: Final = (OSError, SyntaxError, ValueError, EOFError, IndexError,
                          UnidentifiedImageError, Image.DecompressionBombError)
 
 
-#: `jpeg_headers` kinds: what libjpeg-turbo decodes exactly as Pillow would.
-PILLOW, GREY, COLOUR = 0, 1, 3
-
-
 def jpeg_headers(payloads: Sequence[Payload]) -> np.ndarray:
-    """[N, 3] int64: (height, width, kind) from each payload's JPEG header: kind `GREY` or
-    `COLOUR` (YCbCr, RGB) for a JPEG libjpeg-turbo decodes as Pillow does, `PILLOW` (sizes
-    0) for anything Pillow must decode. A shard's are read once, when it is opened, so that
-    its batches decode without reading them again (`DecodePool.start_batch`)."""
+    """[N, 3] int64: (height, width, stored channels) from each payload's JPEG header, the
+    channels 1 (grey) or 3 (YCbCr, RGB) for a JPEG libjpeg-turbo decodes as Pillow does, and
+    a row of zeros for anything Pillow must decode. A shard's are read once, when it is
+    opened, so that its batches decode without reading them again (`DecodePool.start_batch`)."""
     out = np.zeros((len(payloads), 3), dtype=np.int64)
     for i, data in enumerate(payloads):
         header = _jpeg_header(data)
@@ -67,8 +62,8 @@ def jpeg_headers(payloads: Sequence[Payload]) -> np.ndarray:
 
 
 def _jpeg_header(data: Payload) -> tuple[int, int, int] | None:
-    """(height, width, kind) of a JPEG libjpeg-turbo decodes exactly as Pillow, else None
-    (not a JPEG, CMYK/YCCK, a header libjpeg-turbo refuses)."""
+    """(height, width, stored channels) of a JPEG libjpeg-turbo decodes exactly as Pillow,
+    else None (not a JPEG, CMYK/YCCK, a header libjpeg-turbo refuses)."""
     if bytes(data[:3]) != _JPEG_MAGIC:
         return None
     try:
@@ -77,36 +72,29 @@ def _jpeg_header(data: Payload) -> tuple[int, int, int] | None:
         return None
     if colorspace not in _EXACT_COLORSPACES:
         return None
-    return int(height), int(width), GREY if colorspace == "Gray" else COLOUR
+    return int(height), int(width), 1 if colorspace == "Gray" else 3
+
+
+def _fits(height: int, width: int, stored: int, shape: tuple[int, ...]) -> bool:
+    """Whether simplejpeg decodes a JPEG of that header (`_jpeg_header`: stored channels 0
+    when Pillow must decode it) into an H×W×C slot of `shape` exactly as Pillow would."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if (height, width) != shape[:2] or (limit is not None and height * width > 2 * limit):
+        return False  # another size, or one Pillow refuses as a decompression bomb
+    # L of a colour JPEG is Pillow's luma of the RGB pixels, not the stored Y channel; a
+    # grey JPEG's RGB is its Y three times over, in both.
+    return stored == 1 if shape[2] == 1 else stored > 0 and shape[2] == 3
 
 
 def _fast_shape(data: Payload, channels: int | None) -> tuple[int, int, int] | None:
     """(H, W, C) that simplejpeg decodes `data` to exactly as Pillow would, or None when
-    Pillow must do it (see `_jpeg_header`, `_fast_slots`)."""
+    Pillow must do it. `channels` None: as many as it stores."""
     header = _jpeg_header(data)
     if header is None:
         return None
-    height, width, kind = header
-    if channels is None:
-        channels = kind
-    return (height, width, channels) \
-        if _fast_slots(np.array([header]), (height, width, channels))[0] else None
-
-
-def _fast_slots(headers: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Which of the images `headers` (`jpeg_headers` rows) simplejpeg decodes into H×W×C
-    slots of `shape` exactly as Pillow would."""
-    height, width, channels = shape
-    kind = headers[:, 2]
-    # L of a colour JPEG is Pillow's luma of the RGB pixels, not the stored Y channel; a
-    # grey JPEG's RGB is its Y three times over, in both.
-    fits = kind == GREY if channels == 1 else kind != PILLOW if channels == 3 \
-        else np.zeros(len(headers), dtype=bool)
-    fast: np.ndarray = (headers[:, 0] == height) & (headers[:, 1] == width) & fits
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and height * width > 2 * limit:
-        fast[:] = False  # Pillow refuses it as a decompression bomb, before allocating
-    return fast
+    height, width, stored = header
+    shape = (height, width, stored if channels is None else channels)
+    return shape if _fits(*header, shape) else None
 
 
 def decode_into(data: Payload, out: np.ndarray, channels: int | None = None) -> None:
@@ -123,6 +111,10 @@ def decode_into(data: Payload, out: np.ndarray, channels: int | None = None) -> 
             return
         except ValueError:
             pass  # strict mode refused it: Pillow decides, as it always did
+    _pillow_into(data, out, channels)
+
+
+def _pillow_into(data: Payload, out: np.ndarray, channels: int) -> None:
     decoded = _decode_pillow(data, channels)
     if decoded.shape != out.shape:
         raise CorruptShardError(f"a stored image is {_shape_text(decoded.shape)}, "
@@ -227,25 +219,28 @@ class DecodePool:
                     headers: np.ndarray | None) -> list[Callable[[], None]]:
         if len(payloads) != len(out):
             raise ValueError(f"{len(payloads)} payloads for {len(out)} slots")
+        if headers is not None and headers.shape != (len(payloads), 3):
+            raise ValueError(f"{headers.shape} headers for {len(payloads)} payloads")
         if not len(payloads):
             return []
         # With the headers known, an image whose size and kind fit its slot goes straight to
         # libjpeg-turbo: no header read again, no check per image with the GIL held.
         shape = tuple(out[0].shape)
-        fast = _fast_slots(headers, shape).tolist() \
+        fast = [_fits(h, w, c, shape) for h, w, c in headers.tolist()] \
             if headers is not None and len(shape) == 3 and channels in (None, shape[-1]) \
-            and _all_fit(out, shape) \
-            else [False] * len(payloads)
+            and _all_fit(out, shape) else [False] * len(payloads)
         colorspace = "gray" if shape[-1] == 1 else "rgb"
 
         def one(i: int) -> None:
             if fast[i]:
                 try:
-                    simplejpeg.decode_jpeg(payloads[i], colorspace=colorspace, buffer=out[i])
+                    if simplejpeg.decode_jpeg(payloads[i], colorspace=colorspace,
+                                              buffer=out[i]).shape == shape:
+                        return
+                except ValueError:  # strict mode refused it: Pillow decides
+                    _pillow_into(payloads[i], out[i], shape[-1])
                     return
-                except ValueError:
-                    pass  # strict mode refused it: decode_into lets Pillow decide
-            decode_into(payloads[i], out[i], channels)
+            decode_into(payloads[i], out[i], channels)  # its own checks and errors
 
         return self._jobs(len(payloads), one, where)
 

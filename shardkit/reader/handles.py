@@ -35,7 +35,8 @@ from shardkit.format.samples import (
     image_payloads,
     member_order,
 )
-from shardkit.format.tar import RawView, iter_members, member_label, member_meta
+from shardkit.format.tar import RawView, member_label, member_meta
+from shardkit.format.tar_members import iter_members
 from shardkit.reader.decode import jpeg_headers
 from shardkit.reader.gather import Pieces
 from shardkit.reader.mapping import Lender, map_shard
@@ -67,15 +68,16 @@ class ShardHandle:
     """One opened shard: `images` (an [N,H,W,C] array, `Pieces`, or one array per sample when
     shapes vary), or `payloads` (stored jpeg/png files); `labels`; metadata read when asked.
     `lender`, when the images are views of the shard's mapping (`shardkit.reader.mapping`):
-    what lends runs of them out as batches. `headers`: the payloads' `jpeg_headers`."""
+    what lends runs of them out as batches. `headers`: the payloads' `jpeg_headers` (jpeg
+    shards)."""
 
     def __init__(self, *, path: str, images: np.ndarray | Pieces | list[np.ndarray] | None,
                  payloads: list[bytes] | None, labels: np.ndarray | None, metadata: Any,
-                 lender: Lender | None = None) -> None:
+                 lender: Lender | None = None, headers: np.ndarray | None = None) -> None:
         self.path = path
         self.images = images
         self.payloads = payloads
-        self.headers = jpeg_headers(payloads) if payloads is not None else None
+        self.headers = headers
         self.labels = labels
         self._metadata = metadata
         self.lender = lender
@@ -186,7 +188,8 @@ def open_encoded(path: str, record: ShardRecord, manifest: Manifest,
     if len(stored) != record.samples or (labeled and len(labels) != record.samples):
         raise CorruptShardError(f"{path}: {len(stored)} samples, index.json says {record.samples}")
     return ShardHandle(path=path, images=stored if raw else None, payloads=None if raw else stored,
-                       labels=np.asarray(labels, dtype=np.int64) if labeled else None, metadata=meta)
+                       labels=np.asarray(labels, dtype=np.int64) if labeled else None, metadata=meta,
+                       headers=jpeg_headers(stored) if manifest.codec == "jpeg" else None)
 
 
 def _npy(path: str, data: bytes) -> np.ndarray:
