@@ -103,15 +103,21 @@ def decode_into(data: Payload, out: np.ndarray, channels: int | None = None) -> 
     its size or channel count is not `out`'s. `channels` None: as many as `out` has."""
     if channels is None:
         channels = int(out.shape[2])
-    shape = _fast_shape(data, channels)
-    if shape is not None and shape == out.shape and out.flags.c_contiguous:
-        try:
-            simplejpeg.decode_jpeg(data, colorspace="gray" if shape[2] == 1 else "rgb",
-                                   buffer=out)
-            return
-        except ValueError:
-            pass  # strict mode refused it: Pillow decides, as it always did
+    if _fast_shape(data, channels) == out.shape and out.flags.c_contiguous \
+            and _turbo_into(data, out):
+        return
     _pillow_into(data, out, channels)
+
+
+def _turbo_into(data: Payload, out: np.ndarray) -> bool:
+    """Decode a JPEG that `_fits` `out` (C-contiguous) into it with libjpeg-turbo; False when
+    simplejpeg's strict mode refuses it or it is not `out`'s size after all (Pillow decides)."""
+    try:
+        decoded = simplejpeg.decode_jpeg(data, colorspace="gray" if out.shape[2] == 1 else "rgb",
+                                         buffer=out)
+    except ValueError:
+        return False
+    return bool(decoded.shape == out.shape)
 
 
 def _pillow_into(data: Payload, out: np.ndarray, channels: int) -> None:
@@ -128,12 +134,8 @@ def decode(data: Payload, channels: int | None = None) -> np.ndarray:
     shape = _fast_shape(data, channels)
     if shape is not None:
         out = np.empty(shape, dtype=np.uint8)
-        try:
-            simplejpeg.decode_jpeg(data, colorspace="gray" if shape[2] == 1 else "rgb",
-                                   buffer=out)
+        if _turbo_into(data, out):
             return out
-        except ValueError:
-            pass
     return _decode_pillow(data, channels)
 
 
@@ -229,18 +231,12 @@ class DecodePool:
         fast = [_fits(h, w, c, shape) for h, w, c in headers.tolist()] \
             if headers is not None and len(shape) == 3 and channels in (None, shape[-1]) \
             and _all_fit(out, shape) else [False] * len(payloads)
-        colorspace = "gray" if shape[-1] == 1 else "rgb"
 
         def one(i: int) -> None:
-            if fast[i]:
-                try:
-                    if simplejpeg.decode_jpeg(payloads[i], colorspace=colorspace,
-                                              buffer=out[i]).shape == shape:
-                        return
-                except ValueError:  # strict mode refused it: Pillow decides
-                    _pillow_into(payloads[i], out[i], shape[-1])
-                    return
-            decode_into(payloads[i], out[i], channels)  # its own checks and errors
+            if not fast[i]:
+                decode_into(payloads[i], out[i], channels)  # its own checks and errors
+            elif not _turbo_into(payloads[i], out[i]):
+                _pillow_into(payloads[i], out[i], shape[-1])  # refused, or not its header's size
 
         return self._jobs(len(payloads), one, where)
 
